@@ -1,0 +1,110 @@
+"""llmstream: typed streaming chat completions from vLLM and OpenAI-compatible servers.
+
+Example::
+
+    import llmstream
+
+    async with llmstream.AsyncClient("http://localhost:8000/v1") as client:
+        async with client.stream("Explain PagedAttention in one sentence.") as stream:
+            async for text in stream:
+                print(text, end="", flush=True)
+    print(stream.result.metrics)
+"""
+
+import contextlib
+
+from ._chunks import (
+    ChatCompletionChunk,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionTokensDetails,
+    FunctionCallDelta,
+    PromptTokensDetails,
+    ToolCallDelta,
+    Usage,
+)
+from ._client import AsyncClient, Client
+from ._errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    InternalServerError,
+    InvalidRequestError,
+    LLMStreamError,
+    NotFoundError,
+    PermissionDeniedError,
+    ProtocolError,
+    RateLimitError,
+    ServerStreamError,
+    StreamInterrupted,
+    StreamTimeout,
+    UnprocessableEntityError,
+)
+from ._oneshot import stream_llm_request, stream_llm_request_sync
+from ._request import Message, PromptOrMessages
+from ._result import (
+    ChoiceResult,
+    FunctionCall,
+    LatencySummary,
+    StreamMetrics,
+    StreamResult,
+    StreamStatus,
+    ToolCall,
+)
+from ._sse import SSEDecoder
+from ._streaming import AsyncChatStream, ChatStream
+from ._version import __version__
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncChatStream",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "ChatCompletionChunk",
+    "ChatStream",
+    "ChoiceResult",
+    "ChunkChoice",
+    "ChunkDelta",
+    "Client",
+    "CompletionTokensDetails",
+    "FunctionCall",
+    "FunctionCallDelta",
+    "InternalServerError",
+    "InvalidRequestError",
+    "LLMStreamError",
+    "LatencySummary",
+    "Message",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PromptOrMessages",
+    "PromptTokensDetails",
+    "ProtocolError",
+    "RateLimitError",
+    "SSEDecoder",
+    "ServerStreamError",
+    "StreamInterrupted",
+    "StreamMetrics",
+    "StreamResult",
+    "StreamStatus",
+    "StreamTimeout",
+    "ToolCall",
+    "ToolCallDelta",
+    "UnprocessableEntityError",
+    "Usage",
+    "__version__",
+    "stream_llm_request",
+    "stream_llm_request_sync",
+]
+
+# Public names report the package, not the private module they live in.
+for _name in __all__:
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__") and getattr(_obj, "__module__", "").startswith("llmstream._"):
+        with contextlib.suppress(AttributeError, TypeError):
+            _obj.__module__ = "llmstream"
+del _name, _obj

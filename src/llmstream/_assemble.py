@@ -1,0 +1,165 @@
+"""Assembling chunks into a result (sans-IO): text, reasoning, tool calls, usage."""
+
+from __future__ import annotations
+
+from ._chunks import ChatCompletionChunk, ChunkChoice, Usage
+from ._result import ChoiceResult, FunctionCall, StreamMetrics, StreamResult, StreamStatus, ToolCall
+
+__all__ = ["StreamAssembler"]
+
+
+class _ToolCallParts:
+    __slots__ = ("arguments", "id", "index", "name", "type")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.id: str | None = None
+        self.type: str | None = None
+        self.name: list[str] = []
+        self.arguments: list[str] = []
+
+    def build(self) -> ToolCall:
+        return ToolCall(
+            index=self.index,
+            id=self.id,
+            type=self.type or "function",
+            function=FunctionCall(name="".join(self.name), arguments="".join(self.arguments)),
+        )
+
+
+class _ChoiceParts:
+    __slots__ = ("finish_reason", "index", "reasoning", "role", "stop_reason", "text", "tools")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.role: str | None = None
+        self.text: list[str] = []
+        self.reasoning: list[str] | None = None
+        self.tools: dict[int, _ToolCallParts] = {}
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    def build(self) -> ChoiceResult:
+        return ChoiceResult(
+            index=self.index,
+            role=self.role,
+            text="".join(self.text),
+            reasoning="".join(self.reasoning) if self.reasoning is not None else None,
+            tool_calls=[self.tools[i].build() for i in sorted(self.tools)],
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+class StreamAssembler:
+    """Accumulates chunks into choices; knows when every choice has finished.
+
+    :meth:`add` applies one chunk and returns the text it adds to choice 0
+    (what iterating a stream yields), or ``""``.
+
+    Example::
+
+        assembler = StreamAssembler()
+        assembler.add(chunk)
+        assembler.result(status="complete", metrics=StreamMetrics()).text
+    """
+
+    __slots__ = ("_choices", "created", "id", "model", "system_fingerprint", "usage")
+
+    def __init__(self) -> None:
+        self._choices: dict[int, _ChoiceParts] = {}
+        self.id = ""
+        self.model = ""
+        self.created = 0
+        self.system_fingerprint: str | None = None
+        self.usage: Usage | None = None
+
+    @property
+    def all_finished(self) -> bool:
+        """True once at least one choice exists and every choice has a finish reason."""
+        choices = self._choices
+        return bool(choices) and all(c.finish_reason is not None for c in choices.values())
+
+    def add(self, chunk: ChatCompletionChunk) -> tuple[str, bool]:
+        """Apply ``chunk``; return (text added to choice 0, whether it carried any output)."""
+        if not self.id:
+            self.id = chunk.id
+            self.model = chunk.model
+            self.created = chunk.created
+        if chunk.system_fingerprint is not None:
+            self.system_fingerprint = chunk.system_fingerprint
+        if chunk.usage is not None:
+            # With continuous_usage_stats every chunk carries the running total;
+            # the last one seen is the most recent count.
+            self.usage = chunk.usage
+        text = ""
+        output = False
+        for choice in chunk.choices:
+            added, had_output = self._add_choice(choice)
+            output = output or had_output
+            if choice.index == 0:
+                text += added
+        return text, output
+
+    def _add_choice(self, choice: ChunkChoice) -> tuple[str, bool]:
+        parts = self._choices.get(choice.index)
+        if parts is None:
+            parts = self._choices[choice.index] = _ChoiceParts(choice.index)
+        delta = choice.delta
+        output = False
+        if delta.role is not None:
+            parts.role = delta.role
+        text = delta.content or ""
+        if text:
+            parts.text.append(text)
+            output = True
+        # vLLM <= 0.11 named it reasoning_content, 0.12 sent both fields with the
+        # same text, later releases send only reasoning: one channel, counted once.
+        reasoning = delta.reasoning if delta.reasoning is not None else delta.reasoning_content
+        if reasoning:
+            if parts.reasoning is None:
+                parts.reasoning = []
+            parts.reasoning.append(reasoning)
+            output = True
+        if delta.tool_calls:
+            output = True
+            for call in delta.tool_calls:
+                tool = parts.tools.get(call.index)
+                if tool is None:
+                    tool = parts.tools[call.index] = _ToolCallParts(call.index)
+                if call.id:
+                    tool.id = tool.id or call.id
+                if call.type:
+                    tool.type = tool.type or call.type
+                if call.function is not None:
+                    if call.function.name:
+                        tool.name.append(call.function.name)
+                    if call.function.arguments:
+                        tool.arguments.append(call.function.arguments)
+        if choice.finish_reason is not None:
+            parts.finish_reason = choice.finish_reason
+            parts.stop_reason = choice.stop_reason
+        return text, output
+
+    def result(
+        self, *, status: StreamStatus, metrics: StreamMetrics, request_id: str | None = None
+    ) -> StreamResult:
+        """Build the result from everything added so far."""
+        choices = [self._choices[i].build() for i in sorted(self._choices)]
+        first = choices[0] if choices and choices[0].index == 0 else None
+        return StreamResult(
+            id=self.id,
+            model=self.model,
+            created=self.created,
+            request_id=request_id or self.id or None,
+            system_fingerprint=self.system_fingerprint,
+            text=first.text if first else "",
+            reasoning=first.reasoning if first else None,
+            tool_calls=first.tool_calls if first else [],
+            finish_reason=first.finish_reason if first else None,
+            stop_reason=first.stop_reason if first else None,
+            choices=choices,
+            usage=self.usage,
+            status=status,
+            metrics=metrics,
+        )

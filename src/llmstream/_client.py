@@ -1,0 +1,405 @@
+"""``AsyncClient`` and its sync twin ``Client``, over a shared ``_BaseClient``.
+
+The base holds the configuration and builds requests (no I/O); the twins own
+an httpx client and differ only in how they wait for the network.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from types import TracebackType
+
+import anyio
+import httpx
+
+from ._config import (
+    Secret,
+    resolve_api_key,
+    resolve_base_url,
+    resolve_model,
+    resolve_timeout,
+)
+from ._errors import InvalidRequestError, ProtocolError
+from ._http_errors import connection_error, status_error
+from ._request import PromptOrMessages, build_body, build_messages
+from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
+from ._streaming import AsyncChatStream, ChatStream
+from ._version import __version__
+
+__all__ = ["AsyncClient", "Client"]
+
+
+class _BaseClient:
+    """Configuration and request building shared by both clients (no I/O)."""
+
+    def __init__(
+        self,
+        base_url: str | None,
+        *,
+        model: str | None,
+        api_key: str | None,
+        timeout: float | httpx.Timeout | None,
+        headers: Mapping[str, str] | None,
+        include_usage: bool,
+        max_line_bytes: int,
+        max_event_bytes: int,
+    ) -> None:
+        self.base_url = resolve_base_url(base_url)
+        self._model = resolve_model(model)
+        self._api_key: Secret | None = resolve_api_key(api_key)
+        self.timeout = resolve_timeout(timeout)
+        self._headers = dict(headers or {})
+        self.include_usage = include_usage
+        if max_line_bytes < 1 or max_event_bytes < 1:
+            raise InvalidRequestError("max_line_bytes and max_event_bytes must be positive")
+        self._max_line_bytes = max_line_bytes
+        self._max_event_bytes = max_event_bytes
+
+    @property
+    def model(self) -> str | None:
+        """The model requests use; ``None`` until asked of the server when not configured."""
+        return self._model
+
+    def __repr__(self) -> str:
+        # The API key is deliberately left out.
+        return f"{type(self).__name__}(base_url={self.base_url!r}, model={self._model!r})"
+
+    def _default_headers(self) -> dict[str, str]:
+        headers = {"User-Agent": f"llmstream/{__version__}", **self._headers}
+        if self._api_key is not None:
+            headers["Authorization"] = f"Bearer {self._api_key.get_secret()}"
+        return headers
+
+    def _chat_body(
+        self,
+        prompt_or_messages: PromptOrMessages,
+        model: str | None,
+        max_tokens: int | None,
+        temperature: float | None,
+        extra_params: Mapping[str, object],
+    ) -> dict[str, object]:
+        return build_body(
+            build_messages(prompt_or_messages),
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            include_usage=self.include_usage,
+            extra_params=extra_params,
+        )
+
+    def _chat_request(
+        self, http: httpx.AsyncClient | httpx.Client, body: dict[str, object]
+    ) -> httpx.Request:
+        headers = self._default_headers()
+        headers["Accept"] = "text/event-stream"
+        # identity: a compressing proxy would hold tokens back to fill its buffers.
+        headers["Accept-Encoding"] = "identity"
+        return http.build_request(
+            "POST",
+            f"{self.base_url}/chat/completions",
+            json=body,
+            headers=headers,
+            timeout=self._timeout_arg,
+        )
+
+    def _get_request(self, http: httpx.AsyncClient | httpx.Client, url: str) -> httpx.Request:
+        return http.build_request(
+            "GET", url, headers=self._default_headers(), timeout=self._timeout_arg
+        )
+
+    def _models_url(self) -> str:
+        return f"{self.base_url}/models"
+
+    def _first_model(self, response: httpx.Response) -> str:
+        try:
+            data = response.json()
+            model = data["data"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ProtocolError(
+                f"GET {self._models_url()} did not list any model "
+                f"(body: {response.text[:200]!r}); pass model=... or set LLMSTREAM_MODEL."
+            ) from None
+        if not isinstance(model, str) or not model:
+            raise ProtocolError(f"GET {self._models_url()} listed a model without an id")
+        return model
+
+    def _use_timeout(self, timeout: float | httpx.Timeout | None, own_client: bool) -> None:
+        # A caller's own httpx client keeps its timeout unless one is given here.
+        self._timeout_arg: httpx.Timeout | httpx._client.UseClientDefault = (
+            self.timeout if timeout is not None or own_client else httpx.USE_CLIENT_DEFAULT
+        )
+
+
+class AsyncClient(_BaseClient):
+    """Streams chat completions from vLLM or any OpenAI-compatible server (async).
+
+    Arguments default from the environment: ``LLMSTREAM_BASE_URL`` then
+    ``OPENAI_BASE_URL`` then ``http://localhost:8000/v1``; ``LLMSTREAM_MODEL``
+    (else the first model ``GET /models`` lists, asked once);
+    ``LLMSTREAM_API_KEY`` then ``OPENAI_API_KEY``.
+
+    ``timeout`` is seconds for each phase or an ``httpx.Timeout`` (the default
+    allows 300 s between bytes, for slow prefills). ``http_client`` lets you
+    bring your own ``httpx.AsyncClient`` (proxies, TLS, limits); the client is
+    then yours to close. ``transport`` plugs an httpx transport in, e.g.
+    ``llmstream.testing.FakeVLLM().transport()``. ``include_usage`` asks the
+    server for exact token counts (``stream_options.include_usage``).
+    ``max_line_bytes``/``max_event_bytes`` bound what one SSE line or event may
+    hold (1 MiB by default).
+
+    Example::
+
+        async with llmstream.AsyncClient("http://localhost:8000/v1") as client:
+            async with client.stream("Explain KV caching briefly", max_tokens=128) as stream:
+                async for text in stream:
+                    print(text, end="", flush=True)
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        headers: Mapping[str, str] | None = None,
+        include_usage: bool = True,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        http_client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            model=model,
+            api_key=api_key,
+            timeout=timeout,
+            headers=headers,
+            include_usage=include_usage,
+            max_line_bytes=max_line_bytes,
+            max_event_bytes=max_event_bytes,
+        )
+        self._owns_http = http_client is None
+        self._use_timeout(timeout, self._owns_http)
+        # Redirects are not followed: one to another host would carry the API key.
+        self._http = http_client or httpx.AsyncClient(
+            timeout=self.timeout, follow_redirects=False, transport=transport
+        )
+        self._model_lock = anyio.Lock()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool (not a client passed in as ``http_client``).
+
+        Example::
+
+            client = llmstream.AsyncClient()
+            try:
+                ...
+            finally:
+                await client.aclose()
+        """
+        if self._owns_http:
+            with anyio.CancelScope(shield=True):
+                await self._http.aclose()
+
+    def stream(
+        self,
+        prompt_or_messages: PromptOrMessages,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        **extra_params: object,
+    ) -> AsyncChatStream:
+        """Start a streamed chat completion; use the result with ``async with``.
+
+        ``prompt_or_messages`` is a prompt (one user message) or a list of chat
+        messages. ``extra_params`` go into the request body as they are (``n``,
+        ``stop``, ``tools``, ``seed``, vLLM's ``min_tokens``...). Arguments are
+        checked here, before any request.
+
+        Example::
+
+            async with client.stream([{"role": "user", "content": "Hi"}], temperature=0) as s:
+                async for text in s:
+                    print(text, end="")
+        """
+        body = self._chat_body(prompt_or_messages, model, max_tokens, temperature, extra_params)
+        return AsyncChatStream(self, body)
+
+    async def models(self) -> list[str]:
+        """The ids of the models the server serves (``GET /models``).
+
+        Example::
+
+            print(await client.models())  # ['Qwen/Qwen3-8B']
+        """
+        response = await self._get(self._models_url())
+        try:
+            return [str(m["id"]) for m in response.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolError(
+                f"GET {self._models_url()} returned {response.text[:200]!r}"
+            ) from None
+
+    async def _request_for(self, body: dict[str, object]) -> httpx.Request:
+        if "model" not in body:
+            body["model"] = await self._resolve_model()
+        return self._chat_request(self._http, body)
+
+    async def _resolve_model(self) -> str:
+        async with self._model_lock:
+            if self._model is None:
+                self._model = self._first_model(await self._get(self._models_url()))
+            return self._model
+
+    async def _get(self, url: str) -> httpx.Response:
+        try:
+            response = await self._http.send(self._get_request(self._http, url))
+        except httpx.HTTPError as exc:
+            raise connection_error(exc, url) from exc
+        if response.status_code >= 300:
+            raise status_error(
+                response.status_code, response.reason_phrase, response.headers, response.content
+            )
+        return response
+
+
+class Client(_BaseClient):
+    """Streams chat completions from vLLM or any OpenAI-compatible server (sync).
+
+    The same arguments and behaviour as :class:`AsyncClient`; safe to share
+    between threads.
+
+    Example::
+
+        with llmstream.Client("http://localhost:8000/v1") as client:
+            with client.stream("Explain KV caching briefly", max_tokens=128) as stream:
+                for text in stream:
+                    print(text, end="", flush=True)
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        headers: Mapping[str, str] | None = None,
+        include_usage: bool = True,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        http_client: httpx.Client | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            model=model,
+            api_key=api_key,
+            timeout=timeout,
+            headers=headers,
+            include_usage=include_usage,
+            max_line_bytes=max_line_bytes,
+            max_event_bytes=max_event_bytes,
+        )
+        self._owns_http = http_client is None
+        self._use_timeout(timeout, self._owns_http)
+        self._http = http_client or httpx.Client(
+            timeout=self.timeout, follow_redirects=False, transport=transport
+        )
+        self._model_lock = threading.Lock()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool (not a client passed in as ``http_client``).
+
+        Example::
+
+            client = llmstream.Client()
+            try:
+                ...
+            finally:
+                client.close()
+        """
+        if self._owns_http:
+            self._http.close()
+
+    def stream(
+        self,
+        prompt_or_messages: PromptOrMessages,
+        *,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        **extra_params: object,
+    ) -> ChatStream:
+        """Start a streamed chat completion; use the result with ``with``.
+
+        Example::
+
+            with client.stream("Hi", max_tokens=32) as stream:
+                for text in stream:
+                    print(text, end="")
+        """
+        body = self._chat_body(prompt_or_messages, model, max_tokens, temperature, extra_params)
+        return ChatStream(self, body)
+
+    def models(self) -> list[str]:
+        """The ids of the models the server serves (``GET /models``).
+
+        Example::
+
+            print(client.models())  # ['Qwen/Qwen3-8B']
+        """
+        response = self._get(self._models_url())
+        try:
+            return [str(m["id"]) for m in response.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolError(
+                f"GET {self._models_url()} returned {response.text[:200]!r}"
+            ) from None
+
+    def _request_for(self, body: dict[str, object]) -> httpx.Request:
+        if "model" not in body:
+            body["model"] = self._resolve_model()
+        return self._chat_request(self._http, body)
+
+    def _resolve_model(self) -> str:
+        with self._model_lock:
+            if self._model is None:
+                self._model = self._first_model(self._get(self._models_url()))
+            return self._model
+
+    def _get(self, url: str) -> httpx.Response:
+        try:
+            response = self._http.send(self._get_request(self._http, url))
+        except httpx.HTTPError as exc:
+            raise connection_error(exc, url) from exc
+        if response.status_code >= 300:
+            raise status_error(
+                response.status_code, response.reason_phrase, response.headers, response.content
+            )
+        return response

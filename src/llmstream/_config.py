@@ -1,0 +1,128 @@
+"""Client configuration: defaults from the environment, URL checks, the secret key."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import httpx
+
+from ._errors import InvalidRequestError
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_TIMEOUT",
+    "Secret",
+    "resolve_api_key",
+    "resolve_base_url",
+    "resolve_model",
+    "resolve_timeout",
+]
+
+DEFAULT_BASE_URL = "http://localhost:8000/v1"
+
+DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=30.0)
+"""Connect fast or fail; allow long gaps between bytes, because a long prompt can
+take minutes to prefill before vLLM sends its first byte."""
+
+
+class Secret:
+    """A string that never shows itself in a repr, str or traceback.
+
+    Example::
+
+        key = Secret("sk-123")
+        repr(key)            # "Secret('**********')"
+        key.get_secret()     # "sk-123"
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret(self) -> str:
+        """The wrapped value."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _env(environ: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def resolve_base_url(base_url: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """The base URL: the argument, else LLMSTREAM_BASE_URL, OPENAI_BASE_URL, then the default.
+
+    Example::
+
+        resolve_base_url(None, {})                   # "http://localhost:8000/v1"
+        resolve_base_url("http://gpu-1:8000/v1/")    # "http://gpu-1:8000/v1"
+    """
+    raw = base_url or _env(environ, "LLMSTREAM_BASE_URL", "OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    try:
+        url = httpx.URL(raw)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise InvalidRequestError(f"base_url {raw!r} is not a valid URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise InvalidRequestError(
+            f"base_url {raw!r} must be an http:// or https:// URL with a host, "
+            "for example http://localhost:8000/v1"
+        )
+    if url.userinfo:
+        raise InvalidRequestError(
+            "base_url must not carry credentials; pass api_key=... (or LLMSTREAM_API_KEY)"
+        )
+    return raw.rstrip("/")
+
+
+def resolve_api_key(api_key: str | None, environ: Mapping[str, str] = os.environ) -> Secret | None:
+    """The API key: the argument, else LLMSTREAM_API_KEY, then OPENAI_API_KEY (or none).
+
+    Example::
+
+        resolve_api_key(None, {"OPENAI_API_KEY": "sk-1"})  # Secret('**********')
+    """
+    value = api_key or _env(environ, "LLMSTREAM_API_KEY", "OPENAI_API_KEY")
+    return Secret(value) if value else None
+
+
+def resolve_model(model: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The model: the argument, else LLMSTREAM_MODEL; ``None`` means ask the server.
+
+    Example::
+
+        resolve_model(None, {"LLMSTREAM_MODEL": "Qwen/Qwen3-8B"})  # "Qwen/Qwen3-8B"
+    """
+    return model or _env(environ, "LLMSTREAM_MODEL")
+
+
+def resolve_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
+    """Accept a number of seconds for every phase, or a full ``httpx.Timeout``.
+
+    Example::
+
+        resolve_timeout(30.0)                              # 30 s for each phase
+        resolve_timeout(httpx.Timeout(600.0, connect=5.0))
+    """
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, httpx.Timeout):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise InvalidRequestError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return httpx.Timeout(float(timeout))

@@ -1,0 +1,281 @@
+"""Every error llmstream raises.
+
+The tree is shallow and each class says when it is raised::
+
+    LLMStreamError                    anything llmstream raises
+    ├── InvalidRequestError           bad arguments, caught before any request (also a ValueError)
+    ├── APIConnectionError            could not reach the server, or it went away before answering
+    │   └── APITimeoutError           a deadline passed before the response started
+    ├── APIStatusError                the server answered with a non-2xx status
+    │   ├── BadRequestError           400
+    │   ├── AuthenticationError       401
+    │   ├── PermissionDeniedError     403
+    │   ├── NotFoundError             404
+    │   ├── UnprocessableEntityError  422
+    │   ├── RateLimitError            429
+    │   └── InternalServerError       5xx
+    ├── ProtocolError                 the server broke the protocol (bad SSE, bad JSON...)
+    └── StreamInterrupted             the stream ended or broke before it was complete
+        ├── StreamTimeout             a deadline passed while streaming
+        └── ServerStreamError         the server sent an error event inside a 200 stream
+
+Errors raised once a stream has started carry ``partial``: the
+:class:`~llmstream.StreamResult` assembled from what arrived before the failure.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._result import StreamResult
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "LLMStreamError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ProtocolError",
+    "RateLimitError",
+    "ServerStreamError",
+    "StreamInterrupted",
+    "StreamTimeout",
+    "UnprocessableEntityError",
+]
+
+
+class LLMStreamError(Exception):
+    """Base class of every error llmstream raises.
+
+    ``partial`` is the result assembled so far when the error happened while
+    streaming, else ``None``.
+
+    Example::
+
+        try:
+            async with client.stream("Hi") as stream:
+                async for text in stream:
+                    print(text, end="")
+        except llmstream.LLMStreamError as exc:
+            print("failed:", exc, "partial text:", exc.partial and exc.partial.text)
+    """
+
+    def __init__(self, message: str, *, partial: StreamResult | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.partial = partial
+
+
+class InvalidRequestError(LLMStreamError, ValueError):
+    """The arguments are invalid; raised before any request is sent.
+
+    Example::
+
+        with pytest.raises(llmstream.InvalidRequestError):
+            client.stream([])  # no messages
+    """
+
+
+class APIConnectionError(LLMStreamError):
+    """The server could not be reached, or the connection failed before a response.
+
+    Example::
+
+        except llmstream.APIConnectionError as exc:
+            print("is the server running?", exc)
+    """
+
+
+class APITimeoutError(APIConnectionError):
+    """A deadline passed before the response started (connect, write or headers).
+
+    Example::
+
+        except llmstream.APITimeoutError:
+            print("the server did not answer in time")
+    """
+
+
+class APIStatusError(LLMStreamError):
+    """The server answered with a non-2xx status.
+
+    ``status_code`` is the HTTP status, ``body`` the raw body text (truncated to
+    64 KiB), ``error_type`` and ``error_code`` what the server's JSON error said
+    (when it said), ``headers`` the response headers and ``request_id`` the
+    ``X-Request-Id`` header when present. ``str(exc)`` quotes the server's own
+    message.
+
+    Example::
+
+        except llmstream.APIStatusError as exc:
+            if exc.status_code == 404:
+                print("unknown model:", exc.message)
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        body: str,
+        headers: dict[str, str],
+        error_type: str | None = None,
+        error_code: int | str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body
+        self.headers = headers
+        self.error_type = error_type
+        self.error_code = error_code
+        self.request_id = request_id
+
+
+class BadRequestError(APIStatusError):
+    """HTTP 400: the server rejected the request (validation, prompt too long, ...).
+
+    Example::
+
+        except llmstream.BadRequestError as exc:
+            print(exc.message)
+    """
+
+
+class AuthenticationError(APIStatusError):
+    """HTTP 401: the API key is missing or wrong.
+
+    Example::
+
+        except llmstream.AuthenticationError:
+            print("set LLMSTREAM_API_KEY")
+    """
+
+
+class PermissionDeniedError(APIStatusError):
+    """HTTP 403: the key is valid but not allowed to do this.
+
+    Example::
+
+        except llmstream.PermissionDeniedError as exc:
+            print(exc.message)
+    """
+
+
+class NotFoundError(APIStatusError):
+    """HTTP 404: unknown model or wrong base URL.
+
+    Example::
+
+        except llmstream.NotFoundError as exc:
+            print("check the model name and base_url:", exc.message)
+    """
+
+
+class UnprocessableEntityError(APIStatusError):
+    """HTTP 422: the server could not validate the request body.
+
+    Example::
+
+        except llmstream.UnprocessableEntityError as exc:
+            print(exc.body)
+    """
+
+
+class RateLimitError(APIStatusError):
+    """HTTP 429: too many requests; ``headers`` may carry ``retry-after``.
+
+    Example::
+
+        except llmstream.RateLimitError as exc:
+            print("retry after", exc.headers.get("retry-after"))
+    """
+
+
+class InternalServerError(APIStatusError):
+    """HTTP 5xx: the server (or a gateway in front of it) failed.
+
+    Example::
+
+        except llmstream.InternalServerError as exc:
+            print(exc.status_code, exc.message)
+    """
+
+
+class ProtocolError(LLMStreamError):
+    """The server broke the streaming protocol.
+
+    Raised for a 200 that is not ``text/event-stream``, an event that is not
+    valid JSON or not a chat completion chunk, invalid UTF-8, or a line or event
+    over the configured size limit. ``partial`` holds what arrived before.
+
+    Example::
+
+        except llmstream.ProtocolError as exc:
+            print("not an OpenAI-compatible stream:", exc)
+    """
+
+
+class StreamInterrupted(LLMStreamError):
+    """The stream ended or broke before it was complete.
+
+    A stream is complete when ``data: [DONE]`` arrives, or when every choice
+    has a ``finish_reason`` and the body then ends. Anything else (the
+    connection dropped, the body ended early) raises this, with ``partial``
+    holding the result assembled so far (``partial.complete`` is ``False``).
+
+    Example::
+
+        except llmstream.StreamInterrupted as exc:
+            print("got only:", exc.partial.text)
+    """
+
+    partial: StreamResult
+
+    def __init__(self, message: str, *, partial: StreamResult) -> None:
+        super().__init__(message, partial=partial)
+
+
+class StreamTimeout(StreamInterrupted):
+    """A deadline passed while the stream was running.
+
+    Example::
+
+        except llmstream.StreamTimeout as exc:
+            print("stalled after", len(exc.partial.text), "characters")
+    """
+
+
+class ServerStreamError(StreamInterrupted):
+    """The server sent an error event inside a 200 stream.
+
+    vLLM sends ``data: {"error": {"message", "type", "param", "code"}}`` then
+    ``[DONE]`` when generation fails after the stream started; other servers
+    send a flat ``{"object": "error", ...}`` or ``{"error": "text"}``.
+    ``error_code`` is the integer code (500 engine error, 503 retryable, 400),
+    ``error_type`` the server's type string.
+
+    Example::
+
+        except llmstream.ServerStreamError as exc:
+            if exc.error_code == 503:
+                print("engine busy; retry later")
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        partial: StreamResult,
+        error_type: str | None = None,
+        error_code: int | str | None = None,
+    ) -> None:
+        super().__init__(message, partial=partial)
+        self.error_type = error_type
+        self.error_code = error_code

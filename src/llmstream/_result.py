@@ -1,0 +1,172 @@
+"""The typed result of a stream: what was said, why it stopped, what it cost, how fast."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ._chunks import Usage
+
+__all__ = [
+    "ChoiceResult",
+    "FunctionCall",
+    "LatencySummary",
+    "StreamMetrics",
+    "StreamResult",
+    "StreamStatus",
+    "ToolCall",
+]
+
+StreamStatus = Literal["streaming", "complete", "interrupted", "error", "cancelled"]
+"""Where a stream ended up.
+
+``streaming``: not finished yet (seen on a snapshot); ``complete``: the server
+finished the answer; ``interrupted``: the connection or body ended early;
+``error``: the server sent an error, or broke the protocol; ``cancelled``: the
+caller stopped reading (``break``, ``close()``, cancellation) before the end.
+"""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class FunctionCall(_Frozen):
+    """The function a tool call invokes; ``arguments`` is the JSON text the model wrote.
+
+    Example::
+
+        call.function.name          # "get_weather"
+        call.function.parsed()      # {"city": "Paris"}
+    """
+
+    name: str = ""
+    arguments: str = ""
+
+    def parsed(self) -> object:
+        """Parse ``arguments`` as JSON (``json.JSONDecodeError`` if the model wrote bad JSON).
+
+        Example::
+
+            args = result.tool_calls[0].function.parsed()
+        """
+        return json.loads(self.arguments) if self.arguments else {}
+
+
+class ToolCall(_Frozen):
+    """A tool call assembled from its streamed fragments.
+
+    Example::
+
+        for call in result.tool_calls:
+            print(call.id, call.function.name, call.function.arguments)
+    """
+
+    index: int = 0
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall = FunctionCall()
+
+
+class ChoiceResult(_Frozen):
+    """One assembled choice (``n > 1`` gives several).
+
+    Example::
+
+        for choice in result.choices:
+            print(choice.index, choice.finish_reason, choice.text)
+    """
+
+    index: int
+    role: str | None = None
+    text: str = ""
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = []
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class LatencySummary(_Frozen):
+    """Summary of a set of intervals, in seconds.
+
+    Example::
+
+        itl = result.metrics.inter_token_latency
+        print(f"p50 {itl.p50 * 1000:.1f} ms, p99 {itl.p99 * 1000:.1f} ms")
+    """
+
+    count: int
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+
+class StreamMetrics(_Frozen):
+    """Timing of a stream, measured on the client's monotonic clock.
+
+    ``time_to_first_token`` counts from sending the request to the first chunk
+    that carried generated output (text, reasoning or a tool call);
+    ``inter_token_latency`` summarises the gaps between such chunks;
+    ``tokens_per_second`` is completion tokens over the time from the first to
+    the last token (decode speed, excluding the wait for the first token);
+    ``completion_tokens`` is the server's count when it sent usage, else the
+    number of output chunks (vLLM sends about one token per chunk).
+
+    Example::
+
+        m = result.metrics
+        print(f"TTFT {m.time_to_first_token:.3f}s, {m.tokens_per_second:.1f} tok/s")
+    """
+
+    time_to_headers: float | None = None
+    time_to_first_token: float | None = None
+    inter_token_latency: LatencySummary | None = None
+    tokens_per_second: float | None = None
+    completion_tokens: int = 0
+    completion_tokens_source: Literal["server", "chunks"] = "chunks"
+    chunks: int = 0
+    duration: float = 0.0
+
+
+class StreamResult(_Frozen):
+    """Everything a stream produced, assembled.
+
+    ``text``, ``reasoning``, ``tool_calls``, ``finish_reason`` follow choice 0;
+    ``choices`` keeps every choice. ``reasoning`` merges vLLM's ``reasoning``
+    and the older ``reasoning_content`` field, and is ``None`` when the server
+    sent none. ``request_id`` is the server's ``X-Request-Id`` header when it
+    sent one, else the completion id. ``complete`` is ``True`` only when the
+    server finished the answer; on errors the same type is the ``partial``.
+
+    Example::
+
+        async with client.stream("Hi") as stream:
+            async for _ in stream:
+                pass
+        result = stream.result
+        print(result.text, result.finish_reason, result.usage, result.metrics)
+    """
+
+    id: str = ""
+    model: str = ""
+    created: int = 0
+    request_id: str | None = None
+    system_fingerprint: str | None = None
+    text: str = ""
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] = []
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    choices: list[ChoiceResult] = []
+    usage: Usage | None = None
+    status: StreamStatus = "streaming"
+    metrics: StreamMetrics = StreamMetrics()
+
+    @property
+    def complete(self) -> bool:
+        """True when the server finished the answer (``status == "complete"``)."""
+        return self.status == "complete"

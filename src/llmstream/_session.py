@@ -1,0 +1,187 @@
+"""One streamed chat completion as a state machine fed bytes and timestamps (sans-IO).
+
+bytes -> :class:`~llmstream._sse.SSEDecoder` -> events -> typed chunks ->
+:class:`~llmstream._assemble.StreamAssembler` + :class:`~llmstream._metrics.MetricsRecorder`.
+The async and sync shells only read the network and call :meth:`StreamSession.feed`
+and :meth:`StreamSession.end_of_body`; every protocol decision is made here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from ._assemble import StreamAssembler
+from ._chunks import ChatCompletionChunk
+from ._errors import LLMStreamError, ProtocolError, ServerStreamError, StreamInterrupted
+from ._metrics import MetricsRecorder
+from ._result import StreamResult, StreamStatus
+from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES, SSEDecoder
+
+__all__ = ["StreamItem", "StreamSession"]
+
+StreamItem = tuple[ChatCompletionChunk, str]
+"""A chunk and the text it adds to choice 0 (``""`` when none)."""
+
+_DONE = "[DONE]"
+_parse_chunk = ChatCompletionChunk.model_validate_json
+
+
+class StreamSession:
+    """Decodes one response body and assembles its result.
+
+    Example::
+
+        session = StreamSession(started=time.perf_counter())
+        for chunk, text in session.feed(b'data: {"choices": []}\\n\\n', now=time.perf_counter()):
+            ...
+        result = session.end_of_body(now=time.perf_counter())  # or StreamInterrupted
+    """
+
+    __slots__ = ("_assembler", "_decoder", "_metrics", "_request_id", "_status", "done", "error")
+
+    def __init__(
+        self,
+        *,
+        started: float,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> None:
+        self._decoder = SSEDecoder(max_line_bytes=max_line_bytes, max_event_bytes=max_event_bytes)
+        self._assembler = StreamAssembler()
+        self._metrics = MetricsRecorder(started)
+        self._request_id: str | None = None
+        self._status: StreamStatus = "streaming"
+        self.done = False
+        """True once ``data: [DONE]`` arrived: nothing after it is decoded."""
+        self.error: LLMStreamError | None = None
+        """Set when the stream failed (an error event, bad bytes); carries the partial result."""
+
+    @property
+    def status(self) -> StreamStatus:
+        """``streaming`` until the stream ends, then how it ended."""
+        return self._status
+
+    def headers(self, now: float, request_id: str | None) -> None:
+        """The response headers arrived; ``request_id`` is the server's ``X-Request-Id``."""
+        self._metrics.headers(now)
+        self._request_id = request_id
+
+    def feed(self, data: bytes, now: float) -> list[StreamItem]:
+        """Decode one network read; returns the chunks it completed, with their choice-0 text.
+
+        Raises :class:`~llmstream.ServerStreamError` for an error event and
+        :class:`~llmstream.ProtocolError` for bytes that are not a chat
+        completion stream; both carry the partial result.
+        """
+        if self.done or self.error is not None:
+            return []
+        items: list[StreamItem] = []
+        metrics = self._metrics
+        add = self._assembler.add
+        try:
+            for event in self._decoder.feed(data):
+                payload = event.data
+                if payload == _DONE:
+                    self.done = True
+                    break
+                chunk = self._parse(payload)
+                metrics.chunk()
+                text, output = add(chunk)
+                if output:
+                    metrics.token(now)
+                items.append((chunk, text))
+        except LLMStreamError as exc:
+            # The chunks decoded before the failure are still delivered first.
+            self.error = self.fail(exc, now)
+        return items
+
+    def end_of_body(self, now: float) -> StreamResult:
+        """The body ended cleanly: the result if the stream was complete, else StreamInterrupted.
+
+        Complete means ``[DONE]`` arrived, or every choice finished (some
+        OpenAI-compatible servers send no ``[DONE]``).
+        """
+        if self.error is not None:
+            raise self.error
+        self._decoder.close()
+        if self.done or self._assembler.all_finished:
+            self._status = "complete"
+            return self.result(now)
+        raise self.interrupted(
+            "The server ended the stream before the answer was complete (no finish_reason "
+            "and no [DONE]); the connection was probably cut by the server or a proxy. "
+            "exc.partial holds what arrived; retry the request to get the full answer.",
+            now,
+        )
+
+    def interrupted(
+        self, message: str, now: float, cls: type[StreamInterrupted] = StreamInterrupted
+    ) -> StreamInterrupted:
+        """An error for a stream that broke off, carrying the partial result."""
+        self._status = "interrupted"
+        return cls(message, partial=self.result(now))
+
+    def cancel(self, now: float) -> StreamResult:
+        """The caller stopped reading before the end: the partial result, marked cancelled."""
+        if self._status == "streaming":
+            self._status = "cancelled"
+        return self.result(now)
+
+    def result(self, now: float) -> StreamResult:
+        """The result assembled so far, with the current status."""
+        assembler = self._assembler
+        usage = assembler.usage
+        metrics = self._metrics.summary(
+            completion_tokens=usage.completion_tokens if usage is not None else None, ended=now
+        )
+        return assembler.result(status=self._status, metrics=metrics, request_id=self._request_id)
+
+    def fail(self, exc: LLMStreamError, now: float) -> LLMStreamError:
+        """Mark the stream as failed and attach the partial result to ``exc``."""
+        self._status = "error"
+        exc.partial = self.result(now)
+        return exc
+
+    def _parse(self, payload: str) -> ChatCompletionChunk:
+        try:
+            chunk = _parse_chunk(payload)
+        except ValidationError as exc:
+            raise ProtocolError(_describe_bad_chunk(exc, payload)) from None
+        extra = chunk.__pydantic_extra__
+        if (extra and "error" in extra) or chunk.object == "error":
+            raise _server_error(extra or {})
+        return chunk
+
+
+def _server_error(extra: dict[str, Any]) -> ServerStreamError:
+    # vLLM: {"error": {"message", "type", "param", "code"}}; older servers: a flat
+    # {"object": "error", "message", "type", "code"}; some proxies: {"error": "text"}.
+    body = extra.get("error", extra)
+    if isinstance(body, dict):
+        message = str(body.get("message") or "no message")
+        error_type = body.get("type")
+        code = body.get("code")
+    else:
+        message, error_type, code = str(body), None, None
+    detail = f"{error_type}, code {code}" if error_type or code is not None else "no code"
+    return ServerStreamError(
+        f"The server reported an error mid-stream ({detail}): {message}. "
+        "exc.partial holds what arrived before it.",
+        partial=StreamResult(status="error"),  # replaced by the session's partial result
+        error_type=str(error_type) if error_type is not None else None,
+        error_code=code if isinstance(code, (int, str)) else None,
+    )
+
+
+def _describe_bad_chunk(exc: ValidationError, payload: str) -> str:
+    sample = payload if len(payload) <= 200 else payload[:200] + "..."
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":
+        return f"The server sent an event that is not valid JSON: {sample!r}"
+    where = ".".join(str(p) for p in first["loc"]) or "the event"
+    return (
+        f"The server sent an event that is not a chat completion chunk "
+        f"({where}: {first['msg']}): {sample!r}"
+    )

@@ -1,0 +1,199 @@
+"""Server-sent events, decoded from raw bytes (sans-IO).
+
+We keep httpx-sse's conventions (its :class:`httpx_sse.ServerSentEvent` is the
+event type) but not its line layer, which deviates from the WHATWG spec in ways
+that matter here:
+
+* it decodes text before splitting lines, so a leading U+FEFF BOM is kept and
+  the caller has to get incremental UTF-8 decoding right;
+* it dispatches an event for a block with an ``id:`` or ``event:`` but no
+  ``data:`` (the spec dispatches nothing when the data buffer is empty);
+* it accepts ``retry: +30`` or ``retry: 3_0`` (``int()``), where the spec wants
+  ASCII digits only;
+* nothing bounds its buffers.
+
+This decoder works on bytes: lines are split on CR, LF or CRLF (never on
+U+2028, which vLLM sends raw inside JSON strings), a line is decoded only once
+it is complete (so a character split across network reads is never broken),
+and a line or an event larger than the configured limit is a
+:class:`~llmstream.ProtocolError` instead of an ever-growing buffer.
+"""
+
+from __future__ import annotations
+
+from httpx_sse import ServerSentEvent
+
+from ._errors import ProtocolError
+
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "DEFAULT_MAX_LINE_BYTES", "SSEDecoder"]
+
+DEFAULT_MAX_LINE_BYTES = 1024 * 1024
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+
+_BOM = b"\xef\xbb\xbf"
+
+
+class SSEDecoder:
+    """Turns the bytes of a ``text/event-stream`` body into events.
+
+    Feed it bytes as they arrive, in chunks of any size; it returns the events
+    completed by each chunk. At the end of the body an unterminated event is
+    dropped, as the spec says (:meth:`close` reports whether one was pending).
+
+    Example::
+
+        decoder = SSEDecoder()
+        events = decoder.feed(b"data: hel") + decoder.feed(b"lo\\n\\n")
+        assert events[0].data == "hello"
+    """
+
+    __slots__ = (
+        "_bom_checked",
+        "_buffer",
+        "_data",
+        "_data_bytes",
+        "_event",
+        "_failed",
+        "_last_event_id",
+        "_pending_cr",
+        "_retry",
+        "max_event_bytes",
+        "max_line_bytes",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.max_event_bytes = max_event_bytes
+        self._buffer = b""
+        self._bom_checked = False
+        self._pending_cr = False
+        self._event = ""
+        self._data: list[str] = []
+        self._data_bytes = 0
+        self._last_event_id = ""
+        self._retry: int | None = None
+        self._failed: ProtocolError | None = None
+
+    @property
+    def pending(self) -> bool:
+        """True when bytes of an unfinished line or event are held back."""
+        return bool(self._buffer or self._data or self._event)
+
+    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        """Decode one network read; returns the events it completed."""
+        if not self._bom_checked:
+            chunk = self._strip_bom(chunk)
+            if not chunk:
+                return []
+        # A CR at the end of one read may be the first half of a CRLF that the
+        # next read completes: it ends the line now, and a leading LF is dropped.
+        if self._pending_cr:
+            self._pending_cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._pending_cr = chunk[-1:] == b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+        if self._failed is not None:
+            raise self._failed
+        buffer = self._buffer + chunk if self._buffer else chunk
+        events: list[ServerSentEvent] = []
+        start = 0
+        find = buffer.find
+        try:
+            while True:
+                end = find(b"\n", start)
+                if end < 0:
+                    break
+                self._line(buffer[start:end], events)
+                start = end + 1
+            rest = buffer[start:] if start else buffer
+            if len(rest) > self.max_line_bytes:
+                raise ProtocolError(
+                    f"The server sent a line longer than {self.max_line_bytes} bytes; "
+                    "refusing to buffer more. Raise max_line_bytes if this is expected."
+                )
+        except ProtocolError as exc:
+            # Events completed before the bad line are still delivered; the
+            # error is raised by the next call.
+            self._buffer = b""
+            if not events:
+                raise
+            self._failed = exc
+            return events
+        self._buffer = rest
+        return events
+
+    def close(self) -> bool:
+        """End of body: drop any unfinished event; returns True if one was dropped."""
+        dropped = self.pending
+        self._buffer = b""
+        self._data = []
+        self._data_bytes = 0
+        self._event = ""
+        return dropped
+
+    def _strip_bom(self, chunk: bytes) -> bytes:
+        buffered = self._buffer + chunk
+        if len(buffered) < len(_BOM) and _BOM.startswith(buffered):
+            # Too short to tell yet whether the stream starts with a BOM.
+            self._buffer = buffered
+            return b""
+        self._bom_checked = True
+        self._buffer = b""
+        return buffered[3:] if buffered.startswith(_BOM) else buffered
+
+    def _line(self, raw: bytes, events: list[ServerSentEvent]) -> None:
+        if not raw:
+            self._dispatch(events)
+            return
+        if raw[0] == 0x3A:  # ":" starts a comment (keep-alives)
+            return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(
+                f"The server sent invalid UTF-8 in the event stream ({exc.reason} at byte "
+                f"{exc.start} of a line). An event stream must be UTF-8."
+            ) from None
+        name, colon, value = line.partition(":")
+        if colon and value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            self._data_bytes += len(raw)
+            if self._data_bytes > self.max_event_bytes:
+                raise ProtocolError(
+                    f"The server sent an event larger than {self.max_event_bytes} bytes; "
+                    "refusing to buffer more. Raise max_event_bytes if this is expected."
+                )
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self._last_event_id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self._retry = int(value)
+        # Any other field name is ignored, as the spec says.
+
+    def _dispatch(self, events: list[ServerSentEvent]) -> None:
+        data = self._data
+        if data:
+            events.append(
+                ServerSentEvent(
+                    event=self._event,
+                    data=data[0] if len(data) == 1 else "\n".join(data),
+                    id=self._last_event_id,
+                    retry=self._retry,
+                )
+            )
+            self._data = []
+            self._data_bytes = 0
+        self._event = ""
+        self._retry = None

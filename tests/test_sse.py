@@ -1,0 +1,100 @@
+"""The SSE decoder against the WHATWG conformance cases and hostile input."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmstream import ProtocolError, SSEDecoder
+
+from .conftest import DATA
+
+CASES: list[dict[str, Any]] = json.loads((DATA / "sse" / "cases.json").read_text("utf-8"))
+
+
+def _chunks(case: dict[str, Any]) -> list[bytes]:
+    if "chunks_hex" in case:
+        return [bytes.fromhex(h) for h in case["chunks_hex"]]
+    return [c.encode("utf-8") for c in case["chunks"]]
+
+
+def _decode(chunks: list[bytes], **limits: int) -> list[dict[str, Any]]:
+    decoder = SSEDecoder(**limits)
+    events = [e for chunk in chunks for e in decoder.feed(chunk)]
+    decoder.close()
+    return [{"event": e.event, "data": e.data, "id": e.id, "retry": e.retry} for e in events]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_conformance_case(case: dict[str, Any]) -> None:
+    assert _decode(_chunks(case)) == case["events"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_conformance_case_byte_by_byte(case: dict[str, Any]) -> None:
+    whole = b"".join(_chunks(case))
+    assert _decode([whole[i : i + 1] for i in range(len(whole))]) == case["events"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_any_split_of_the_cases_gives_the_same_events(data: st.DataObject) -> None:
+    case = data.draw(st.sampled_from(CASES))
+    whole = b"".join(_chunks(case))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(whole)), max_size=8)))
+    pieces = [whole[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)], strict=True)]
+    assert _decode(pieces) == case["events"]
+
+
+def test_u2028_inside_data_is_not_a_line_break() -> None:
+    body = 'data: {"content":"a\u2028b\u2029c"}\n\n'.encode()
+    assert _decode([body])[0]["data"] == '{"content":"a\u2028b\u2029c"}'
+
+
+def test_line_over_limit_is_a_protocol_error_not_a_growing_buffer() -> None:
+    decoder = SSEDecoder(max_line_bytes=1024)
+    with pytest.raises(ProtocolError, match="longer than 1024 bytes"):
+        for _ in range(100):
+            decoder.feed(b"x" * 100)
+
+
+def test_event_over_limit_is_a_protocol_error() -> None:
+    decoder = SSEDecoder(max_event_bytes=1000)
+    with pytest.raises(ProtocolError, match="larger than 1000 bytes"):
+        for _ in range(100):
+            decoder.feed(b"data: " + b"y" * 50 + b"\n")
+
+
+def test_invalid_utf8_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="invalid UTF-8"):
+        SSEDecoder().feed(b"data: \xff\xfe\n\n")
+
+
+def test_endless_comments_keep_no_memory() -> None:
+    decoder = SSEDecoder(max_line_bytes=64)
+    for _ in range(10_000):
+        assert decoder.feed(b": keep-alive\n\n") == []
+    assert not decoder.pending
+
+
+def test_close_reports_an_unterminated_event() -> None:
+    decoder = SSEDecoder()
+    decoder.feed(b"data: half")
+    assert decoder.close() is True
+    assert SSEDecoder().close() is False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=20))
+def test_garbage_never_crashes_or_hangs(chunks: list[bytes]) -> None:
+    decoder = SSEDecoder(max_line_bytes=256, max_event_bytes=512)
+    try:
+        for chunk in chunks:
+            for event in decoder.feed(chunk):
+                assert isinstance(event.data, str)
+    except ProtocolError:
+        pass
