@@ -14,7 +14,7 @@ JSONValue = Union[  # noqa: UP007 (a runtime alias: "X | Y" with strings fails o
 ]
 """Anything that serialises to JSON."""
 
-Message = Mapping[str, JSONValue]
+Message = Mapping[str, object]
 """One chat message, e.g. ``{"role": "user", "content": "Hi"}``."""
 
 PromptOrMessages = Union[str, Sequence[Message]]  # noqa: UP007

@@ -8,6 +8,7 @@ and :meth:`StreamSession.end_of_body`; every protocol decision is made here.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -86,6 +87,9 @@ class StreamSession:
                 if payload == _DONE:
                     self.done = True
                     break
+                if event.event == "error":
+                    # Some servers name error events instead of shaping the JSON.
+                    raise _server_error({"error": _error_body(payload)})
                 chunk = self._parse(payload)
                 metrics.chunk()
                 text, output = add(chunk)
@@ -107,14 +111,23 @@ class StreamSession:
             raise self.error
         self._decoder.close()
         if self.done or self._assembler.all_finished:
-            self._status = "complete"
-            return self.result(now)
+            return self.finish(now)
         raise self.interrupted(
             "The server ended the stream before the answer was complete (no finish_reason "
             "and no [DONE]); the connection was probably cut by the server or a proxy. "
             "exc.partial holds what arrived; retry the request to get the full answer.",
             now,
         )
+
+    @property
+    def all_finished(self) -> bool:
+        """True once every choice has a finish reason."""
+        return self._assembler.all_finished
+
+    def finish(self, now: float) -> StreamResult:
+        """Mark the stream complete (every choice finished) and return the result."""
+        self._status = "complete"
+        return self.result(now)
 
     def interrupted(
         self, message: str, now: float, cls: type[StreamInterrupted] = StreamInterrupted
@@ -173,6 +186,16 @@ def _server_error(extra: dict[str, Any]) -> ServerStreamError:
         error_type=str(error_type) if error_type is not None else None,
         error_code=code if isinstance(code, (int, str)) else None,
     )
+
+
+def _error_body(payload: str) -> object:
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return payload
+    if isinstance(body, dict) and isinstance(body.get("error"), dict | str):
+        return body["error"]
+    return body
 
 
 def _describe_bad_chunk(exc: ValidationError, payload: str) -> str:

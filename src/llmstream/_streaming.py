@@ -132,9 +132,13 @@ class _StreamBase:
             self._result = self._session.cancel(_now())
         return exc
 
-    def _transport_failure(self, exc: httpx.HTTPError) -> LLMStreamError:
+    def _transport_failure(self, exc: httpx.HTTPError) -> LLMStreamError | None:
+        """The error for a failure mid-body, or None when the answer was already complete."""
         session = self._session
         assert session is not None
+        if session.all_finished:
+            # Every choice had finished: only the trailer ([DONE], usage) was lost.
+            return None
         if isinstance(exc, httpx.TimeoutException):
             return session.interrupted(
                 "The server stopped sending for longer than the read timeout "
@@ -324,7 +328,13 @@ class AsyncChatStream(_StreamBase):
                 await self.aclose()
                 return
             except httpx.HTTPError as exc:
-                raise self._transport_failure(exc) from exc
+                failure = self._transport_failure(exc)
+                if failure is not None:
+                    raise failure from exc
+                self._result = session.finish(_now())
+                self._exhausted = True
+                await self.aclose()
+                return
             self._pending.extend(session.feed(data, _now()))
             if session.error is not None:
                 raise session.error
@@ -480,7 +490,13 @@ class ChatStream(_StreamBase):
                 self.close()
                 return
             except httpx.HTTPError as exc:
-                raise self._transport_failure(exc) from exc
+                failure = self._transport_failure(exc)
+                if failure is not None:
+                    raise failure from exc
+                self._result = session.finish(_now())
+                self._exhausted = True
+                self.close()
+                return
             self._pending.extend(session.feed(data, _now()))
             if session.error is not None:
                 raise session.error

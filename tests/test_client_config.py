@@ -1,0 +1,222 @@
+"""Configuration: environment defaults, model discovery, argument checks, secrets."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import pytest
+import respx
+
+import llmstream
+
+URL = "http://vllm.test/v1"
+SSE_OK = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":"Hi"},'
+    b'"logprobs":null,"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+)
+
+
+def _sse() -> httpx.Response:
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=SSE_OK)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in (
+        "LLMSTREAM_BASE_URL",
+        "LLMSTREAM_MODEL",
+        "LLMSTREAM_API_KEY",
+        "OPENAI_BASE_URL",
+        "OPENAI_API_KEY",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_defaults_to_localhost_8000(clean_env: pytest.MonkeyPatch) -> None:
+    assert llmstream.Client().base_url == "http://localhost:8000/v1"
+
+
+def test_llmstream_env_wins_over_openai_env(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("OPENAI_BASE_URL", "http://openai.test/v1")
+    assert llmstream.Client().base_url == "http://openai.test/v1"
+    clean_env.setenv("LLMSTREAM_BASE_URL", "http://mine.test/v1/")
+    clean_env.setenv("LLMSTREAM_MODEL", "my-model")
+    client = llmstream.AsyncClient()
+    assert (client.base_url, client.model) == ("http://mine.test/v1", "my-model")
+
+
+def test_argument_wins_over_env(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("LLMSTREAM_BASE_URL", "http://env.test/v1")
+    assert llmstream.Client("http://arg.test/v1").base_url == "http://arg.test/v1"
+
+
+@respx.mock
+def test_api_key_from_env_is_sent_as_bearer(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("OPENAI_API_KEY", "sk-openai")
+    route = respx.post(f"{URL}/chat/completions").mock(return_value=_sse())
+    with llmstream.Client(URL, model="m") as client, client.stream("Hi") as stream:
+        list(stream)
+    assert route.calls.last.request.headers["authorization"] == "Bearer sk-openai"
+    clean_env.setenv("LLMSTREAM_API_KEY", "sk-mine")
+    with llmstream.Client(URL, model="m") as client, client.stream("Hi") as stream:
+        list(stream)
+    assert route.calls.last.request.headers["authorization"] == "Bearer sk-mine"
+
+
+@respx.mock
+def test_model_is_asked_of_the_server_once(clean_env: pytest.MonkeyPatch) -> None:
+    models = respx.get(f"{URL}/models").mock(
+        return_value=httpx.Response(200, json={"object": "list", "data": [{"id": "served"}]})
+    )
+    chat = respx.post(f"{URL}/chat/completions").mock(side_effect=lambda r: _sse())
+    with llmstream.Client(URL) as client:
+        for _ in range(3):
+            with client.stream("Hi") as stream:
+                list(stream)
+        assert client.model == "served"
+    assert models.call_count == 1
+    assert json.loads(chat.calls.last.request.content)["model"] == "served"
+
+
+@pytest.mark.anyio
+async def test_model_is_asked_of_the_server_once_async(clean_env: pytest.MonkeyPatch) -> None:
+    with respx.mock:
+        models = respx.get(f"{URL}/models").mock(
+            return_value=httpx.Response(200, json={"data": [{"id": "served"}, {"id": "b"}]})
+        )
+        respx.post(f"{URL}/chat/completions").mock(side_effect=lambda r: _sse())
+        async with llmstream.AsyncClient(URL) as client:
+            for _ in range(2):
+                async with client.stream("Hi") as stream:
+                    assert [t async for t in stream] == ["Hi"]
+        assert models.call_count == 1
+        assert client.model == "served"
+
+
+@respx.mock
+def test_empty_model_list_says_what_to_do(clean_env: pytest.MonkeyPatch) -> None:
+    respx.get(f"{URL}/models").mock(return_value=httpx.Response(200, json={"data": []}))
+    with pytest.raises(llmstream.ProtocolError, match="LLMSTREAM_MODEL"):
+        with llmstream.Client(URL) as client, client.stream("Hi") as stream:
+            list(stream)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (([],), {}, "at least one message"),
+        (("",), {}, "prompt is empty"),
+        (([{"role": "wizard", "content": "x"}],), {}, "role 'wizard'"),
+        (([{"role": "user"}],), {}, "no content"),
+        (([{"role": "user", "content": 3}],), {}, "content must be"),
+        ((["not a dict"],), {}, "must be a mapping"),
+        ((42,), {}, "prompt string or a list"),
+        (("Hi",), {"max_tokens": 0}, "max_tokens must be a positive integer"),
+        (("Hi",), {"max_tokens": -5}, "max_tokens"),
+        (("Hi",), {"max_tokens": 1.5}, "max_tokens"),
+        (("Hi",), {"temperature": -1}, "temperature"),
+        (("Hi",), {"stream": False}, "cannot be passed"),
+    ],
+)
+def test_invalid_arguments_fail_before_any_request(
+    args: tuple[object, ...], kwargs: dict[str, object], match: str
+) -> None:
+    with respx.mock(assert_all_called=False) as mock:
+        route = mock.route().mock(return_value=_sse())
+        for client in (llmstream.Client(URL, model="m"), llmstream.AsyncClient(URL, model="m")):
+            with pytest.raises(llmstream.InvalidRequestError, match=match):
+                client.stream(*args, **kwargs)  # type: ignore[arg-type]
+        assert route.call_count == 0
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://host/v1", "localhost:8000", "not a url", "http://user:pw@host/v1"]
+)
+def test_malformed_base_url_fails_at_construction(url: str) -> None:
+    with pytest.raises(llmstream.InvalidRequestError, match="base_url"):
+        llmstream.Client(url)
+
+
+def test_invalid_request_error_is_also_a_value_error() -> None:
+    assert issubclass(llmstream.InvalidRequestError, ValueError)
+    assert issubclass(llmstream.InvalidRequestError, llmstream.LLMStreamError)
+
+
+@respx.mock
+def test_api_key_never_appears_in_repr_errors_or_logs(
+    clean_env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "sk-very-secret-123"
+    respx.post(f"{URL}/chat/completions").mock(
+        return_value=httpx.Response(401, json={"error": "Unauthorized"})
+    )
+    caplog.set_level(logging.DEBUG)
+    client = llmstream.Client(URL, model="m", api_key=secret)
+    assert secret not in repr(client) and secret not in str(vars(client))
+    with pytest.raises(llmstream.AuthenticationError) as info:
+        with client.stream("Hi") as stream:
+            list(stream)
+    exc = info.value
+    assert secret not in str(exc) and secret not in repr(exc)
+    assert secret not in json.dumps(exc.headers) and secret not in exc.body
+    assert secret not in caplog.text
+    assert "LLMSTREAM_API_KEY" in str(exc)
+
+
+@respx.mock
+def test_redirects_are_not_followed() -> None:
+    respx.post(f"{URL}/chat/completions").mock(
+        return_value=httpx.Response(307, headers={"location": "http://evil.test/v1/chat"})
+    )
+    evil = respx.post("http://evil.test/v1/chat").mock(return_value=_sse())
+    with pytest.raises(llmstream.APIStatusError) as info:
+        with llmstream.Client(URL, model="m", api_key="k") as c, c.stream("Hi") as s:
+            list(s)
+    assert info.value.status_code == 307
+    assert evil.call_count == 0
+
+
+@respx.mock
+def test_request_body_is_what_the_typescript_port_sent_plus_usage() -> None:
+    route = respx.post(f"{URL}/chat/completions").mock(return_value=_sse())
+    with llmstream.Client(URL, model="m") as client:
+        with client.stream("Hi", max_tokens=32, temperature=0.7, seed=1) as stream:
+            list(stream)
+    body = json.loads(route.calls.last.request.content)
+    assert body == {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "stream": True,
+        "max_tokens": 32,
+        "temperature": 0.7,
+        "stream_options": {"include_usage": True},
+        "seed": 1,
+    }
+    request = route.calls.last.request
+    assert request.headers["accept"] == "text/event-stream"
+
+
+@respx.mock
+def test_include_usage_can_be_turned_off() -> None:
+    route = respx.post(f"{URL}/chat/completions").mock(return_value=_sse())
+    with llmstream.Client(URL, model="m", include_usage=False) as client:
+        with client.stream("Hi") as stream:
+            list(stream)
+    assert "stream_options" not in json.loads(route.calls.last.request.content)
+
+
+def test_result_before_the_end_is_an_error_and_snapshot_is_not() -> None:
+    stream = llmstream.Client(URL, model="m").stream("Hi")
+    with pytest.raises(llmstream.LLMStreamError, match="not ended"):
+        _ = stream.result
+    assert stream.snapshot().text == ""
+
+
+def test_public_names_are_exported() -> None:
+    for name in llmstream.__all__:
+        assert getattr(llmstream, name) is not None
+    assert llmstream.AsyncClient.__module__ == "llmstream"
