@@ -13,6 +13,8 @@ aborts the request, freeing its KV cache.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -249,26 +251,16 @@ class AsyncChatStream(_StreamBase):
         if self._result is None and self._session is not None:
             self._result = self._session.cancel(_now())
         with anyio.CancelScope(shield=True):
+            reader = self._reader
+            if reader is not None and hasattr(reader, "aclose"):
+                await reader.aclose()
             if self._response is not None:
                 await self._response.aclose()
             if self._owns_client:
                 await self._client.aclose()
 
-    async def _iterate(self, pick: Callable[[StreamItem], _T | None]) -> AsyncIterator[_T]:
-        # Iterating without `async with` opens the stream on first use and closes
-        # it when the loop ends, breaks or is garbage collected.
-        implicit = not self._entered
-        try:
-            while True:
-                item = await self._next_item()
-                if item is None:
-                    return
-                value = pick(item)
-                if value is not None:
-                    yield value
-        finally:
-            if implicit:
-                await self.aclose()
+    def _iterate(self, pick: Callable[[StreamItem], _T | None]) -> AsyncIterator[_T]:
+        return _AsyncItems(self, pick)
 
     async def _next_item(self) -> StreamItem | None:
         pending = self._pending
@@ -328,6 +320,8 @@ class AsyncChatStream(_StreamBase):
                 await self.aclose()
                 return
             except httpx.HTTPError as exc:
+                if self._closed:
+                    return  # closed by the caller, from another task or thread
                 failure = self._transport_failure(exc)
                 if failure is not None:
                     raise failure from exc
@@ -342,6 +336,48 @@ class AsyncChatStream(_StreamBase):
             # Raised to the reader once the chunks decoded before it are consumed.
             self._record_error(exc)
             await self.aclose()
+
+
+class _AsyncItems(AsyncIterator[_T]):
+    """Iterates a stream's items, picking text or chunks.
+
+    A class rather than an async generator: an abandoned async generator is
+    finalised by the event loop at some later point (and trio warns about it),
+    while this holds nothing that needs finalising. Iterating a stream that was
+    not entered with ``async with`` opens it on first use and closes it at the
+    end of the loop or on an error; after a ``break`` call ``aclose()``, or use
+    ``async with``.
+    """
+
+    __slots__ = ("_implicit", "_pick", "_stream")
+
+    def __init__(self, stream: AsyncChatStream, pick: Callable[[StreamItem], _T | None]) -> None:
+        self._stream = stream
+        self._pick = pick
+        self._implicit = not stream._entered
+
+    async def __anext__(self) -> _T:
+        stream = self._stream
+        pending = stream._pending
+        pick = self._pick
+        while True:
+            if pending:
+                item = pending.popleft()
+            else:
+                try:
+                    next_item = await stream._next_item()
+                except BaseException:
+                    if self._implicit:
+                        await stream.aclose()
+                    raise
+                if next_item is None:
+                    if self._implicit:
+                        await stream.aclose()
+                    raise StopAsyncIteration
+                item = next_item
+            value = pick(item)
+            if value is not None:
+                return value
 
 
 class ChatStream(_StreamBase):
@@ -414,6 +450,10 @@ class ChatStream(_StreamBase):
         if self._result is None and self._session is not None:
             self._result = self._session.cancel(_now())
         if self._response is not None:
+            if not self._exhausted:
+                # Unread body: the connection cannot be reused, and a reader in
+                # another thread must be woken.
+                _shutdown_socket(self._response)
             self._response.close()
         if self._owns_client:
             self._client.close()
@@ -490,6 +530,8 @@ class ChatStream(_StreamBase):
                 self.close()
                 return
             except httpx.HTTPError as exc:
+                if self._closed:
+                    return  # closed by the caller, from another task or thread
                 failure = self._transport_failure(exc)
                 if failure is not None:
                     raise failure from exc
@@ -528,3 +570,17 @@ def _read_capped_sync(response: httpx.Response) -> bytes:
     except httpx.HTTPError:
         pass
     return bytes(body)
+
+
+def _shutdown_socket(response: httpx.Response) -> None:
+    """Shut the socket down so a read blocked in another thread returns at once.
+
+    Closing a file descriptor does not wake a thread blocked in ``recv()`` on
+    it; ``shutdown()`` does, and sends the FIN that tells the server to abort.
+    """
+    stream = response.extensions.get("network_stream")
+    get_extra_info = getattr(stream, "get_extra_info", None)
+    sock = get_extra_info("socket") if get_extra_info is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
