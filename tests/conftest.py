@@ -21,7 +21,9 @@ def load_vector(path: Path) -> tuple[bytes, dict[str, Any]]:
     return path.read_bytes(), json.loads(path.with_suffix(".json").read_text("utf-8"))
 
 
-VECTOR_PATHS = sorted((DATA / "vllm").glob("*.sse")) + sorted((DATA / "vllm" / "v0.33.0").glob("*.sse"))
+VECTOR_PATHS = sorted((DATA / "vllm").glob("*.sse")) + sorted(
+    (DATA / "vllm" / "v0.33.0").glob("*.sse")
+)
 
 
 def vector_id(path: Path) -> str:

@@ -14,7 +14,9 @@ import llmstream
 from .conftest import DATA
 
 ERRORS: dict[str, dict[str, Any]] = json.loads((DATA / "vllm" / "http_errors.json").read_text())
-CASES = [(f"{group}/{name}", case) for group, cases in ERRORS.items() for name, case in cases.items()]
+CASES = [
+    (f"{group}/{name}", case) for group, cases in ERRORS.items() for name, case in cases.items()
+]
 
 URL = "http://vllm.test/v1"
 

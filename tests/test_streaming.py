@@ -71,7 +71,9 @@ async def test_n2_iterates_choice_zero_and_keeps_both(mode: str) -> None:
     outcome = await collect(mode, transport=fake.transport(), n=2)
     assert outcome.text == "one two three"
     assert [c.index for c in outcome.final.choices] == [0, 1]
-    assert all(c.text == "one two three" and c.finish_reason == "stop" for c in outcome.final.choices)
+    assert all(
+        c.text == "one two three" and c.finish_reason == "stop" for c in outcome.final.choices
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -263,9 +265,7 @@ async def test_iterating_without_with_opens_and_closes() -> None:
 async def test_stream_llm_request_port(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeVLLM("ported answer")
     with fake.serve() as server:
-        pieces = [
-            t async for t in llmstream.stream_llm_request("Hi", 16, base_url=server.base_url)
-        ]
+        pieces = [t async for t in llmstream.stream_llm_request("Hi", 16, base_url=server.base_url)]
         sync_pieces = list(llmstream.stream_llm_request_sync("Hi", 16, base_url=server.base_url))
     assert "".join(pieces) == "".join(sync_pieces) == "ported answer"
     body = fake.requests[-1].json

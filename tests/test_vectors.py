@@ -92,9 +92,9 @@ def _check_complete(result: llmstream.StreamResult, expected: dict[str, Any]) ->
         if "reasoning" in expected:
             assert result.reasoning == expected["reasoning"]
         if "tool_calls" in expected:
-            assert [
-                c.model_dump(exclude={"index"}) for c in result.tool_calls
-            ] == expected["tool_calls"]
+            assert [c.model_dump(exclude={"index"}) for c in result.tool_calls] == expected[
+                "tool_calls"
+            ]
         for got, want in zip(result.choices, expected.get("choices", []), strict=False):
             assert (got.index, got.text, got.finish_reason) == (
                 want["index"],
@@ -184,4 +184,7 @@ def test_request_id_header_wins_over_completion_id() -> None:
         with client.stream("Hi") as stream:
             result = stream.final_result()
     assert result.request_id == "req-42"
-    assert json.loads(stream.request_body["messages"].__repr__().replace("'", '"'))[0]["content"] == "Hi"
+    assert (
+        json.loads(stream.request_body["messages"].__repr__().replace("'", '"'))[0]["content"]
+        == "Hi"
+    )
