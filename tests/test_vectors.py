@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llmstream
 from llmstream._session import StreamSession
@@ -184,3 +186,25 @@ def test_request_id_header_wins_over_completion_id() -> None:
             result = stream.final_result()
     assert result.request_id == "req-42"
     assert stream.request_body["messages"] == [{"role": "user", "content": "Hi"}]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_split_and_garbage_give_a_result_or_a_typed_error(data: st.DataObject) -> None:
+    path = data.draw(st.sampled_from(VECTOR_PATHS))
+    body, _ = load_vector(path)
+    cut = data.draw(st.integers(0, len(body)))
+    garbage = data.draw(st.binary(max_size=40))
+    body = body[:cut] + garbage + body[cut:] if data.draw(st.booleans()) else body
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=6)))
+    session = StreamSession(started=0.0)
+    try:
+        for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True):
+            session.feed(body[a:b], now=0.0)
+            if session.error is not None:
+                raise session.error
+        result = session.end_of_body(now=1.0)
+    except llmstream.LLMStreamError as exc:
+        assert exc.partial is not None
+    else:
+        assert result.status == "complete"
