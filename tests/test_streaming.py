@@ -209,11 +209,22 @@ async def test_wrong_api_key_is_authentication_error(mode: str) -> None:
 async def test_break_gives_cancelled_partial_result(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
-    outcome = await collect(mode, on_piece=lambda snap: len(snap.text) > 10, **target)
+    outcome = await collect(mode, on_piece=lambda snap: len(snap.text) > 10, buffer=0, **target)
     assert outcome.error is None
     result = outcome.final
     assert result.status == "cancelled" and not result.complete
-    assert result.text == outcome.text
+    assert result.text == outcome.text  # pure pull: nothing was read beyond what was consumed
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_break_with_read_ahead_keeps_what_was_received(mode: str) -> None:
+    fake = FakeVLLM(ANSWER, token_delay=0.05)
+    outcome = await collect(
+        mode, transport=fake.transport(), on_piece=lambda snap: len(snap.text) > 10
+    )
+    result = outcome.final
+    assert result.status == "cancelled" and not result.complete
+    assert result.text.startswith(outcome.text) and ANSWER.startswith(result.text)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -30,18 +30,23 @@ from ._errors import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    BufferOverflow,
     InternalServerError,
     InvalidRequestError,
     LLMStreamError,
     NotFoundError,
+    PauseTimeout,
     PermissionDeniedError,
     ProtocolError,
     RateLimitError,
     ServerStreamError,
+    StreamAborted,
     StreamInterrupted,
+    StreamLimitExceeded,
     StreamTimeout,
     UnprocessableEntityError,
 )
+from ._flow import OnFull, StreamOptions
 from ._oneshot import stream_llm_request, stream_llm_request_sync
 from ._request import Message, PromptOrMessages
 from ._result import (
@@ -58,6 +63,12 @@ from ._streaming import AsyncChatStream, ChatStream
 from ._version import __version__
 
 __all__ = [
+    "StreamOptions",
+    "OnFull",
+    "StreamLimitExceeded",
+    "StreamAborted",
+    "PauseTimeout",
+    "BufferOverflow",
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",

@@ -21,6 +21,7 @@ from ._config import (
     resolve_timeout,
 )
 from ._errors import InvalidRequestError, ProtocolError
+from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
 from ._http_errors import connection_error, status_error
 from ._request import PromptOrMessages, build_body, build_messages
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
@@ -44,7 +45,9 @@ class _BaseClient:
         include_usage: bool,
         max_line_bytes: int,
         max_event_bytes: int,
+        options: StreamOptions,
     ) -> None:
+        self.options = options
         self.base_url = resolve_base_url(base_url)
         self._model = resolve_model(model)
         self._api_key: Secret | None = resolve_api_key(api_key)
@@ -86,6 +89,25 @@ class _BaseClient:
             temperature=temperature,
             include_usage=self.include_usage,
             extra_params=extra_params,
+        )
+
+    def _call_options(
+        self,
+        buffer: int | None,
+        on_full: OnFull | None,
+        max_pause: float | None,
+        max_chunks: int | None,
+        max_bytes: int | None,
+    ) -> StreamOptions:
+        base = self.options
+        if (buffer, on_full, max_pause, max_chunks, max_bytes) == (None,) * 5:
+            return base
+        return StreamOptions(
+            buffer=base.buffer if buffer is None else buffer,
+            on_full=base.on_full if on_full is None else on_full,
+            max_pause=base.max_pause if max_pause is None else max_pause,
+            max_chunks=base.max_chunks if max_chunks is None else max_chunks,
+            max_bytes=base.max_bytes if max_bytes is None else max_bytes,
         )
 
     def _chat_request(
@@ -148,6 +170,13 @@ class AsyncClient(_BaseClient):
     ``max_line_bytes``/``max_event_bytes`` bound what one SSE line or event may
     hold (1 MiB by default).
 
+    Flow control, per client and per call: ``buffer`` is how many chunks a
+    background reader may run ahead of the consumer (``0``: read only when
+    asked); ``on_full`` is ``"wait"`` (backpressure: stop reading the socket)
+    or ``"error"`` (:class:`~llmstream.BufferOverflow`); ``max_pause`` caps a
+    :meth:`~AsyncChatStream.pause` in seconds; ``max_chunks``/``max_bytes``
+    cap one stream (:class:`~llmstream.StreamLimitExceeded`).
+
     Example::
 
         async with llmstream.AsyncClient("http://localhost:8000/v1") as client:
@@ -165,6 +194,11 @@ class AsyncClient(_BaseClient):
         timeout: float | httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
         include_usage: bool = True,
+        buffer: int = DEFAULT_BUFFER,
+        on_full: OnFull = "wait",
+        max_pause: float = DEFAULT_MAX_PAUSE,
+        max_chunks: int | None = None,
+        max_bytes: int | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         http_client: httpx.AsyncClient | None = None,
@@ -179,6 +213,13 @@ class AsyncClient(_BaseClient):
             include_usage=include_usage,
             max_line_bytes=max_line_bytes,
             max_event_bytes=max_event_bytes,
+            options=StreamOptions(
+                buffer=buffer,
+                on_full=on_full,
+                max_pause=max_pause,
+                max_chunks=max_chunks,
+                max_bytes=max_bytes,
+            ),
         )
         self._owns_http = http_client is None
         self._use_timeout(timeout, self._owns_http)
@@ -221,14 +262,21 @@ class AsyncClient(_BaseClient):
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        buffer: int | None = None,
+        on_full: OnFull | None = None,
+        max_pause: float | None = None,
+        max_chunks: int | None = None,
+        max_bytes: int | None = None,
         **extra_params: object,
     ) -> AsyncChatStream:
         """Start a streamed chat completion; use the result with ``async with``.
 
         ``prompt_or_messages`` is a prompt (one user message) or a list of chat
         messages. ``extra_params`` go into the request body as they are (``n``,
-        ``stop``, ``tools``, ``seed``, vLLM's ``min_tokens``...). Arguments are
-        checked here, before any request.
+        ``stop``, ``tools``, ``seed``, vLLM's ``min_tokens``...). ``buffer``,
+        ``on_full``, ``max_pause``, ``max_chunks`` and ``max_bytes`` override
+        the client's flow-control settings for this call. Arguments are checked
+        here, before any request.
 
         Example::
 
@@ -237,7 +285,8 @@ class AsyncClient(_BaseClient):
                     print(text, end="")
         """
         body = self._chat_body(prompt_or_messages, model, max_tokens, temperature, extra_params)
-        return AsyncChatStream(self, body)
+        options = self._call_options(buffer, on_full, max_pause, max_chunks, max_bytes)
+        return AsyncChatStream(self, body, options)
 
     async def models(self) -> list[str]:
         """The ids of the models the server serves (``GET /models``).
@@ -300,6 +349,11 @@ class Client(_BaseClient):
         timeout: float | httpx.Timeout | None = None,
         headers: Mapping[str, str] | None = None,
         include_usage: bool = True,
+        buffer: int = DEFAULT_BUFFER,
+        on_full: OnFull = "wait",
+        max_pause: float = DEFAULT_MAX_PAUSE,
+        max_chunks: int | None = None,
+        max_bytes: int | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         http_client: httpx.Client | None = None,
@@ -314,6 +368,13 @@ class Client(_BaseClient):
             include_usage=include_usage,
             max_line_bytes=max_line_bytes,
             max_event_bytes=max_event_bytes,
+            options=StreamOptions(
+                buffer=buffer,
+                on_full=on_full,
+                max_pause=max_pause,
+                max_chunks=max_chunks,
+                max_bytes=max_bytes,
+            ),
         )
         self._owns_http = http_client is None
         self._use_timeout(timeout, self._owns_http)
@@ -354,6 +415,11 @@ class Client(_BaseClient):
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        buffer: int | None = None,
+        on_full: OnFull | None = None,
+        max_pause: float | None = None,
+        max_chunks: int | None = None,
+        max_bytes: int | None = None,
         **extra_params: object,
     ) -> ChatStream:
         """Start a streamed chat completion; use the result with ``with``.
@@ -365,7 +431,8 @@ class Client(_BaseClient):
                     print(text, end="")
         """
         body = self._chat_body(prompt_or_messages, model, max_tokens, temperature, extra_params)
-        return ChatStream(self, body)
+        options = self._call_options(buffer, on_full, max_pause, max_chunks, max_bytes)
+        return ChatStream(self, body, options)
 
     def models(self) -> list[str]:
         """The ids of the models the server serves (``GET /models``).

@@ -15,9 +15,13 @@ The tree is shallow and each class says when it is raised::
     │   ├── RateLimitError            429
     │   └── InternalServerError       5xx
     ├── ProtocolError                 the server broke the protocol (bad SSE, bad JSON...)
-    └── StreamInterrupted             the stream ended or broke before it was complete
-        ├── StreamTimeout             a deadline passed while streaming
-        └── ServerStreamError         the server sent an error event inside a 200 stream
+    ├── StreamInterrupted             the stream ended or broke before it was complete
+    │   ├── StreamTimeout             a deadline passed while streaming
+    │   └── ServerStreamError         the server sent an error event inside a 200 stream
+    └── StreamAborted                 the client stopped the stream: a limit was reached
+        ├── BufferOverflow            the read-ahead buffer filled up (on_full="error")
+        ├── PauseTimeout              the stream stayed paused longer than max_pause
+        └── StreamLimitExceeded       more chunks or bytes than max_chunks / max_bytes
 
 Errors raised once a stream has started carry ``partial``: the
 :class:`~llmstream.StreamResult` assembled from what arrived before the failure.
@@ -34,6 +38,10 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "BufferOverflow",
+    "PauseTimeout",
+    "StreamAborted",
+    "StreamLimitExceeded",
     "AuthenticationError",
     "BadRequestError",
     "InternalServerError",
@@ -279,3 +287,59 @@ class ServerStreamError(StreamInterrupted):
         super().__init__(message, partial=partial)
         self.error_type = error_type
         self.error_code = error_code
+
+
+class StreamAborted(LLMStreamError):
+    """The client stopped the stream because a limit set on it was reached.
+
+    The connection is closed (so vLLM aborts the request) and ``partial``
+    holds what arrived before, with ``status == "aborted"``.
+
+    Example::
+
+        except llmstream.StreamAborted as exc:
+            print("stopped early:", exc, len(exc.partial.text))
+    """
+
+    partial: StreamResult
+
+    def __init__(self, message: str, *, partial: StreamResult) -> None:
+        super().__init__(message, partial=partial)
+
+
+class BufferOverflow(StreamAborted):
+    """The read-ahead buffer was full and the stream was told to fail rather than wait.
+
+    Raised with ``on_full="error"`` when the consumer fell more than
+    ``buffer`` chunks behind the network.
+
+    Example::
+
+        async with client.stream("Hi", buffer=16, on_full="error") as stream:
+            ...  # a consumer that stalls gets BufferOverflow instead of backpressure
+    """
+
+
+class PauseTimeout(StreamAborted):
+    """The stream stayed paused for longer than ``max_pause`` seconds.
+
+    A paused client keeps its request's KV cache held on the vLLM server, so
+    a pause has a limit; past it the request is cancelled.
+
+    Example::
+
+        stream.pause()
+        ...  # more than max_pause seconds later, reading raises PauseTimeout
+    """
+
+
+class StreamLimitExceeded(StreamAborted):
+    """The stream sent more chunks or bytes than ``max_chunks`` / ``max_bytes`` allow.
+
+    A guard against runaway generations.
+
+    Example::
+
+        async with client.stream("Hi", max_chunks=1000) as stream:
+            ...
+    """

@@ -48,6 +48,11 @@ class MetricsRecorder:
         self._token_times.append(now)
 
     @property
+    def chunks(self) -> int:
+        """How many chunks arrived so far."""
+        return self._chunks
+
+    @property
     def output_chunks(self) -> int:
         """How many chunks carried generated output so far."""
         return len(self._token_times)

@@ -19,13 +19,15 @@ __all__ = [
     "ToolCall",
 ]
 
-StreamStatus = Literal["streaming", "complete", "interrupted", "error", "cancelled"]
+StreamStatus = Literal["streaming", "complete", "interrupted", "error", "cancelled", "aborted"]
 """Where a stream ended up.
 
 ``streaming``: not finished yet (seen on a snapshot); ``complete``: the server
 finished the answer; ``interrupted``: the connection or body ended early;
 ``error``: the server sent an error, or broke the protocol; ``cancelled``: the
-caller stopped reading (``break``, ``close()``, cancellation) before the end.
+caller stopped reading (``break``, ``close()``, ``cancel()``, cancellation) before
+the end; ``aborted``: the client stopped the stream because a limit was reached
+(``max_chunks``, ``max_bytes``, ``max_pause``, a full buffer with ``on_full="error"``).
 """
 
 

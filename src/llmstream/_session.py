@@ -15,7 +15,14 @@ from pydantic import ValidationError
 
 from ._assemble import StreamAssembler
 from ._chunks import ChatCompletionChunk
-from ._errors import LLMStreamError, ProtocolError, ServerStreamError, StreamInterrupted
+from ._errors import (
+    LLMStreamError,
+    ProtocolError,
+    ServerStreamError,
+    StreamAborted,
+    StreamInterrupted,
+    StreamLimitExceeded,
+)
 from ._metrics import MetricsRecorder
 from ._result import StreamResult, StreamStatus
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES, SSEDecoder
@@ -26,6 +33,8 @@ StreamItem = tuple[ChatCompletionChunk, str]
 """A chunk and the text it adds to choice 0 (``""`` when none)."""
 
 _DONE = "[DONE]"
+# Errors are built where the problem is seen and given the real partial result by fail().
+_PLACEHOLDER = StreamResult(status="error")
 _parse_chunk = ChatCompletionChunk.model_validate_json
 
 
@@ -40,7 +49,18 @@ class StreamSession:
         result = session.end_of_body(now=time.perf_counter())  # or StreamInterrupted
     """
 
-    __slots__ = ("_assembler", "_decoder", "_metrics", "_request_id", "_status", "done", "error")
+    __slots__ = (
+        "_assembler",
+        "_bytes",
+        "_decoder",
+        "_max_bytes",
+        "_max_chunks",
+        "_metrics",
+        "_request_id",
+        "_status",
+        "done",
+        "error",
+    )
 
     def __init__(
         self,
@@ -48,7 +68,12 @@ class StreamSession:
         started: float,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_chunks: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
+        self._max_chunks = max_chunks
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._decoder = SSEDecoder(max_line_bytes=max_line_bytes, max_event_bytes=max_event_bytes)
         self._assembler = StreamAssembler()
         self._metrics = MetricsRecorder(started)
@@ -81,7 +106,10 @@ class StreamSession:
         items: list[StreamItem] = []
         metrics = self._metrics
         add = self._assembler.add
+        max_chunks = self._max_chunks
         try:
+            if self._max_bytes is not None:
+                self._count_bytes(len(data))
             for event in self._decoder.feed(data):
                 payload = event.data
                 if payload == _DONE:
@@ -91,15 +119,33 @@ class StreamSession:
                     # Some servers name error events instead of shaping the JSON.
                     raise _server_error({"error": _error_body(payload)})
                 chunk = self._parse(payload)
+                if max_chunks is not None and metrics.chunks >= max_chunks:
+                    raise StreamLimitExceeded(
+                        f"The server sent more than max_chunks={max_chunks} chunks; the stream "
+                        "was closed so the server stops generating.",
+                        partial=_PLACEHOLDER,
+                    )
                 metrics.chunk()
                 text, output = add(chunk)
                 if output:
                     metrics.token(now)
                 items.append((chunk, text))
+        except StreamAborted as exc:
+            self.error = self.fail(exc, now, "aborted")
         except LLMStreamError as exc:
             # The chunks decoded before the failure are still delivered first.
             self.error = self.fail(exc, now)
         return items
+
+    def _count_bytes(self, size: int) -> None:
+        self._bytes += size
+        limit = self._max_bytes
+        if limit is not None and self._bytes > limit:
+            raise StreamLimitExceeded(
+                f"The server sent more than max_bytes={limit} bytes; the stream was closed "
+                "so the server stops generating.",
+                partial=_PLACEHOLDER,
+            )
 
     def end_of_body(self, now: float) -> StreamResult:
         """The body ended cleanly: the result if the stream was complete, else StreamInterrupted.
@@ -151,9 +197,11 @@ class StreamSession:
         )
         return assembler.result(status=self._status, metrics=metrics, request_id=self._request_id)
 
-    def fail(self, exc: LLMStreamError, now: float) -> LLMStreamError:
-        """Mark the stream as failed and attach the partial result to ``exc``."""
-        self._status = "error"
+    def fail(
+        self, exc: LLMStreamError, now: float, status: StreamStatus = "error"
+    ) -> LLMStreamError:
+        """Mark the stream as ended by ``exc`` and attach the partial result to it."""
+        self._status = status
         exc.partial = self.result(now)
         return exc
 
@@ -182,7 +230,7 @@ def _server_error(extra: dict[str, Any]) -> ServerStreamError:
     return ServerStreamError(
         f"The server reported an error mid-stream ({detail}): {message}. "
         "exc.partial holds what arrived before it.",
-        partial=StreamResult(status="error"),  # replaced by the session's partial result
+        partial=_PLACEHOLDER,
         error_type=str(error_type) if error_type is not None else None,
         error_code=code if isinstance(code, (int, str)) else None,
     )

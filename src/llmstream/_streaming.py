@@ -5,6 +5,13 @@ they send the request, pass each network read to the session with a
 timestamp, and hand out what it decoded. Everything they share without I/O
 lives in :class:`_StreamBase`.
 
+Reading: inside a ``with`` block a background reader (a task of the stream's
+own task group, or a thread for the sync twin) reads the socket as data comes,
+so timings are taken at the wire, and hands chunks over through a bounded
+buffer (``buffer`` chunks). When the buffer is full the reader stops reading,
+and TCP pushes back on the server. With ``buffer=0``, or when a stream is
+iterated without ``with``, nothing is read until the consumer asks.
+
 Closing is prompt on purpose: leaving the ``with`` block for any reason closes
 the HTTP response before it is fully read, which makes httpcore close the
 connection instead of returning it to the pool. vLLM sees the disconnect and
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,12 +33,21 @@ import anyio
 import httpx
 
 from ._chunks import ChatCompletionChunk
-from ._errors import LLMStreamError, ProtocolError, StreamTimeout
+from ._errors import (
+    BufferOverflow,
+    LLMStreamError,
+    PauseTimeout,
+    ProtocolError,
+    StreamTimeout,
+)
+from ._flow import AsyncReadAhead, PauseClock, StreamOptions, ThreadReadAhead
 from ._http_errors import MAX_ERROR_BODY_BYTES, connection_error, status_error
 from ._result import StreamResult
 from ._session import StreamItem, StreamSession
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     from ._client import AsyncClient, Client
 
 __all__ = ["AsyncChatStream", "ChatStream"]
@@ -50,24 +67,29 @@ def _chunk_of(item: StreamItem) -> ChatCompletionChunk:
 class _StreamBase:
     """State and decisions shared by the two stream classes (no I/O here)."""
 
-    def __init__(self, body: dict[str, object], *, owns_client: bool) -> None:
+    def __init__(self, body: dict[str, object], options: StreamOptions, owns_client: bool) -> None:
         self._body = body
+        self._options = options
         self._owns_client = owns_client
         self._session: StreamSession | None = None
         self._pending: deque[StreamItem] = deque()
         self._result: StreamResult | None = None
         self._error: LLMStreamError | None = None
+        self._pause = PauseClock(options.max_pause)
         self._entered = False
-        self._exhausted = False
+        self._exhausted = False  # the body was read to its end
         self._closed = False
+        self._cancelled = False
 
     @property
     def result(self) -> StreamResult:
         """The assembled result, once the stream has ended or been closed.
 
-        After a full read ``result.complete`` is ``True``; after ``break`` or
-        ``close()`` it is the partial result with ``status == "cancelled"``;
-        after an error it is the error's ``partial``.
+        After a full read ``result.complete`` is ``True``; after ``break``,
+        ``close()`` or ``cancel()`` it is the partial result with ``status ==
+        "cancelled"``; after an error it is the error's ``partial``. With
+        read-ahead the partial result holds everything received, which can be
+        a few chunks more than the loop consumed.
 
         Example::
 
@@ -107,10 +129,26 @@ class _StreamBase:
         """
         return self._body
 
-    def _start_session(
-        self, response: httpx.Response, started: float, max_line: int, max_event: int
-    ) -> StreamSession:
-        session = StreamSession(started=started, max_line_bytes=max_line, max_event_bytes=max_event)
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume`.
+
+        Example::
+
+            stream.pause()
+            assert stream.paused
+        """
+        return self._pause.paused
+
+    def _start_session(self, response: httpx.Response, started: float, client: object) -> None:
+        options = self._options
+        session = StreamSession(
+            started=started,
+            max_line_bytes=client._max_line_bytes,  # type: ignore[attr-defined]
+            max_event_bytes=client._max_event_bytes,  # type: ignore[attr-defined]
+            max_chunks=options.max_chunks,
+            max_bytes=options.max_bytes,
+        )
         session.headers(_now(), response.headers.get("x-request-id"))
         content_type = response.headers.get("content-type", "")
         if not content_type.lower().startswith("text/event-stream"):
@@ -124,15 +162,20 @@ class _StreamBase:
                 _now(),
             )
         self._session = session
-        return session
 
     def _record_error(self, exc: LLMStreamError) -> LLMStreamError:
-        self._error = exc
+        if self._error is None:
+            self._error = exc
         if exc.partial is not None:
             self._result = exc.partial
         elif self._session is not None:
             self._result = self._session.cancel(_now())
         return exc
+
+    def _end_cancelled(self) -> None:
+        """The caller stopped the stream: freeze the result as it is."""
+        if self._result is None and self._session is not None:
+            self._result = self._session.cancel(_now())
 
     def _transport_failure(self, exc: httpx.HTTPError) -> LLMStreamError | None:
         """The error for a failure mid-body, or None when the answer was already complete."""
@@ -140,6 +183,7 @@ class _StreamBase:
         assert session is not None
         if session.all_finished:
             # Every choice had finished: only the trailer ([DONE], usage) was lost.
+            self._result = session.finish(_now())
             return None
         if isinstance(exc, httpx.TimeoutException):
             return session.interrupted(
@@ -157,20 +201,37 @@ class _StreamBase:
             _now(),
         )
 
+    def _pause_timeout(self) -> LLMStreamError:
+        assert self._session is not None
+        return self._session.fail(
+            PauseTimeout(
+                f"The stream was paused for more than max_pause={self._options.max_pause:g} s, "
+                "so the request was cancelled: a paused client keeps its request's KV cache "
+                "held on the server. Resume sooner, or raise max_pause.",
+                partial=StreamResult(),
+            ),
+            _now(),
+            "aborted",
+        )
+
+    def _overflow(self) -> LLMStreamError:
+        assert self._session is not None
+        return self._session.fail(
+            BufferOverflow(
+                f"The consumer fell more than buffer={self._options.buffer} chunks behind the "
+                'network, and on_full="error" was asked for: the request was cancelled. '
+                'Read faster, raise buffer, or use on_full="wait" for backpressure.',
+                partial=StreamResult(),
+            ),
+            _now(),
+            "aborted",
+        )
+
     @staticmethod
     def _raw_reader(response: httpx.Response) -> bool:
         # Content-encoded bodies (a gzipping proxy) need httpx's decoders; plain
         # ones skip that layer, which costs measurable CPU per chunk.
         return "content-encoding" not in response.headers
-
-    def _take_text(self) -> str | None:
-        """The next non-empty text already decoded, or None."""
-        pending = self._pending
-        while pending:
-            text = pending.popleft()[1]
-            if text:
-                return text
-        return None
 
 
 class AsyncChatStream(_StreamBase):
@@ -189,15 +250,33 @@ class AsyncChatStream(_StreamBase):
         print(stream.result.metrics.time_to_first_token)
     """
 
-    def __init__(self, client: AsyncClient, body: dict[str, object], *, owns_client: bool = False):
-        super().__init__(body, owns_client=owns_client)
+    def __init__(
+        self,
+        client: AsyncClient,
+        body: dict[str, object],
+        options: StreamOptions | None = None,
+        *,
+        owns_client: bool = False,
+    ) -> None:
+        super().__init__(body, options or StreamOptions(), owns_client)
         self._client = client
         self._response: httpx.Response | None = None
         self._reader: AsyncIterator[bytes] | None = None
+        self._task_group: TaskGroup | None = None
+        self._buffer: AsyncReadAhead[StreamItem] | None = None
+        self._pump_done: anyio.Event | None = None
+        self._resumed = anyio.Event()
+        self._response_closed = False
 
     async def __aenter__(self) -> AsyncChatStream:
         self._entered = True
         await self._open()
+        if self._options.buffer > 0 and not self._closed:
+            self._buffer = AsyncReadAhead(self._options.buffer)
+            self._pump_done = anyio.Event()
+            self._task_group = anyio.create_task_group()
+            await self._task_group.__aenter__()
+            self._task_group.start_soon(self._pump)
         return self
 
     async def __aexit__(
@@ -206,10 +285,17 @@ class AsyncChatStream(_StreamBase):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        try:
+            await self.aclose()
+        finally:
+            task_group, self._task_group = self._task_group, None
+            if task_group is not None:
+                # The reader never raises (its errors go through the buffer), and
+                # aclose() cancelled it: leaving the group only waits for it.
+                await task_group.__aexit__(None, None, None)
 
     def __aiter__(self) -> AsyncIterator[str]:
-        return self._iterate(_text_of)
+        return _AsyncItems(self, _text_of)
 
     def chunks(self) -> AsyncIterator[ChatCompletionChunk]:
         """Iterate the typed chunks (every choice, usage chunks included) instead of text.
@@ -220,7 +306,7 @@ class AsyncChatStream(_StreamBase):
                 async for chunk in stream.chunks():
                     print([c.delta.content for c in chunk.choices])
         """
-        return self._iterate(_chunk_of)
+        return _AsyncItems(self, _chunk_of)
 
     async def final_result(self) -> StreamResult:
         """Read whatever is left and return the result.
@@ -233,6 +319,62 @@ class AsyncChatStream(_StreamBase):
         while await self._next_item() is not None:
             pass
         return self.result
+
+    def pause(self) -> None:
+        """Stop reading from the network; what is buffered can still be consumed.
+
+        The server is held up by TCP backpressure once the socket buffers
+        fill. A pause longer than ``max_pause`` seconds cancels the request
+        (:class:`~llmstream.PauseTimeout`), because vLLM keeps the request's
+        KV cache for as long as the connection is open.
+
+        Example::
+
+            stream.pause()
+            await save_checkpoint()
+            stream.resume()
+        """
+        if not self._pause.paused:
+            self._resumed = anyio.Event()
+        self._pause.pause(_now())
+
+    def resume(self) -> None:
+        """Continue reading after :meth:`pause`.
+
+        Example::
+
+            stream.resume()
+            assert not stream.paused
+        """
+        self._pause.resume()
+        self._resumed.set()
+
+    def cancel(self) -> None:
+        """Stop now: the connection is shut down at once, iteration ends.
+
+        Safe to call from any task of the stream's event loop; the result
+        becomes the partial result with ``status == "cancelled"``. The socket
+        is released when the ``async with`` block ends (or on :meth:`aclose`).
+
+        Example::
+
+            async for text in stream:
+                if "STOP" in text:
+                    stream.cancel()
+        """
+        if self._closed or self._cancelled:
+            return
+        self._cancelled = True
+        self._end_cancelled()
+        if self._response is not None and not self._exhausted:
+            _shutdown_socket(self._response)
+        self._pending.clear()
+        if self._buffer is not None:
+            self._buffer.items.clear()
+            self._buffer.end()
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+        self._resumed.set()
 
     async def aclose(self) -> None:
         """Close the connection now. Reading stops; the result becomes final.
@@ -248,30 +390,44 @@ class AsyncChatStream(_StreamBase):
         if self._closed:
             return
         self._closed = True
-        if self._result is None and self._session is not None:
-            self._result = self._session.cancel(_now())
+        self._end_cancelled()
+        if self._buffer is not None:
+            self._buffer.end()
         with anyio.CancelScope(shield=True):
-            reader = self._reader
-            if reader is not None and hasattr(reader, "aclose"):
-                await reader.aclose()
-            if self._response is not None:
-                await self._response.aclose()
+            if self._task_group is not None and self._pump_done is not None:
+                self._task_group.cancel_scope.cancel()
+                await self._pump_done.wait()  # the reader closes the response on its way out
+            await self._close_response()
             if self._owns_client:
                 await self._client.aclose()
 
-    def _iterate(self, pick: Callable[[StreamItem], _T | None]) -> AsyncIterator[_T]:
-        return _AsyncItems(self, pick)
+    async def _close_response(self) -> None:
+        if self._response_closed or self._response is None:
+            return
+        self._response_closed = True
+        if not self._exhausted:
+            # An unread body: the server must see the close now.
+            _shutdown_socket(self._response)
+        reader = self._reader
+        if reader is not None and hasattr(reader, "aclose"):
+            await reader.aclose()
+        await self._response.aclose()
 
     async def _next_item(self) -> StreamItem | None:
         pending = self._pending
+        if pending:
+            return pending.popleft()
+        if self._buffer is not None:
+            return await self._buffer.get()
         while not pending:
-            if self._exhausted:
-                return None
             if self._error is not None:
                 raise self._error
-            if self._closed:
+            if self._exhausted or self._closed or self._cancelled:
                 return None
-            await self._read()
+            if self._reader is None:
+                await self._open()
+                continue
+            await self._pull()
         return pending.popleft()
 
     async def _open(self) -> None:
@@ -291,12 +447,7 @@ class AsyncChatStream(_StreamBase):
                 raise status_error(
                     response.status_code, response.reason_phrase, response.headers, body
                 )
-            self._start_session(
-                response,
-                started,
-                client._max_line_bytes,
-                client._max_event_bytes,
-            )
+            self._start_session(response, started, client)
             self._reader = (
                 response.aiter_raw() if self._raw_reader(response) else response.aiter_bytes()
             )
@@ -305,37 +456,78 @@ class AsyncChatStream(_StreamBase):
             await self.aclose()
             raise
 
-    async def _read(self) -> None:
-        if self._reader is None:
-            await self._open()
-            return
+    async def _read_once(self) -> list[StreamItem] | None:
+        """One network read, decoded; None once the body has ended (the result is set)."""
         session = self._session
-        assert session is not None
+        assert session is not None and self._reader is not None
         try:
-            try:
-                data = await self._reader.__anext__()
-            except StopAsyncIteration:
-                self._result = session.end_of_body(_now())
-                self._exhausted = True
-                await self.aclose()
-                return
-            except httpx.HTTPError as exc:
-                if self._closed:
-                    return  # closed by the caller, from another task or thread
-                failure = self._transport_failure(exc)
-                if failure is not None:
-                    raise failure from exc
-                self._result = session.finish(_now())
-                self._exhausted = True
-                await self.aclose()
-                return
-            self._pending.extend(session.feed(data, _now()))
-            if session.error is not None:
-                raise session.error
+            data = await self._reader.__anext__()
+        except StopAsyncIteration:
+            self._exhausted = True
+            self._result = session.end_of_body(_now())
+            return None
+        except httpx.HTTPError as exc:
+            if self._closed or self._cancelled:
+                return None  # closed by the caller while the read was waiting
+            failure = self._transport_failure(exc)
+            if failure is not None:
+                raise failure from exc
+            return None
+        items = session.feed(data, _now())
+        if session.error is not None:
+            self._record_error(session.error)
+        return items
+
+    async def _wait_while_paused(self) -> None:
+        clock = self._pause
+        while clock.paused and not self._cancelled:
+            left = clock.remaining(_now())
+            if left <= 0:
+                raise self._pause_timeout()
+            with anyio.move_on_after(left):
+                await self._resumed.wait()
+
+    async def _pull(self) -> None:
+        """Pure pull: read once because the consumer asked."""
+        try:
+            await self._wait_while_paused()
+            items = await self._read_once()
         except LLMStreamError as exc:
-            # Raised to the reader once the chunks decoded before it are consumed.
             self._record_error(exc)
             await self.aclose()
+            return
+        if items is None or self._error is not None:
+            if items:
+                self._pending.extend(items)
+            await self.aclose()
+            return
+        self._pending.extend(items)
+
+    async def _pump(self) -> None:
+        """The background reader: read ahead into the buffer until the end."""
+        buffer = self._buffer
+        assert buffer is not None and self._pump_done is not None
+        wait_for_room = self._options.on_full == "wait"
+        try:
+            while not buffer.ended:
+                if wait_for_room:
+                    await buffer.wait_for_room()
+                await self._wait_while_paused()
+                items = await self._read_once()
+                if items is None:
+                    break
+                buffer.put(items)
+                if self._error is not None:
+                    break
+                if not wait_for_room and len(buffer.items) > buffer.limit:
+                    raise self._overflow()
+        except LLMStreamError as exc:
+            self._record_error(exc)
+        finally:
+            buffer.end(self._error)
+            with anyio.CancelScope(shield=True):
+                await self._close_response()
+            self._pump_done.set()
 
 
 class _AsyncItems(AsyncIterator[_T]):
@@ -383,6 +575,9 @@ class _AsyncItems(AsyncIterator[_T]):
 class ChatStream(_StreamBase):
     """A streamed chat completion, for ``with`` and ``for`` (the sync twin of AsyncChatStream).
 
+    Inside ``with``, a reader thread reads ahead into the bounded buffer; the
+    stream may be cancelled or closed from any thread.
+
     Example::
 
         with client.stream("Tell me a joke", max_tokens=64) as stream:
@@ -391,15 +586,32 @@ class ChatStream(_StreamBase):
         print(stream.result.metrics.time_to_first_token)
     """
 
-    def __init__(self, client: Client, body: dict[str, object], *, owns_client: bool = False):
-        super().__init__(body, owns_client=owns_client)
+    def __init__(
+        self,
+        client: Client,
+        body: dict[str, object],
+        options: StreamOptions | None = None,
+        *,
+        owns_client: bool = False,
+    ) -> None:
+        super().__init__(body, options or StreamOptions(), owns_client)
         self._client = client
         self._response: httpx.Response | None = None
         self._reader: Iterator[bytes] | None = None
+        self._buffer: ThreadReadAhead[StreamItem] | None = None
+        self._thread: threading.Thread | None = None
+        self._resumed = threading.Event()
+        self._resumed.set()
+        # The reader thread feeds the session while the consumer may take snapshots.
+        self._lock = threading.Lock()
 
     def __enter__(self) -> ChatStream:
         self._entered = True
         self._open()
+        if self._options.buffer > 0 and not self._closed:
+            self._buffer = ThreadReadAhead(self._options.buffer)
+            self._thread = threading.Thread(target=self._pump, name="llmstream-reader", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(
@@ -436,8 +648,66 @@ class ChatStream(_StreamBase):
             pass
         return self.result
 
+    def snapshot(self) -> StreamResult:
+        """The result assembled so far, while the stream is still running.
+
+        Example::
+
+            for text in stream:
+                if len(stream.snapshot().text) > 1000:
+                    break
+        """
+        with self._lock:
+            return super().snapshot()
+
+    def pause(self) -> None:
+        """Stop reading from the network; what is buffered can still be consumed.
+
+        A pause longer than ``max_pause`` seconds cancels the request
+        (:class:`~llmstream.PauseTimeout`): vLLM keeps the request's KV cache
+        while the connection is open.
+
+        Example::
+
+            stream.pause()
+            save_checkpoint()
+            stream.resume()
+        """
+        self._pause.pause(_now())
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        """Continue reading after :meth:`pause`.
+
+        Example::
+
+            stream.resume()
+        """
+        self._pause.resume()
+        self._resumed.set()
+
+    def cancel(self) -> None:
+        """Stop now, from any thread: the connection is shut down, iteration ends.
+
+        Example::
+
+            threading.Timer(5.0, stream.cancel).start()
+        """
+        if self._closed or self._cancelled:
+            return
+        self._cancelled = True
+        with self._lock:
+            self._end_cancelled()
+        if self._response is not None and not self._exhausted:
+            _shutdown_socket(self._response)
+        self._pending.clear()
+        if self._buffer is not None:
+            self._buffer.items.clear()
+            self._buffer.end()
+        self._resumed.set()
+
     def close(self) -> None:
-        """Close the connection now. Reading stops; the result becomes final.
+        """Close the connection now, from any thread. Reading stops; the result becomes final.
 
         Example::
 
@@ -447,18 +717,26 @@ class ChatStream(_StreamBase):
         if self._closed:
             return
         self._closed = True
-        if self._result is None and self._session is not None:
-            self._result = self._session.cancel(_now())
-        if self._response is not None:
-            if not self._exhausted:
-                # Unread body: the connection cannot be reused, and a reader in
-                # another thread must be woken.
-                _shutdown_socket(self._response)
-            self._response.close()
+        with self._lock:
+            self._end_cancelled()
+        response = self._response
+        if response is not None and not self._exhausted:
+            # Wakes a reader blocked in recv() and tells the server at once.
+            _shutdown_socket(response)
+        if self._buffer is not None:
+            self._buffer.end()
+        self._resumed.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        if response is not None:
+            response.close()
         if self._owns_client:
             self._client.close()
 
     def _iterate(self, pick: Callable[[StreamItem], _T | None]) -> Iterator[_T]:
+        # A generator is fine here: a sync generator is closed as soon as it is
+        # dropped, so `for ... : break` without `with` still closes the stream.
         implicit = not self._entered
         try:
             while True:
@@ -474,14 +752,19 @@ class ChatStream(_StreamBase):
 
     def _next_item(self) -> StreamItem | None:
         pending = self._pending
+        if pending:
+            return pending.popleft()
+        if self._buffer is not None:
+            return self._buffer.get()
         while not pending:
-            if self._exhausted:
-                return None
             if self._error is not None:
                 raise self._error
-            if self._closed:
+            if self._exhausted or self._closed or self._cancelled:
                 return None
-            self._read()
+            if self._reader is None:
+                self._open()
+                continue
+            self._pull()
         return pending.popleft()
 
     def _open(self) -> None:
@@ -501,12 +784,7 @@ class ChatStream(_StreamBase):
                 raise status_error(
                     response.status_code, response.reason_phrase, response.headers, body
                 )
-            self._start_session(
-                response,
-                started,
-                client._max_line_bytes,
-                client._max_event_bytes,
-            )
+            self._start_session(response, started, client)
             self._reader = (
                 response.iter_raw() if self._raw_reader(response) else response.iter_bytes()
             )
@@ -515,37 +793,93 @@ class ChatStream(_StreamBase):
             self.close()
             raise
 
-    def _read(self) -> None:
-        if self._reader is None:
-            self._open()
-            return
+    def _read_once(self) -> list[StreamItem] | None:
+        """One network read, decoded; None once the body has ended (the result is set)."""
         session = self._session
-        assert session is not None
+        assert session is not None and self._reader is not None
         try:
-            try:
-                data = next(self._reader)
-            except StopIteration:
+            data = next(self._reader)
+        except StopIteration:
+            self._exhausted = True
+            with self._lock:
                 self._result = session.end_of_body(_now())
-                self._exhausted = True
-                self.close()
-                return
-            except httpx.HTTPError as exc:
-                if self._closed:
-                    return  # closed by the caller, from another task or thread
+            return None
+        except httpx.HTTPError as exc:
+            if self._closed or self._cancelled:
+                return None  # closed by the caller while the read was waiting
+            with self._lock:
                 failure = self._transport_failure(exc)
-                if failure is not None:
-                    raise failure from exc
-                self._result = session.finish(_now())
-                self._exhausted = True
-                self.close()
-                return
-            self._pending.extend(session.feed(data, _now()))
-            if session.error is not None:
-                raise session.error
+            if failure is not None:
+                raise failure from exc
+            return None
+        with self._lock:
+            items = session.feed(data, _now())
+        if session.error is not None:
+            self._record_error(session.error)
+        return items
+
+    def _wait_while_paused(self) -> None:
+        clock = self._pause
+        while clock.paused and not (self._cancelled or self._closed):
+            left = clock.remaining(_now())
+            if left <= 0:
+                with self._lock:
+                    raise self._pause_timeout()
+            self._resumed.wait(left)
+
+    def _pull(self) -> None:
+        """Pure pull: read once because the consumer asked."""
+        try:
+            self._wait_while_paused()
+            items = self._read_once()
         except LLMStreamError as exc:
-            # Raised to the reader once the chunks decoded before it are consumed.
             self._record_error(exc)
             self.close()
+            return
+        if items:
+            self._pending.extend(items)
+        if items is None or self._error is not None:
+            self.close()
+
+    def _pump(self) -> None:
+        """The reader thread: read ahead into the buffer until the end."""
+        buffer = self._buffer
+        assert buffer is not None
+        wait_for_room = self._options.on_full == "wait"
+        try:
+            while not buffer.ended:
+                if wait_for_room:
+                    buffer.wait_for_room()
+                    if buffer.ended:
+                        break
+                self._wait_while_paused()
+                if self._closed or self._cancelled:
+                    break
+                items = self._read_once()
+                if items is None:
+                    break
+                buffer.put(items)
+                if self._error is not None:
+                    break
+                if not wait_for_room and len(buffer.items) > buffer.limit:
+                    with self._lock:
+                        raise self._overflow()
+        except LLMStreamError as exc:
+            self._record_error(exc)
+        except Exception as exc:  # never let the thread die silently
+            self._record_error(
+                _unexpected(exc, self._session.cancel(_now()) if self._session else None)
+            )
+        finally:
+            if self._error is not None and self._response is not None and not self._exhausted:
+                _shutdown_socket(self._response)  # a failed stream is cancelled upstream now
+            buffer.end(self._error)
+
+
+def _unexpected(exc: Exception, partial: StreamResult | None) -> LLMStreamError:
+    return LLMStreamError(
+        f"Reading the stream failed: {type(exc).__name__}: {exc}", partial=partial
+    )
 
 
 async def _read_capped(response: httpx.Response) -> bytes:
@@ -573,7 +907,7 @@ def _read_capped_sync(response: httpx.Response) -> bytes:
 
 
 def _shutdown_socket(response: httpx.Response) -> None:
-    """Shut the socket down so a read blocked in another thread returns at once.
+    """Shut the socket down so the server sees the close and a blocked read returns.
 
     Closing a file descriptor does not wake a thread blocked in ``recv()`` on
     it; ``shutdown()`` does, and sends the FIN that tells the server to abort.
@@ -581,6 +915,6 @@ def _shutdown_socket(response: httpx.Response) -> None:
     stream = response.extensions.get("network_stream")
     get_extra_info = getattr(stream, "get_extra_info", None)
     sock = get_extra_info("socket") if get_extra_info is not None else None
-    if sock is not None:
+    if isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,253 @@
+"""Flow control: how far a reader may run ahead, pausing, and the limits on a stream.
+
+:class:`StreamOptions` is plain data, checked once. :class:`PauseClock` is the
+sans-IO pause state. :class:`AsyncReadAhead` and :class:`ThreadReadAhead` are
+the bounded hand-offs between the network reader and the consumer: the same
+logic over anyio events and over a thread condition.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
+
+import anyio
+
+from ._errors import InvalidRequestError, LLMStreamError
+
+__all__ = [
+    "DEFAULT_BUFFER",
+    "DEFAULT_MAX_PAUSE",
+    "AsyncReadAhead",
+    "OnFull",
+    "PauseClock",
+    "StreamOptions",
+    "ThreadReadAhead",
+]
+
+OnFull = Literal["wait", "error"]
+"""What a full read-ahead buffer does: ``wait`` (stop reading the socket, so TCP
+pushes back on the server) or ``error`` (fail fast with BufferOverflow)."""
+
+DEFAULT_BUFFER = 64
+"""Chunks a reader may run ahead: a second or two of tokens at vLLM's speeds."""
+
+DEFAULT_MAX_PAUSE = 60.0
+"""Seconds a stream may stay paused; vLLM keeps the request's KV cache meanwhile."""
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How one stream reads: read-ahead, pausing and limits.
+
+    ``buffer`` is how many chunks a background reader may run ahead of the
+    consumer (``0``: nothing is read until the consumer asks). ``on_full``
+    chooses what happens when it is full. ``max_pause`` caps a pause, in
+    seconds. ``max_chunks`` / ``max_bytes`` cap what one stream may receive.
+
+    Example::
+
+        StreamOptions(buffer=16, on_full="error", max_chunks=10_000)
+    """
+
+    buffer: int = DEFAULT_BUFFER
+    on_full: OnFull = "wait"
+    max_pause: float = DEFAULT_MAX_PAUSE
+    max_chunks: int | None = None
+    max_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.buffer, bool) or not isinstance(self.buffer, int) or self.buffer < 0:
+            raise InvalidRequestError(f"buffer must be an integer >= 0, got {self.buffer!r}")
+        if self.on_full not in ("wait", "error"):
+            raise InvalidRequestError(f'on_full must be "wait" or "error", got {self.on_full!r}')
+        if not self.max_pause > 0:
+            raise InvalidRequestError(f"max_pause must be > 0 seconds, got {self.max_pause!r}")
+        for name in ("max_chunks", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
+
+
+class PauseClock:
+    """Whether a stream is paused, and for how long it may stay so.
+
+    Example::
+
+        clock = PauseClock(max_pause=30.0)
+        clock.pause(now=100.0)
+        clock.remaining(now=110.0)  # 20.0
+    """
+
+    __slots__ = ("_paused_at", "max_pause")
+
+    def __init__(self, max_pause: float) -> None:
+        self.max_pause = max_pause
+        self._paused_at: float | None = None
+
+    @property
+    def paused(self) -> bool:
+        """True between pause() and resume()."""
+        return self._paused_at is not None
+
+    def pause(self, now: float) -> None:
+        """Start a pause (a second pause() keeps the first start time)."""
+        if self._paused_at is None:
+            self._paused_at = now
+
+    def resume(self) -> None:
+        """End the pause."""
+        self._paused_at = None
+
+    def remaining(self, now: float) -> float:
+        """Seconds left before the pause limit (0 when it has passed)."""
+        if self._paused_at is None:
+            return self.max_pause
+        return max(0.0, self._paused_at + self.max_pause - now)
+
+
+class _ReadAheadState(Generic[_T]):
+    """The buffer's bookkeeping, shared by the async and the thread version."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(limit, 1)
+        self.items: deque[_T] = deque()
+        self.ended = False
+        self.error: LLMStreamError | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self.limit
+
+    def take(self) -> _T | None:
+        """The next item; None when there is none now. Raises the error once drained."""
+        if self.items:
+            return self.items.popleft()
+        if self.error is not None:
+            raise self.error
+        return None
+
+
+class AsyncReadAhead(_ReadAheadState[_T]):
+    """A bounded hand-off from one reader task to one consumer task (anyio).
+
+    The reader :meth:`put` s the items of each network read, then waits in
+    :meth:`wait_for_room` while the buffer is full: that wait is the
+    backpressure, since no one reads the socket meanwhile. One network read
+    can overshoot the limit by the chunks it held (at most one read's worth).
+
+    Example::
+
+        buffer = AsyncReadAhead[str](limit=2)
+        buffer.put(["a", "b"])
+        await buffer.get()  # "a"
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self._readable = anyio.Event()
+        self._room = anyio.Event()
+
+    def put(self, items: Sequence[_T]) -> None:
+        """Add the items of one network read (never waits)."""
+        if items:
+            self.items.extend(items)
+            self._readable.set()
+
+    def end(self, error: LLMStreamError | None = None) -> None:
+        """No more items will come; ``error`` is raised once the items are drained."""
+        self.ended = True
+        if error is not None and self.error is None:
+            self.error = error
+        self._readable.set()
+        self._room.set()
+
+    async def wait_for_room(self) -> None:
+        """Wait while the buffer is full (returns at once when it is not)."""
+        while self.full and not self.ended:
+            self._room = anyio.Event()
+            await self._room.wait()
+
+    async def get(self) -> _T | None:
+        """The next item, waiting for one; None at the end."""
+        while True:
+            item = self.take()
+            if item is not None:
+                if not self.full:
+                    self._room.set()
+                return item
+            if self.ended:
+                return None
+            self._readable = anyio.Event()
+            await self._readable.wait()
+
+
+class ThreadReadAhead(_ReadAheadState[_T]):
+    """A bounded hand-off from one reader thread to one consumer thread.
+
+    The same contract as :class:`AsyncReadAhead`, over a ``threading.Condition``.
+
+    Example::
+
+        buffer = ThreadReadAhead[str](limit=2)
+        buffer.put(["a"])
+        buffer.get()  # "a"
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self._cond = threading.Condition()
+
+    def put(self, items: Sequence[_T]) -> None:
+        """Add the items of one network read (never waits)."""
+        if items:
+            with self._cond:
+                self.items.extend(items)
+                self._cond.notify_all()
+
+    def end(self, error: LLMStreamError | None = None) -> None:
+        """No more items will come; ``error`` is raised once the items are drained."""
+        with self._cond:
+            self.ended = True
+            if error is not None and self.error is None:
+                self.error = error
+            self._cond.notify_all()
+
+    def wait_for_room(self, timeout: float | None = None) -> bool:
+        """Wait while the buffer is full; False if ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.full and not self.ended:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def get(self) -> _T | None:
+        """The next item, waiting for one; None at the end."""
+        with self._cond:
+            while True:
+                item = self.take()
+                if item is not None:
+                    self._cond.notify_all()
+                    return item
+                if self.ended:
+                    return None
+                self._cond.wait()
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds, woken early by any change."""
+        with self._cond:
+            self._cond.wait(timeout)
+
+    def poke(self) -> None:
+        """Wake whoever waits (after a pause, a resume or a cancel)."""
+        with self._cond:
+            self._cond.notify_all()
