@@ -282,3 +282,25 @@ async def test_stream_llm_request_port(monkeypatch: pytest.MonkeyPatch) -> None:
     body = fake.requests[-1].json
     assert body is not None
     assert body["max_tokens"] == 16 and body["temperature"] == 0.7 and body["stream"] is True
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_tokens_per_second_counts_the_end_of_sequence_token_once(mode: str) -> None:
+    fake = FakeVLLM("a b c", token_delay=0.1)
+    outcome = await collect(mode, transport=fake.transport())
+    metrics = outcome.final.metrics
+    assert metrics.completion_tokens == 4  # 3 text tokens + EOS, as vLLM counts
+    assert metrics.tokens_per_second is not None
+    assert 7 < metrics.tokens_per_second < 11  # 10 tokens/s, give or take scheduling
+
+
+def test_result_after_an_error_before_streaming_raises_that_error() -> None:
+    fake = FakeVLLM("x")
+    fake.add_fault(Fault.http_status(404))
+    with llmstream.Client("http://f.test/v1", model=MODEL, transport=fake.transport()) as c:
+        stream = c.stream("Hi")
+        with pytest.raises(llmstream.NotFoundError):
+            with stream:
+                pass
+        with pytest.raises(llmstream.NotFoundError):
+            _ = stream.result

@@ -39,14 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="stream the answer to a prompt")
     chat.add_argument("prompt", help="the prompt to send as the user message")
     _server_options(chat)
+    chat.add_argument("--model", help="model id (default: $LLMSTREAM_MODEL, else the first served)")
     chat.add_argument("--system", help="a system message to send before the prompt")
     chat.add_argument("--max-tokens", type=int, default=512, help="default: 512")
     chat.add_argument("--temperature", type=float, default=None)
-    chat.add_argument(
-        "--fake",
-        action="store_true",
-        help="answer from the built-in vLLM emulator instead of a server",
-    )
     chat.add_argument(
         "--fake-token-delay",
         type=float,
@@ -67,10 +63,12 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         "then http://localhost:8000/v1); the API key comes from $LLMSTREAM_API_KEY "
         "or $OPENAI_API_KEY",
     )
-    parser.add_argument(
-        "--model", help="model id (default: $LLMSTREAM_MODEL, else the first served)"
-    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds per network phase")
+    parser.add_argument(
+        "--fake",
+        action="store_true",
+        help="use the built-in vLLM emulator instead of a server",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,12 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _models(args)
         return _chat(args, sys.stdout, sys.stderr)
     except LLMStreamError as exc:
-        print(f"\nllmstream: error: {exc}", file=sys.stderr)
+        print(f"\nllmstream: error: {_for_terminal(exc)}", file=sys.stderr)
         return 1
 
 
 def _models(args: argparse.Namespace) -> int:
-    with Client(args.base_url, model=args.model, timeout=args.timeout) as client:
+    transport = None
+    if args.fake:
+        from .testing import FakeVLLM
+
+        transport = FakeVLLM().transport()
+    with Client(_base_url(args), timeout=args.timeout, transport=transport) as client:
         for model in client.models():
             print(model)
     return 0
@@ -104,7 +107,7 @@ def _chat(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     messages.append({"role": "user", "content": args.prompt})
 
     transport: httpx.BaseTransport | None = None
-    base_url = args.base_url
+    base_url = _base_url(args)
     if args.fake:
         from .testing import FakeVLLM  # only the emulator's users pay for importing it
 
@@ -112,7 +115,6 @@ def _chat(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             _FAKE_ANSWER.format(prompt=args.prompt), token_delay=max(args.fake_token_delay, 0.0)
         )
         transport = fake.transport()
-        base_url = "http://fake-vllm.invalid/v1"
         print("[llmstream emulator: a fake vLLM server, not a model]", file=err, flush=True)
 
     with Client(base_url, model=args.model, timeout=args.timeout, transport=transport) as client:
@@ -136,6 +138,17 @@ def _chat(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not args.no_metrics:
         print(_metrics_line(stream.result, stream.result.finish_reason or "?"), file=err)
     return 0
+
+
+def _base_url(args: argparse.Namespace) -> str | None:
+    # The emulator answers in process; the URL only names it.
+    return "http://fake-vllm.invalid/v1" if args.fake else args.base_url
+
+
+def _for_terminal(exc: LLMStreamError) -> str:
+    # Messages address programmers (exc.partial...); a terminal user needs the rest.
+    sentences = str(exc).split(". ")
+    return ". ".join(s for s in sentences if "exc.partial" not in s).rstrip(".") + "."
 
 
 def _metrics_line(result: StreamResult, ending: str) -> str:

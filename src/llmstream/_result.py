@@ -112,7 +112,8 @@ class StreamMetrics(_Frozen):
 
     ``time_to_first_token`` counts from sending the request to the first chunk
     that carried generated output (text, reasoning or a tool call);
-    ``inter_token_latency`` summarises the gaps between such chunks;
+    ``inter_token_latency`` summarises the gaps between such chunks (the finish
+    chunk included: it carries the last token, or the end-of-sequence token);
     ``tokens_per_second`` is completion tokens over the time from the first to
     the last token (decode speed, excluding the wait for the first token);
     ``completion_tokens`` is the server's count when it sent usage, else the

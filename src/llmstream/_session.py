@@ -127,7 +127,9 @@ class StreamSession:
                     )
                 metrics.chunk()
                 text, output = add(chunk)
-                if output:
+                # The finish chunk carries the last token (or the EOS token, which
+                # decodes to no text but counts): it closes the decode interval.
+                if output or (chunk.choices and chunk.choices[0].finish_reason is not None):
                     metrics.token(now)
                 items.append((chunk, text))
         except StreamAborted as exc:

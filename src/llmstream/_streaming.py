@@ -98,6 +98,8 @@ class _StreamBase:
             print(stream.result.usage)
         """
         if self._result is None:
+            if self._error is not None:
+                raise self._error  # it failed before streaming: there is no result
             raise LLMStreamError(
                 "The stream has not ended yet: read it to the end or close it before "
                 "asking for .result (use .snapshot() for the result so far)."
@@ -265,6 +267,7 @@ class AsyncChatStream(_StreamBase):
         self._task_group: TaskGroup | None = None
         self._buffer: AsyncReadAhead[StreamItem] | None = None
         self._pump_done: anyio.Event | None = None
+        self._pump_scope: anyio.CancelScope | None = None
         self._resumed = anyio.Event()
         self._response_closed = False
 
@@ -274,6 +277,9 @@ class AsyncChatStream(_StreamBase):
         if self._options.buffer > 0 and not self._closed:
             self._buffer = AsyncReadAhead(self._options.buffer)
             self._pump_done = anyio.Event()
+            # The reader's own scope: cancelling it must never cancel the code in the
+            # caller's `async with` block, which runs inside the task group's scope.
+            self._pump_scope = anyio.CancelScope()
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
             self._task_group.start_soon(self._pump)
@@ -291,7 +297,7 @@ class AsyncChatStream(_StreamBase):
             task_group, self._task_group = self._task_group, None
             if task_group is not None:
                 # The reader never raises (its errors go through the buffer), and
-                # aclose() cancelled it: leaving the group only waits for it.
+                # aclose() stopped it: leaving the group only waits for it.
                 await task_group.__aexit__(None, None, None)
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -372,8 +378,8 @@ class AsyncChatStream(_StreamBase):
         if self._buffer is not None:
             self._buffer.items.clear()
             self._buffer.end()
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
+        if self._pump_scope is not None:
+            self._pump_scope.cancel()
         self._resumed.set()
 
     async def aclose(self) -> None:
@@ -394,8 +400,8 @@ class AsyncChatStream(_StreamBase):
         if self._buffer is not None:
             self._buffer.end()
         with anyio.CancelScope(shield=True):
-            if self._task_group is not None and self._pump_done is not None:
-                self._task_group.cancel_scope.cancel()
+            if self._pump_scope is not None and self._pump_done is not None:
+                self._pump_scope.cancel()
                 await self._pump_done.wait()  # the reader closes the response on its way out
             await self._close_response()
             if self._owns_client:
@@ -506,23 +512,26 @@ class AsyncChatStream(_StreamBase):
     async def _pump(self) -> None:
         """The background reader: read ahead into the buffer until the end."""
         buffer = self._buffer
-        assert buffer is not None and self._pump_done is not None
+        assert buffer is not None and self._pump_done is not None and self._pump_scope
         wait_for_room = self._options.on_full == "wait"
         try:
-            while not buffer.ended:
-                if wait_for_room:
-                    await buffer.wait_for_room()
-                await self._wait_while_paused()
-                items = await self._read_once()
-                if items is None:
-                    break
-                buffer.put(items)
-                if self._error is not None:
-                    break
-                if not wait_for_room and len(buffer.items) > buffer.limit:
-                    raise self._overflow()
+            with self._pump_scope:
+                while not buffer.ended:
+                    if wait_for_room:
+                        await buffer.wait_for_room()
+                    await self._wait_while_paused()
+                    items = await self._read_once()
+                    if items is None:
+                        break
+                    buffer.put(items)
+                    if self._error is not None:
+                        break
+                    if not wait_for_room and len(buffer.items) > buffer.limit:
+                        raise self._overflow()
         except LLMStreamError as exc:
             self._record_error(exc)
+        except Exception as exc:  # a reader that dies must not take the caller's block down
+            self._record_error(_unexpected(exc, self.snapshot()))
         finally:
             buffer.end(self._error)
             with anyio.CancelScope(shield=True):

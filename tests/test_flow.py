@@ -1,0 +1,286 @@
+"""Flow control on real sockets: read-ahead, backpressure, pause, cancel, limits, threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+import llmstream
+from llmstream.testing import FakeServer, FakeVLLM
+
+from .drivers import MODES, collect
+
+pytestmark = pytest.mark.anyio
+
+LIMIT = 0.100
+# More than the kernel's loopback socket buffers hold (~15 MB at ~250 bytes a chunk).
+MANY = 60_000
+
+
+@pytest.fixture
+def endless() -> FakeVLLM:
+    return FakeVLLM(tokens=["tok "] * MANY, max_model_len=10 * MANY)
+
+
+@pytest.fixture
+def server(endless: FakeVLLM) -> Iterator[FakeServer]:
+    with endless.serve() as server:
+        yield server
+
+
+async def _until(condition: object, timeout: float = 10.0) -> None:
+    """Wait for a condition on the client's own state (checked every 5 ms)."""
+    with anyio.fail_after(timeout):
+        while not condition():  # type: ignore[operator]
+            await anyio.sleep(0.005)
+
+
+async def test_full_buffer_stops_reading_and_holds_the_server_back(
+    endless: FakeVLLM, server: FakeServer
+) -> None:
+    async with llmstream.AsyncClient(server.base_url) as client:
+        async with client.stream("Hi", buffer=8) as stream:
+            first = await stream.__aiter__().__anext__()
+            buffer = stream._buffer
+            assert buffer is not None
+            await _until(lambda: buffer.full)
+            received = stream.snapshot().metrics.chunks
+            # The reader waits for room: nothing more is read while we do not consume.
+            await anyio.sleep(0.2)
+            assert stream.snapshot().metrics.chunks == received
+            assert len(buffer.items) <= 8 + 64  # the limit, plus at most one read's worth
+    assert first == "tok "
+    disconnect = endless.wait_for_disconnect()
+    assert disconnect.chunks_sent < MANY  # TCP backpressure held the server
+
+
+def test_full_buffer_stops_reading_sync(endless: FakeVLLM, server: FakeServer) -> None:
+    with llmstream.Client(server.base_url) as client:
+        with client.stream("Hi", buffer=8) as stream:
+            next(iter(stream))
+            buffer = stream._buffer
+            assert buffer is not None
+            deadline = time.monotonic() + 10
+            while not buffer.full and time.monotonic() < deadline:
+                time.sleep(0.005)
+            received = stream.snapshot().metrics.chunks
+            time.sleep(0.2)
+            assert stream.snapshot().metrics.chunks == received
+    assert endless.wait_for_disconnect().chunks_sent < MANY
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_on_full_error_fails_fast_and_closes_upstream(
+    mode: str, endless: FakeVLLM, server: FakeServer
+) -> None:
+    def stall(snapshot: llmstream.StreamResult) -> bool:
+        time.sleep(0.3) if mode == "sync" else None  # a consumer stuck in slow work
+        return False
+
+    if mode == "async":
+        async with llmstream.AsyncClient(server.base_url) as client:
+            with pytest.raises(llmstream.BufferOverflow) as info:
+                async with client.stream("Hi", buffer=4, on_full="error") as stream:
+                    async for _ in stream:
+                        await anyio.sleep(0.3)  # the reader runs ahead meanwhile
+        error: llmstream.LLMStreamError = info.value
+    else:
+        outcome = await collect(
+            mode, base_url=server.base_url, buffer=4, on_full="error", on_piece=stall
+        )
+        assert outcome.error is not None
+        error = outcome.error
+    assert isinstance(error, llmstream.BufferOverflow)
+    assert error.partial is not None and error.partial.status == "aborted"
+    assert "buffer=4" in str(error)
+    assert endless.wait_for_disconnect().chunks_sent < MANY
+
+
+async def test_buffer_zero_reads_nothing_until_asked() -> None:
+    fake = FakeVLLM("a b c")
+    with fake.serve() as server:
+        async with llmstream.AsyncClient(server.base_url) as client:
+            async with client.stream("Hi", buffer=0) as stream:
+                assert stream._buffer is None
+                assert stream.snapshot().metrics.chunks == 0
+                assert [t async for t in stream] == ["a", " b", " c"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_read_ahead_measures_at_the_wire_not_at_the_consumer(mode: str) -> None:
+    fake = FakeVLLM("a b c d e f", token_delay=0.02)
+
+    def slow(snapshot: llmstream.StreamResult) -> bool:
+        return False
+
+    # The consumer is slow only in the sync case below; timings must not include it.
+    outcome = await collect(mode, transport=fake.transport(), on_piece=slow)
+    itl = outcome.final.metrics.inter_token_latency
+    assert itl is not None and itl.max < 0.5
+
+
+async def test_pause_stops_reading_and_resume_continues() -> None:
+    fake = FakeVLLM(tokens=[f"{i} " for i in range(40)], token_delay=0.005)
+    with fake.serve() as server:
+        async with llmstream.AsyncClient(server.base_url) as client:
+            async with client.stream("Hi", buffer=4) as stream:
+                pieces = [await stream.__aiter__().__anext__()]
+                stream.pause()
+                assert stream.paused
+                await anyio.sleep(0.05)  # let the reader finish the read it was in
+                held = stream.snapshot().metrics.chunks
+                await anyio.sleep(0.2)
+                assert stream.snapshot().metrics.chunks == held  # paused: nothing read
+                stream.resume()
+                assert not stream.paused
+                pieces += [t async for t in stream]
+    assert "".join(pieces) == "".join(f"{i} " for i in range(40))
+    assert stream.result.complete
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_pause_longer_than_max_pause_cancels_the_request(mode: str) -> None:
+    fake = FakeVLLM(tokens=["x "] * 1000, token_delay=0.01)
+    with fake.serve() as server:
+        if mode == "async":
+            async with llmstream.AsyncClient(server.base_url) as client:
+                with pytest.raises(llmstream.PauseTimeout) as info:
+                    async with client.stream("Hi", max_pause=0.2) as stream:
+                        async for _ in stream:
+                            stream.pause()
+                error: llmstream.LLMStreamError = info.value
+        else:
+            with llmstream.Client(server.base_url) as sync_client:
+                with pytest.raises(llmstream.PauseTimeout) as sync_info:
+                    with sync_client.stream("Hi", max_pause=0.2) as sync_stream:
+                        for _ in sync_stream:
+                            sync_stream.pause()
+                error = sync_info.value
+        disconnect = fake.wait_for_disconnect()
+    assert "KV cache" in str(error)
+    assert error.partial is not None and error.partial.status == "aborted"
+    assert disconnect.chunks_sent < 1000
+
+
+async def test_cancel_from_another_task_reaches_the_server_within_100ms() -> None:
+    fake = FakeVLLM(tokens=["x "] * 100, token_delay=2.0)
+    with fake.serve() as server:
+        async with llmstream.AsyncClient(server.base_url) as client:
+            async with client.stream("Hi") as stream:
+                got = anyio.Event()
+                pieces: list[str] = []
+
+                async def consume() -> None:
+                    async for piece in stream:
+                        pieces.append(piece)
+                        got.set()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(consume)
+                    await got.wait()
+                    t0 = time.perf_counter()
+                    stream.cancel()
+            assert stream.result.status == "cancelled"
+        disconnect = fake.wait_for_disconnect()
+    assert disconnect.time - t0 < LIMIT
+    assert pieces == ["x "]
+
+
+def test_cancel_from_another_thread_reaches_the_server_within_100ms() -> None:
+    fake = FakeVLLM(tokens=["x "] * 100, token_delay=2.0)
+    with fake.serve() as server, llmstream.Client(server.base_url) as client:
+        with client.stream("Hi") as stream:
+            got = threading.Event()
+            pieces: list[str] = []
+
+            def consume() -> None:
+                for piece in stream:
+                    pieces.append(piece)
+                    got.set()
+
+            thread = threading.Thread(target=consume)
+            thread.start()
+            assert got.wait(5)
+            t0 = time.perf_counter()
+            stream.cancel()
+            disconnect = fake.wait_for_disconnect()
+            thread.join(5)
+            assert not thread.is_alive()
+        assert stream.result.status == "cancelled"
+    assert disconnect.time - t0 < LIMIT
+    assert pieces == ["x "]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("buffer", [0, 16])
+@pytest.mark.parametrize("limit", [{"max_chunks": 10}, {"max_bytes": 2000}])
+async def test_chunk_and_byte_caps_stop_a_runaway_generation(
+    mode: str, buffer: int, limit: dict[str, int]
+) -> None:
+    runaway = FakeVLLM(tokens=["tok "] * 2000, token_delay=0.001)
+    with runaway.serve() as server:
+        outcome = await collect(mode, base_url=server.base_url, buffer=buffer, **limit)
+        disconnect = runaway.wait_for_disconnect()
+    error = outcome.error
+    assert isinstance(error, llmstream.StreamLimitExceeded)
+    name = next(iter(limit))
+    assert f"{name}={limit[name]}" in str(error)
+    assert outcome.final.status == "aborted"
+    assert outcome.final.text == outcome.text  # everything received before the cap was yielded
+    assert disconnect.chunks_sent < 2000
+
+
+def test_many_sync_streams_in_many_threads() -> None:
+    fake = FakeVLLM(None, token_delay=0.001)  # echoes each prompt
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+    with fake.serve() as server, llmstream.Client(server.base_url) as client:
+
+        def worker(i: int) -> None:
+            try:
+                with client.stream(f"stream number {i} says hello") as stream:
+                    results[i] = "".join(stream)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert not errors
+    assert results == {i: f"stream number {i} says hello" for i in range(12)}
+
+
+async def test_many_async_streams_on_one_loop() -> None:
+    fake = FakeVLLM(None, token_delay=0.001)
+    results: dict[int, str] = {}
+    with fake.serve() as server:
+        async with llmstream.AsyncClient(server.base_url) as client:
+
+            async def one(i: int) -> None:
+                async with client.stream(f"stream number {i} says hello") as stream:
+                    results[i] = "".join([t async for t in stream])
+
+            async with anyio.create_task_group() as tg:
+                for i in range(30):
+                    tg.start_soon(one, i)
+    assert results == {i: f"stream number {i} says hello" for i in range(30)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"buffer": -1}, "buffer"),
+        ({"on_full": "drop"}, "on_full"),
+        ({"max_pause": 0}, "max_pause"),
+        ({"max_chunks": 0}, "max_chunks"),
+    ],
+)
+def test_flow_options_are_checked(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(llmstream.InvalidRequestError, match=match):
+        llmstream.Client("http://x.test/v1", model="m").stream("Hi", **kwargs)  # type: ignore[arg-type]
