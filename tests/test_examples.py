@@ -37,6 +37,12 @@ EXPECTED: dict[str, list[str]] = {
         "attempt 4:\nMercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.",
     ],
     "testing_your_app.py": ["5 passed"],
+    "fastapi_relay.py": [
+        "[browser] 'word0 '",
+        "[browser] closing the tab",
+        "[vLLM emulator] request cancelled",
+        "[app] upstream: cancelled",
+    ],
 }
 
 
