@@ -57,7 +57,9 @@ async def main() -> None:
         fake.add_fault(Fault.http_status(503, retry_after=2))
     transport = fake.transport() if fake else None
 
-    async with llmstream.AsyncClient(base_url, transport=transport) as client:
+    # retry=0 so each failure shows here; by default the client retries failures that
+    # happen before any text (and, with RetryPolicy(resume=True), resumes broken streams).
+    async with llmstream.AsyncClient(base_url, transport=transport, retry=0) as client:
         for attempt in range(1, 5):
             print(f"attempt {attempt}:")
             await ask(client, PROMPT)

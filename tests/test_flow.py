@@ -105,9 +105,18 @@ async def test_buffer_zero_reads_nothing_until_asked() -> None:
     with fake.serve() as server:
         async with llmstream.AsyncClient(server.base_url) as client:
             async with client.stream("Hi", buffer=0) as stream:
-                assert stream._buffer is None
+                await anyio.sleep(0.1)  # give a reader that would run ahead the time to
                 assert stream.snapshot().metrics.chunks == 0
                 assert [t async for t in stream] == ["a", " b", " c"]
+
+
+def test_buffer_zero_reads_nothing_until_asked_sync() -> None:
+    fake = FakeVLLM("a b c")
+    with fake.serve() as server, llmstream.Client(server.base_url) as client:
+        with client.stream("Hi", buffer=0) as stream:
+            time.sleep(0.1)
+            assert stream.snapshot().metrics.chunks == 0
+            assert list(stream) == ["a", " b", " c"]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -52,13 +52,15 @@ def _said(case: dict[str, Any]) -> str:
     return error if isinstance(error, str) else error["message"]
 
 
-def _run_sync() -> None:
-    with llmstream.Client(URL, model="m") as client, client.stream("Hi") as stream:
+# Retries are off here: these tests are about the error each answer becomes.
+def _run_sync(retry: llmstream.RetryPolicy | int = 0) -> None:
+    with llmstream.Client(URL, model="m", retry=retry) as client, client.stream("Hi") as stream:
         list(stream)
 
 
 async def _run_async() -> None:
-    async with llmstream.AsyncClient(URL, model="m") as client, client.stream("Hi") as stream:
+    client = llmstream.AsyncClient(URL, model="m", retry=0)
+    async with client, client.stream("Hi") as stream:
         async for _ in stream:
             pass
 
@@ -166,7 +168,16 @@ def test_connection_refused_on_a_real_port() -> None:
 
 
 @respx.mock
-def test_timeout_error_is_an_api_timeout() -> None:
-    respx.post(f"{URL}/chat/completions").mock(side_effect=httpx.ReadTimeout("slow"))
-    with pytest.raises(llmstream.APITimeoutError):
+def test_no_response_headers_in_time_is_a_first_token_timeout() -> None:
+    route = respx.post(f"{URL}/chat/completions").mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(llmstream.FirstTokenTimeout):
+        _run_sync(llmstream.RetryPolicy(initial_backoff=0.001))
+    assert route.call_count == 3  # retried twice, as timeouts before the first token are
+
+
+@respx.mock
+def test_connect_timeout_is_its_own_type() -> None:
+    respx.post(f"{URL}/chat/completions").mock(side_effect=httpx.ConnectTimeout("slow"))
+    with pytest.raises(llmstream.ConnectTimeout) as info:
         _run_sync()
+    assert isinstance(info.value, llmstream.APITimeoutError)

@@ -50,6 +50,12 @@ def test_any_split_of_the_cases_gives_the_same_events(data: st.DataObject) -> No
     assert _decode(pieces) == case["events"]
 
 
+def test_empty_read_between_cr_and_lf_keeps_them_one_line_ending() -> None:
+    assert _decode([b"data: a\r", b"", b"\ndata: b\r\n\r\n"]) == [
+        {"event": "message", "data": "a\nb", "id": "", "retry": None}
+    ]
+
+
 def test_u2028_inside_data_is_not_a_line_break() -> None:
     body = 'data: {"content":"a\u2028b\u2029c"}\n\n'.encode()
     assert _decode([body])[0]["data"] == '{"content":"a\u2028b\u2029c"}'

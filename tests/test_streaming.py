@@ -162,7 +162,7 @@ async def test_http_status_fault_gives_typed_error_with_retry_after(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
     fake.add_fault(Fault.http_status(503, retry_after=2))
-    outcome = await collect(mode, client_kwargs={"model": MODEL}, **target)
+    outcome = await collect(mode, client_kwargs={"model": MODEL, "retry": 0}, **target)
     error = outcome.error
     assert isinstance(error, llmstream.InternalServerError)
     assert error.status_code == 503 and error.headers["retry-after"] == "2"
@@ -174,7 +174,7 @@ async def test_stall_hits_the_read_timeout_as_stream_timeout(
 ) -> None:
     fake.add_fault(Fault.stall(after_chunks=3))
     outcome = await collect(mode, client_kwargs={"model": MODEL, "timeout": 0.3}, **target)
-    assert isinstance(outcome.error, llmstream.StreamTimeout)
+    assert isinstance(outcome.error, llmstream.IdleTimeout)
     assert outcome.final.text == outcome.text and outcome.text
 
 
@@ -183,7 +183,7 @@ async def test_disconnect_before_headers_is_a_connection_error(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
     fake.add_fault(Fault.disconnect_before_headers())
-    outcome = await collect(mode, client_kwargs={"model": MODEL}, **target)
+    outcome = await collect(mode, client_kwargs={"model": MODEL, "retry": 0}, **target)
     assert isinstance(outcome.error, llmstream.APIConnectionError)
     assert no_raw_httpx(outcome.error)
 

@@ -24,6 +24,7 @@ from ._chunks import (
     Usage,
 )
 from ._client import AsyncClient, Client
+from ._deadlines import Timeouts
 from ._errors import (
     APIConnectionError,
     APIStatusError,
@@ -31,6 +32,9 @@ from ._errors import (
     AuthenticationError,
     BadRequestError,
     BufferOverflow,
+    ConnectTimeout,
+    FirstTokenTimeout,
+    IdleTimeout,
     InternalServerError,
     InvalidRequestError,
     LLMStreamError,
@@ -44,6 +48,7 @@ from ._errors import (
     StreamInterrupted,
     StreamLimitExceeded,
     StreamTimeout,
+    TotalTimeout,
     UnprocessableEntityError,
 )
 from ._flow import OnFull, StreamOptions
@@ -58,17 +63,12 @@ from ._result import (
     StreamStatus,
     ToolCall,
 )
+from ._retry import RetryEvent, RetryPolicy
 from ._sse import SSEDecoder
 from ._streaming import AsyncChatStream, ChatStream
 from ._version import __version__
 
 __all__ = [
-    "StreamOptions",
-    "OnFull",
-    "StreamLimitExceeded",
-    "StreamAborted",
-    "PauseTimeout",
-    "BufferOverflow",
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
@@ -76,6 +76,7 @@ __all__ = [
     "AsyncClient",
     "AuthenticationError",
     "BadRequestError",
+    "BufferOverflow",
     "ChatCompletionChunk",
     "ChatStream",
     "ChoiceResult",
@@ -83,33 +84,45 @@ __all__ = [
     "ChunkDelta",
     "Client",
     "CompletionTokensDetails",
+    "ConnectTimeout",
+    "FirstTokenTimeout",
     "FunctionCall",
     "FunctionCallDelta",
+    "IdleTimeout",
     "InternalServerError",
     "InvalidRequestError",
     "LLMStreamError",
     "LatencySummary",
     "Message",
     "NotFoundError",
+    "OnFull",
+    "PauseTimeout",
     "PermissionDeniedError",
     "PromptOrMessages",
     "PromptTokensDetails",
     "ProtocolError",
     "RateLimitError",
+    "RetryEvent",
+    "RetryPolicy",
     "SSEDecoder",
     "ServerStreamError",
+    "StreamAborted",
     "StreamInterrupted",
+    "StreamLimitExceeded",
     "StreamMetrics",
+    "StreamOptions",
     "StreamResult",
     "StreamStatus",
     "StreamTimeout",
+    "Timeouts",
     "ToolCall",
     "ToolCallDelta",
+    "TotalTimeout",
     "UnprocessableEntityError",
     "Usage",
-    "__version__",
     "stream_llm_request",
     "stream_llm_request_sync",
+    "__version__",
 ]
 
 # Public names report the package, not the private module they live in.

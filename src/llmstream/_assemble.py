@@ -142,7 +142,14 @@ class StreamAssembler:
         return text, output
 
     def result(
-        self, *, status: StreamStatus, metrics: StreamMetrics, request_id: str | None = None
+        self,
+        *,
+        status: StreamStatus,
+        metrics: StreamMetrics,
+        request_id: str | None = None,
+        usage: Usage | None = None,
+        retries: int = 0,
+        resumes: int = 0,
     ) -> StreamResult:
         """Build the result from everything added so far."""
         choices = [self._choices[i].build() for i in sorted(self._choices)]
@@ -159,7 +166,9 @@ class StreamAssembler:
             finish_reason=first.finish_reason if first else None,
             stop_reason=first.stop_reason if first else None,
             choices=choices,
-            usage=self.usage,
+            usage=usage if usage is not None else self.usage,
             status=status,
             metrics=metrics,
+            retries=retries,
+            resumes=resumes,
         )

@@ -12,18 +12,22 @@ from types import TracebackType
 
 import anyio
 import httpx
+import tenacity
 
 from ._config import (
     Secret,
     resolve_api_key,
     resolve_base_url,
     resolve_model,
+    resolve_retry,
     resolve_timeout,
 )
+from ._deadlines import Timeouts
 from ._errors import InvalidRequestError, ProtocolError
 from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
 from ._http_errors import connection_error, status_error
 from ._request import PromptOrMessages, build_body, build_messages
+from ._retry import RetryPolicy
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
 from ._streaming import AsyncChatStream, ChatStream
 from ._version import __version__
@@ -40,7 +44,8 @@ class _BaseClient:
         *,
         model: str | None,
         api_key: str | None,
-        timeout: float | httpx.Timeout | None,
+        timeout: float | Timeouts | None,
+        retry: RetryPolicy | int | tenacity.BaseRetrying | None,
         headers: Mapping[str, str] | None,
         include_usage: bool,
         max_line_bytes: int,
@@ -51,7 +56,8 @@ class _BaseClient:
         self.base_url = resolve_base_url(base_url)
         self._model = resolve_model(model)
         self._api_key: Secret | None = resolve_api_key(api_key)
-        self.timeout = resolve_timeout(timeout)
+        self.timeouts = resolve_timeout(timeout)
+        self.retry = resolve_retry(retry)
         self._headers = dict(headers or {})
         self.include_usage = include_usage
         if max_line_bytes < 1 or max_event_bytes < 1:
@@ -111,7 +117,10 @@ class _BaseClient:
         )
 
     def _chat_request(
-        self, http: httpx.AsyncClient | httpx.Client, body: dict[str, object]
+        self,
+        http: httpx.AsyncClient | httpx.Client,
+        body: dict[str, object],
+        timeout: httpx.Timeout,
     ) -> httpx.Request:
         headers = self._default_headers()
         headers["Accept"] = "text/event-stream"
@@ -122,13 +131,13 @@ class _BaseClient:
             f"{self.base_url}/chat/completions",
             json=body,
             headers=headers,
-            timeout=self._timeout_arg,
+            timeout=timeout,
         )
 
     def _get_request(self, http: httpx.AsyncClient | httpx.Client, url: str) -> httpx.Request:
-        return http.build_request(
-            "GET", url, headers=self._default_headers(), timeout=self._timeout_arg
-        )
+        connect = self.timeouts.connect
+        timeout = httpx.Timeout(max(connect or 0.0, 30.0), connect=connect)
+        return http.build_request("GET", url, headers=self._default_headers(), timeout=timeout)
 
     def _models_url(self) -> str:
         return f"{self.base_url}/models"
@@ -146,12 +155,6 @@ class _BaseClient:
             raise ProtocolError(f"GET {self._models_url()} listed a model without an id")
         return model
 
-    def _use_timeout(self, timeout: float | httpx.Timeout | None, own_client: bool) -> None:
-        # A caller's own httpx client keeps its timeout unless one is given here.
-        self._timeout_arg: httpx.Timeout | httpx._client.UseClientDefault = (
-            self.timeout if timeout is not None or own_client else httpx.USE_CLIENT_DEFAULT
-        )
-
 
 class AsyncClient(_BaseClient):
     """Streams chat completions from vLLM or any OpenAI-compatible server (async).
@@ -161,8 +164,12 @@ class AsyncClient(_BaseClient):
     (else the first model ``GET /models`` lists, asked once);
     ``LLMSTREAM_API_KEY`` then ``OPENAI_API_KEY``.
 
-    ``timeout`` is seconds for each phase or an ``httpx.Timeout`` (the default
-    allows 300 s between bytes, for slow prefills). ``http_client`` lets you
+    ``timeout`` is seconds for each phase, or a :class:`~llmstream.Timeouts`
+    with the four deadlines (connect 10 s, first token 300 s for slow
+    prefills, idle 60 s between events, no total by default). ``retry`` is a
+    :class:`~llmstream.RetryPolicy` (two retries with jittered backoff by
+    default), a number of retries, or a ``tenacity.Retrying`` to take the
+    strategies from. ``http_client`` lets you
     bring your own ``httpx.AsyncClient`` (proxies, TLS, limits); the client is
     then yours to close. ``transport`` plugs an httpx transport in, e.g.
     ``llmstream.testing.FakeVLLM().transport()``. ``include_usage`` asks the
@@ -191,7 +198,8 @@ class AsyncClient(_BaseClient):
         *,
         model: str | None = None,
         api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = None,
+        timeout: float | Timeouts | None = None,
+        retry: RetryPolicy | int | tenacity.BaseRetrying | None = None,
         headers: Mapping[str, str] | None = None,
         include_usage: bool = True,
         buffer: int = DEFAULT_BUFFER,
@@ -209,6 +217,7 @@ class AsyncClient(_BaseClient):
             model=model,
             api_key=api_key,
             timeout=timeout,
+            retry=retry,
             headers=headers,
             include_usage=include_usage,
             max_line_bytes=max_line_bytes,
@@ -222,11 +231,8 @@ class AsyncClient(_BaseClient):
             ),
         )
         self._owns_http = http_client is None
-        self._use_timeout(timeout, self._owns_http)
         # Redirects are not followed: one to another host would carry the API key.
-        self._http = http_client or httpx.AsyncClient(
-            timeout=self.timeout, follow_redirects=False, transport=transport
-        )
+        self._http = http_client or httpx.AsyncClient(follow_redirects=False, transport=transport)
         self._model_lock = anyio.Lock()
 
     async def __aenter__(self) -> AsyncClient:
@@ -267,6 +273,8 @@ class AsyncClient(_BaseClient):
         max_pause: float | None = None,
         max_chunks: int | None = None,
         max_bytes: int | None = None,
+        timeout: float | Timeouts | None = None,
+        retry: RetryPolicy | int | tenacity.BaseRetrying | None = None,
         **extra_params: object,
     ) -> AsyncChatStream:
         """Start a streamed chat completion; use the result with ``async with``.
@@ -275,8 +283,9 @@ class AsyncClient(_BaseClient):
         messages. ``extra_params`` go into the request body as they are (``n``,
         ``stop``, ``tools``, ``seed``, vLLM's ``min_tokens``...). ``buffer``,
         ``on_full``, ``max_pause``, ``max_chunks`` and ``max_bytes`` override
-        the client's flow-control settings for this call. Arguments are checked
-        here, before any request.
+        the client's flow-control settings for this call, ``timeout`` and
+        ``retry`` its deadlines and retry policy. Arguments are checked here,
+        before any request.
 
         Example::
 
@@ -286,7 +295,13 @@ class AsyncClient(_BaseClient):
         """
         body = self._chat_body(prompt_or_messages, model, max_tokens, temperature, extra_params)
         options = self._call_options(buffer, on_full, max_pause, max_chunks, max_bytes)
-        return AsyncChatStream(self, body, options)
+        return AsyncChatStream(
+            self,
+            body,
+            options,
+            resolve_timeout(timeout) if timeout is not None else self.timeouts,
+            resolve_retry(retry) if retry is not None else self.retry,
+        )
 
     async def models(self) -> list[str]:
         """The ids of the models the server serves (``GET /models``).
@@ -303,10 +318,10 @@ class AsyncClient(_BaseClient):
                 f"GET {self._models_url()} returned {response.text[:200]!r}"
             ) from None
 
-    async def _request_for(self, body: dict[str, object]) -> httpx.Request:
+    async def _request_for(self, body: dict[str, object], timeout: httpx.Timeout) -> httpx.Request:
         if "model" not in body:
             body["model"] = await self._resolve_model()
-        return self._chat_request(self._http, body)
+        return self._chat_request(self._http, body, timeout)
 
     async def _resolve_model(self) -> str:
         async with self._model_lock:
@@ -346,7 +361,8 @@ class Client(_BaseClient):
         *,
         model: str | None = None,
         api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = None,
+        timeout: float | Timeouts | None = None,
+        retry: RetryPolicy | int | tenacity.BaseRetrying | None = None,
         headers: Mapping[str, str] | None = None,
         include_usage: bool = True,
         buffer: int = DEFAULT_BUFFER,
@@ -364,6 +380,7 @@ class Client(_BaseClient):
             model=model,
             api_key=api_key,
             timeout=timeout,
+            retry=retry,
             headers=headers,
             include_usage=include_usage,
             max_line_bytes=max_line_bytes,
@@ -377,10 +394,7 @@ class Client(_BaseClient):
             ),
         )
         self._owns_http = http_client is None
-        self._use_timeout(timeout, self._owns_http)
-        self._http = http_client or httpx.Client(
-            timeout=self.timeout, follow_redirects=False, transport=transport
-        )
+        self._http = http_client or httpx.Client(follow_redirects=False, transport=transport)
         self._model_lock = threading.Lock()
 
     def __enter__(self) -> Client:
@@ -420,6 +434,8 @@ class Client(_BaseClient):
         max_pause: float | None = None,
         max_chunks: int | None = None,
         max_bytes: int | None = None,
+        timeout: float | Timeouts | None = None,
+        retry: RetryPolicy | int | tenacity.BaseRetrying | None = None,
         **extra_params: object,
     ) -> ChatStream:
         """Start a streamed chat completion; use the result with ``with``.
@@ -432,7 +448,13 @@ class Client(_BaseClient):
         """
         body = self._chat_body(prompt_or_messages, model, max_tokens, temperature, extra_params)
         options = self._call_options(buffer, on_full, max_pause, max_chunks, max_bytes)
-        return ChatStream(self, body, options)
+        return ChatStream(
+            self,
+            body,
+            options,
+            resolve_timeout(timeout) if timeout is not None else self.timeouts,
+            resolve_retry(retry) if retry is not None else self.retry,
+        )
 
     def models(self) -> list[str]:
         """The ids of the models the server serves (``GET /models``).
@@ -449,10 +471,10 @@ class Client(_BaseClient):
                 f"GET {self._models_url()} returned {response.text[:200]!r}"
             ) from None
 
-    def _request_for(self, body: dict[str, object]) -> httpx.Request:
+    def _request_for(self, body: dict[str, object], timeout: httpx.Timeout) -> httpx.Request:
         if "model" not in body:
             body["model"] = self._resolve_model()
-        return self._chat_request(self._http, body)
+        return self._chat_request(self._http, body, timeout)
 
     def _resolve_model(self) -> str:
         with self._model_lock:

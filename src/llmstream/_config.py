@@ -6,12 +6,15 @@ import os
 from collections.abc import Mapping
 
 import httpx
+import tenacity
 
+from ._deadlines import Timeouts
 from ._errors import InvalidRequestError
+from ._retry import RetryPolicy
 
 __all__ = [
     "DEFAULT_BASE_URL",
-    "DEFAULT_TIMEOUT",
+    "resolve_retry",
     "Secret",
     "resolve_api_key",
     "resolve_base_url",
@@ -20,10 +23,6 @@ __all__ = [
 ]
 
 DEFAULT_BASE_URL = "http://localhost:8000/v1"
-
-DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=30.0)
-"""Connect fast or fail; allow long gaps between bytes, because a long prompt can
-take minutes to prefill before vLLM sends its first byte."""
 
 
 class Secret:
@@ -111,18 +110,46 @@ def resolve_model(model: str | None, environ: Mapping[str, str] = os.environ) ->
     return model or _env(environ, "LLMSTREAM_MODEL")
 
 
-def resolve_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
-    """Accept a number of seconds for every phase, or a full ``httpx.Timeout``.
+def resolve_timeout(timeout: float | Timeouts | None) -> Timeouts:
+    """Accept a number of seconds for each phase, or a full :class:`Timeouts`.
+
+    A number applies to connect, first token and idle alike (like httpx's
+    ``timeout=5.0``), with no total limit.
 
     Example::
 
-        resolve_timeout(30.0)                              # 30 s for each phase
-        resolve_timeout(httpx.Timeout(600.0, connect=5.0))
+        resolve_timeout(30.0)                        # 30 s for each phase
+        resolve_timeout(Timeouts(first_token=600, total=900))
     """
     if timeout is None:
-        return DEFAULT_TIMEOUT
-    if isinstance(timeout, httpx.Timeout):
+        return Timeouts()
+    if isinstance(timeout, Timeouts):
         return timeout
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-        raise InvalidRequestError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return httpx.Timeout(float(timeout))
+        raise InvalidRequestError(
+            f"timeout must be a positive number of seconds or a Timeouts, got {timeout!r}"
+        )
+    seconds = float(timeout)
+    return Timeouts(connect=seconds, first_token=seconds, idle=seconds, total=None)
+
+
+def resolve_retry(retry: RetryPolicy | int | tenacity.BaseRetrying | None) -> RetryPolicy:
+    """Accept a policy, a number of retries, or a tenacity ``Retrying`` to take strategies from.
+
+    Example::
+
+        resolve_retry(0)             # no retries
+        resolve_retry(5)             # RetryPolicy(max_retries=5)
+    """
+    if retry is None:
+        return RetryPolicy()
+    if isinstance(retry, RetryPolicy):
+        return retry
+    if isinstance(retry, tenacity.BaseRetrying):
+        return RetryPolicy.from_tenacity(retry)
+    if isinstance(retry, bool) or not isinstance(retry, int):
+        raise InvalidRequestError(
+            f"retry must be a RetryPolicy, a number of retries or a tenacity Retrying, "
+            f"got {retry!r}"
+        )
+    return RetryPolicy(max_retries=retry)

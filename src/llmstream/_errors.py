@@ -6,6 +6,7 @@ The tree is shallow and each class says when it is raised::
     ├── InvalidRequestError           bad arguments, caught before any request (also a ValueError)
     ├── APIConnectionError            could not reach the server, or it went away before answering
     │   └── APITimeoutError           a deadline passed before the response started
+    │       └── ConnectTimeout        the connection could not be opened in time
     ├── APIStatusError                the server answered with a non-2xx status
     │   ├── BadRequestError           400
     │   ├── AuthenticationError       401
@@ -17,6 +18,9 @@ The tree is shallow and each class says when it is raised::
     ├── ProtocolError                 the server broke the protocol (bad SSE, bad JSON...)
     ├── StreamInterrupted             the stream ended or broke before it was complete
     │   ├── StreamTimeout             a deadline passed while streaming
+    │   │   ├── FirstTokenTimeout     no token within Timeouts.first_token
+    │   │   ├── IdleTimeout           no event for Timeouts.idle in mid-answer
+    │   │   └── TotalTimeout          the call (retries included) passed Timeouts.total
     │   └── ServerStreamError         the server sent an error event inside a 200 stream
     └── StreamAborted                 the client stopped the stream: a limit was reached
         ├── BufferOverflow            the read-ahead buffer filled up (on_full="error")
@@ -39,6 +43,10 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "BufferOverflow",
+    "ConnectTimeout",
+    "FirstTokenTimeout",
+    "IdleTimeout",
+    "TotalTimeout",
     "PauseTimeout",
     "StreamAborted",
     "StreamLimitExceeded",
@@ -107,6 +115,16 @@ class APITimeoutError(APIConnectionError):
 
         except llmstream.APITimeoutError:
             print("the server did not answer in time")
+    """
+
+
+class ConnectTimeout(APITimeoutError):
+    """The connection could not be opened within ``Timeouts.connect``.
+
+    Example::
+
+        except llmstream.ConnectTimeout:
+            print("the server is unreachable")
     """
 
 
@@ -257,6 +275,40 @@ class StreamTimeout(StreamInterrupted):
 
         except llmstream.StreamTimeout as exc:
             print("stalled after", len(exc.partial.text), "characters")
+    """
+
+
+class FirstTokenTimeout(StreamTimeout):
+    """No generated token arrived within ``Timeouts.first_token`` of sending the request.
+
+    Retried like a connection failure (nothing was delivered yet).
+
+    Example::
+
+        except llmstream.FirstTokenTimeout:
+            print("the server is overloaded or the prompt is very long")
+    """
+
+
+class IdleTimeout(StreamTimeout):
+    """The server sent no event for ``Timeouts.idle`` seconds in the middle of an answer.
+
+    Keep-alive comments do not count as events. ``partial`` holds what arrived.
+
+    Example::
+
+        except llmstream.IdleTimeout as exc:
+            print("stalled after", len(exc.partial.text), "characters")
+    """
+
+
+class TotalTimeout(StreamTimeout):
+    """The whole call, retries and their waits included, took longer than ``Timeouts.total``.
+
+    Example::
+
+        except llmstream.TotalTimeout as exc:
+            print("gave up after", exc.partial.metrics.duration, "s")
     """
 
 

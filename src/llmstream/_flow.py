@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -116,13 +116,17 @@ class _ReadAheadState(Generic[_T]):
     """The buffer's bookkeeping, shared by the async and the thread version."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = max(limit, 1)
+        self.limit = limit
         self.items: deque[_T] = deque()
         self.ended = False
         self.error: LLMStreamError | None = None
+        # With limit 0 the reader reads only while the consumer waits for an item.
+        self.wanted = False
 
     @property
     def full(self) -> bool:
+        if self.limit == 0:
+            return bool(self.items) or not self.wanted
         return len(self.items) >= self.limit
 
     def take(self) -> _T | None:
@@ -179,11 +183,14 @@ class AsyncReadAhead(_ReadAheadState[_T]):
         while True:
             item = self.take()
             if item is not None:
+                self.wanted = False
                 if not self.full:
                     self._room.set()
                 return item
             if self.ended:
                 return None
+            self.wanted = True
+            self._room.set()
             self._readable = anyio.Event()
             await self._readable.wait()
 
@@ -230,24 +237,23 @@ class ThreadReadAhead(_ReadAheadState[_T]):
                 self._cond.wait(left)
         return True
 
-    def get(self) -> _T | None:
-        """The next item, waiting for one; None at the end."""
+    def get(self, watch: Callable[[], float | None] | None = None) -> _T | None:
+        """The next item, waiting for one; None at the end.
+
+        ``watch`` is called whenever the wait wakes up empty-handed and returns
+        how long to wait at most before calling it again (None: no limit). It
+        lets the consumer enforce the stream's deadlines while it waits.
+        """
         with self._cond:
             while True:
                 item = self.take()
                 if item is not None:
+                    self.wanted = False
                     self._cond.notify_all()
                     return item
                 if self.ended:
                     return None
-                self._cond.wait()
-
-    def wait(self, timeout: float) -> None:
-        """Sleep up to ``timeout`` seconds, woken early by any change."""
-        with self._cond:
-            self._cond.wait(timeout)
-
-    def poke(self) -> None:
-        """Wake whoever waits (after a pause, a resume or a cancel)."""
-        with self._cond:
-            self._cond.notify_all()
+                if not self.wanted:
+                    self.wanted = True
+                    self._cond.notify_all()
+                self._cond.wait(watch() if watch is not None else None)

@@ -8,12 +8,15 @@ from collections.abc import Mapping
 
 import httpx
 
+from ._deadlines import Timeouts
 from ._errors import (
     APIConnectionError,
     APIStatusError,
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    ConnectTimeout,
+    FirstTokenTimeout,
     InternalServerError,
     LLMStreamError,
     NotFoundError,
@@ -21,6 +24,7 @@ from ._errors import (
     RateLimitError,
     UnprocessableEntityError,
 )
+from ._result import StreamResult
 
 __all__ = ["MAX_ERROR_BODY_BYTES", "connection_error", "status_error"]
 
@@ -88,7 +92,9 @@ def status_error(
     )
 
 
-def connection_error(exc: httpx.HTTPError, url: str) -> LLMStreamError:
+def connection_error(
+    exc: httpx.HTTPError, url: str, timeouts: Timeouts | None = None
+) -> LLMStreamError:
     """Map an httpx failure that happened before a response into our error tree.
 
     Example::
@@ -96,6 +102,21 @@ def connection_error(exc: httpx.HTTPError, url: str) -> LLMStreamError:
         except httpx.HTTPError as exc:
             raise connection_error(exc, url) from exc
     """
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        limit = f" within connect={timeouts.connect:g} s" if timeouts and timeouts.connect else ""
+        return ConnectTimeout(
+            f"Could not connect to {url}{limit} ({type(exc).__name__}). The server may be "
+            "down or unreachable; check the base URL, or raise Timeouts.connect.",
+            partial=StreamResult(status="interrupted"),
+        )
+    if isinstance(exc, httpx.ReadTimeout) and timeouts is not None:
+        # No response headers in time: vLLM sends them with the first token.
+        return FirstTokenTimeout(
+            f"No response from {url} within the first-token deadline "
+            f"(first_token={timeouts.first_token}). The server may be overloaded or the "
+            "prompt very long; raise Timeouts.first_token or retry later.",
+            partial=StreamResult(status="interrupted"),
+        )
     if isinstance(exc, httpx.TimeoutException):
         kind = type(exc).__name__
         return APITimeoutError(

@@ -121,3 +121,38 @@ def build_body(
         body["stream_options"] = {"include_usage": True}
     body.update(extra_params)
     return body
+
+
+def continuation_body(
+    body: Mapping[str, object], partial_text: str, completion_tokens_used: int
+) -> dict[str, object] | None:
+    """The body that continues a broken answer, or None when it cannot be continued.
+
+    The partial answer goes last as an assistant message with vLLM's
+    ``continue_final_message: true, add_generation_prompt: false``, so the
+    model carries on from its last character instead of starting over; the
+    token allowance shrinks by what was already generated. Only one choice
+    (``n`` of 1) can be continued.
+
+    Example::
+
+        continuation_body({"messages": [...], "max_tokens": 100}, "Once upon", 3)
+        # {..., "messages": [..., {"role": "assistant", "content": "Once upon"}],
+        #  "continue_final_message": True, "add_generation_prompt": False, "max_tokens": 97}
+    """
+    n = body.get("n", 1)
+    messages = body.get("messages")
+    if n not in (1, None) or not isinstance(messages, list) or not partial_text:
+        return None
+    continued: dict[str, object] = dict(body)
+    continued["messages"] = [*messages, {"role": "assistant", "content": partial_text}]
+    continued["continue_final_message"] = True
+    continued["add_generation_prompt"] = False
+    for key in ("max_tokens", "max_completion_tokens"):
+        allowance = body.get(key)
+        if isinstance(allowance, int) and not isinstance(allowance, bool):
+            left = allowance - completion_tokens_used
+            if left < 1:
+                return None
+            continued[key] = left
+    return continued

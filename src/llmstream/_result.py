@@ -144,6 +144,9 @@ class StreamResult(_Frozen):
     sent none. ``request_id`` is the server's ``X-Request-Id`` header when it
     sent one, else the completion id. ``complete`` is ``True`` only when the
     server finished the answer; on errors the same type is the ``partial``.
+    ``retries`` counts attempts started over before any output, ``resumes``
+    the times a broken stream was continued on a new request; ``usage`` then
+    sums what every request reported.
 
     Example::
 
@@ -168,6 +171,8 @@ class StreamResult(_Frozen):
     usage: Usage | None = None
     status: StreamStatus = "streaming"
     metrics: StreamMetrics = StreamMetrics()
+    retries: int = 0
+    resumes: int = 0
 
     @property
     def complete(self) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ._assemble import StreamAssembler
-from ._chunks import ChatCompletionChunk
+from ._chunks import ChatCompletionChunk, Usage
 from ._errors import (
     LLMStreamError,
     ProtocolError,
@@ -53,13 +53,19 @@ class StreamSession:
         "_assembler",
         "_bytes",
         "_decoder",
+        "_limits",
         "_max_bytes",
         "_max_chunks",
         "_metrics",
         "_request_id",
         "_status",
+        "_usage_before",
         "done",
         "error",
+        "first_token_at",
+        "last_event_at",
+        "resumes",
+        "retries",
     )
 
     def __init__(
@@ -74,7 +80,17 @@ class StreamSession:
         self._max_chunks = max_chunks
         self._max_bytes = max_bytes
         self._bytes = 0
+        self._limits = (max_line_bytes, max_event_bytes)
         self._decoder = SSEDecoder(max_line_bytes=max_line_bytes, max_event_bytes=max_event_bytes)
+        self._usage_before: Usage | None = None
+        self.retries = 0
+        """Attempts that were started again from scratch (nothing had been received)."""
+        self.resumes = 0
+        """Times the stream was continued on a new request after it broke."""
+        self.first_token_at: float | None = None
+        """When the first generated output arrived (any attempt)."""
+        self.last_event_at: float | None = None
+        """When the last event of the current attempt arrived."""
         self._assembler = StreamAssembler()
         self._metrics = MetricsRecorder(started)
         self._request_id: str | None = None
@@ -88,6 +104,36 @@ class StreamSession:
     def status(self) -> StreamStatus:
         """``streaming`` until the stream ends, then how it ended."""
         return self._status
+
+    @property
+    def has_output(self) -> bool:
+        """True once any generated output arrived (the point after which a retry would repeat)."""
+        return self.first_token_at is not None
+
+    def new_attempt(self, *, resume: bool) -> None:
+        """A new request will feed this session: a retry (nothing kept) or a resume.
+
+        A resume keeps everything assembled and counts usage across requests;
+        a retry starts the answer over (only allowed before any output).
+        """
+        if resume:
+            self.resumes += 1
+            self._usage_before = _add_usage(self._usage_before, self._assembler.usage)
+        else:
+            self.retries += 1
+            self._assembler = StreamAssembler()
+            self._usage_before = None
+        self._assembler.usage = None
+        self._decoder = SSEDecoder(max_line_bytes=self._limits[0], max_event_bytes=self._limits[1])
+        self._status = "streaming"
+        self.done = False
+        self.error = None
+        self.last_event_at = None
+
+    def completion_tokens(self) -> int | None:
+        """The server's count of completion tokens so far (all attempts), if it sent one."""
+        usage = _add_usage(self._usage_before, self._assembler.usage)
+        return usage.completion_tokens if usage is not None else None
 
     def headers(self, now: float, request_id: str | None) -> None:
         """The response headers arrived; ``request_id`` is the server's ``X-Request-Id``."""
@@ -131,7 +177,11 @@ class StreamSession:
                 # decodes to no text but counts): it closes the decode interval.
                 if output or (chunk.choices and chunk.choices[0].finish_reason is not None):
                     metrics.token(now)
+                    if self.first_token_at is None and output:
+                        self.first_token_at = now
                 items.append((chunk, text))
+            if items:
+                self.last_event_at = now
         except StreamAborted as exc:
             self.error = self.fail(exc, now, "aborted")
         except LLMStreamError as exc:
@@ -193,11 +243,18 @@ class StreamSession:
     def result(self, now: float) -> StreamResult:
         """The result assembled so far, with the current status."""
         assembler = self._assembler
-        usage = assembler.usage
+        usage = _add_usage(self._usage_before, assembler.usage)
         metrics = self._metrics.summary(
             completion_tokens=usage.completion_tokens if usage is not None else None, ended=now
         )
-        return assembler.result(status=self._status, metrics=metrics, request_id=self._request_id)
+        return assembler.result(
+            status=self._status,
+            metrics=metrics,
+            request_id=self._request_id,
+            usage=usage,
+            retries=self.retries,
+            resumes=self.resumes,
+        )
 
     def fail(
         self, exc: LLMStreamError, now: float, status: StreamStatus = "error"
@@ -235,6 +292,17 @@ def _server_error(extra: dict[str, Any]) -> ServerStreamError:
         partial=_PLACEHOLDER,
         error_type=str(error_type) if error_type is not None else None,
         error_code=code if isinstance(code, (int, str)) else None,
+    )
+
+
+def _add_usage(before: Usage | None, current: Usage | None) -> Usage | None:
+    """Usage across requests of one call: what each request was billed, summed."""
+    if before is None or current is None:
+        return current if before is None else before
+    return Usage(
+        prompt_tokens=before.prompt_tokens + current.prompt_tokens,
+        completion_tokens=before.completion_tokens + current.completion_tokens,
+        total_tokens=before.total_tokens + current.total_tokens,
     )
 
 

@@ -86,6 +86,8 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Decode one network read; returns the events it completed."""
+        if not chunk:
+            return []  # an empty read must not forget a CR left pending by the last one
         if not self._bom_checked:
             chunk = self._strip_bom(chunk)
             if not chunk:

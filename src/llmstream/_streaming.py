@@ -1,16 +1,22 @@
 """The stream objects: ``AsyncChatStream`` and its sync twin ``ChatStream``.
 
 Both are thin I/O shells around :class:`~llmstream._session.StreamSession`:
-they send the request, pass each network read to the session with a
-timestamp, and hand out what it decoded. Everything they share without I/O
-lives in :class:`_StreamBase`.
+they send requests, pass each network read to the session with a timestamp,
+and hand out what it decoded. Every decision that needs no I/O (deadlines,
+retries, resume bodies, error mapping) lives in :class:`_StreamBase` and the
+sans-IO modules it calls.
+
+One call may take several requests: a failure before any output is retried
+from scratch, and, with ``RetryPolicy(resume=True)``, a stream that broke
+mid-answer is continued on a new request; the consumer sees one stream.
 
 Reading: inside a ``with`` block a background reader (a task of the stream's
 own task group, or a thread for the sync twin) reads the socket as data comes,
 so timings are taken at the wire, and hands chunks over through a bounded
 buffer (``buffer`` chunks). When the buffer is full the reader stops reading,
-and TCP pushes back on the server. With ``buffer=0``, or when a stream is
-iterated without ``with``, nothing is read until the consumer asks.
+and TCP pushes back on the server. With ``buffer=0`` the reader reads only
+while the consumer waits. Deadlines are watched beside the reader (a watchdog
+task; the waiting consumer thread), so they cost nothing per chunk.
 
 Closing is prompt on purpose: leaving the ``with`` block for any reason closes
 the HTTP response before it is fully read, which makes httpcore close the
@@ -21,6 +27,7 @@ aborts the request, freeing its KV cache.
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import threading
 import time
@@ -33,16 +40,22 @@ import anyio
 import httpx
 
 from ._chunks import ChatCompletionChunk
+from ._deadlines import DeadlineKind, Timeouts, next_deadline
 from ._errors import (
     BufferOverflow,
+    FirstTokenTimeout,
+    IdleTimeout,
     LLMStreamError,
     PauseTimeout,
     ProtocolError,
     StreamTimeout,
+    TotalTimeout,
 )
 from ._flow import AsyncReadAhead, PauseClock, StreamOptions, ThreadReadAhead
 from ._http_errors import MAX_ERROR_BODY_BYTES, connection_error, status_error
+from ._request import continuation_body
 from ._result import StreamResult
+from ._retry import RetryEvent, RetryPolicy
 from ._session import StreamItem, StreamSession
 
 if TYPE_CHECKING:
@@ -54,6 +67,12 @@ __all__ = ["AsyncChatStream", "ChatStream"]
 
 _now = time.perf_counter
 _T = TypeVar("_T")
+
+_TIMEOUT_ERRORS: dict[DeadlineKind, type[StreamTimeout]] = {
+    "first_token": FirstTokenTimeout,
+    "idle": IdleTimeout,
+    "total": TotalTimeout,
+}
 
 
 def _text_of(item: StreamItem) -> str | None:
@@ -67,19 +86,40 @@ def _chunk_of(item: StreamItem) -> ChatCompletionChunk:
 class _StreamBase:
     """State and decisions shared by the two stream classes (no I/O here)."""
 
-    def __init__(self, body: dict[str, object], options: StreamOptions, owns_client: bool) -> None:
+    def __init__(
+        self,
+        client: AsyncClient | Client,
+        body: dict[str, object],
+        options: StreamOptions,
+        timeouts: Timeouts,
+        retry: RetryPolicy,
+        owns_client: bool,
+    ) -> None:
         self._body = body
+        self._next_body = body
         self._options = options
+        self._timeouts = timeouts
+        self._retry = retry
         self._owns_client = owns_client
+        self._max_line_bytes = client._max_line_bytes
+        self._max_event_bytes = client._max_event_bytes
         self._session: StreamSession | None = None
+        self._response: httpx.Response | None = None
         self._pending: deque[StreamItem] = deque()
         self._result: StreamResult | None = None
         self._error: LLMStreamError | None = None
+        self._failure: LLMStreamError | None = None  # raised by the next read
         self._pause = PauseClock(options.max_pause)
         self._entered = False
-        self._exhausted = False  # the body was read to its end
+        self._exhausted = False  # the current body was read to its end
         self._closed = False
         self._cancelled = False
+        self._call_started = 0.0
+        self._attempt_started = 0.0
+        self._read_started = 0.0
+        self._attempts = 0
+        self._live = False  # a response body is being read
+        self._deadline_hit: DeadlineKind | None = None
 
     @property
     def result(self) -> StreamResult:
@@ -89,7 +129,8 @@ class _StreamBase:
         ``close()`` or ``cancel()`` it is the partial result with ``status ==
         "cancelled"``; after an error it is the error's ``partial``. With
         read-ahead the partial result holds everything received, which can be
-        a few chunks more than the loop consumed.
+        a few chunks more than the loop consumed. Raises the error that ended
+        the call when it failed before streaming.
 
         Example::
 
@@ -123,7 +164,7 @@ class _StreamBase:
 
     @property
     def request_body(self) -> dict[str, object]:
-        """The JSON body sent (or to be sent) to the server.
+        """The JSON body of the (first) request.
 
         Example::
 
@@ -142,15 +183,72 @@ class _StreamBase:
         """
         return self._pause.paused
 
-    def _start_session(self, response: httpx.Response, started: float, client: object) -> None:
-        options = self._options
-        session = StreamSession(
-            started=started,
-            max_line_bytes=client._max_line_bytes,  # type: ignore[attr-defined]
-            max_event_bytes=client._max_event_bytes,  # type: ignore[attr-defined]
-            max_chunks=options.max_chunks,
-            max_bytes=options.max_bytes,
+    # -- attempts -------------------------------------------------------------
+
+    def _begin_attempt(self) -> httpx.Timeout:
+        """Book-keeping for a new request; returns httpx's timeouts for it."""
+        now = _now()
+        if self._attempts == 0:
+            self._call_started = now
+        self._attempts += 1
+        self._attempt_started = now
+        self._read_started = now
+        self._deadline_hit = None
+        self._exhausted = False
+        t = self._timeouts
+        waits = [v for v in (t.first_token, t.idle) if v is not None]
+        # httpx's read timeout is only a backstop: the deadlines below are the real ones.
+        return httpx.Timeout(
+            connect=t.connect, read=max(waits) if waits else None, write=30.0, pool=t.connect
         )
+
+    def _deadline(self) -> tuple[float, DeadlineKind] | None:
+        session = self._session
+        last = session.last_event_at if session is not None else None
+        return next_deadline(
+            self._timeouts,
+            started=self._call_started,
+            attempt_started=self._attempt_started,
+            first_token_at=session.first_token_at if session is not None else None,
+            # Time the reader spent held back (full buffer, pause) is not idleness.
+            last_event_at=max(last, self._read_started) if last is not None else None,
+        )
+
+    def _timeout_error(self, kind: DeadlineKind) -> LLMStreamError:
+        t = self._timeouts
+        if kind == "first_token":
+            message = (
+                f"No token arrived within first_token={t.first_token} s of sending the "
+                "request: the server may be overloaded or the prompt very long. Raise "
+                "Timeouts.first_token, or retry later."
+            )
+        elif kind == "idle":
+            message = (
+                f"The server sent no event for idle={t.idle} s in the middle of the answer "
+                "(keep-alive comments do not count). exc.partial holds what arrived."
+            )
+        else:
+            message = (
+                f"The call took longer than total={t.total} s, retries included. "
+                "exc.partial holds what arrived."
+            )
+        error_type = _TIMEOUT_ERRORS[kind]
+        if self._session is None:
+            return error_type(message, partial=StreamResult(status="interrupted"))
+        return self._session.interrupted(message, _now(), error_type)
+
+    def _open_session(self, response: httpx.Response) -> None:
+        """Start (or continue) the session on a response that just arrived."""
+        options = self._options
+        if self._session is None:
+            self._session = StreamSession(
+                started=self._call_started,
+                max_line_bytes=self._max_line_bytes,
+                max_event_bytes=self._max_event_bytes,
+                max_chunks=options.max_chunks,
+                max_bytes=options.max_bytes,
+            )
+        session = self._session
         session.headers(_now(), response.headers.get("x-request-id"))
         content_type = response.headers.get("content-type", "")
         if not content_type.lower().startswith("text/event-stream"):
@@ -163,38 +261,55 @@ class _StreamBase:
                 ),
                 _now(),
             )
-        self._session = session
 
-    def _record_error(self, exc: LLMStreamError) -> LLMStreamError:
-        if self._error is None:
-            self._error = exc
-        if exc.partial is not None:
-            self._result = exc.partial
-        elif self._session is not None:
-            self._result = self._session.cancel(_now())
-        return exc
+    def _plan_recovery(self, error: LLMStreamError) -> RetryEvent | None:
+        """Whether and how to try again after ``error``; sets the next request's body."""
+        policy = self._retry
+        now = _now()
+        session = self._session
+        if session is not None and session.has_output:
+            if not policy.resume or session.resumes >= policy.max_resumes:
+                return None
+            if not policy.retryable(error):
+                return None
+            partial = session.result(now)
+            if partial.tool_calls or len(partial.choices) != 1:
+                return None  # only plain text of a single choice can be continued
+            used = session.completion_tokens() or partial.metrics.completion_tokens
+            body = continuation_body(self._body, partial.text, used)
+            if body is None:
+                return None
+            delay = policy.backoff(session.resumes + 1, error, started=self._call_started, now=now)
+            event = RetryEvent("resume", self._attempts + 1, delay, error)
+        else:
+            delay_or_none = policy.delay_before(
+                self._attempts + 1, error, started=self._call_started, now=now
+            )
+            if delay_or_none is None:
+                return None
+            body = self._body
+            event = RetryEvent("retry", self._attempts + 1, delay_or_none, error)
+        total = self._timeouts.total
+        if total is not None and now + event.delay >= self._call_started + total:
+            return None
+        self._next_body = body
+        if session is not None:
+            session.new_attempt(resume=event.kind == "resume")
+        policy.announce(event)
+        return event
 
-    def _end_cancelled(self) -> None:
-        """The caller stopped the stream: freeze the result as it is."""
-        if self._result is None and self._session is not None:
-            self._result = self._session.cancel(_now())
-
-    def _transport_failure(self, exc: httpx.HTTPError) -> LLMStreamError | None:
+    def _mid_body_error(self, exc: httpx.HTTPError) -> LLMStreamError | None:
         """The error for a failure mid-body, or None when the answer was already complete."""
         session = self._session
         assert session is not None
+        if self._deadline_hit is not None:
+            return self._timeout_error(self._deadline_hit)
         if session.all_finished:
             # Every choice had finished: only the trailer ([DONE], usage) was lost.
             self._result = session.finish(_now())
             return None
         if isinstance(exc, httpx.TimeoutException):
-            return session.interrupted(
-                "The server stopped sending for longer than the read timeout "
-                f"({type(exc).__name__}). exc.partial holds what arrived; raise the timeout "
-                "or retry.",
-                _now(),
-                StreamTimeout,
-            )
+            return self._timeout_error("idle")
         if isinstance(exc, httpx.DecodingError):
             return session.fail(ProtocolError(f"Could not decode the response body: {exc}"), _now())
         return session.interrupted(
@@ -202,6 +317,47 @@ class _StreamBase:
             "exc.partial holds what arrived; retry the request to get the full answer.",
             _now(),
         )
+
+    def _end_of_body(self) -> None:
+        """The current body ended cleanly: the result, or the error for a cut stream."""
+        session = self._session
+        assert session is not None
+        self._exhausted = True
+        if self._deadline_hit is not None:
+            raise self._timeout_error(self._deadline_hit)
+        self._result = session.end_of_body(_now())
+
+    def _feed(self, data: bytes) -> list[StreamItem]:
+        session = self._session
+        assert session is not None
+        items = session.feed(data, _now())
+        if session.error is not None:
+            if not items:
+                raise session.error
+            self._failure = session.error  # deliver what came before it first
+        return items
+
+    def _take_failure(self) -> None:
+        failure = self._failure
+        if failure is not None:
+            self._failure = None
+            raise failure
+
+    # -- endings --------------------------------------------------------------
+
+    def _record_error(self, exc: LLMStreamError) -> LLMStreamError:
+        if exc.partial is None and self._session is not None:
+            self._session.fail(exc, _now())
+        if self._error is None:
+            self._error = exc
+        if exc.partial is not None:
+            self._result = exc.partial
+        return exc
+
+    def _end_cancelled(self) -> None:
+        """The caller stopped the stream: freeze the result as it is."""
+        if self._result is None and self._session is not None:
+            self._result = self._session.cancel(_now())
 
     def _pause_timeout(self) -> LLMStreamError:
         assert self._session is not None
@@ -228,6 +384,24 @@ class _StreamBase:
             _now(),
             "aborted",
         )
+
+    def _hit_deadline_if_due(self) -> float | None:
+        """Check the deadlines; on one that passed, cut the connection so the read fails.
+
+        Returns the seconds until the next check.
+        """
+        found = self._deadline()
+        if found is None:
+            return 1.0  # none now; one may start with the first token
+        at, kind = found
+        left = at - _now()
+        if left > 0:
+            return left
+        response = self._response
+        if self._deadline_hit is None and self._live and response is not None:
+            self._deadline_hit = kind
+            _shutdown_socket(response)
+        return 0.05  # the reader turns it into an error (and maybe a retry)
 
     @staticmethod
     def _raw_reader(response: httpx.Response) -> bool:
@@ -257,24 +431,33 @@ class AsyncChatStream(_StreamBase):
         client: AsyncClient,
         body: dict[str, object],
         options: StreamOptions | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
         *,
         owns_client: bool = False,
     ) -> None:
-        super().__init__(body, options or StreamOptions(), owns_client)
+        super().__init__(
+            client,
+            body,
+            options or StreamOptions(),
+            timeouts or client.timeouts,
+            retry or client.retry,
+            owns_client,
+        )
         self._client = client
-        self._response: httpx.Response | None = None
         self._reader: AsyncIterator[bytes] | None = None
         self._task_group: TaskGroup | None = None
         self._buffer: AsyncReadAhead[StreamItem] | None = None
         self._pump_done: anyio.Event | None = None
         self._pump_scope: anyio.CancelScope | None = None
+        self._watch_scope = anyio.CancelScope()
         self._resumed = anyio.Event()
         self._response_closed = False
 
     async def __aenter__(self) -> AsyncChatStream:
         self._entered = True
-        await self._open()
-        if self._options.buffer > 0 and not self._closed:
+        await self._start()
+        if not self._closed:
             self._buffer = AsyncReadAhead(self._options.buffer)
             self._pump_done = anyio.Event()
             # The reader's own scope: cancelling it must never cancel the code in the
@@ -283,6 +466,7 @@ class AsyncChatStream(_StreamBase):
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
             self._task_group.start_soon(self._pump)
+            self._task_group.start_soon(self._watchdog)
         return self
 
     async def __aexit__(
@@ -403,21 +587,11 @@ class AsyncChatStream(_StreamBase):
             if self._pump_scope is not None and self._pump_done is not None:
                 self._pump_scope.cancel()
                 await self._pump_done.wait()  # the reader closes the response on its way out
-            await self._close_response()
+            await self._drop_response()
             if self._owns_client:
                 await self._client.aclose()
 
-    async def _close_response(self) -> None:
-        if self._response_closed or self._response is None:
-            return
-        self._response_closed = True
-        if not self._exhausted:
-            # An unread body: the server must see the close now.
-            _shutdown_socket(self._response)
-        reader = self._reader
-        if reader is not None and hasattr(reader, "aclose"):
-            await reader.aclose()
-        await self._response.aclose()
+    # -- reading --------------------------------------------------------------
 
     async def _next_item(self) -> StreamItem | None:
         pending = self._pending
@@ -425,64 +599,108 @@ class AsyncChatStream(_StreamBase):
             return pending.popleft()
         if self._buffer is not None:
             return await self._buffer.get()
+        # Iterated without `async with`: no reader task, read when asked.
         while not pending:
             if self._error is not None:
                 raise self._error
-            if self._exhausted or self._closed or self._cancelled:
+            if self._result is not None or self._closed or self._cancelled:
                 return None
-            if self._reader is None:
-                await self._open()
-                continue
             await self._pull()
         return pending.popleft()
 
-    async def _open(self) -> None:
-        if self._response is not None or self._closed:
-            return
-        client = self._client
-        try:
-            request = await client._request_for(self._body)
-            started = _now()
+    async def _start(self) -> None:
+        """Send the first request, retrying what fails before a response."""
+        while self._reader is None and not self._closed:
             try:
-                response = await client._http.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise connection_error(exc, str(request.url)) from exc
-            self._response = response
-            if response.status_code >= 300:
-                body = await _read_capped(response)
-                raise status_error(
-                    response.status_code, response.reason_phrase, response.headers, body
-                )
-            self._start_session(response, started, client)
-            self._reader = (
-                response.aiter_raw() if self._raw_reader(response) else response.aiter_bytes()
-            )
-        except LLMStreamError as exc:
-            self._record_error(exc)
-            await self.aclose()
-            raise
+                await self._send_attempt()
+            except LLMStreamError as exc:
+                if await self._recover(exc):
+                    continue
+                self._record_error(exc)
+                await self.aclose()
+                raise
 
-    async def _read_once(self) -> list[StreamItem] | None:
-        """One network read, decoded; None once the body has ended (the result is set)."""
-        session = self._session
-        assert session is not None and self._reader is not None
+    async def _send_attempt(self) -> None:
+        client = self._client
+        timeout = self._begin_attempt()
+        request = await client._request_for(self._next_body, timeout)
+        found = self._deadline()
         try:
-            data = await self._reader.__anext__()
+            with anyio.move_on_after(found[0] - _now() if found else math.inf) as scope:
+                response = await client._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise connection_error(exc, str(request.url), self._timeouts) from exc
+        if scope.cancelled_caught:
+            assert found is not None
+            raise self._timeout_error(found[1])
+        self._response = response
+        self._response_closed = False
+        if response.status_code >= 300:
+            body = await _read_capped(response)
+            self._exhausted = len(body) < MAX_ERROR_BODY_BYTES  # read whole: reusable
+            await self._drop_response()
+            raise status_error(response.status_code, response.reason_phrase, response.headers, body)
+        self._open_session(response)
+        self._reader = (
+            response.aiter_raw() if self._raw_reader(response) else response.aiter_bytes()
+        )
+        self._live = True
+
+    async def _recover(self, error: LLMStreamError) -> bool:
+        """Start over (or resume) after ``error`` if the policy allows; False if not."""
+        if self._closed or self._cancelled:
+            return False
+        event = self._plan_recovery(error)
+        if event is None:
+            return False
+        await self._drop_response()
+        if event.delay > 0:
+            await anyio.sleep(event.delay)
+        return not (self._closed or self._cancelled)
+
+    async def _read_once(self, per_read_deadline: bool) -> list[StreamItem] | None:
+        """One network read, decoded; None once the body has ended (the result is set)."""
+        self._take_failure()
+        reader = self._reader
+        assert reader is not None
+        self._read_started = _now()
+        try:
+            if per_read_deadline:
+                data = await self._read_with_deadline(reader)
+            else:
+                data = await reader.__anext__()
         except StopAsyncIteration:
-            self._exhausted = True
-            self._result = session.end_of_body(_now())
+            self._end_of_body()
             return None
         except httpx.HTTPError as exc:
             if self._closed or self._cancelled:
                 return None  # closed by the caller while the read was waiting
-            failure = self._transport_failure(exc)
+            failure = self._mid_body_error(exc)
             if failure is not None:
                 raise failure from exc
+            self._exhausted = True
             return None
-        items = session.feed(data, _now())
-        if session.error is not None:
-            self._record_error(session.error)
-        return items
+        return self._feed(data)
+
+    async def _read_with_deadline(self, reader: AsyncIterator[bytes]) -> bytes:
+        found = self._deadline()
+        with anyio.move_on_after(found[0] - _now() if found else math.inf) as scope:
+            return await reader.__anext__()
+        assert found is not None and scope.cancelled_caught
+        raise self._timeout_error(found[1])
+
+    async def _next_batch(self, per_read_deadline: bool = False) -> list[StreamItem] | None:
+        """The next items, across retries and resumes; None at the end."""
+        while True:
+            try:
+                if self._reader is None:
+                    await self._send_attempt()
+                return await self._read_once(per_read_deadline)
+            except LLMStreamError as exc:
+                if self._closed or self._cancelled:
+                    return None
+                if not await self._recover(exc):
+                    raise
 
     async def _wait_while_paused(self) -> None:
         clock = self._pause
@@ -494,38 +712,36 @@ class AsyncChatStream(_StreamBase):
                 await self._resumed.wait()
 
     async def _pull(self) -> None:
-        """Pure pull: read once because the consumer asked."""
+        """Without a reader task: read once because the consumer asked."""
         try:
             await self._wait_while_paused()
-            items = await self._read_once()
+            if self._reader is None and self._session is None:
+                await self._start()
+            items = await self._next_batch(per_read_deadline=True)
         except LLMStreamError as exc:
             self._record_error(exc)
             await self.aclose()
             return
-        if items is None or self._error is not None:
-            if items:
-                self._pending.extend(items)
+        if items:
+            self._pending.extend(items)
+        if items is None:
             await self.aclose()
-            return
-        self._pending.extend(items)
 
     async def _pump(self) -> None:
         """The background reader: read ahead into the buffer until the end."""
         buffer = self._buffer
         assert buffer is not None and self._pump_done is not None and self._pump_scope
-        wait_for_room = self._options.on_full == "wait"
+        wait_for_room = self._options.on_full == "wait" or self._options.buffer == 0
         try:
             with self._pump_scope:
                 while not buffer.ended:
                     if wait_for_room:
                         await buffer.wait_for_room()
                     await self._wait_while_paused()
-                    items = await self._read_once()
+                    items = await self._next_batch()
                     if items is None:
                         break
                     buffer.put(items)
-                    if self._error is not None:
-                        break
                     if not wait_for_room and len(buffer.items) > buffer.limit:
                         raise self._overflow()
         except LLMStreamError as exc:
@@ -534,9 +750,35 @@ class AsyncChatStream(_StreamBase):
             self._record_error(_unexpected(exc, self.snapshot()))
         finally:
             buffer.end(self._error)
+            self._watch_scope.cancel()
             with anyio.CancelScope(shield=True):
-                await self._close_response()
+                await self._drop_response()
             self._pump_done.set()
+
+    async def _watchdog(self) -> None:
+        """Cut the connection when a deadline passes (a sibling of the reader task)."""
+        t = self._timeouts
+        if t.first_token is None and t.idle is None and t.total is None:
+            return
+        with self._watch_scope:
+            while True:
+                wait = self._hit_deadline_if_due()
+                await anyio.sleep(wait if wait is not None else 1.0)
+
+    async def _drop_response(self) -> None:
+        """Close the current response (cutting it if unread) and forget it."""
+        response, self._response = self._response, None
+        reader, self._reader = self._reader, None
+        self._live = False
+        if response is None or self._response_closed:
+            return
+        self._response_closed = True
+        if not self._exhausted:
+            _shutdown_socket(response)  # an unread body: the server must see the close now
+        with anyio.CancelScope(shield=True):
+            if reader is not None and hasattr(reader, "aclose"):
+                await reader.aclose()
+            await response.aclose()
 
 
 class _AsyncItems(AsyncIterator[_T]):
@@ -559,23 +801,18 @@ class _AsyncItems(AsyncIterator[_T]):
 
     async def __anext__(self) -> _T:
         stream = self._stream
-        pending = stream._pending
         pick = self._pick
         while True:
-            if pending:
-                item = pending.popleft()
-            else:
-                try:
-                    next_item = await stream._next_item()
-                except BaseException:
-                    if self._implicit:
-                        await stream.aclose()
-                    raise
-                if next_item is None:
-                    if self._implicit:
-                        await stream.aclose()
-                    raise StopAsyncIteration
-                item = next_item
+            try:
+                item = await stream._next_item()
+            except BaseException:
+                if self._implicit:
+                    await stream.aclose()
+                raise
+            if item is None:
+                if self._implicit:
+                    await stream.aclose()
+                raise StopAsyncIteration
             value = pick(item)
             if value is not None:
                 return value
@@ -584,8 +821,8 @@ class _AsyncItems(AsyncIterator[_T]):
 class ChatStream(_StreamBase):
     """A streamed chat completion, for ``with`` and ``for`` (the sync twin of AsyncChatStream).
 
-    Inside ``with``, a reader thread reads ahead into the bounded buffer; the
-    stream may be cancelled or closed from any thread.
+    A reader thread reads ahead into the bounded buffer; the stream may be
+    cancelled or closed from any thread.
 
     Example::
 
@@ -600,27 +837,33 @@ class ChatStream(_StreamBase):
         client: Client,
         body: dict[str, object],
         options: StreamOptions | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
         *,
         owns_client: bool = False,
     ) -> None:
-        super().__init__(body, options or StreamOptions(), owns_client)
+        super().__init__(
+            client,
+            body,
+            options or StreamOptions(),
+            timeouts or client.timeouts,
+            retry or client.retry,
+            owns_client,
+        )
         self._client = client
-        self._response: httpx.Response | None = None
         self._reader: Iterator[bytes] | None = None
         self._buffer: ThreadReadAhead[StreamItem] | None = None
         self._thread: threading.Thread | None = None
         self._resumed = threading.Event()
         self._resumed.set()
+        self._stopping = threading.Event()  # wakes a retry's backoff on close
         # The reader thread feeds the session while the consumer may take snapshots.
         self._lock = threading.Lock()
+        self._response_lock = threading.Lock()
 
     def __enter__(self) -> ChatStream:
         self._entered = True
-        self._open()
-        if self._options.buffer > 0 and not self._closed:
-            self._buffer = ThreadReadAhead(self._options.buffer)
-            self._thread = threading.Thread(target=self._pump, name="llmstream-reader", daemon=True)
-            self._thread.start()
+        self._begin()
         return self
 
     def __exit__(
@@ -707,12 +950,13 @@ class ChatStream(_StreamBase):
         self._cancelled = True
         with self._lock:
             self._end_cancelled()
-        if self._response is not None and not self._exhausted:
-            _shutdown_socket(self._response)
-        self._pending.clear()
+        response = self._response
+        if response is not None and not self._exhausted:
+            _shutdown_socket(response)
         if self._buffer is not None:
             self._buffer.items.clear()
             self._buffer.end()
+        self._stopping.set()
         self._resumed.set()
 
     def close(self) -> None:
@@ -734,20 +978,42 @@ class ChatStream(_StreamBase):
             _shutdown_socket(response)
         if self._buffer is not None:
             self._buffer.end()
+        self._stopping.set()
         self._resumed.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        if response is not None:
-            response.close()
+        self._drop_response()
         if self._owns_client:
             self._client.close()
+
+    # -- reading --------------------------------------------------------------
+
+    def _begin(self) -> None:
+        """Send the first request (with retries), then start the reader thread."""
+        if self._thread is not None or self._closed:
+            return
+        while self._reader is None and not self._closed:
+            try:
+                self._send_attempt()
+            except LLMStreamError as exc:
+                if self._recover(exc):
+                    continue
+                self._record_error(exc)
+                self.close()
+                raise
+        if self._closed:
+            return
+        self._buffer = ThreadReadAhead(self._options.buffer)
+        self._thread = threading.Thread(target=self._pump, name="llmstream-reader", daemon=True)
+        self._thread.start()
 
     def _iterate(self, pick: Callable[[StreamItem], _T | None]) -> Iterator[_T]:
         # A generator is fine here: a sync generator is closed as soon as it is
         # dropped, so `for ... : break` without `with` still closes the stream.
         implicit = not self._entered
         try:
+            self._begin()
             while True:
                 item = self._next_item()
                 if item is None:
@@ -760,72 +1026,92 @@ class ChatStream(_StreamBase):
                 self.close()
 
     def _next_item(self) -> StreamItem | None:
-        pending = self._pending
-        if pending:
-            return pending.popleft()
-        if self._buffer is not None:
-            return self._buffer.get()
-        while not pending:
+        buffer = self._buffer
+        if buffer is None:
             if self._error is not None:
                 raise self._error
-            if self._exhausted or self._closed or self._cancelled:
-                return None
-            if self._reader is None:
-                self._open()
-                continue
-            self._pull()
-        return pending.popleft()
+            return None
+        return buffer.get(self._watch_deadlines)
 
-    def _open(self) -> None:
-        if self._response is not None or self._closed:
-            return
+    def _watch_deadlines(self) -> float | None:
+        # Called by the consumer while it waits: it doubles as the deadline watchdog.
+        t = self._timeouts
+        if t.first_token is None and t.idle is None and t.total is None:
+            return None
+        with self._lock:
+            return self._hit_deadline_if_due()
+
+    def _send_attempt(self) -> None:
         client = self._client
+        timeout = self._begin_attempt()
+        request = client._request_for(self._next_body, timeout)
         try:
-            request = client._request_for(self._body)
-            started = _now()
-            try:
-                response = client._http.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise connection_error(exc, str(request.url)) from exc
+            response = client._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise connection_error(exc, str(request.url), self._timeouts) from exc
+        with self._response_lock:
             self._response = response
-            if response.status_code >= 300:
-                body = _read_capped_sync(response)
-                raise status_error(
-                    response.status_code, response.reason_phrase, response.headers, body
-                )
-            self._start_session(response, started, client)
-            self._reader = (
-                response.iter_raw() if self._raw_reader(response) else response.iter_bytes()
-            )
-        except LLMStreamError as exc:
-            self._record_error(exc)
-            self.close()
-            raise
+        if self._closed or self._cancelled:
+            self._drop_response()
+            return
+        if response.status_code >= 300:
+            body = _read_capped_sync(response)
+            self._exhausted = len(body) < MAX_ERROR_BODY_BYTES  # read whole: reusable
+            self._drop_response()
+            raise status_error(response.status_code, response.reason_phrase, response.headers, body)
+        with self._lock:
+            self._open_session(response)
+        self._reader = response.iter_raw() if self._raw_reader(response) else response.iter_bytes()
+        self._live = True
+
+    def _recover(self, error: LLMStreamError) -> bool:
+        if self._closed or self._cancelled:
+            return False
+        with self._lock:
+            event = self._plan_recovery(error)
+        if event is None:
+            return False
+        self._drop_response()
+        if event.delay > 0:
+            self._stopping.wait(event.delay)
+        return not (self._closed or self._cancelled)
 
     def _read_once(self) -> list[StreamItem] | None:
-        """One network read, decoded; None once the body has ended (the result is set)."""
-        session = self._session
-        assert session is not None and self._reader is not None
+        self._take_failure()
+        reader = self._reader
+        assert reader is not None
+        self._read_started = _now()
         try:
-            data = next(self._reader)
+            data = next(reader)
         except StopIteration:
-            self._exhausted = True
             with self._lock:
-                self._result = session.end_of_body(_now())
+                self._end_of_body()
             return None
         except httpx.HTTPError as exc:
             if self._closed or self._cancelled:
-                return None  # closed by the caller while the read was waiting
+                return None
             with self._lock:
-                failure = self._transport_failure(exc)
+                failure = self._mid_body_error(exc)
             if failure is not None:
                 raise failure from exc
+            self._exhausted = True
             return None
         with self._lock:
-            items = session.feed(data, _now())
-        if session.error is not None:
-            self._record_error(session.error)
-        return items
+            return self._feed(data)
+
+    def _next_batch(self) -> list[StreamItem] | None:
+        while True:
+            try:
+                if self._reader is None:
+                    self._send_attempt()
+                    if self._reader is None:
+                        return None  # closed meanwhile
+                return self._read_once()
+            except LLMStreamError as exc:
+                if self._closed or self._cancelled:
+                    return None
+                if not self._recover(exc):
+                    raise
 
     def _wait_while_paused(self) -> None:
         clock = self._pause
@@ -836,25 +1122,11 @@ class ChatStream(_StreamBase):
                     raise self._pause_timeout()
             self._resumed.wait(left)
 
-    def _pull(self) -> None:
-        """Pure pull: read once because the consumer asked."""
-        try:
-            self._wait_while_paused()
-            items = self._read_once()
-        except LLMStreamError as exc:
-            self._record_error(exc)
-            self.close()
-            return
-        if items:
-            self._pending.extend(items)
-        if items is None or self._error is not None:
-            self.close()
-
     def _pump(self) -> None:
         """The reader thread: read ahead into the buffer until the end."""
         buffer = self._buffer
         assert buffer is not None
-        wait_for_room = self._options.on_full == "wait"
+        wait_for_room = self._options.on_full == "wait" or self._options.buffer == 0
         try:
             while not buffer.ended:
                 if wait_for_room:
@@ -864,31 +1136,39 @@ class ChatStream(_StreamBase):
                 self._wait_while_paused()
                 if self._closed or self._cancelled:
                     break
-                items = self._read_once()
+                items = self._next_batch()
                 if items is None:
                     break
                 buffer.put(items)
-                if self._error is not None:
-                    break
                 if not wait_for_room and len(buffer.items) > buffer.limit:
                     with self._lock:
                         raise self._overflow()
         except LLMStreamError as exc:
-            self._record_error(exc)
+            with self._lock:
+                self._record_error(exc)
         except Exception as exc:  # never let the thread die silently
-            self._record_error(
-                _unexpected(exc, self._session.cancel(_now()) if self._session else None)
-            )
+            with self._lock:
+                self._record_error(_unexpected(exc, super().snapshot()))
         finally:
-            if self._error is not None and self._response is not None and not self._exhausted:
-                _shutdown_socket(self._response)  # a failed stream is cancelled upstream now
+            if self._error is not None or self._exhausted:
+                self._drop_response()  # a failed stream is cancelled upstream now
             buffer.end(self._error)
+
+    def _drop_response(self) -> None:
+        with self._response_lock:
+            response, self._response = self._response, None
+            self._reader = None
+            self._live = False
+        if response is None:
+            return
+        if not self._exhausted:
+            _shutdown_socket(response)
+        response.close()
 
 
 def _unexpected(exc: Exception, partial: StreamResult | None) -> LLMStreamError:
-    return LLMStreamError(
-        f"Reading the stream failed: {type(exc).__name__}: {exc}", partial=partial
-    )
+    message = f"Reading the stream failed: {type(exc).__name__}: {exc}"
+    return LLMStreamError(message, partial=partial)
 
 
 async def _read_capped(response: httpx.Response) -> bytes:

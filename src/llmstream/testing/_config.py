@@ -108,6 +108,15 @@ class Fault:
         return cls("disconnect_before_headers")
 
     @classmethod
+    def disconnect_mid_headers(cls) -> Fault:
+        """Send half a status line and headers, then close the connection.
+
+        >>> Fault.disconnect_mid_headers().kind
+        'disconnect_mid_headers'
+        """
+        return cls("disconnect_mid_headers")
+
+    @classmethod
     def inband_error(
         cls,
         after_chunks: int = 1,

@@ -219,6 +219,8 @@ def respond(
     """
     if fault is not None and fault.kind == "disconnect_before_headers":
         return iter([Refuse()])
+    if fault is not None and fault.kind == "disconnect_mid_headers":
+        return iter([Send(b"HTTP/1.1 200 OK\r\ncontent-type: text/ev", event=False), Refuse()])
     if fault is not None and fault.kind == "http_status":
         return iter(_fault_response(fault))
     guarded = config.api_key is not None and request.path.startswith(("/v1/", "/v2/"))
@@ -333,13 +335,39 @@ class _Plan:
     tool_calls: list[JSON]
 
 
-def _plan(config: Config, answer: str | None, cap: int, ids_seed: str | None) -> _Plan:
+def _continue_after(pieces: list[str], written: str) -> list[str]:
+    """The pieces that continue ``written`` (continue_final_message), as a model would.
+
+    When ``written`` is a prefix of the scripted answer, the answer goes on from there
+    (mid-piece too); otherwise the scripted answer follows whatever was written.
+    """
+    answer = "".join(pieces)
+    if not answer.startswith(written):
+        return pieces
+    done = 0
+    for i, piece in enumerate(pieces):
+        if done + len(piece) > len(written):
+            head = written[done:]
+            return [piece[len(head) :], *pieces[i + 1 :]] if head else pieces[i:]
+        done += len(piece)
+    return []
+
+
+def _plan(
+    config: Config,
+    answer: str | None,
+    cap: int,
+    ids_seed: str | None,
+    continuing: str | None = None,
+) -> _Plan:
     tokens: list[_Token] = []
-    if config.reasoning:
+    if config.reasoning and continuing is None:
         tokens.append(_Token(None))
         tokens += [_Token({"reasoning": p}, True) for p in split_text(config.reasoning)]
         tokens.append(_Token(None))
     pieces = list(config.tokens) if config.tokens is not None else split_text(answer or "")
+    if continuing is not None:
+        pieces = _continue_after(pieces, continuing)
     tokens += [_Token({"content": p}) for p in pieces]
     calls: list[JSON] = []
     for k, call in enumerate(config.tool_calls):
@@ -455,10 +483,14 @@ def _chat(
     if answer is None and not config.tool_calls:
         users = [m for m in messages if isinstance(m, Mapping) and m.get("role") == "user"]
         answer = message_text(users[-1]) if users else ""
-    plan = _plan(config, answer, max(cap, 1), ids_seed)
     role = "assistant"
+    continuing: str | None = None
     if not add_generation_prompt and messages and isinstance(messages[-1], Mapping):
         role = str(messages[-1].get("role", "assistant"))
+        written = messages[-1].get("content")
+        if body.get("continue_final_message") is True and isinstance(written, str):
+            continuing = written
+    plan = _plan(config, answer, max(cap, 1), ids_seed, continuing)
     n = body.get("n")
     n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
     request_id = request.headers.get("x-request-id")

@@ -1,0 +1,89 @@
+"""The four deadlines of a stream (sans-IO): connect, first token, idle, total.
+
+An HTTP read timeout is the wrong tool for a token stream: it restarts with every
+byte, so SSE keep-alive comments keep a stalled generation alive forever, and it
+cannot tell a slow prefill (long prompts take minutes before the first token) from
+a stall mid-answer. These deadlines count in *events* instead: comments and
+keep-alive bytes do not reset them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ._errors import InvalidRequestError
+
+__all__ = ["DeadlineKind", "Timeouts", "next_deadline"]
+
+DeadlineKind = Literal["first_token", "idle", "total"]
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long each phase of a stream may take, in seconds (``None``: no limit).
+
+    ``connect``: to open the connection. ``first_token``: from sending the
+    request to the first generated token (prefill of a long prompt on a busy
+    server can take minutes). ``idle``: between two events once streaming
+    (keep-alive comments do not count as events). ``total``: the whole call,
+    retries and their waits included.
+
+    Example::
+
+        llmstream.AsyncClient(timeouts=llmstream.Timeouts(first_token=60, idle=15, total=300))
+        client.stream("Hi", timeouts=llmstream.Timeouts(total=10))
+    """
+
+    connect: float | None = 10.0
+    first_token: float | None = 300.0
+    idle: float | None = 60.0
+    total: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "first_token", "idle", "total"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+            ):
+                raise InvalidRequestError(
+                    f"Timeouts.{name} must be a positive number of seconds or None, got {value!r}"
+                )
+
+
+def next_deadline(
+    timeouts: Timeouts,
+    *,
+    started: float,
+    attempt_started: float,
+    first_token_at: float | None,
+    last_event_at: float | None,
+) -> tuple[float, DeadlineKind] | None:
+    """The earliest deadline now in force, and its kind; None when there is none.
+
+    ``started`` is when the call began (the total deadline counts from there);
+    ``attempt_started`` when the current request was sent (the first-token
+    deadline counts per attempt); ``last_event_at`` the arrival of the last
+    event of this attempt.
+
+    Example::
+
+        next_deadline(Timeouts(first_token=5, idle=2, total=None), started=0.0,
+                      attempt_started=0.0, first_token_at=None, last_event_at=None)
+        # (5.0, "first_token")
+    """
+    found: tuple[float, DeadlineKind] | None = None
+    if timeouts.total is not None:
+        found = (started + timeouts.total, "total")
+    if first_token_at is None:
+        if timeouts.first_token is not None:
+            candidate: tuple[float, DeadlineKind] = (
+                attempt_started + timeouts.first_token,
+                "first_token",
+            )
+            found = candidate if found is None or candidate[0] < found[0] else found
+    elif timeouts.idle is not None:
+        since = last_event_at if last_event_at is not None else first_token_at
+        candidate = (since + timeouts.idle, "idle")
+        found = candidate if found is None or candidate[0] < found[0] else found
+    return found
