@@ -1,0 +1,396 @@
+"""Many concurrent streams on one event loop: client CPU, throughput and added latency.
+
+512 streams (default) run at once in one process, on one asyncio event loop, against a
+server in another process that sends each stream one token every 20 ms (50 tokens/s,
+25,600 chunks/s in total), so the server's CPU is not counted. Each chunk's text is the
+server's ``time.monotonic()`` when it wrote the chunk; the consumer stamps its own
+``time.monotonic()`` when ``async for`` hands it the text (CLOCK_MONOTONIC is one clock
+for every process of the machine), so
+
+* added delay = consumer arrival - server send, per chunk (socket, HTTP, SSE, parsing,
+  the read-ahead hand-off and the event loop's queueing behind the other streams);
+* gap jitter = consumer gap - server gap, between consecutive chunks of a stream.
+
+Streams start staggered over one token interval (requests arrive at different times).
+``--lockstep`` starts them all at once, so every stream's token lands in the same
+millisecond, like one vLLM decode step for a whole batch: the last of 512 chunks then
+waits for the other 511 to be processed, whatever the client.
+
+Each client runs in a fresh process: a warm-up round (connections opened and pooled),
+then ``--rounds`` measured rounds. The server is ``vllm_sse_server.py --delay``: the
+emulator (``llmstream.testing.FakeVLLM``) does not sustain this rate, see
+``--emulator``, which measures what it sustains.
+
+Run::
+
+    PYTHONPATH=src python benchmarks/bench_concurrency.py              # ~30 s
+    PYTHONPATH=src python benchmarks/bench_concurrency.py --quick      # a few seconds
+    PYTHONPATH=src python benchmarks/bench_concurrency.py --emulator   # FakeVLLM's capacity
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.append(str(HERE.parent / "src"))  # after PYTHONPATH, which wins
+
+from vllm_sse_server import serve_in_subprocess  # noqa: E402
+
+MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+CLIENTS = {
+    "llmstream-async": "llmstream AsyncClient.stream, async for text (defaults)",
+    "hand-rolled": "httpx.AsyncClient + httpx_sse.aconnect_sse + json.loads",
+    "openai": "openai AsyncOpenAI chat.completions.create(stream=True)",
+}
+
+EMULATOR = r"""
+import sys
+from llmstream.testing import FakeVLLM
+fake = FakeVLLM(
+    tokens=[" tok"] * int(sys.argv[1]), token_delay=float(sys.argv[2]), model=sys.argv[3]
+)
+with fake.serve() as server:
+    print("URL", server.base_url, flush=True)
+    sys.stdin.read()
+"""
+
+
+def _limits():
+    import httpx
+
+    # httpx allows 100 connections per client by default: stream 101 would wait for a
+    # free one. Every pool here is unbounded, so 512 streams really run at once.
+    return httpx.Limits(max_connections=None, max_keepalive_connections=None)
+
+
+def _pools(factory, streams: int, pool: str) -> list:
+    """One shared client, or one client (and connection pool) per stream, made up front."""
+    if pool == "shared":
+        return [factory()] * streams
+    return [factory() for _ in range(streams)]
+
+
+async def _open_llmstream(url: str, streams: int, pool: str):
+    import httpx
+
+    import llmstream
+
+    def make():
+        http = httpx.AsyncClient(limits=_limits(), timeout=60)
+        return llmstream.AsyncClient(url, model=MODEL, api_key="bench", http_client=http), http
+
+    clients = _pools(make, streams, pool)
+
+    async def stream(i: int, n: int, on_text) -> None:
+        async with clients[i][0].stream(MESSAGES, max_tokens=n) as s:
+            async for text in s:
+                on_text(text)
+
+    async def close() -> None:
+        for _client, http in {id(c): c for c in clients}.values():
+            await http.aclose()
+
+    return stream, close
+
+
+async def _open_hand_rolled(url: str, streams: int, pool: str):
+    import httpx
+    from httpx_sse import aconnect_sse
+
+    clients = _pools(lambda: httpx.AsyncClient(limits=_limits(), timeout=60), streams, pool)
+
+    async def stream(i: int, n: int, on_text) -> None:
+        body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": n}
+        async with aconnect_sse(clients[i], "POST", url + "/chat/completions", json=body) as source:
+            async for sse in source.aiter_sse():
+                if sse.data == "[DONE]":
+                    break
+                choices = json.loads(sse.data)["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    on_text(choices[0]["delta"]["content"])
+
+    async def close() -> None:
+        for http in {id(c): c for c in clients}.values():
+            await http.aclose()
+
+    return stream, close
+
+
+async def _open_openai(url: str, streams: int, pool: str):
+    import httpx2
+    from openai import AsyncOpenAI
+
+    def make():
+        http = httpx2.AsyncClient(
+            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=None),
+            timeout=60,
+        )
+        return AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, http_client=http)
+
+    clients = _pools(make, streams, pool)
+
+    async def stream(i: int, n: int, on_text) -> None:
+        s = await clients[i].chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True, max_tokens=n
+        )
+        async for chunk in s:
+            if chunk.choices and chunk.choices[0].delta.content:
+                on_text(chunk.choices[0].delta.content)
+
+    async def close() -> None:
+        for client in {id(c): c for c in clients}.values():
+            await client.close()
+
+    return stream, close
+
+
+OPENERS = {
+    "llmstream-async": _open_llmstream,
+    "hand-rolled": _open_hand_rolled,
+    "openai": _open_openai,
+}
+
+
+def _percentile(ordered: list[float], p: float) -> float:
+    return ordered[max(0, math.ceil(p * len(ordered)) - 1)] if ordered else float("nan")
+
+
+async def _round(open_stream, streams: int, tokens: int, delay: float, lockstep: bool):
+    """One round; returns (chunks, wall, cpu, added delays, gap jitters, stream durations)."""
+    now = time.monotonic
+    added: list[float] = []
+    jitter: list[float] = []
+    durations: list[float] = []
+
+    async def one(i: int) -> None:
+        if not lockstep:
+            await asyncio.sleep(i * delay / streams)
+        first: list[float] = []
+        last: list[float] = []
+
+        def on_text(text: str) -> None:
+            arrived = now()
+            try:
+                sent = float(text)
+            except ValueError:
+                sent = math.nan  # the emulator does not stamp its chunks
+            if last:
+                jitter.append((arrived - last[0]) - (sent - last[1]))
+            else:
+                first.append(arrived)
+            added.append(arrived - sent)
+            last[:] = [arrived, sent]
+
+        await open_stream(i, tokens, on_text)
+        if first:
+            durations.append(last[0] - first[0])
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    chunks = len(added)
+    return chunks, wall, cpu, added, jitter, durations
+
+
+def worker(name: str, url: str, args: argparse.Namespace) -> None:
+    streams, tokens, delay = args.streams, args.tokens, args.delay
+    rounds, lockstep = args.rounds, args.lockstep
+
+    async def main() -> dict[str, object]:
+        open_stream, close = await OPENERS[name](url, streams, args.pool)
+        try:
+            await _round(open_stream, streams, min(tokens, 5), delay, lockstep)  # warm-up
+            total_chunks, total_wall, total_cpu = 0, 0.0, 0.0
+            added: list[float] = []
+            jitter: list[float] = []
+            durations: list[float] = []
+            for _ in range(rounds):
+                c, w, cp, a, j, d = await _round(open_stream, streams, tokens, delay, lockstep)
+                total_chunks += c
+                total_wall += w
+                total_cpu += cp
+                added += a
+                jitter += j
+                durations += d
+        finally:
+            await close()
+        added.sort()
+        jitter.sort()
+        durations.sort()
+        ms = 1e3
+        return {
+            "chunks": total_chunks,
+            "expected": streams * tokens * rounds,
+            "throughput": total_chunks / total_wall,
+            "cpu_us": total_cpu / total_chunks * 1e6,
+            "cpu_load": total_cpu / total_wall,
+            "added_p50": _percentile(added, 0.5) * ms,
+            "added_p99": _percentile(added, 0.99) * ms,
+            "added_max": added[-1] * ms if added else math.nan,
+            "jitter_p50": _percentile(jitter, 0.5) * ms,
+            "jitter_p99": _percentile(jitter, 0.99) * ms,
+            "duration_p50": _percentile(durations, 0.5),
+            "ideal_duration": (tokens - 1) * delay,
+        }
+
+    print(json.dumps(asyncio.run(main())), flush=True)
+
+
+def _run_worker(name: str, url: str, args: argparse.Namespace) -> dict[str, float]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [*filter(None, [env.get("PYTHONPATH")]), str(HERE.parent / "src")]
+    )
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--url", url]
+    cmd += ["--streams", str(args.streams), "--tokens", str(args.tokens)]
+    cmd += ["--delay", str(args.delay), "--rounds", str(args.rounds)]
+    cmd += ["--pool", args.pool] + (["--lockstep"] if args.lockstep else [])
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _openai_available() -> bool:
+    try:
+        import openai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    """How fast FakeVLLM (in its own process) serves the same load."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [*filter(None, [env.get("PYTHONPATH")]), str(HERE.parent / "src")]
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EMULATOR, str(args.tokens), str(args.delay), MODEL],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[1]
+        cpu0 = _child_cpu(proc.pid)
+        r = _run_worker("llmstream-async", url, args)
+        server_cpu = _child_cpu(proc.pid) - cpu0
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(timeout=30)
+    target = args.streams / args.delay
+    print(
+        f"FakeVLLM(token_delay={args.delay}).serve() in its own process, {args.streams} "
+        f"streams x {args.tokens} tokens, llmstream-async client:"
+    )
+    print(f"  throughput       {r['throughput']:10,.0f} chunks/s  (target {target:,.0f})")
+    print(
+        f"  stream duration  {r['duration_p50']:10.2f} s p50   "
+        f"(ideal {r['ideal_duration']:.2f} s at {1 / args.delay:.0f} tokens/s)"
+    )
+    print(f"  emulator CPU     {server_cpu:10.2f} s  for {r['chunks']:,} chunks")
+    print(f"  client CPU       {r['cpu_us']:10.1f} us/chunk")
+    ok = r["throughput"] >= 0.95 * target
+    print(
+        "  => the emulator "
+        + ("sustains" if ok else "does NOT sustain")
+        + f" {args.streams} x {1 / args.delay:.0f} tokens/s"
+    )
+    return 0
+
+
+def _child_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Concurrent streams on one event loop.")
+    parser.add_argument("--streams", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=100, help="content chunks per stream")
+    parser.add_argument("--delay", type=float, default=0.02, help="seconds between tokens")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lockstep", action="store_true", help="start every stream at once")
+    parser.add_argument(
+        "--pool",
+        choices=["shared", "per-stream"],
+        default="shared",
+        help="one HTTP client for every stream, or one per stream (made up front)",
+    )
+    parser.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated subset")
+    parser.add_argument("--quick", action="store_true", help="64 streams x 20 tokens, 1 round")
+    parser.add_argument("--emulator", action="store_true", help="measure FakeVLLM instead")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.streams, args.tokens, args.rounds = 64, 20, 1
+    if args.worker:
+        worker(args.worker, args.url, args)
+        return 0
+    if args.emulator:
+        return _emulator(args)
+
+    names = [n.strip() for n in args.clients.split(",") if n.strip()]
+    if "openai" in names and not _openai_available():
+        print("openai is not installed: skipping the openai row (pip install openai).")
+        names.remove("openai")
+    target = args.streams / args.delay
+    print(
+        f"{args.streams} concurrent streams x {args.tokens} tokens, one every "
+        f"{args.delay * 1e3:g} ms ({target:,.0f} chunks/s offered), {args.rounds} rounds, "
+        f"{'lockstep' if args.lockstep else 'staggered'} starts, {args.pool} pool; "
+        f"{os.cpu_count()} CPUs"
+    )
+    results = {}
+    with serve_in_subprocess(delay=args.delay) as url:
+        for name in names:
+            results[name] = _run_worker(name, url, args)
+            print(f"  {name} done", flush=True)
+    print()
+    print(
+        f"{'client':<16} {'chunks/s':>9} {'CPU us/chunk':>13} {'CPU load':>9} "
+        f"{'added p50':>10} {'added p99':>10} {'added max':>10} {'jitter p99':>11}"
+    )
+    print("-" * 95)
+    for name, r in results.items():
+        print(
+            f"{name:<16} {r['throughput']:9,.0f} {r['cpu_us']:13.1f} "
+            f"{r['cpu_load'] * 100:8.0f}% {r['added_p50']:8.2f}ms {r['added_p99']:8.2f}ms "
+            f"{r['added_max']:8.2f}ms {r['jitter_p99']:9.2f}ms"
+        )
+        if r["chunks"] != r["expected"]:
+            print(f"  !! {name} received {r['chunks']} chunks, expected {r['expected']}")
+    print()
+    print(
+        "added = consumer arrival - server send (both time.monotonic()); jitter = consumer "
+        "gap - server gap;\nCPU load = client CPU / wall (100% = one core)."
+    )
+    r = results.get("llmstream-async")
+    if r is not None:
+        ok = r["added_p99"] < 5.0
+        print(
+            f"llmstream-async p99 added delay {r['added_p99']:.2f} ms "
+            f"(target < 5 ms: {'PASS' if ok else 'FAIL'})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

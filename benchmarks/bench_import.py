@@ -1,0 +1,114 @@
+"""Import time of ``import llmstream`` against ``import openai``, in fresh interpreters.
+
+Each run is ``python -X importtime -c "import <module>"`` in a new process; the total is
+the cumulative time of the top-level import (the interpreter's own start-up, ``site``
+and ``encodings``, is not in it). Medians over ``--runs`` runs, the two modules
+interleaved. Also lists the modules that cost ``import llmstream`` the most (their own
+"self" time, median over the runs).
+
+Run::
+
+    PYTHONPATH=src python benchmarks/bench_import.py            # ~10 s
+    PYTHONPATH=src python benchmarks/bench_import.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_MS = 150.0
+
+
+def import_times(module: str) -> tuple[float, dict[str, float]]:
+    """One fresh run: (total ms for ``import module``, self ms per module imported by it)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*filter(None, [env.get("PYTHONPATH")]), str(ROOT / "src")])
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    rows = []
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        self_us, cumulative_us, name = line[len("import time:") :].split("|", 2)
+        rows.append((int(self_us), int(cumulative_us), name.rstrip()))
+    # The top-level import is the last unindented row with that name.
+    total = next(c for _s, c, n in reversed(rows) if n.strip() == module and n == " " + module)
+    # Everything logged after the interpreter's own start-up belongs to this import.
+    start = max(i for i, (_s, _c, n) in enumerate(rows) if n.strip() in ("site", "encodings"))
+    own = {n.strip(): s / 1e3 for s, _c, n in rows[start + 1 :]}
+    return total / 1e3, own
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Import time of llmstream vs openai.")
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="3 runs")
+    parser.add_argument("--top", type=int, default=10)
+    args = parser.parse_args(argv)
+    runs = 3 if args.quick else args.runs
+
+    modules = ["llmstream"]
+    if _importable("openai"):
+        modules.append("openai")
+    else:
+        print("openai is not installed: skipping it (pip install openai).")
+    for module in modules:  # warm the bytecode caches
+        import_times(module)
+
+    totals: dict[str, list[float]] = {m: [] for m in modules}
+    self_ms: dict[str, list[float]] = defaultdict(list)
+    for _ in range(runs):
+        for module in modules:
+            total, own = import_times(module)
+            totals[module].append(total)
+            if module == "llmstream":
+                for name, ms in own.items():
+                    self_ms[name].append(ms)
+
+    print(f"python -X importtime -c 'import X', {runs} fresh runs, median (min-max):")
+    for module in modules:
+        t = totals[module]
+        print(f"  {module:<10} {statistics.median(t):7.1f} ms   ({min(t):.1f}-{max(t):.1f})")
+    median = statistics.median(totals["llmstream"])
+    verdict = "PASS" if median < TARGET_MS else "FAIL"
+    print(f"  llmstream target < {TARGET_MS:.0f} ms: {verdict}")
+    if "openai" in totals:
+        print(f"  openai / llmstream: {statistics.median(totals['openai']) / median:.2f}x")
+
+    heaviest = sorted(self_ms.items(), key=lambda kv: statistics.median(kv[1]), reverse=True)
+    print(f"\nThe {args.top} heaviest modules under `import llmstream` (self time, median):")
+    for name, values in heaviest[: args.top]:
+        print(f"  {statistics.median(values):7.2f} ms  {name}")
+    by_package: dict[str, float] = defaultdict(float)
+    for name, values in self_ms.items():
+        by_package[name.split(".")[0]] += statistics.median(values)
+    print("\nBy top-level package (sum of self times):")
+    for name, ms in sorted(by_package.items(), key=lambda kv: kv[1], reverse=True)[: args.top]:
+        print(f"  {ms:7.2f} ms  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

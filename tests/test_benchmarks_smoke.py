@@ -1,0 +1,92 @@
+"""The benchmarks run end to end in their quick modes (no timing is checked: CI machines vary).
+
+Each benchmark is started as a script, the way the README runs it, so a change to the
+library that breaks one shows up here instead of the next time someone measures.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def run(script: str, *args: str, timeout: float = 120) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_bench_clients_quick() -> None:
+    out = run("bench_clients.py", "--chunks", "300", "--rounds", "1")
+    for row in ("llmstream-async", "llmstream-sync", "hand-rolled", "httpx-bytes", "raw-floor"):
+        assert row in out
+    assert "openai" in out  # its row, or the message saying it was skipped
+
+
+def test_bench_concurrency_quick() -> None:
+    out = run(
+        "bench_concurrency.py",
+        "--streams",
+        "8",
+        "--tokens",
+        "5",
+        "--delay",
+        "0.005",
+        "--rounds",
+        "1",
+    )
+    assert "llmstream-async" in out
+    assert "!!" not in out  # every stream received every chunk
+
+
+def test_bench_concurrency_emulator() -> None:
+    out = run(
+        "bench_concurrency.py",
+        "--emulator",
+        "--streams",
+        "4",
+        "--tokens",
+        "5",
+        "--delay",
+        "0.005",
+        "--rounds",
+        "1",
+    )
+    assert "chunks/s" in out
+
+
+def test_bench_import_quick() -> None:
+    out = run("bench_import.py", "--quick", "--top", "3")
+    assert "llmstream" in out
+
+
+def test_bench_micro_quick() -> None:
+    out = run("bench_micro.py", "--number", "200", "--repeat", "1")
+    assert "StreamSession.feed" in out
+
+
+def test_profile_cprofile_quick() -> None:
+    out = run("profile_clients.py", "--cprofile", "--chunks", "500")
+    assert "calls per chunk" in out
+
+
+def test_profile_pyinstrument_quick() -> None:
+    pytest.importorskip("pyinstrument")
+    out = run("profile_clients.py", "--chunks", "500")
+    assert "chunks" in out
