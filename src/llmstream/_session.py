@@ -51,6 +51,7 @@ class StreamSession:
 
     __slots__ = (
         "_assembler",
+        "_attempt_tokens_from",
         "_bytes",
         "_decoder",
         "_limits",
@@ -83,6 +84,7 @@ class StreamSession:
         self._limits = (max_line_bytes, max_event_bytes)
         self._decoder = SSEDecoder(max_line_bytes=max_line_bytes, max_event_bytes=max_event_bytes)
         self._usage_before: Usage | None = None
+        self._attempt_tokens_from = 0
         self.retries = 0
         """Attempts that were started again from scratch (nothing had been received)."""
         self.resumes = 0
@@ -113,12 +115,19 @@ class StreamSession:
     def new_attempt(self, *, resume: bool) -> None:
         """A new request will feed this session: a retry (nothing kept) or a resume.
 
-        A resume keeps everything assembled and counts usage across requests;
-        a retry starts the answer over (only allowed before any output).
+        A resume keeps everything assembled and counts usage across requests (a
+        request cut before its usage report counts the tokens it delivered, and
+        no prompt tokens: the server never said); a retry starts the answer
+        over (only allowed before any output).
         """
         if resume:
             self.resumes += 1
-            self._usage_before = _add_usage(self._usage_before, self._assembler.usage)
+            usage = self._assembler.usage
+            if usage is None:
+                # The cut request never reported usage: count the tokens it did deliver.
+                seen = self._metrics.output_chunks - self._attempt_tokens_from
+                usage = Usage(completion_tokens=seen, total_tokens=seen)
+            self._usage_before = _add_usage(self._usage_before, usage)
         else:
             self.retries += 1
             self._assembler = StreamAssembler()
@@ -126,6 +135,7 @@ class StreamSession:
         self._assembler.usage = None
         self._decoder = SSEDecoder(max_line_bytes=self._limits[0], max_event_bytes=self._limits[1])
         self._status = "streaming"
+        self._attempt_tokens_from = self._metrics.output_chunks
         self.done = False
         self.error = None
         self.last_event_at = None

@@ -118,7 +118,8 @@ class _StreamBase:
         self._attempt_started = 0.0
         self._read_started = 0.0
         self._attempts = 0
-        self._live = False  # a response body is being read
+        self._live = False  # a response body is open
+        self._reading = False  # a network read is in progress (deadlines apply)
         self._deadline_hit: DeadlineKind | None = None
 
     @property
@@ -248,6 +249,7 @@ class _StreamBase:
                 max_chunks=options.max_chunks,
                 max_bytes=options.max_bytes,
             )
+            self._session.retries = self._attempts - 1  # attempts that failed before a response
         session = self._session
         session.headers(_now(), response.headers.get("x-request-id"))
         content_type = response.headers.get("content-type", "")
@@ -397,11 +399,14 @@ class _StreamBase:
         left = at - _now()
         if left > 0:
             return left
-        response = self._response
-        if self._deadline_hit is None and self._live and response is not None:
+        if self._deadline_hit is None and self._live and self._reading:
             self._deadline_hit = kind
-            _shutdown_socket(response)
+            self._cut_for_deadline()
         return 0.05  # the reader turns it into an error (and maybe a retry)
+
+    def _cut_for_deadline(self) -> None:
+        """Make the read in progress fail now (each shell knows how)."""
+        raise NotImplementedError
 
     @staticmethod
     def _raw_reader(response: httpx.Response) -> bool:
@@ -451,6 +456,7 @@ class AsyncChatStream(_StreamBase):
         self._pump_done: anyio.Event | None = None
         self._pump_scope: anyio.CancelScope | None = None
         self._watch_scope = anyio.CancelScope()
+        self._attempt_scope: anyio.CancelScope | None = None
         self._resumed = anyio.Event()
         self._response_closed = False
 
@@ -663,7 +669,7 @@ class AsyncChatStream(_StreamBase):
         self._take_failure()
         reader = self._reader
         assert reader is not None
-        self._read_started = _now()
+        self._reading = True
         try:
             if per_read_deadline:
                 data = await self._read_with_deadline(reader)
@@ -680,6 +686,8 @@ class AsyncChatStream(_StreamBase):
                 raise failure from exc
             self._exhausted = True
             return None
+        finally:
+            self._reading = False
         return self._feed(data)
 
     async def _read_with_deadline(self, reader: AsyncIterator[bytes]) -> bytes:
@@ -735,15 +743,17 @@ class AsyncChatStream(_StreamBase):
         try:
             with self._pump_scope:
                 while not buffer.ended:
-                    if wait_for_room:
-                        await buffer.wait_for_room()
-                    await self._wait_while_paused()
-                    items = await self._next_batch()
-                    if items is None:
+                    # One scope per request, so a deadline can cut the read in progress
+                    # whatever the transport (no cost per chunk).
+                    self._attempt_scope = scope = anyio.CancelScope()
+                    with scope:
+                        await self._pump_attempt(buffer, wait_for_room)
+                    if not scope.cancelled_caught:
                         break
-                    buffer.put(items)
-                    if not wait_for_room and len(buffer.items) > buffer.limit:
-                        raise self._overflow()
+                    assert self._deadline_hit is not None
+                    error = self._timeout_error(self._deadline_hit)
+                    if not await self._recover(error):
+                        raise error
         except LLMStreamError as exc:
             self._record_error(exc)
         except Exception as exc:  # a reader that dies must not take the caller's block down
@@ -754,6 +764,27 @@ class AsyncChatStream(_StreamBase):
             with anyio.CancelScope(shield=True):
                 await self._drop_response()
             self._pump_done.set()
+
+    async def _pump_attempt(self, buffer: AsyncReadAhead[StreamItem], wait_for_room: bool) -> None:
+        while not buffer.ended:
+            held = self._pause.paused or (wait_for_room and buffer.full)
+            if wait_for_room:
+                await buffer.wait_for_room()
+            await self._wait_while_paused()
+            if held:
+                self._read_started = _now()  # time held back is not the server's idleness
+            items = await self._next_batch()
+            if items is None:
+                return
+            buffer.put(items)
+            if not wait_for_room and len(buffer.items) > buffer.limit:
+                raise self._overflow()
+
+    def _cut_for_deadline(self) -> None:
+        if self._response is not None:
+            _shutdown_socket(self._response)
+        if self._attempt_scope is not None:
+            self._attempt_scope.cancel()
 
     async def _watchdog(self) -> None:
         """Cut the connection when a deadline passes (a sibling of the reader task)."""
@@ -951,8 +982,8 @@ class ChatStream(_StreamBase):
         with self._lock:
             self._end_cancelled()
         response = self._response
-        if response is not None and not self._exhausted:
-            _shutdown_socket(response)
+        if response is not None and not self._exhausted and not _shutdown_socket(response):
+            response.close()  # an in-process transport: closing it ends the read
         if self._buffer is not None:
             self._buffer.items.clear()
             self._buffer.end()
@@ -973,9 +1004,10 @@ class ChatStream(_StreamBase):
         with self._lock:
             self._end_cancelled()
         response = self._response
-        if response is not None and not self._exhausted:
-            # Wakes a reader blocked in recv() and tells the server at once.
-            _shutdown_socket(response)
+        if response is not None and not self._exhausted and not _shutdown_socket(response):
+            # Shutting the socket down wakes a reader blocked in recv() and tells the
+            # server at once; an in-process transport is woken by closing the response.
+            response.close()
         if self._buffer is not None:
             self._buffer.end()
         self._stopping.set()
@@ -1080,7 +1112,7 @@ class ChatStream(_StreamBase):
         self._take_failure()
         reader = self._reader
         assert reader is not None
-        self._read_started = _now()
+        self._reading = True
         try:
             data = next(reader)
         except StopIteration:
@@ -1096,8 +1128,15 @@ class ChatStream(_StreamBase):
                 raise failure from exc
             self._exhausted = True
             return None
+        finally:
+            self._reading = False
         with self._lock:
             return self._feed(data)
+
+    def _cut_for_deadline(self) -> None:
+        response = self._response
+        if response is not None and not _shutdown_socket(response):
+            response.close()  # an in-process transport: closing it ends the read
 
     def _next_batch(self) -> list[StreamItem] | None:
         while True:
@@ -1129,11 +1168,14 @@ class ChatStream(_StreamBase):
         wait_for_room = self._options.on_full == "wait" or self._options.buffer == 0
         try:
             while not buffer.ended:
+                held = self._pause.paused or (wait_for_room and buffer.full)
                 if wait_for_room:
                     buffer.wait_for_room()
                     if buffer.ended:
                         break
                 self._wait_while_paused()
+                if held:
+                    self._read_started = _now()  # time held back is not the server's idleness
                 if self._closed or self._cancelled:
                     break
                 items = self._next_batch()
@@ -1195,15 +1237,18 @@ def _read_capped_sync(response: httpx.Response) -> bytes:
     return bytes(body)
 
 
-def _shutdown_socket(response: httpx.Response) -> None:
+def _shutdown_socket(response: httpx.Response) -> bool:
     """Shut the socket down so the server sees the close and a blocked read returns.
 
     Closing a file descriptor does not wake a thread blocked in ``recv()`` on
     it; ``shutdown()`` does, and sends the FIN that tells the server to abort.
+    Returns False when the response has no socket (an in-process transport).
     """
     stream = response.extensions.get("network_stream")
     get_extra_info = getattr(stream, "get_extra_info", None)
     sock = get_extra_info("socket") if get_extra_info is not None else None
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+    if not isinstance(sock, socket.socket):
+        return False
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    return True

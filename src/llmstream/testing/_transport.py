@@ -1,6 +1,6 @@
 """In-process httpx transports that run the emulator's actions without sockets.
 
-Waits use ``anyio.sleep`` (async) or ``time.sleep`` (sync) and honour the request's read
+Waits use ``anyio.sleep`` (async) or an event a close wakes (sync) and honour the request's read
 timeout, raising ``httpx.ReadTimeout`` as httpcore would. A cut connection raises
 ``httpx.RemoteProtocolError`` from the body, like httpcore on a peer close mid-body.
 Closing a response before its body ended records a disconnect.
@@ -9,7 +9,6 @@ Closing a response before its body ended records a disconnect.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
@@ -53,6 +52,9 @@ class _SyncBody(httpx.SyncByteStream):
         self._timeout = _read_timeout(request)
         self._sent = 0
         self._done = False
+        # Set by close(): a client closing from another thread wakes a waiting read,
+        # as closing a socket would.
+        self._closed = threading.Event()
 
     def __iter__(self) -> Iterator[bytes]:
         for action in self._actions:
@@ -61,13 +63,14 @@ class _SyncBody(httpx.SyncByteStream):
                     self._sent += 1
                 yield action.data
             elif isinstance(action, Wait | Hang):
-                _sync_wait(action, self._timeout, self._request)
+                _sync_wait(action, self._timeout, self._request, self._closed)
             elif isinstance(action, Cut | Refuse):
                 self._done = True
                 raise httpx.RemoteProtocolError(_CUT, request=self._request)
         self._done = True
 
     def close(self) -> None:
+        self._closed.set()
         if not self._done:
             self._done = True
             self._exchange.client_left(self._sent)
@@ -109,15 +112,20 @@ class _AsyncBody(httpx.AsyncByteStream):
             self._exchange.client_left(self._sent)
 
 
-def _sync_wait(action: Wait | Hang, timeout: float | None, request: httpx.Request) -> None:
+def _sync_wait(
+    action: Wait | Hang,
+    timeout: float | None,
+    request: httpx.Request,
+    closed: threading.Event | None = None,
+) -> None:
     seconds = action.seconds if isinstance(action, Wait) else None
-    if timeout is not None and (seconds is None or seconds > timeout):
-        time.sleep(timeout)
+    closed = closed or threading.Event()
+    timed_out = timeout is not None and (seconds is None or seconds > timeout)
+    # A stalled server with no client timeout blocks until the client closes.
+    if closed.wait(timeout if timed_out else seconds):
+        raise httpx.ReadError("the connection was closed", request=request)
+    if timed_out:
         raise httpx.ReadTimeout("timed out", request=request)
-    if seconds is None:
-        threading.Event().wait()  # a stalled server with no client timeout: block for good
-    else:
-        time.sleep(seconds)
 
 
 async def _async_wait(action: Wait | Hang, timeout: float | None, request: httpx.Request) -> None:
