@@ -56,34 +56,32 @@ def next_deadline(
     *,
     started: float,
     attempt_started: float,
-    first_token_at: float | None,
     last_event_at: float | None,
 ) -> tuple[float, DeadlineKind] | None:
     """The earliest deadline now in force, and its kind; None when there is none.
 
     ``started`` is when the call began (the total deadline counts from there);
-    ``attempt_started`` when the current request was sent (the first-token
-    deadline counts per attempt); ``last_event_at`` the arrival of the last
-    event of this attempt.
+    ``attempt_started`` when the current request was sent: until its first
+    event (vLLM sends the first with the first token) the first-token deadline
+    applies, counted per request, since a retry or a resume prefills again;
+    after it, the idle deadline, from ``last_event_at`` (the last event, or the
+    moment the reader last resumed reading after being held back).
 
     Example::
 
         next_deadline(Timeouts(first_token=5, idle=2, total=None), started=0.0,
-                      attempt_started=0.0, first_token_at=None, last_event_at=None)
+                      attempt_started=0.0, last_event_at=None)
         # (5.0, "first_token")
     """
     found: tuple[float, DeadlineKind] | None = None
     if timeouts.total is not None:
         found = (started + timeouts.total, "total")
-    if first_token_at is None:
+    candidate: tuple[float, DeadlineKind] | None = None
+    if last_event_at is None:
         if timeouts.first_token is not None:
-            candidate: tuple[float, DeadlineKind] = (
-                attempt_started + timeouts.first_token,
-                "first_token",
-            )
-            found = candidate if found is None or candidate[0] < found[0] else found
+            candidate = (attempt_started + timeouts.first_token, "first_token")
     elif timeouts.idle is not None:
-        since = last_event_at if last_event_at is not None else first_token_at
-        candidate = (since + timeouts.idle, "idle")
-        found = candidate if found is None or candidate[0] < found[0] else found
+        candidate = (last_event_at + timeouts.idle, "idle")
+    if candidate is not None and (found is None or candidate[0] < found[0]):
+        found = candidate
     return found

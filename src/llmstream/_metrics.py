@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import math
-from array import array
-from itertools import pairwise
+import random
 
 from ._result import LatencySummary, StreamMetrics
 
-__all__ = ["MetricsRecorder", "summarize"]
+__all__ = ["RESERVOIR_SIZE", "MetricsRecorder", "summarize"]
+
+RESERVOIR_SIZE = 4096
+"""Gaps kept for percentiles: exact up to this many tokens, a uniform sample beyond."""
 
 
 class MetricsRecorder:
-    """Collects the timestamps of one stream and summarises them.
+    """Collects the timestamps of one stream and summarises them, in constant memory.
 
-    Times are seconds on one monotonic clock (``time.perf_counter()``). Token
-    times are kept in an ``array`` of doubles: 8 bytes a token, far less than
-    the text the result keeps anyway.
+    Times are seconds on one monotonic clock (``time.perf_counter()``). Count,
+    mean and max of the gaps between tokens are exact; percentiles are exact
+    for up to :data:`RESERVOIR_SIZE` gaps and computed from a uniform sample
+    (reservoir sampling) beyond, so a 100,000-token stream costs no more memory
+    than a short one.
 
     Example::
 
@@ -27,13 +31,30 @@ class MetricsRecorder:
         rec.summary(completion_tokens=None, ended=0.13).time_to_first_token  # 0.10
     """
 
-    __slots__ = ("_chunks", "_headers_at", "_started", "_token_times")
+    __slots__ = (
+        "_chunks",
+        "_first",
+        "_gap_max",
+        "_gap_sum",
+        "_gaps",
+        "_headers_at",
+        "_last",
+        "_random",
+        "_started",
+        "_tokens",
+    )
 
     def __init__(self, started: float) -> None:
         self._started = started
         self._headers_at: float | None = None
-        self._token_times = array("d")
         self._chunks = 0
+        self._tokens = 0
+        self._first = 0.0
+        self._last = 0.0
+        self._gap_sum = 0.0
+        self._gap_max = 0.0
+        self._gaps: list[float] = []
+        self._random: random.Random | None = None
 
     def headers(self, now: float) -> None:
         """The response headers arrived."""
@@ -45,7 +66,24 @@ class MetricsRecorder:
 
     def token(self, now: float) -> None:
         """A chunk carrying generated output arrived."""
-        self._token_times.append(now)
+        if self._tokens:
+            gap = now - self._last
+            self._gap_sum += gap
+            if gap > self._gap_max:
+                self._gap_max = gap
+            gaps = self._gaps
+            if len(gaps) < RESERVOIR_SIZE:
+                gaps.append(gap)
+            else:
+                if self._random is None:
+                    self._random = random.Random(0)  # repeatable summaries
+                slot = self._random.randrange(self._tokens - 1)
+                if slot < RESERVOIR_SIZE:
+                    gaps[slot] = gap
+        else:
+            self._first = now
+        self._last = now
+        self._tokens += 1
 
     @property
     def chunks(self) -> int:
@@ -55,23 +93,26 @@ class MetricsRecorder:
     @property
     def output_chunks(self) -> int:
         """How many chunks carried generated output so far."""
-        return len(self._token_times)
+        return self._tokens
 
     def summary(self, *, completion_tokens: int | None, ended: float) -> StreamMetrics:
         """The metrics so far; ``completion_tokens`` is the server's count, if it sent one."""
-        times = self._token_times
-        tokens = completion_tokens if completion_tokens is not None else len(times)
-        ttft = times[0] - self._started if times else None
-        gaps = [b - a for a, b in pairwise(times)]
-        decode_time = times[-1] - times[0] if len(times) > 1 else 0.0
+        count = self._tokens
+        tokens = completion_tokens if completion_tokens is not None else count
+        decode_time = self._last - self._first if count > 1 else 0.0
         # The first token's time is TTFT, so decode speed counts the tokens after it.
         tps = (tokens - 1) / decode_time if decode_time > 0 and tokens > 1 else None
+        itl = None
+        if count > 1:
+            itl = summarize(
+                self._gaps, count=count - 1, mean=self._gap_sum / (count - 1), top=self._gap_max
+            )
         return StreamMetrics(
             time_to_headers=(
                 self._headers_at - self._started if self._headers_at is not None else None
             ),
-            time_to_first_token=ttft,
-            inter_token_latency=summarize(gaps),
+            time_to_first_token=self._first - self._started if count else None,
+            inter_token_latency=itl,
             tokens_per_second=tps,
             completion_tokens=tokens,
             completion_tokens_source="server" if completion_tokens is not None else "chunks",
@@ -80,8 +121,17 @@ class MetricsRecorder:
         )
 
 
-def summarize(values: list[float]) -> LatencySummary | None:
+def summarize(
+    values: list[float],
+    *,
+    count: int | None = None,
+    mean: float | None = None,
+    top: float | None = None,
+) -> LatencySummary | None:
     """Mean, percentiles (nearest rank) and max of ``values``; ``None`` when empty.
+
+    ``count``, ``mean`` and ``top`` override what ``values`` says, for when
+    ``values`` is a sample of a larger population whose exact figures are known.
 
     Example::
 
@@ -96,10 +146,10 @@ def summarize(values: list[float]) -> LatencySummary | None:
         return ordered[max(0, math.ceil(p * n) - 1)]
 
     return LatencySummary(
-        count=n,
-        mean=sum(ordered) / n,
+        count=count if count is not None else n,
+        mean=mean if mean is not None else sum(ordered) / n,
         p50=rank(0.50),
         p90=rank(0.90),
         p99=rank(0.99),
-        max=ordered[-1],
+        max=top if top is not None else ordered[-1],
     )

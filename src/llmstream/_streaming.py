@@ -210,7 +210,6 @@ class _StreamBase:
             self._timeouts,
             started=self._call_started,
             attempt_started=self._attempt_started,
-            first_token_at=session.first_token_at if session is not None else None,
             # Time the reader spent held back (full buffer, pause) is not idleness.
             last_event_at=max(last, self._read_started) if last is not None else None,
         )
