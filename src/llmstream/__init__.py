@@ -13,6 +13,16 @@ Example::
 
 import contextlib
 
+from ._accounting import PromptCounting
+from ._budget import (
+    BudgetExceeded,
+    CallBudget,
+    Reservation,
+    TokenBudget,
+    TokenCounter,
+    counter_from_text_tokenizer,
+    estimate_prompt_tokens,
+)
 from ._chunks import (
     ChatCompletionChunk,
     ChunkChoice,
@@ -61,6 +71,7 @@ from ._result import (
     StreamMetrics,
     StreamResult,
     StreamStatus,
+    TokenReport,
     ToolCall,
 )
 from ._retry import RetryEvent, RetryPolicy
@@ -76,7 +87,9 @@ __all__ = [
     "AsyncClient",
     "AuthenticationError",
     "BadRequestError",
+    "BudgetExceeded",
     "BufferOverflow",
+    "CallBudget",
     "ChatCompletionChunk",
     "ChatStream",
     "ChoiceResult",
@@ -98,10 +111,12 @@ __all__ = [
     "OnFull",
     "PauseTimeout",
     "PermissionDeniedError",
+    "PromptCounting",
     "PromptOrMessages",
     "PromptTokensDetails",
     "ProtocolError",
     "RateLimitError",
+    "Reservation",
     "RetryEvent",
     "RetryPolicy",
     "SSEDecoder",
@@ -115,11 +130,16 @@ __all__ = [
     "StreamStatus",
     "StreamTimeout",
     "Timeouts",
+    "TokenBudget",
+    "TokenCounter",
+    "TokenReport",
     "ToolCall",
     "ToolCallDelta",
     "TotalTimeout",
     "UnprocessableEntityError",
     "Usage",
+    "counter_from_text_tokenizer",
+    "estimate_prompt_tokens",
     "stream_llm_request",
     "stream_llm_request_sync",
     "__version__",

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from ._chunks import ChatCompletionChunk, ChunkChoice, Usage
-from ._result import ChoiceResult, FunctionCall, StreamMetrics, StreamResult, StreamStatus, ToolCall
+from ._result import (
+    ChoiceResult,
+    FunctionCall,
+    StreamMetrics,
+    StreamResult,
+    StreamStatus,
+    TokenReport,
+    ToolCall,
+)
 
 __all__ = ["StreamAssembler"]
 
@@ -177,6 +185,7 @@ class StreamAssembler:
         usage: Usage | None = None,
         retries: int = 0,
         resumes: int = 0,
+        tokens: TokenReport | None = None,
     ) -> StreamResult:
         """Build the result from everything added so far."""
         choices = [self._choices[i].build() for i in sorted(self._choices)]
@@ -198,4 +207,5 @@ class StreamAssembler:
             metrics=metrics,
             retries=retries,
             resumes=resumes,
+            tokens=tokens or TokenReport(),
         )

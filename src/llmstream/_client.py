@@ -6,14 +6,23 @@ an httpx client and differ only in how they wait for the network.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping
 from types import TracebackType
+from typing import Any
 
 import anyio
 import httpx
 import tenacity
 
+from ._accounting import BudgetOptions, PromptCounting
+from ._budget import (
+    CallBudget,
+    TokenBudget,
+    parse_tokenize_response,
+    tokenize_request_body,
+)
 from ._config import (
     Secret,
     resolve_api_key,
@@ -23,7 +32,7 @@ from ._config import (
     resolve_timeout,
 )
 from ._deadlines import Timeouts
-from ._errors import InvalidRequestError, ProtocolError
+from ._errors import InvalidRequestError, LLMStreamError, ProtocolError
 from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
 from ._http_errors import connection_error, status_error
 from ._request import PromptOrMessages, build_body, build_messages
@@ -51,8 +60,12 @@ class _BaseClient:
         max_line_bytes: int,
         max_event_bytes: int,
         options: StreamOptions,
+        budget: BudgetOptions,
     ) -> None:
         self.options = options
+        self.budget = budget
+        # Context lengths (vLLM's max_model_len) from GET /models, by model id.
+        self._context_lengths: dict[str, int | None] = {}
         self.base_url = resolve_base_url(base_url)
         self._model = resolve_model(model)
         self._api_key: Secret | None = resolve_api_key(api_key)
@@ -134,15 +147,50 @@ class _BaseClient:
             timeout=timeout,
         )
 
-    def _get_request(self, http: httpx.AsyncClient | httpx.Client, url: str) -> httpx.Request:
+    def _get_timeout(self) -> httpx.Timeout:
         connect = self.timeouts.connect
-        timeout = httpx.Timeout(max(connect or 0.0, 30.0), connect=connect)
-        return http.build_request("GET", url, headers=self._default_headers(), timeout=timeout)
+        return httpx.Timeout(max(connect or 0.0, 30.0), connect=connect)
+
+    def _get_request(self, http: httpx.AsyncClient | httpx.Client, url: str) -> httpx.Request:
+        return http.build_request(
+            "GET", url, headers=self._default_headers(), timeout=self._get_timeout()
+        )
 
     def _models_url(self) -> str:
         return f"{self.base_url}/models"
 
+    def _record_models(self, response: httpx.Response) -> None:
+        try:
+            listed = response.json()["data"]
+        except (ValueError, KeyError, TypeError):
+            return
+        for entry in listed if isinstance(listed, list) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                length = entry.get("max_model_len")
+                self._context_lengths[entry["id"]] = length if isinstance(length, int) else None
+
+    def _tokenize_url(self) -> str:
+        # vLLM serves /tokenize beside /v1, not under it.
+        root = self.base_url.removesuffix("/v1")
+        return f"{root}/tokenize"
+
+    def _call_budget(
+        self,
+        budget: CallBudget | None,
+        token_budget: TokenBudget | None,
+        budget_wait: bool | None,
+        count_prompt: PromptCounting | None,
+    ) -> BudgetOptions:
+        base = self.budget
+        return BudgetOptions(
+            budget=budget if budget is not None else base.budget,
+            shared=token_budget if token_budget is not None else base.shared,
+            wait=budget_wait if budget_wait is not None else base.wait,
+            count_prompt=count_prompt if count_prompt is not None else base.count_prompt,
+        )
+
     def _first_model(self, response: httpx.Response) -> str:
+        self._record_models(response)
         try:
             data = response.json()
             model = data["data"][0]["id"]
@@ -207,6 +255,10 @@ class AsyncClient(_BaseClient):
         max_pause: float = DEFAULT_MAX_PAUSE,
         max_chunks: int | None = None,
         max_bytes: int | None = None,
+        budget: CallBudget | None = None,
+        token_budget: TokenBudget | None = None,
+        budget_wait: bool = False,
+        count_prompt: PromptCounting = "estimate",
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         http_client: httpx.AsyncClient | None = None,
@@ -229,6 +281,7 @@ class AsyncClient(_BaseClient):
                 max_chunks=max_chunks,
                 max_bytes=max_bytes,
             ),
+            budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
         )
         self._owns_http = http_client is None
         # Redirects are not followed: one to another host would carry the API key.
@@ -275,6 +328,10 @@ class AsyncClient(_BaseClient):
         max_bytes: int | None = None,
         timeout: float | Timeouts | None = None,
         retry: RetryPolicy | int | tenacity.BaseRetrying | None = None,
+        budget: CallBudget | None = None,
+        token_budget: TokenBudget | None = None,
+        budget_wait: bool | None = None,
+        count_prompt: PromptCounting | None = None,
         **extra_params: object,
     ) -> AsyncChatStream:
         """Start a streamed chat completion; use the result with ``async with``.
@@ -301,6 +358,7 @@ class AsyncClient(_BaseClient):
             options,
             resolve_timeout(timeout) if timeout is not None else self.timeouts,
             resolve_retry(retry) if retry is not None else self.retry,
+            self._call_budget(budget, token_budget, budget_wait, count_prompt),
         )
 
     async def models(self) -> list[str]:
@@ -322,6 +380,42 @@ class AsyncClient(_BaseClient):
         if "model" not in body:
             body["model"] = await self._resolve_model()
         return self._chat_request(self._http, body, timeout)
+
+    async def _model_of(self, body: dict[str, object]) -> str:
+        model = body.get("model")
+        if not isinstance(model, str):
+            model = body["model"] = await self._resolve_model()
+        return model
+
+    async def _context_length(self, model: str) -> int | None:
+        if model not in self._context_lengths:
+            # Unknown when the server cannot say: it will refuse a prompt that does not fit.
+            with contextlib.suppress(LLMStreamError):
+                self._record_models(await self._get(self._models_url()))
+            self._context_lengths.setdefault(model, None)
+        return self._context_lengths[model]
+
+    async def _count_on_server(self, model: str, messages: list[Any]) -> int:
+        url = self._tokenize_url()
+        request = self._http.build_request(
+            "POST",
+            url,
+            json=tokenize_request_body(model, messages),
+            headers=self._default_headers(),
+            timeout=self._get_timeout(),
+        )
+        return parse_tokenize_response(await self._send_json(request, url))
+
+    async def _send_json(self, request: httpx.Request, url: str) -> object:
+        try:
+            response = await self._http.send(request)
+        except httpx.HTTPError as exc:
+            raise connection_error(exc, url) from exc
+        if response.status_code >= 300:
+            raise status_error(
+                response.status_code, response.reason_phrase, response.headers, response.content
+            )
+        return _json_of(response, url)
 
     async def _resolve_model(self) -> str:
         async with self._model_lock:
@@ -370,6 +464,10 @@ class Client(_BaseClient):
         max_pause: float = DEFAULT_MAX_PAUSE,
         max_chunks: int | None = None,
         max_bytes: int | None = None,
+        budget: CallBudget | None = None,
+        token_budget: TokenBudget | None = None,
+        budget_wait: bool = False,
+        count_prompt: PromptCounting = "estimate",
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         http_client: httpx.Client | None = None,
@@ -392,6 +490,7 @@ class Client(_BaseClient):
                 max_chunks=max_chunks,
                 max_bytes=max_bytes,
             ),
+            budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
         )
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(follow_redirects=False, transport=transport)
@@ -436,6 +535,10 @@ class Client(_BaseClient):
         max_bytes: int | None = None,
         timeout: float | Timeouts | None = None,
         retry: RetryPolicy | int | tenacity.BaseRetrying | None = None,
+        budget: CallBudget | None = None,
+        token_budget: TokenBudget | None = None,
+        budget_wait: bool | None = None,
+        count_prompt: PromptCounting | None = None,
         **extra_params: object,
     ) -> ChatStream:
         """Start a streamed chat completion; use the result with ``with``.
@@ -454,6 +557,7 @@ class Client(_BaseClient):
             options,
             resolve_timeout(timeout) if timeout is not None else self.timeouts,
             resolve_retry(retry) if retry is not None else self.retry,
+            self._call_budget(budget, token_budget, budget_wait, count_prompt),
         )
 
     def models(self) -> list[str]:
@@ -476,6 +580,39 @@ class Client(_BaseClient):
             body["model"] = self._resolve_model()
         return self._chat_request(self._http, body, timeout)
 
+    def _model_of(self, body: dict[str, object]) -> str:
+        model = body.get("model")
+        if not isinstance(model, str):
+            model = body["model"] = self._resolve_model()
+        return model
+
+    def _context_length(self, model: str) -> int | None:
+        if model not in self._context_lengths:
+            # Unknown when the server cannot say: it will refuse a prompt that does not fit.
+            with contextlib.suppress(LLMStreamError):
+                self._record_models(self._get(self._models_url()))
+            self._context_lengths.setdefault(model, None)
+        return self._context_lengths[model]
+
+    def _count_on_server(self, model: str, messages: list[Any]) -> int:
+        url = self._tokenize_url()
+        request = self._http.build_request(
+            "POST",
+            url,
+            json=tokenize_request_body(model, messages),
+            headers=self._default_headers(),
+            timeout=self._get_timeout(),
+        )
+        try:
+            response = self._http.send(request)
+        except httpx.HTTPError as exc:
+            raise connection_error(exc, url) from exc
+        if response.status_code >= 300:
+            raise status_error(
+                response.status_code, response.reason_phrase, response.headers, response.content
+            )
+        return parse_tokenize_response(_json_of(response, url))
+
     def _resolve_model(self) -> str:
         with self._model_lock:
             if self._model is None:
@@ -492,3 +629,11 @@ class Client(_BaseClient):
                 response.status_code, response.reason_phrase, response.headers, response.content
             )
         return response
+
+
+def _json_of(response: httpx.Response, url: str) -> object:
+    try:
+        data: object = response.json()
+    except ValueError:
+        raise ProtocolError(f"{url} did not answer JSON: {response.text[:200]!r}") from None
+    return data

@@ -16,10 +16,13 @@ __all__ = [
     "StreamMetrics",
     "StreamResult",
     "StreamStatus",
+    "TokenReport",
     "ToolCall",
 ]
 
-StreamStatus = Literal["streaming", "complete", "interrupted", "error", "cancelled", "aborted"]
+StreamStatus = Literal[
+    "streaming", "complete", "interrupted", "error", "cancelled", "aborted", "budget"
+]
 """Where a stream ended up.
 
 ``streaming``: not finished yet (seen on a snapshot); ``complete``: the server
@@ -27,7 +30,9 @@ finished the answer; ``interrupted``: the connection or body ended early;
 ``error``: the server sent an error, or broke the protocol; ``cancelled``: the
 caller stopped reading (``break``, ``close()``, ``cancel()``, cancellation) before
 the end; ``aborted``: the client stopped the stream because a limit was reached
-(``max_chunks``, ``max_bytes``, ``max_pause``, a full buffer with ``on_full="error"``).
+(``max_chunks``, ``max_bytes``, ``max_pause``, a full buffer with ``on_full="error"``);
+``budget``: the call's token budget ran out, so the client ended the stream (and
+the server's work) there.
 """
 
 
@@ -135,6 +140,28 @@ class StreamMetrics(_Frozen):
     duration: float = 0.0
 
 
+class TokenReport(_Frozen):
+    """The call's token counts, and where each number came from.
+
+    ``prompt_source`` is ``server`` (the usage the server reported, or its
+    ``/tokenize``), ``tokenizer`` (your counter), ``estimate`` (the
+    conservative local estimate) or ``unknown``; ``completion_source`` is
+    ``server`` or ``chunks`` (one token per output chunk, when the server sent
+    no usage).
+
+    Example::
+
+        r = stream.result.tokens
+        print(r.prompt_tokens, r.prompt_source, r.completion_tokens, r.completion_source)
+    """
+
+    prompt_tokens: int | None = None
+    prompt_source: Literal["server", "tokenizer", "estimate", "unknown"] = "unknown"
+    completion_tokens: int = 0
+    completion_source: Literal["server", "chunks"] = "chunks"
+    total_tokens: int | None = None
+
+
 class StreamResult(_Frozen):
     """Everything a stream produced, assembled.
 
@@ -173,6 +200,7 @@ class StreamResult(_Frozen):
     metrics: StreamMetrics = StreamMetrics()
     retries: int = 0
     resumes: int = 0
+    tokens: TokenReport = TokenReport()
 
     @property
     def complete(self) -> bool:

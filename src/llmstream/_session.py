@@ -9,11 +9,13 @@ and :meth:`StreamSession.end_of_body`; every protocol decision is made here.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from ._accounting import CallAccount
 from ._assemble import StreamAssembler
+from ._budget import BudgetExceeded
 from ._chunks import ChatCompletionChunk, Usage
 from ._errors import (
     LLMStreamError,
@@ -24,7 +26,7 @@ from ._errors import (
     StreamLimitExceeded,
 )
 from ._metrics import MetricsRecorder
-from ._result import StreamResult, StreamStatus
+from ._result import StreamResult, StreamStatus, TokenReport
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES, SSEDecoder
 
 __all__ = ["StreamItem", "StreamSession"]
@@ -32,6 +34,7 @@ __all__ = ["StreamItem", "StreamSession"]
 StreamItem = tuple[ChatCompletionChunk, str]
 """A chunk and the text it adds to choice 0 (``""`` when none)."""
 
+PromptSourceName = Literal["server", "tokenizer", "estimate", "unknown"]
 _DONE = "[DONE]"
 # Errors are built where the problem is seen and given the real partial result by fail().
 _PLACEHOLDER = StreamResult(status="error")
@@ -61,6 +64,8 @@ class StreamSession:
         "_request_id",
         "_status",
         "_usage_before",
+        "account",
+        "budget_stopped",
         "done",
         "error",
         "first_token_at",
@@ -89,6 +94,10 @@ class StreamSession:
         """Attempts that were started again from scratch (nothing had been received)."""
         self.resumes = 0
         """Times the stream was continued on a new request after it broke."""
+        self.account: CallAccount | None = None
+        """The call's token account, fed every chunk, when a budget applies."""
+        self.budget_stopped = False
+        """True once the budget ran out (``on_exhausted="stop"``): read no further."""
         self.first_token_at: float | None = None
         """When the first generated output arrived (any attempt)."""
         self.last_event_at: float | None = None
@@ -120,6 +129,8 @@ class StreamSession:
         no prompt tokens: the server never said); a retry starts the answer
         over (only allowed before any output).
         """
+        if self.account is not None and resume:
+            self.account.new_request()
         if resume:
             self.resumes += 1
             usage = self._assembler.usage
@@ -157,12 +168,13 @@ class StreamSession:
         :class:`~llmstream.ProtocolError` for bytes that are not a chat
         completion stream; both carry the partial result.
         """
-        if self.done or self.error is not None:
+        if self.done or self.error is not None or self.budget_stopped:
             return []
         items: list[StreamItem] = []
         metrics = self._metrics
         add = self._assembler.add
         max_chunks = self._max_chunks
+        account = self.account
         try:
             if self._max_bytes is not None:
                 self._count_bytes(len(data))
@@ -190,10 +202,22 @@ class StreamSession:
                     if self.first_token_at is None and output:
                         self.first_token_at = now
                 items.append((chunk, text))
+                if account is not None:
+                    account.observe(chunk, output)
+                    if account.exhausted and not self._assembler.all_finished:
+                        if account.plan.on_exhausted == "error":
+                            raise account.exhausted_error(_PLACEHOLDER)
+                        # Deliver what arrived, read no further: the shell closes the
+                        # connection, and the server stops generating.
+                        self.budget_stopped = True
+                        self._status = "budget"
+                        break
             if items:
                 self.last_event_at = now
         except StreamAborted as exc:
             self.error = self.fail(exc, now, "aborted")
+        except BudgetExceeded as exc:
+            self.error = self.fail(exc, now, "budget")
         except LLMStreamError as exc:
             # The chunks decoded before the failure are still delivered first.
             self.error = self.fail(exc, now)
@@ -264,6 +288,26 @@ class StreamSession:
             usage=usage,
             retries=self.retries,
             resumes=self.resumes,
+            tokens=self._token_report(usage, metrics.completion_tokens),
+        )
+
+    def _token_report(self, usage: Usage | None, completion: int) -> TokenReport:
+        account = self.account
+        if usage is not None and usage.prompt_tokens:
+            prompt: int | None = usage.prompt_tokens
+            source: PromptSourceName = "server"
+        elif account is not None:
+            prompt, source = account.plan.prompt_tokens, account.plan.prompt_source
+        else:
+            prompt, source = None, "unknown"
+        if account is not None and usage is None:
+            completion = account.used  # the meter also reads continuous usage stats
+        return TokenReport(
+            prompt_tokens=prompt,
+            prompt_source=source,
+            completion_tokens=completion,
+            completion_source="server" if usage is not None else "chunks",
+            total_tokens=prompt + completion if prompt is not None else None,
         )
 
     def fail(

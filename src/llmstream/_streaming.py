@@ -39,6 +39,15 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 import httpx
 
+from ._accounting import BudgetOptions, CallAccount
+from ._budget import (
+    BudgetExceeded,
+    CallPlan,
+    PromptCount,
+    Reservation,
+    count_prompt_tokens,
+    plan_call,
+)
 from ._chunks import ChatCompletionChunk
 from ._deadlines import DeadlineKind, Timeouts, next_deadline
 from ._errors import (
@@ -94,8 +103,11 @@ class _StreamBase:
         timeouts: Timeouts,
         retry: RetryPolicy,
         owns_client: bool,
+        budget: BudgetOptions | None = None,
     ) -> None:
         self._body = body
+        self._budget = budget or BudgetOptions()
+        self._account: CallAccount | None = None
         self._next_body = body
         self._options = options
         self._timeouts = timeouts
@@ -249,6 +261,7 @@ class _StreamBase:
                 max_bytes=options.max_bytes,
             )
             self._session.retries = self._attempts - 1  # attempts that failed before a response
+            self._session.account = self._account
         session = self._session
         session.headers(_now(), response.headers.get("x-request-id"))
         content_type = response.headers.get("content-type", "")
@@ -332,11 +345,46 @@ class _StreamBase:
         session = self._session
         assert session is not None
         items = session.feed(data, _now())
+        if session.budget_stopped and self._result is None:
+            self._result = session.result(_now())  # the stream ends here, by design
         if session.error is not None:
             if not items:
                 raise session.error
             self._failure = session.error  # deliver what came before it first
         return items
+
+    def _budget_spent(self) -> bool:
+        """True once the budget stopped the stream: no more reads, no retries."""
+        return self._session is not None and self._session.budget_stopped
+
+    def _plan_budget(
+        self, count: PromptCount, max_model_len: int | None, reservation: Reservation | None
+    ) -> CallPlan:
+        """Plan the call against its budgets (raises BudgetExceeded); sets max_tokens."""
+        body = self._body
+        asked = body.get("max_tokens")
+        plan = plan_call(
+            self._budget.budget,
+            prompt_tokens=count.tokens,
+            prompt_source=count.source,
+            max_tokens=asked if isinstance(asked, int) else None,
+            max_model_len=max_model_len,
+            shared_allowance=reservation.amount if reservation is not None else None,
+        )
+        if plan.max_tokens is not None:
+            body["max_tokens"] = plan.max_tokens
+        return plan
+
+    def _reserve_amount(self, count: PromptCount, plan: CallPlan) -> tuple[int, int]:
+        """What to reserve on the shared budget: (up to, at least)."""
+        shared = self._budget.shared
+        assert shared is not None
+        answer = plan.max_tokens if plan.max_tokens is not None else shared.limit
+        return count.tokens + answer, count.tokens + 1
+
+    def _settle_budget(self) -> None:
+        if self._account is not None:
+            self._account.settle(sent=self._session is not None)
 
     def _take_failure(self) -> None:
         failure = self._failure
@@ -437,6 +485,7 @@ class AsyncChatStream(_StreamBase):
         options: StreamOptions | None = None,
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
+        budget: BudgetOptions | None = None,
         *,
         owns_client: bool = False,
     ) -> None:
@@ -447,6 +496,7 @@ class AsyncChatStream(_StreamBase):
             timeouts or client.timeouts,
             retry or client.retry,
             owns_client,
+            budget,
         )
         self._client = client
         self._reader: AsyncIterator[bytes] | None = None
@@ -588,6 +638,7 @@ class AsyncChatStream(_StreamBase):
         self._end_cancelled()
         if self._buffer is not None:
             self._buffer.end()
+        self._settle_budget()
         with anyio.CancelScope(shield=True):
             if self._pump_scope is not None and self._pump_done is not None:
                 self._pump_scope.cancel()
@@ -615,6 +666,13 @@ class AsyncChatStream(_StreamBase):
 
     async def _start(self) -> None:
         """Send the first request, retrying what fails before a response."""
+        if self._attempts == 0 and self._account is None and self._budget.planned:
+            try:
+                await self._prepare_budget()
+            except LLMStreamError as exc:
+                self._record_error(exc)
+                await self.aclose()
+                raise
         while self._reader is None and not self._closed:
             try:
                 await self._send_attempt()
@@ -624,6 +682,37 @@ class AsyncChatStream(_StreamBase):
                 self._record_error(exc)
                 await self.aclose()
                 raise
+
+    async def _prepare_budget(self) -> None:
+        """Count the prompt, check the context, reserve on the shared budget."""
+        client = self._client
+        body = self._body
+        model = await client._model_of(body)
+        messages = body["messages"]
+        assert isinstance(messages, list)
+        max_len = await client._context_length(model)
+        counting = self._budget.count_prompt
+        if counting == "server":
+            count = PromptCount(await client._count_on_server(model, messages), "server")
+        else:
+            count = count_prompt_tokens(messages, None if counting == "estimate" else counting)
+        plan = self._plan_budget(count, max_len, None)
+        reservation = None
+        if self._budget.shared is not None:
+            most, least = self._reserve_amount(count, plan)
+            while reservation is None:
+                try:
+                    reservation = self._budget.shared.reserve(most, minimum=least)
+                except BudgetExceeded as exc:
+                    if not self._budget.wait or exc.retry_after is None:
+                        raise
+                    await anyio.sleep(exc.retry_after)
+            try:
+                plan = self._plan_budget(count, max_len, reservation)
+            except BaseException:
+                reservation.release()
+                raise
+        self._account = CallAccount(plan, reservation)
 
     async def _send_attempt(self) -> None:
         client = self._client
@@ -666,6 +755,8 @@ class AsyncChatStream(_StreamBase):
     async def _read_once(self, per_read_deadline: bool) -> list[StreamItem] | None:
         """One network read, decoded; None once the body has ended (the result is set)."""
         self._take_failure()
+        if self._budget_spent():
+            return None
         reader = self._reader
         assert reader is not None
         self._reading = True
@@ -869,6 +960,7 @@ class ChatStream(_StreamBase):
         options: StreamOptions | None = None,
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
+        budget: BudgetOptions | None = None,
         *,
         owns_client: bool = False,
     ) -> None:
@@ -879,6 +971,7 @@ class ChatStream(_StreamBase):
             timeouts or client.timeouts,
             retry or client.retry,
             owns_client,
+            budget,
         )
         self._client = client
         self._reader: Iterator[bytes] | None = None
@@ -1011,6 +1104,8 @@ class ChatStream(_StreamBase):
             self._buffer.end()
         self._stopping.set()
         self._resumed.set()
+        with self._lock:
+            self._settle_budget()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
@@ -1024,6 +1119,13 @@ class ChatStream(_StreamBase):
         """Send the first request (with retries), then start the reader thread."""
         if self._thread is not None or self._closed:
             return
+        if self._attempts == 0 and self._account is None and self._budget.planned:
+            try:
+                self._prepare_budget()
+            except LLMStreamError as exc:
+                self._record_error(exc)
+                self.close()
+                raise
         while self._reader is None and not self._closed:
             try:
                 self._send_attempt()
@@ -1072,6 +1174,37 @@ class ChatStream(_StreamBase):
         with self._lock:
             return self._hit_deadline_if_due()
 
+    def _prepare_budget(self) -> None:
+        """Count the prompt, check the context, reserve on the shared budget."""
+        client = self._client
+        body = self._body
+        model = client._model_of(body)
+        messages = body["messages"]
+        assert isinstance(messages, list)
+        max_len = client._context_length(model)
+        counting = self._budget.count_prompt
+        if counting == "server":
+            count = PromptCount(client._count_on_server(model, messages), "server")
+        else:
+            count = count_prompt_tokens(messages, None if counting == "estimate" else counting)
+        plan = self._plan_budget(count, max_len, None)
+        reservation = None
+        if self._budget.shared is not None:
+            most, least = self._reserve_amount(count, plan)
+            while reservation is None:
+                try:
+                    reservation = self._budget.shared.reserve(most, minimum=least)
+                except BudgetExceeded as exc:
+                    if not self._budget.wait or exc.retry_after is None:
+                        raise
+                    time.sleep(exc.retry_after)
+            try:
+                plan = self._plan_budget(count, max_len, reservation)
+            except BaseException:
+                reservation.release()
+                raise
+        self._account = CallAccount(plan, reservation)
+
     def _send_attempt(self) -> None:
         client = self._client
         timeout = self._begin_attempt()
@@ -1109,6 +1242,8 @@ class ChatStream(_StreamBase):
 
     def _read_once(self) -> list[StreamItem] | None:
         self._take_failure()
+        if self._budget_spent():
+            return None
         reader = self._reader
         assert reader is not None
         self._reading = True

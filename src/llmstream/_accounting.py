@@ -1,0 +1,130 @@
+"""The token account of one call (sans-IO): plan before sending, meter while streaming,
+settle at the end.
+
+The I/O shells count the prompt (locally, or with vLLM's ``POST /tokenize``),
+reserve on a shared :class:`~llmstream.TokenBudget` (waiting if asked), then
+hand this account to the session, which feeds it every chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ._budget import (
+    BudgetExceeded,
+    CallBudget,
+    CallPlan,
+    CompletionMeter,
+    Reservation,
+    TokenBudget,
+    TokenCounter,
+    exhausted_error,
+)
+from ._chunks import ChatCompletionChunk
+from ._result import StreamResult
+
+__all__ = ["BudgetOptions", "CallAccount", "PromptCounting"]
+
+PromptCounting = Literal["estimate", "server"] | TokenCounter
+"""How to count a prompt before sending: a conservative local estimate, exactly
+with vLLM's ``POST /tokenize``, or with your own counter (a tiktoken or Hugging
+Face tokenizer wrapped by :func:`~llmstream.counter_from_text_tokenizer`)."""
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    """The budget settings of a call (all optional).
+
+    Example::
+
+        BudgetOptions(budget=CallBudget(total_tokens=2_000), shared=user_budget, wait=True)
+    """
+
+    budget: CallBudget | None = None
+    shared: TokenBudget | None = None
+    wait: bool = False
+    count_prompt: PromptCounting = "estimate"
+
+    @property
+    def planned(self) -> bool:
+        """True when the call is planned before sending: a budget, or an exact prompt count.
+
+        A conservative estimate alone never refuses a call: it could refuse
+        one that fits.
+        """
+        return self.budget is not None or self.shared is not None or self.count_prompt != "estimate"
+
+
+class CallAccount:
+    """Meters one call against its plan and settles its shared reservation once.
+
+    Completion tokens are counted per request and summed: a resumed call pays
+    for each request it made. When the server sent usage, its numbers win.
+
+    Example::
+
+        account = CallAccount(plan, reservation)
+        account.observe(chunk, output=True)
+        if account.exhausted: ...
+        account.settle(sent=True)
+    """
+
+    __slots__ = ("_before", "_meter", "_settled", "plan", "reservation")
+
+    def __init__(self, plan: CallPlan, reservation: Reservation | None) -> None:
+        self.plan = plan
+        self.reservation = reservation
+        self._meter = CompletionMeter()
+        self._before = 0  # tokens of earlier requests of this call
+        self._settled = False
+
+    def observe(self, chunk: ChatCompletionChunk, output: bool) -> None:
+        """Take in one chunk (after it was assembled)."""
+        usage = chunk.usage
+        if not chunk.choices:
+            if usage is not None:
+                self._meter.final_usage(usage.prompt_tokens, usage.completion_tokens)
+            return
+        choice = chunk.choices[0]
+        self._meter.observe(
+            usage.completion_tokens if usage is not None else None,
+            output or choice.finish_reason is not None,
+            choice=choice.index,
+            usage_prompt_tokens=usage.prompt_tokens if usage is not None else None,
+        )
+
+    @property
+    def used(self) -> int:
+        """Completion tokens so far, all requests of the call."""
+        return self._before + self._meter.used
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the completion tokens reached the plan's budget."""
+        limit = self.plan.completion_limit
+        return limit is not None and self.used >= limit
+
+    def exhausted_error(self, partial: StreamResult) -> BudgetExceeded:
+        """The error for ``on_exhausted="error"``."""
+        return exhausted_error(self.plan, self.used, partial=partial)
+
+    def new_request(self) -> None:
+        """A resumed call sends another request: what this one used stays counted."""
+        self._before += self._meter.tokens_to_charge(self.plan.prompt_tokens)
+        self._meter = CompletionMeter()
+
+    def tokens_to_charge(self) -> int:
+        """Prompt and completion tokens of every request of the call."""
+        return self._before + self._meter.tokens_to_charge(self.plan.prompt_tokens)
+
+    def settle(self, *, sent: bool) -> None:
+        """Charge what the call used (or release, if nothing reached the server). Once."""
+        if self._settled or self.reservation is None:
+            self._settled = True
+            return
+        self._settled = True
+        if sent:
+            self.reservation.charge(self.tokens_to_charge())
+        else:
+            self.reservation.release()
