@@ -36,6 +36,42 @@ EXPECTED: dict[str, list[str]] = {
         "HTTP 503, retry after 2 s",
         "attempt 4:\nMercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.",
     ],
+    "retries_and_resume.py": [
+        "1. 503, then a dropped connection mid-answer:\n"
+        "Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.\n"
+        "  -> complete, retries=1, resumes=1",
+        "  on_retry: retry, attempt 2, after InternalServerError\n"
+        "  on_retry: resume, attempt 3, after StreamInterrupted",
+        "continue_final_message=True, add_generation_prompt=False, max_tokens=",
+        "2. the same drop, resume off:\nMercury, Venus,\n  -> StreamInterrupted: kept 15 chars",
+        "3. a stall mid-answer:\n"
+        "Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.\n"
+        "  -> complete, retries=0, resumes=1",
+        "  on_retry: resume, attempt 2, after IdleTimeout",
+        "  -> FirstTokenTimeout: kept 0 chars (interrupted)",
+    ],
+    "budgets.py": [
+        "1. a prompt over its budget:\n  refused before sending: limit=prompt_tokens, allowed=200,",
+        "  asked for max_tokens=500, sent max_tokens=28\n"
+        "  status=complete, finish_reason=length\n"
+        "  tokens: prompt 12 (server) + completion 28 (server) = 40 (budget 40)",
+        "  status=budget, complete=False, max_tokens=12 per choice\n"
+        "  tokens: prompt 24 (estimate) + completion 12 (chunks) = 36",
+        "  on_exhausted='error': BudgetExceeded after 12 tokens,\n  partial: status=budget,",
+        "  ran: max_tokens=60, length\n"
+        "  ran: max_tokens=60, length\n"
+        "  ran: max_tokens=43 (clamped to what the budget had left), length\n"
+        "  refused: shared budget had 0 tokens left\n"
+        "  charged 208 = the calls' result.tokens.total_tokens, 208",
+        "TokenBudget(limit=250, balance=42, reserved=0, spent=208)",
+    ],
+    "per_user_quotas.py": [
+        "[alice] 200, 440 chars, finish_reason=stop, 91 tokens;",
+        "[alice] 429, Retry-After: ",
+        "Token quota used up; try again in ",
+        "[bob] 200, 440 chars, finish_reason=stop, 91 tokens;",
+        "as Retry-After says\n[alice] 200, ",
+    ],
     "testing_your_app.py": ["5 passed"],
     "fastapi_relay.py": [
         "[browser] 'word0 '",

@@ -299,3 +299,62 @@ def test_bad_retry_settings_fail_before_any_request() -> None:
         llmstream.Client("http://x.test/v1", retry=-1)
     with pytest.raises(llmstream.InvalidRequestError):
         llmstream.Client("http://x.test/v1", retry="twice")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_each_resume_shrinks_max_tokens_by_what_was_generated(mode: str) -> None:
+    fake = FakeVLLM(tokens=[f"t{i} " for i in range(40)])
+    fake.add_fault(Fault.disconnect(after_chunks=4))
+    fake.add_fault(Fault.disconnect(after_chunks=4))
+    outcome = await collect(mode, **_client(fake, retry=RESUME, include_usage=False), max_tokens=10)
+    sent = [r.json["max_tokens"] for r in fake.requests if r.json and "max_tokens" in r.json]
+    assert sent == [10, 7, 4]
+    assert outcome.text == "".join(f"t{i} " for i in range(10))
+    assert outcome.final.finish_reason == "length" and outcome.final.resumes == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_first_token_and_total_deadlines_bound_the_wait_for_headers(mode: str) -> None:
+    import socket
+
+    silent = socket.socket()  # accepts connections (backlog), never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+    try:
+        for timeouts, error in (
+            (llmstream.Timeouts(first_token=0.3, idle=3), llmstream.FirstTokenTimeout),
+            (llmstream.Timeouts(total=0.3, idle=3), llmstream.TotalTimeout),
+        ):
+            started = time.perf_counter()
+            outcome = await collect(
+                mode, base_url=url, client_kwargs={"model": "m", "timeout": timeouts, "retry": 0}
+            )
+            assert type(outcome.error) is error
+            assert time.perf_counter() - started < 1.5
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_tenacity_exception_type_predicate_is_kept(mode: str) -> None:
+    fake = FakeVLLM(ANSWER)
+    fake.add_fault(Fault.http_status(503))
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(llmstream.RateLimitError),
+        wait=tenacity.wait_fixed(0),
+    )
+    outcome = await collect(mode, **_client(fake, retry=retrying))
+    assert isinstance(outcome.error, llmstream.InternalServerError)  # 503 is not a 429
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_resume_honours_retry_after_and_its_cap(mode: str) -> None:
+    fake = FakeVLLM(ANSWER)
+    fake.add_fault(Fault.disconnect(after_chunks=5))
+    fake.add_fault(Fault.http_status(429, retry_after=3600))
+    policy = llmstream.RetryPolicy(resume=True, max_retry_after=5, initial_backoff=0.001)
+    started = time.perf_counter()
+    outcome = await collect(mode, **_client(fake, retry=policy))
+    assert isinstance(outcome.error, llmstream.RateLimitError)
+    assert time.perf_counter() - started < 1.0

@@ -95,6 +95,11 @@ class CallAccount:
         )
 
     @property
+    def final(self) -> bool:
+        """True once the server's final usage arrived (exact numbers)."""
+        return self._meter.final
+
+    @property
     def used(self) -> int:
         """Completion tokens so far, all requests of the call."""
         return self._before + self._meter.used

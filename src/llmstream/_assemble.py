@@ -127,9 +127,14 @@ class StreamAssembler:
             # With continuous_usage_stats every chunk carries the running total;
             # the last one seen is the most recent count.
             self.usage = chunk.usage
+        choices = chunk.choices
+        if len(choices) == 1:  # the usual case, without the loop's bookkeeping
+            choice = choices[0]
+            added, output = self._add_choice(choice)
+            return (added if choice.index == 0 else ""), output
         text = ""
         output = False
-        for choice in chunk.choices:
+        for choice in choices:
             added, had_output = self._add_choice(choice)
             output = output or had_output
             if choice.index == 0:

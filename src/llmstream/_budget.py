@@ -1069,6 +1069,9 @@ class TokenBudget:
                     f"This reservation was already settled ({reservation._charged} tokens"
                     " charged); a reservation is charged once."
                 )
+            # Refill first, while the reservation still holds its tokens: the bucket
+            # must not depend on whether anyone happened to read it meanwhile.
+            self._refill(self._clock())
             reservation._settled = True
             reservation._charged = actual
             self._reserved -= reservation.amount

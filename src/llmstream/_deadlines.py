@@ -31,8 +31,8 @@ class Timeouts:
 
     Example::
 
-        llmstream.AsyncClient(timeouts=llmstream.Timeouts(first_token=60, idle=15, total=300))
-        client.stream("Hi", timeouts=llmstream.Timeouts(total=10))
+        llmstream.AsyncClient(timeout=llmstream.Timeouts(first_token=60, idle=15, total=300))
+        client.stream("Hi", timeout=llmstream.Timeouts(total=10))
     """
 
     connect: float | None = 10.0

@@ -129,6 +129,10 @@ class _ReadAheadState(Generic[_T]):
             return bool(self.items) or not self.wanted
         return len(self.items) >= self.limit
 
+    def take_now(self) -> _T:
+        """Pop an item known to be there, and let the reader know there is room."""
+        raise NotImplementedError
+
     def take(self) -> _T | None:
         """The next item; None when there is none now. Raises the error once drained."""
         if self.items:
@@ -157,12 +161,24 @@ class AsyncReadAhead(_ReadAheadState[_T]):
         super().__init__(limit)
         self._readable = anyio.Event()
         self._room = anyio.Event()
+        # Events are set only for a side that waits: setting one costs a few
+        # microseconds a chunk, which the hot path does not pay.
+        self._room_wanted = False
 
     def put(self, items: Sequence[_T]) -> None:
         """Add the items of one network read (never waits)."""
         if items:
             self.items.extend(items)
-            self._readable.set()
+            if self.wanted:
+                self._readable.set()
+
+    def take_now(self) -> _T:
+        """Pop an item known to be there, and let the reader know there is room."""
+        item = self.items.popleft()
+        self.wanted = False
+        if self._room_wanted and not self.full:
+            self._room.set()
+        return item
 
     def end(self, error: LLMStreamError | None = None) -> None:
         """No more items will come; ``error`` is raised once the items are drained."""
@@ -176,22 +192,25 @@ class AsyncReadAhead(_ReadAheadState[_T]):
         """Wait while the buffer is full (returns at once when it is not)."""
         while self.full and not self.ended:
             self._room = anyio.Event()
-            await self._room.wait()
+            self._room_wanted = True
+            try:
+                await self._room.wait()
+            finally:
+                self._room_wanted = False
 
     async def get(self) -> _T | None:
         """The next item, waiting for one; None at the end."""
         while True:
-            item = self.take()
-            if item is not None:
-                self.wanted = False
-                if not self.full:
-                    self._room.set()
-                return item
+            if self.items:
+                return self.take_now()
+            item = self.take()  # raises the error once drained
             if self.ended:
                 return None
-            self.wanted = True
-            self._room.set()
+            del item
             self._readable = anyio.Event()
+            self.wanted = True
+            if self._room_wanted:
+                self._room.set()  # with limit 0 the reader reads only for a waiting consumer
             await self._readable.wait()
 
 

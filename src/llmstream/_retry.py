@@ -131,7 +131,10 @@ class RetryPolicy:
             RetryPolicy.from_tenacity(tenacity.Retrying(stop=tenacity.stop_after_attempt(5)))
         """
         # tenacity's default predicate retries on any exception; ours is narrower.
-        default = isinstance(retrying.retry, tenacity.retry_if_exception_type)
+        predicate = retrying.retry
+        default = isinstance(predicate, tenacity.retry_if_exception_type) and getattr(
+            predicate, "exception_types", None
+        ) in (Exception, (Exception,))
         return cls(
             stop=retrying.stop,
             wait=retrying.wait,
@@ -175,17 +178,29 @@ class RetryPolicy:
         )
         return float(wait(state))
 
-    def backoff(self, attempt: int, error: LLMStreamError, *, started: float, now: float) -> float:
-        """The wait before resume number ``attempt`` (1, 2...): the wait strategy, no stop.
+    def resume_delay(
+        self, resume: int, error: LLMStreamError, *, started: float, now: float
+    ) -> float | None:
+        """Seconds to wait before resume number ``resume`` (1, 2...), or None: do not resume.
+
+        Resumes are counted by ``max_resumes``, not by ``stop``; the ``retry``
+        predicate and a server's ``Retry-After`` apply as they do to retries.
 
         Example::
 
-            RetryPolicy().backoff(1, error, started=0.0, now=0.0)  # up to initial_backoff
+            RetryPolicy(resume=True).resume_delay(1, error, started=0.0, now=0.0)
         """
+        state = _call_state(resume, error, started=started, now=now)
+        if self.retry is not None and not self.retry(state):
+            return None
+        if isinstance(error, APIStatusError):
+            asked = retry_after_seconds(error.headers, now=time.time())
+            if asked is not None:
+                return asked if asked <= self.max_retry_after else None
         wait = self.wait or tenacity.wait_random_exponential(
             multiplier=self.initial_backoff, max=self.max_backoff
         )
-        return float(wait(_call_state(attempt, error, started=started, now=now)))
+        return float(wait(state))
 
     def announce(self, event: RetryEvent) -> None:
         """Log the retry and call the ``on_retry`` hook."""

@@ -151,10 +151,19 @@ class StreamSession:
         self.error = None
         self.last_event_at = None
 
-    def completion_tokens(self) -> int | None:
-        """The server's count of completion tokens so far (all attempts), if it sent one."""
-        usage = _add_usage(self._usage_before, self._assembler.usage)
-        return usage.completion_tokens if usage is not None else None
+    def completion_tokens(self) -> int:
+        """Completion tokens generated so far, all requests of the call.
+
+        Each request counts with the server's usage when it reported one, else
+        with the output chunks it delivered.
+        """
+        current = self._assembler.usage
+        if current is not None:
+            this = current.completion_tokens
+        else:
+            this = self._metrics.output_chunks - self._attempt_tokens_from
+        before = self._usage_before.completion_tokens if self._usage_before is not None else 0
+        return before + this
 
     def headers(self, now: float, request_id: str | None) -> None:
         """The response headers arrived; ``request_id`` is the server's ``X-Request-Id``."""
@@ -178,12 +187,11 @@ class StreamSession:
         try:
             if self._max_bytes is not None:
                 self._count_bytes(len(data))
-            for event in self._decoder.feed(data):
-                payload = event.data
+            for event_type, payload, _, _ in self._decoder.decode(data):
                 if payload == _DONE:
                     self.done = True
                     break
-                if event.event == "error":
+                if event_type == "error":
                     # Some servers name error events instead of shaping the JSON.
                     raise _server_error({"error": _error_body(payload)})
                 chunk = self._parse(payload)
@@ -300,8 +308,10 @@ class StreamSession:
             prompt, source = account.plan.prompt_tokens, account.plan.prompt_source
         else:
             prompt, source = None, "unknown"
-        if account is not None and usage is None:
-            completion = account.used  # the meter also reads continuous usage stats
+        if account is not None and not account.final:
+            # Until the final usage, the meter's count is the one that sums every choice
+            # (continuous usage stats count per choice).
+            completion = account.used
         return TokenReport(
             prompt_tokens=prompt,
             prompt_source=source,

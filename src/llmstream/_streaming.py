@@ -199,7 +199,13 @@ class _StreamBase:
     # -- attempts -------------------------------------------------------------
 
     def _begin_attempt(self) -> httpx.Timeout:
-        """Book-keeping for a new request; returns httpx's timeouts for it."""
+        """Book-keeping for a new request; returns httpx's timeouts for it.
+
+        Until the response headers arrive (vLLM sends them with the first
+        token) httpx's read timeout is the first-token deadline, or what is left
+        of the total; :meth:`_body_read_timeout` then turns it into a backstop
+        for the body, whose real deadlines are watched beside the reader.
+        """
         now = _now()
         if self._attempts == 0:
             self._call_started = now
@@ -209,11 +215,18 @@ class _StreamBase:
         self._deadline_hit = None
         self._exhausted = False
         t = self._timeouts
+        found = self._deadline()
+        header_wait = max(found[0] - now, 0.001) if found is not None else None
+        return httpx.Timeout(connect=t.connect, read=header_wait, write=30.0, pool=t.connect)
+
+    def _body_read_timeout(self, response: httpx.Response) -> None:
+        """Headers arrived: httpx's read timeout becomes a backstop for the body."""
+        t = self._timeouts
         waits = [v for v in (t.first_token, t.idle) if v is not None]
-        # httpx's read timeout is only a backstop: the deadlines below are the real ones.
-        return httpx.Timeout(
-            connect=t.connect, read=max(waits) if waits else None, write=30.0, pool=t.connect
-        )
+        # httpcore reads this when the body's first read starts, which is after now.
+        timeout = response.request.extensions.get("timeout")
+        if isinstance(timeout, dict):
+            timeout["read"] = max(waits) if waits else None
 
     def _deadline(self) -> tuple[float, DeadlineKind] | None:
         session = self._session
@@ -289,11 +302,14 @@ class _StreamBase:
             partial = session.result(now)
             if partial.tool_calls or len(partial.choices) != 1:
                 return None  # only plain text of a single choice can be continued
-            used = session.completion_tokens() or partial.metrics.completion_tokens
-            body = continuation_body(self._body, partial.text, used)
+            body = continuation_body(self._body, partial.text, session.completion_tokens())
             if body is None:
                 return None
-            delay = policy.backoff(session.resumes + 1, error, started=self._call_started, now=now)
+            delay = policy.resume_delay(
+                session.resumes + 1, error, started=self._call_started, now=now
+            )
+            if delay is None:
+                return None
             event = RetryEvent("resume", self._attempts + 1, delay, error)
         else:
             delay_or_none = policy.delay_before(
@@ -323,7 +339,8 @@ class _StreamBase:
             self._result = session.finish(_now())
             return None
         if isinstance(exc, httpx.TimeoutException):
-            return self._timeout_error("idle")
+            found = self._deadline()  # which deadline httpx's backstop stood in for
+            return self._timeout_error(found[1] if found is not None else "idle")
         if isinstance(exc, httpx.DecodingError):
             return session.fail(ProtocolError(f"Could not decode the response body: {exc}"), _now())
         return session.interrupted(
@@ -722,6 +739,10 @@ class AsyncChatStream(_StreamBase):
         try:
             with anyio.move_on_after(found[0] - _now() if found else math.inf) as scope:
                 response = await client._http.send(request, stream=True)
+        except httpx.ReadTimeout as exc:
+            # No headers in time; vLLM sends them with the first token.
+            found = self._deadline()
+            raise self._timeout_error(found[1] if found else "first_token") from exc
         except httpx.HTTPError as exc:
             raise connection_error(exc, str(request.url), self._timeouts) from exc
         if scope.cancelled_caught:
@@ -735,8 +756,9 @@ class AsyncChatStream(_StreamBase):
             await self._drop_response()
             raise status_error(response.status_code, response.reason_phrase, response.headers, body)
         self._open_session(response)
+        self._body_read_timeout(response)
         self._reader = (
-            response.aiter_raw() if self._raw_reader(response) else response.aiter_bytes()
+            _raw_chunks(response) if self._raw_reader(response) else response.aiter_bytes()
         )
         self._live = True
 
@@ -754,7 +776,8 @@ class AsyncChatStream(_StreamBase):
 
     async def _read_once(self, per_read_deadline: bool) -> list[StreamItem] | None:
         """One network read, decoded; None once the body has ended (the result is set)."""
-        self._take_failure()
+        if self._failure is not None:
+            self._take_failure()
         if self._budget_spent():
             return None
         reader = self._reader
@@ -856,11 +879,16 @@ class AsyncChatStream(_StreamBase):
             self._pump_done.set()
 
     async def _pump_attempt(self, buffer: AsyncReadAhead[StreamItem], wait_for_room: bool) -> None:
+        pause = self._pause
         while not buffer.ended:
-            held = self._pause.paused or (wait_for_room and buffer.full)
-            if wait_for_room:
+            # Checked inline: awaiting a no-op coroutine per chunk costs measurable CPU.
+            held = False
+            if wait_for_room and buffer.full:
+                held = True
                 await buffer.wait_for_room()
-            await self._wait_while_paused()
+            if pause.paused:
+                held = True
+                await self._wait_while_paused()
             if held:
                 self._read_started = _now()  # time held back is not the server's idleness
             items = await self._next_batch()
@@ -923,7 +951,14 @@ class _AsyncItems(AsyncIterator[_T]):
     async def __anext__(self) -> _T:
         stream = self._stream
         pick = self._pick
+        buffer = stream._buffer
         while True:
+            # Fast path: an item already read ahead is taken without awaiting.
+            if buffer is not None and buffer.items:
+                value = pick(buffer.take_now())
+                if value is not None:
+                    return value
+                continue
             try:
                 item = await stream._next_item()
             except BaseException:
@@ -1211,6 +1246,10 @@ class ChatStream(_StreamBase):
         request = client._request_for(self._next_body, timeout)
         try:
             response = client._http.send(request, stream=True)
+        except httpx.ReadTimeout as exc:
+            # No headers in time; vLLM sends them with the first token.
+            found = self._deadline()
+            raise self._timeout_error(found[1] if found else "first_token") from exc
         except httpx.HTTPError as exc:
             raise connection_error(exc, str(request.url), self._timeouts) from exc
         with self._response_lock:
@@ -1225,7 +1264,10 @@ class ChatStream(_StreamBase):
             raise status_error(response.status_code, response.reason_phrase, response.headers, body)
         with self._lock:
             self._open_session(response)
-        self._reader = response.iter_raw() if self._raw_reader(response) else response.iter_bytes()
+        self._body_read_timeout(response)
+        self._reader = (
+            _sync_raw_chunks(response) if self._raw_reader(response) else response.iter_bytes()
+        )
         self._live = True
 
     def _recover(self, error: LLMStreamError) -> bool:
@@ -1340,6 +1382,17 @@ class ChatStream(_StreamBase):
         if not self._exhausted:
             _shutdown_socket(response)
         response.close()
+
+
+def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    # The body's byte stream itself, one layer below aiter_raw(): its per-chunk
+    # bookkeeping (download counter, chunker) is measurable and unused here. httpx's
+    # transport still maps httpcore's errors to httpx's.
+    return response.stream.__aiter__()  # type: ignore[union-attr]
+
+
+def _sync_raw_chunks(response: httpx.Response) -> Iterator[bytes]:
+    return response.stream.__iter__()  # type: ignore[union-attr]
 
 
 def _unexpected(exc: Exception, partial: StreamResult | None) -> LLMStreamError:

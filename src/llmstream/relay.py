@@ -113,6 +113,7 @@ class SSERelay:
                 "headers": [(k.encode(), v.encode()) for k, v in self.headers.items()],
             }
         )
+        self._final: StreamResult | None = None
         async with anyio.create_task_group() as tg:
 
             async def watch_for_disconnect() -> None:
@@ -124,7 +125,14 @@ class SSERelay:
             await self._relay(send)
             tg.cancel_scope.cancel()
         if self.on_result is not None:
-            self.on_result(self.stream.snapshot())
+            self.on_result(self._final or self._stopped())
+
+    def _stopped(self) -> StreamResult:
+        # The browser left: the result as the stream froze it, or an empty cancelled one.
+        try:
+            return self.stream.result
+        except LLMStreamError as exc:
+            return exc.partial or StreamResult(status="cancelled")
 
     async def _relay(self, send: Send) -> None:
         stream = self.stream
@@ -138,8 +146,10 @@ class SSERelay:
                             "more_body": True,
                         }
                     )
+            self._final = stream.result
             tail = _summary_event(stream.result)
         except LLMStreamError as exc:
+            self._final = exc.partial or StreamResult(status="error")
             tail = _error_event(exc)
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
