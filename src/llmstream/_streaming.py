@@ -361,7 +361,10 @@ class _StreamBase:
     def _feed(self, data: bytes) -> list[StreamItem]:
         session = self._session
         assert session is not None
+        waiting_for_first = session.last_event_at is None
         items = session.feed(data, _now())
+        if waiting_for_first and session.last_event_at is not None:
+            self._deadline_moved()  # first-token deadline over; the idle one starts
         if session.budget_stopped and self._result is None:
             self._result = session.result(_now())  # the stream ends here, by design
         if session.error is not None:
@@ -472,6 +475,9 @@ class _StreamBase:
         """Make the read in progress fail now (each shell knows how)."""
         raise NotImplementedError
 
+    def _deadline_moved(self) -> None:
+        """The deadline in force changed kind (once per request, not per chunk)."""
+
     @staticmethod
     def _raw_reader(response: httpx.Response) -> bool:
         # Content-encoded bodies (a gzipping proxy) need httpx's decoders; plain
@@ -522,6 +528,8 @@ class AsyncChatStream(_StreamBase):
         self._pump_done: anyio.Event | None = None
         self._pump_scope: anyio.CancelScope | None = None
         self._watch_scope = anyio.CancelScope()
+        # Wakes the watchdog when a request's first event ends its first-token wait.
+        self._deadline_changed = anyio.Event()
         self._attempt_scope: anyio.CancelScope | None = None
         self._resumed = anyio.Event()
         self._response_closed = False
@@ -912,7 +920,13 @@ class AsyncChatStream(_StreamBase):
         with self._watch_scope:
             while True:
                 wait = self._hit_deadline_if_due()
-                await anyio.sleep(wait if wait is not None else 1.0)
+                with anyio.move_on_after(wait if wait is not None else 1.0):
+                    await self._deadline_changed.wait()
+                if self._deadline_changed.is_set():
+                    self._deadline_changed = anyio.Event()
+
+    def _deadline_moved(self) -> None:
+        self._deadline_changed.set()
 
     async def _drop_response(self) -> None:
         """Close the current response (cutting it if unread) and forget it."""
