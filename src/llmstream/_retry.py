@@ -169,14 +169,7 @@ class RetryPolicy:
         stop = self.stop or tenacity.stop_after_attempt(self.max_retries + 1)
         if stop(state):
             return None
-        if isinstance(error, APIStatusError):
-            asked = retry_after_seconds(error.headers, now=time.time())
-            if asked is not None:
-                return asked if asked <= self.max_retry_after else None
-        wait = self.wait or tenacity.wait_random_exponential(
-            multiplier=self.initial_backoff, max=self.max_backoff
-        )
-        return float(wait(state))
+        return self._wait(state, error)
 
     def resume_delay(
         self, resume: int, error: LLMStreamError, *, started: float, now: float
@@ -193,6 +186,10 @@ class RetryPolicy:
         state = _call_state(resume, error, started=started, now=now)
         if self.retry is not None and not self.retry(state):
             return None
+        return self._wait(state, error)
+
+    def _wait(self, state: tenacity.RetryCallState, error: LLMStreamError) -> float | None:
+        """The server's Retry-After (None above the cap), else the wait strategy."""
         if isinstance(error, APIStatusError):
             asked = retry_after_seconds(error.headers, now=time.time())
             if asked is not None:
