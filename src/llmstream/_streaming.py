@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import httpx
@@ -402,6 +402,48 @@ class _StreamBase:
         answer = plan.max_tokens if plan.max_tokens is not None else shared.limit
         return count.tokens + answer, count.tokens + 1
 
+    def _count_locally(self, messages: list[Any]) -> PromptCount | None:
+        """The prompt count without I/O, or None when the server must count it."""
+        counting = self._budget.count_prompt
+        if counting == "server":
+            return None
+        return count_prompt_tokens(messages, None if counting == "estimate" else counting)
+
+    def _try_reserve(
+        self, count: PromptCount, plan: CallPlan
+    ) -> tuple[Reservation | None, float | None]:
+        """One try on the shared budget: (reservation, None), or (None, seconds to wait).
+
+        (None, None) means there is no shared budget. Raises BudgetExceeded when
+        waiting is not asked for or cannot help.
+        """
+        shared = self._budget.shared
+        if shared is None:
+            return None, None
+        most, least = self._reserve_amount(count, plan)
+        try:
+            return shared.reserve(most, minimum=least), None
+        except BudgetExceeded as exc:
+            if not self._budget.wait or exc.retry_after is None:
+                raise
+            return None, exc.retry_after
+
+    def _open_account(
+        self,
+        count: PromptCount,
+        max_len: int | None,
+        plan: CallPlan,
+        reservation: Reservation | None,
+    ) -> None:
+        """Re-plan within the reservation (releasing it if that fails) and keep the account."""
+        if reservation is not None:
+            try:
+                plan = self._plan_budget(count, max_len, reservation)
+            except BaseException:
+                reservation.release()
+                raise
+        self._account = CallAccount(plan, reservation)
+
     def _settle_budget(self) -> None:
         if self._account is not None:
             self._account.settle(sent=self._session is not None)
@@ -716,28 +758,18 @@ class AsyncChatStream(_StreamBase):
         messages = body["messages"]
         assert isinstance(messages, list)
         max_len = await client._context_length(model)
-        counting = self._budget.count_prompt
-        if counting == "server":
+        count = self._count_locally(messages)
+        if count is None:
             count = PromptCount(await client._count_on_server(model, messages), "server")
-        else:
-            count = count_prompt_tokens(messages, None if counting == "estimate" else counting)
         plan = self._plan_budget(count, max_len, None)
         reservation = None
-        if self._budget.shared is not None:
-            most, least = self._reserve_amount(count, plan)
-            while reservation is None:
-                try:
-                    reservation = self._budget.shared.reserve(most, minimum=least)
-                except BudgetExceeded as exc:
-                    if not self._budget.wait or exc.retry_after is None:
-                        raise
-                    await anyio.sleep(exc.retry_after)
-            try:
-                plan = self._plan_budget(count, max_len, reservation)
-            except BaseException:
-                reservation.release()
-                raise
-        self._account = CallAccount(plan, reservation)
+        while reservation is None:
+            reservation, wait = self._try_reserve(count, plan)
+            if reservation is None and wait is None:
+                break
+            if wait is not None:
+                await anyio.sleep(wait)
+        self._open_account(count, max_len, plan, reservation)
 
     async def _send_attempt(self) -> None:
         client = self._client
@@ -1231,28 +1263,18 @@ class ChatStream(_StreamBase):
         messages = body["messages"]
         assert isinstance(messages, list)
         max_len = client._context_length(model)
-        counting = self._budget.count_prompt
-        if counting == "server":
+        count = self._count_locally(messages)
+        if count is None:
             count = PromptCount(client._count_on_server(model, messages), "server")
-        else:
-            count = count_prompt_tokens(messages, None if counting == "estimate" else counting)
         plan = self._plan_budget(count, max_len, None)
         reservation = None
-        if self._budget.shared is not None:
-            most, least = self._reserve_amount(count, plan)
-            while reservation is None:
-                try:
-                    reservation = self._budget.shared.reserve(most, minimum=least)
-                except BudgetExceeded as exc:
-                    if not self._budget.wait or exc.retry_after is None:
-                        raise
-                    time.sleep(exc.retry_after)
-            try:
-                plan = self._plan_budget(count, max_len, reservation)
-            except BaseException:
-                reservation.release()
-                raise
-        self._account = CallAccount(plan, reservation)
+        while reservation is None:
+            reservation, wait = self._try_reserve(count, plan)
+            if reservation is None and wait is None:
+                break
+            if wait is not None:
+                time.sleep(wait)
+        self._open_account(count, max_len, plan, reservation)
 
     def _send_attempt(self) -> None:
         client = self._client
