@@ -104,3 +104,37 @@ def test_garbage_never_crashes_or_hangs(chunks: list[bytes]) -> None:
                 assert isinstance(event.data, str)
     except ProtocolError:
         pass
+
+
+_EVENT_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=12
+)
+_EVENT = st.one_of(
+    _EVENT_TEXT.map(lambda t: f"data: {t}\n\n"),  # vLLM's shape: the fast path's
+    _EVENT_TEXT.map(lambda t: f"data: {t}\ndata: {t}\n\n"),
+    _EVENT_TEXT.map(lambda t: f": {t}\n\n"),
+    _EVENT_TEXT.map(lambda t: f"id: {t}\ndata: x\n\n"),
+    _EVENT_TEXT.map(lambda t: f"event: e\ndata: {t}\r\n\r\n"),
+    st.just("data:no-space\n\n"),
+    st.just("\n"),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_EVENT, max_size=12), st.data())
+def test_reads_of_many_events_decode_as_byte_by_byte(
+    events: list[str], data: st.DataObject
+) -> None:
+    """The whole-events fast path gives what the full decoder gives, for any split."""
+    whole = "".join(events).encode()
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(whole)), max_size=6)))
+    pieces = [whole[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)], strict=True)]
+    assert _decode(pieces) == _decode([whole[i : i + 1] for i in range(len(whole))])
+
+
+def test_whole_events_come_before_an_over_long_remainder_fails() -> None:
+    decoder = SSEDecoder(max_line_bytes=64)
+    events = decoder.feed(b"data: a\n\ndata: b\n\ndata: " + b"z" * 100)
+    assert [e.data for e in events] == ["a", "b"]
+    with pytest.raises(ProtocolError, match="longer than 64 bytes"):
+        decoder.feed(b"\n\n")

@@ -213,7 +213,8 @@ async def test_break_gives_cancelled_partial_result(
     assert outcome.error is None
     result = outcome.final
     assert result.status == "cancelled" and not result.complete
-    assert result.text == outcome.text  # pure pull: nothing was read beyond what was consumed
+    # Pure pull: nothing beyond the read the loop asked for; that read may hold more chunks.
+    assert result.text.startswith(outcome.text) and ANSWER.startswith(result.text)
 
 
 @pytest.mark.parametrize("mode", MODES)

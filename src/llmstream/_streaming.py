@@ -40,6 +40,7 @@ import anyio
 import httpx
 
 from ._accounting import BudgetOptions, CallAccount
+from ._body import aiter_body, iter_body
 from ._budget import (
     BudgetExceeded,
     CallPlan,
@@ -520,12 +521,6 @@ class _StreamBase:
     def _deadline_moved(self) -> None:
         """The deadline in force changed kind (once per request, not per chunk)."""
 
-    @staticmethod
-    def _raw_reader(response: httpx.Response) -> bool:
-        # Content-encoded bodies (a gzipping proxy) need httpx's decoders; plain
-        # ones skip that layer, which costs measurable CPU per chunk.
-        return "content-encoding" not in response.headers
-
 
 class AsyncChatStream(_StreamBase):
     """A streamed chat completion, for ``async with`` and ``async for``.
@@ -797,9 +792,7 @@ class AsyncChatStream(_StreamBase):
             raise status_error(response.status_code, response.reason_phrase, response.headers, body)
         self._open_session(response)
         self._body_read_timeout(response)
-        self._reader = (
-            _raw_chunks(response) if self._raw_reader(response) else response.aiter_bytes()
-        )
+        self._reader = aiter_body(response)
         self._live = True
 
     async def _recover(self, error: LLMStreamError) -> bool:
@@ -1301,9 +1294,7 @@ class ChatStream(_StreamBase):
         with self._lock:
             self._open_session(response)
         self._body_read_timeout(response)
-        self._reader = (
-            _sync_raw_chunks(response) if self._raw_reader(response) else response.iter_bytes()
-        )
+        self._reader = iter_body(response)
         self._live = True
 
     def _recover(self, error: LLMStreamError) -> bool:
@@ -1418,17 +1409,6 @@ class ChatStream(_StreamBase):
         if not self._exhausted:
             _shutdown_socket(response)
         response.close()
-
-
-def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
-    # The body's byte stream itself, one layer below aiter_raw(): its per-chunk
-    # bookkeeping (download counter, chunker) is measurable and unused here. httpx's
-    # transport still maps httpcore's errors to httpx's.
-    return response.stream.__aiter__()  # type: ignore[union-attr]
-
-
-def _sync_raw_chunks(response: httpx.Response) -> Iterator[bytes]:
-    return response.stream.__iter__()  # type: ignore[union-attr]
 
 
 def _unexpected(exc: Exception, partial: StreamResult | None) -> LLMStreamError:

@@ -1,0 +1,239 @@
+"""Reading a response body a network read at a time instead of an HTTP chunk at a time.
+
+vLLM sends one HTTP chunk per SSE event. httpx hands a body over one HTTP chunk per
+iteration, through five generator layers and a context manager each (httpx's bound and
+transport streams, httpcore's pool, connection and h11 event loop), which costs more per
+token than everything llmstream does with the token itself. On a plain HTTP/1.1
+connection from httpx's own transport, :func:`async_body_reader` / :func:`sync_body_reader`
+read the socket directly through the connection's h11 state machine instead and return
+every chunk that one read completed, joined: the same bytes, with one pass per read.
+
+The h11 state stays authoritative, so the connection is left exactly as httpcore's own
+reader would leave it: a body read to its end returns the connection to the pool when the
+response is closed, anything else closes it. Whenever the response is not of that shape
+(HTTP/2, a proxy, a mock or custom transport, a content-encoded body, a trace hook), the
+functions return None and the caller keeps httpx's iterator.
+
+Example::
+
+    reader = async_body_reader(response) or response.aiter_raw()
+    async for data in reader:  # b"data: {...}\\n\\ndata: {...}\\n\\n..."
+        events = decoder.feed(data)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, NoReturn
+
+import h11
+import httpcore
+import httpx
+
+__all__ = ["aiter_body", "async_body_reader", "iter_body", "sync_body_reader"]
+
+# httpcore reads this much per call; the same size keeps syscalls and buffers alike.
+READ_SIZE = 64 * 1024
+
+try:  # The layers below are httpx's and httpcore's internals; any change turns this off.
+    from httpcore._async.connection_pool import PoolByteStream as _AsyncPoolStream
+    from httpcore._async.http11 import AsyncHTTP11Connection as _AsyncH11Connection
+    from httpcore._async.http11 import HTTP11ConnectionByteStream as _AsyncH11Stream
+    from httpcore._sync.connection_pool import PoolByteStream as _SyncPoolStream
+    from httpcore._sync.http11 import HTTP11Connection as _SyncH11Connection
+    from httpcore._sync.http11 import HTTP11ConnectionByteStream as _SyncH11Stream
+    from httpx._client import BoundAsyncStream as _BoundAsync
+    from httpx._client import BoundSyncStream as _BoundSync
+    from httpx._transports.default import AsyncResponseStream as _AsyncTransportStream
+    from httpx._transports.default import ResponseStream as _SyncTransportStream
+    from httpx._transports.default import map_httpcore_exceptions as _map_errors
+
+    _AVAILABLE = True
+except ImportError:  # pragma: no cover - an httpx or httpcore this was not written for
+    _AVAILABLE = False
+
+
+def _drain(state: h11.Connection) -> tuple[list[bytes], bool]:
+    """Every body byte h11 holds now, and whether the body has ended."""
+    parts: list[bytes] = []
+    next_event = state.next_event
+    data_type = h11.Data
+    while True:
+        event = next_event()
+        if type(event) is data_type:
+            parts.append(event.data)
+        elif event is h11.NEED_DATA:
+            return parts, False
+        elif type(event) is h11.EndOfMessage or event is h11.PAUSED:
+            return parts, True
+        # Anything else (none is expected mid-body) carries no body bytes.
+
+
+def _raise_as_httpx(exc: Exception) -> NoReturn:
+    """Raise ``exc`` as httpx would have, so callers see one error vocabulary."""
+    if isinstance(exc, h11.RemoteProtocolError):
+        exc = httpcore.RemoteProtocolError(str(exc))
+    with _map_errors():
+        raise exc
+    raise exc  # pragma: no cover - the mapping always raises
+
+
+class _BodyState:
+    """What both readers share: the h11 state, the socket and the read timeout."""
+
+    __slots__ = ("_ended", "_extensions", "_network", "_state")
+
+    def __init__(self, state: h11.Connection, network: Any, extensions: dict[str, Any]) -> None:
+        self._state = state
+        self._network = network
+        self._extensions = extensions
+        self._ended = False
+
+    def _take(self) -> bytes | None:
+        """The body bytes h11 has completed; None when a network read is needed."""
+        parts, ended = _drain(self._state)
+        if ended:
+            self._ended = True
+        if parts:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        return b"" if ended else None
+
+    def _read_timeout(self) -> float | None:
+        # Read each time: the stream moves it from the header wait to the body backstop.
+        timeout = self._extensions.get("timeout")
+        return timeout.get("read") if isinstance(timeout, dict) else None
+
+
+class _AsyncBody(_BodyState):
+    __slots__ = ()
+
+    def __aiter__(self) -> _AsyncBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            while not self._ended:
+                data = self._take()
+                if data:
+                    return data
+                if data is None:
+                    read = await self._network.read(READ_SIZE, timeout=self._read_timeout())
+                    self._state.receive_data(read)
+        except Exception as exc:  # the read, or h11 finding the body cut short
+            _raise_as_httpx(exc)
+        raise StopAsyncIteration
+
+
+class _SyncBody(_BodyState):
+    __slots__ = ()
+
+    def __iter__(self) -> _SyncBody:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            while not self._ended:
+                data = self._take()
+                if data:
+                    return data
+                if data is None:
+                    read = self._network.read(READ_SIZE, timeout=self._read_timeout())
+                    self._state.receive_data(read)
+        except Exception as exc:  # the read, or h11 finding the body cut short
+            _raise_as_httpx(exc)
+        raise StopIteration
+
+
+def _connection_of(response: httpx.Response, blocking: bool) -> tuple[h11.Connection, Any] | None:
+    """Walk httpx's stream down to httpcore's HTTP/1.1 connection: its h11 state and socket."""
+    if not (
+        _AVAILABLE
+        and response.http_version == "HTTP/1.1"
+        and "content-encoding" not in response.headers
+        and "trace" not in response.request.extensions
+    ):
+        return None
+    if blocking:
+        layers: tuple[type, ...] = (
+            _BoundSync,
+            _SyncTransportStream,
+            _SyncPoolStream,
+            _SyncH11Stream,
+        )
+        connection_type: type = _SyncH11Connection
+    else:
+        layers = (_BoundAsync, _AsyncTransportStream, _AsyncPoolStream, _AsyncH11Stream)
+        connection_type = _AsyncH11Connection
+    stream: object = response.stream
+    attributes = ("_stream", "_httpcore_stream", "_stream", "_connection")
+    for layer, attribute in zip(layers, attributes, strict=True):
+        if type(stream) is not layer:
+            return None
+        stream = getattr(stream, attribute, None)
+    if type(stream) is not connection_type:
+        return None
+    state = getattr(stream, "_h11_state", None)
+    network = getattr(stream, "_network_stream", None)
+    if not isinstance(state, h11.Connection) or network is None:
+        return None
+    if state.their_state is not h11.SEND_BODY:
+        return None
+    return state, network
+
+
+def async_body_reader(response: httpx.Response) -> AsyncIterator[bytes] | None:
+    """An iterator over ``response``'s body by network read, or None if it can't be had.
+
+    Example::
+
+        reader = async_body_reader(response) or response.aiter_raw()
+    """
+    found = _connection_of(response, blocking=False)
+    return None if found is None else _AsyncBody(*found, response.request.extensions)
+
+
+def sync_body_reader(response: httpx.Response) -> Iterator[bytes] | None:
+    """The blocking twin of :func:`async_body_reader`.
+
+    Example::
+
+        reader = sync_body_reader(response) or response.iter_raw()
+    """
+    found = _connection_of(response, blocking=True)
+    return None if found is None else _SyncBody(*found, response.request.extensions)
+
+
+def aiter_body(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The cheapest iterator over ``response``'s body bytes that is correct for it.
+
+    By network read when :func:`async_body_reader` can; else httpx's own body stream,
+    one layer below ``aiter_raw()`` (its download counter and chunker are unused here);
+    else, for a content-encoded body, ``aiter_bytes()``, which decodes it.
+
+    Example::
+
+        async for data in aiter_body(response):
+            events = decoder.feed(data)
+    """
+    reader = async_body_reader(response)
+    if reader is not None:
+        return reader
+    if "content-encoding" in response.headers:
+        return response.aiter_bytes()
+    return response.stream.__aiter__()  # type: ignore[union-attr]
+
+
+def iter_body(response: httpx.Response) -> Iterator[bytes]:
+    """The blocking twin of :func:`aiter_body`.
+
+    Example::
+
+        for data in iter_body(response):
+            events = decoder.feed(data)
+    """
+    reader = sync_body_reader(response)
+    if reader is not None:
+        return reader
+    if "content-encoding" in response.headers:
+        return response.iter_bytes()
+    return response.stream.__iter__()  # type: ignore[union-attr]

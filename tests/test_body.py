@@ -1,0 +1,131 @@
+"""Reading bodies by network read (`_body`): same bytes, same connection reuse, same errors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from llmstream._body import aiter_body, async_body_reader, iter_body, sync_body_reader
+from llmstream.testing import FakeVLLM, Fault
+
+ANSWER = "one two three four five six seven eight nine ten"
+BODY = {"model": "llmstream/fake-model", "messages": [{"role": "user", "content": "hi"}]}
+STREAM_BODY = {**BODY, "stream": True}
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    with FakeVLLM(ANSWER).serve() as running:
+        yield running.base_url
+
+
+def _local_port(response: httpx.Response) -> int:
+    stream = response.extensions["network_stream"]
+    return int(stream.get_extra_info("socket").getsockname()[1])
+
+
+def _same_shape(body: bytes) -> bytes:
+    """The body without what differs between two requests (ids, timestamps)."""
+    body = re.sub(rb'"id": ?"[^"]*"', b'"id":""', body)
+    return re.sub(rb'"created": ?\d+', b'"created":0', body)
+
+
+def _expected(url: str) -> bytes:
+    with httpx.Client() as http:
+        response = http.post(f"{url}/chat/completions", json=STREAM_BODY)
+        return _same_shape(response.content)
+
+
+def test_sync_reader_gives_httpx_bytes_and_reuses_the_connection(server: str) -> None:
+    expected = _expected(server)
+    ports = []
+    with httpx.Client() as http:
+        for _ in range(2):
+            request = http.build_request("POST", f"{server}/chat/completions", json=STREAM_BODY)
+            response = http.send(request, stream=True)
+            assert sync_body_reader(response) is not None  # the fast path is taken
+            ports.append(_local_port(response))
+            assert _same_shape(b"".join(iter_body(response))) == expected
+            response.close()
+    assert ports[0] == ports[1]  # read to its end, the connection went back to the pool
+
+
+@pytest.mark.anyio
+async def test_async_reader_gives_httpx_bytes_and_reuses_the_connection(server: str) -> None:
+    expected = _expected(server)
+    ports = []
+    async with httpx.AsyncClient() as http:
+        for _ in range(2):
+            request = http.build_request("POST", f"{server}/chat/completions", json=STREAM_BODY)
+            response = await http.send(request, stream=True)
+            assert async_body_reader(response) is not None
+            ports.append(_local_port(response))
+            body = b"".join([part async for part in aiter_body(response)])
+            assert _same_shape(body) == expected
+            await response.aclose()
+    assert ports[0] == ports[1]
+
+
+def test_a_read_holds_every_chunk_it_completed(server: str) -> None:
+    # The emulator writes the whole answer at once: far fewer reads than events.
+    with httpx.Client() as http:
+        with http.stream("POST", f"{server}/chat/completions", json=STREAM_BODY) as response:
+            reads = list(iter_body(response))
+    assert b"".join(reads).count(b"\n\n") > len(reads)
+
+
+def test_a_body_cut_short_is_httpx_remote_protocol_error() -> None:
+    fake = FakeVLLM(ANSWER)
+    fake.add_fault(Fault.disconnect(after_chunks=3))
+    with fake.serve() as running, httpx.Client() as http:
+        url = f"{running.base_url}/chat/completions"
+        with http.stream("POST", url, json=STREAM_BODY) as response:
+            received = b""
+            with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+                for part in iter_body(response):
+                    received += part
+    assert received.count(b"data: ") >= 1  # what came before the cut was delivered
+
+
+@pytest.mark.anyio
+async def test_a_stalled_body_is_httpx_read_timeout() -> None:
+    fake = FakeVLLM(ANSWER)
+    fake.add_fault(Fault.stall(after_chunks=2, seconds=5))
+    with fake.serve() as running:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=0.2)) as http:
+            request = http.build_request(
+                "POST", f"{running.base_url}/chat/completions", json=STREAM_BODY
+            )
+            response = await http.send(request, stream=True)
+            with pytest.raises(httpx.ReadTimeout):
+                async for _ in aiter_body(response):
+                    pass
+            await response.aclose()
+
+
+def test_other_transports_keep_httpx_iteration() -> None:
+    fake = FakeVLLM(ANSWER)
+    with httpx.Client(transport=fake.transport()) as http:
+        url = "http://fake/v1/chat/completions"
+        with http.stream("POST", url, json=STREAM_BODY) as response:
+            assert sync_body_reader(response) is None
+            assert b"data: [DONE]" in b"".join(iter_body(response))
+
+
+def test_content_encoded_bodies_are_decoded() -> None:
+    import gzip
+
+    payload = b'data: {"x": 1}\n\ndata: [DONE]\n\n'
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-encoding": "gzip"}, content=gzip.compress(payload)
+        )
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as http:
+        with http.stream("POST", "http://x/v1/chat/completions") as response:
+            assert sync_body_reader(response) is None
+            assert b"".join(iter_body(response)) == payload
