@@ -52,6 +52,7 @@ CLIENTS = {
     "llmstream-async": "llmstream AsyncClient.stream, async for text (defaults)",
     "hand-rolled": "httpx.AsyncClient + httpx_sse.aconnect_sse + json.loads",
     "openai": "openai AsyncOpenAI chat.completions.create(stream=True)",
+    "raw-floor": "asyncio Protocol, one connection per request, finds content (floor)",
 }
 
 EMULATOR = r"""
@@ -74,32 +75,36 @@ def _limits():
     return httpx.Limits(max_connections=None, max_keepalive_connections=None)
 
 
+SHARDS = 16
+
+
 def _pools(factory, streams: int, pool: str) -> list:
-    """One shared client, or one client (and connection pool) per stream, made up front."""
+    """One shared client, one client (and pool) per stream, or ``SHARDS`` clients shared."""
     if pool == "shared":
         return [factory()] * streams
+    if pool == "sharded":
+        made = [factory() for _ in range(min(SHARDS, streams))]
+        return [made[i % len(made)] for i in range(streams)]
     return [factory() for _ in range(streams)]
 
 
 async def _open_llmstream(url: str, streams: int, pool: str):
-    import httpx
-
     import llmstream
 
     def make():
-        http = httpx.AsyncClient(limits=_limits(), timeout=60)
-        return llmstream.AsyncClient(url, model=MODEL, api_key="bench", http_client=http), http
+        # llmstream's own connection pool, as a user gets it (DEFAULT_LIMITS).
+        return llmstream.AsyncClient(url, model=MODEL, api_key="bench")
 
     clients = _pools(make, streams, pool)
 
     async def stream(i: int, n: int, on_text) -> None:
-        async with clients[i][0].stream(MESSAGES, max_tokens=n) as s:
+        async with clients[i].stream(MESSAGES, max_tokens=n) as s:
             async for text in s:
                 on_text(text)
 
     async def close() -> None:
-        for _client, http in {id(c): c for c in clients}.values():
-            await http.aclose()
+        for client in {id(c): c for c in clients}.values():
+            await client.aclose()
 
     return stream, close
 
@@ -155,10 +160,64 @@ async def _open_openai(url: str, streams: int, pool: str):
     return stream, close
 
 
+async def _open_raw_floor(url: str, streams: int, pool: str):
+    """The least one event loop can do per chunk: a Protocol, no HTTP library, no JSON."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port, path = parts.hostname, parts.port, parts.path + "/chat/completions"
+    loop = asyncio.get_running_loop()
+    marker = b'"content":"'
+
+    class Floor(asyncio.Protocol):
+        def __init__(self, on_text, done: asyncio.Future) -> None:
+            self.on_text, self.done, self.tail = on_text, done, b""
+
+        def data_received(self, data: bytes) -> None:
+            data = self.tail + data
+            at = data.find(marker)
+            while at >= 0:
+                end = data.find(b'"', at + len(marker))
+                if end < 0:
+                    break
+                if end > at + len(marker):  # the role and finish chunks carry ""
+                    self.on_text(data[at + len(marker) : end].decode())
+                at = data.find(marker, end)
+            self.tail = data[at:] if at >= 0 else data[-len(marker) :]
+            if b"[DONE]" in data and not self.done.done():
+                self.done.set_result(None)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not self.done.done():
+                self.done.set_result(None)
+
+    async def stream(i: int, n: int, on_text) -> None:
+        body = json.dumps(
+            {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": n}
+        ).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        done = loop.create_future()
+        transport, _ = await loop.create_connection(lambda: Floor(on_text, done), host, port)
+        transport.write(head.encode() + body)
+        try:
+            await done
+        finally:
+            transport.close()
+
+    async def close() -> None:
+        pass
+
+    return stream, close
+
+
 OPENERS = {
     "llmstream-async": _open_llmstream,
     "hand-rolled": _open_hand_rolled,
     "openai": _open_openai,
+    "raw-floor": _open_raw_floor,
 }
 
 
@@ -329,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lockstep", action="store_true", help="start every stream at once")
     parser.add_argument(
         "--pool",
-        choices=["shared", "per-stream"],
+        choices=["shared", "sharded", "per-stream"],
         default="shared",
-        help="one HTTP client for every stream, or one per stream (made up front)",
+        help="one HTTP client for every stream, 16 shared round-robin, or one per stream",
     )
     parser.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated subset")
     parser.add_argument("--quick", action="store_true", help="64 streams x 20 tokens, 1 round")

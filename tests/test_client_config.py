@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
+import anyio
 import httpx
 import pytest
 import respx
 
 import llmstream
+from llmstream.testing import FakeVLLM
 
 URL = "http://vllm.test/v1"
 SSE_OK = (
@@ -220,3 +222,29 @@ def test_public_names_are_exported() -> None:
     for name in llmstream.__all__:
         assert getattr(llmstream, name) is not None
     assert llmstream.AsyncClient.__module__ == "llmstream"
+
+
+@pytest.mark.anyio
+async def test_more_than_a_hundred_streams_run_at_once_on_the_default_pool() -> None:
+    # httpx's own default pool holds 100 connections: stream 101 would wait for one.
+    streams = 110
+    started = 0
+    all_started = anyio.Event()
+    with FakeVLLM("a b c", token_delay=0.01).serve() as server:
+        async with llmstream.AsyncClient(server.base_url) as client:
+
+            async def one() -> None:
+                nonlocal started
+                async with client.stream("hi") as stream:
+                    async for _ in stream:
+                        started += 1
+                        if started == streams:
+                            all_started.set()
+                        await all_started.wait()  # hold this stream's connection open
+                        break
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(streams):
+                        tg.start_soon(one)
+    assert started == streams

@@ -358,3 +358,11 @@ async def test_resume_honours_retry_after_and_its_cap(mode: str) -> None:
     outcome = await collect(mode, **_client(fake, retry=policy))
     assert isinstance(outcome.error, llmstream.RateLimitError)
     assert time.perf_counter() - started < 1.0
+
+
+def test_retryable_tells_what_another_try_could_fix() -> None:
+    policy = llmstream.RetryPolicy()
+    assert policy.retryable(llmstream.APIConnectionError("refused"))
+    assert policy.retryable(llmstream.StreamInterrupted("cut", partial=None))
+    assert policy.retryable(llmstream.IdleTimeout("stalled", partial=None))
+    assert not policy.retryable(llmstream.TotalTimeout("time is spent", partial=None))

@@ -24,6 +24,7 @@ from ._budget import (
     tokenize_request_body,
 )
 from ._config import (
+    DEFAULT_LIMITS,
     Secret,
     resolve_api_key,
     resolve_base_url,
@@ -219,7 +220,9 @@ class AsyncClient(_BaseClient):
     default), a number of retries, or a ``tenacity.Retrying`` to take the
     strategies from. ``http_client`` lets you
     bring your own ``httpx.AsyncClient`` (proxies, TLS, limits); the client is
-    then yours to close. ``transport`` plugs an httpx transport in, e.g.
+    then yours to close. Without one, the client's own pool opens up to 1,000
+    connections, so hundreds of streams run at once, and keeps 20 idle.
+    ``transport`` plugs an httpx transport in, e.g.
     ``llmstream.testing.FakeVLLM().transport()``. ``include_usage`` asks the
     server for exact token counts (``stream_options.include_usage``).
     ``max_line_bytes``/``max_event_bytes`` bound what one SSE line or event may
@@ -285,7 +288,9 @@ class AsyncClient(_BaseClient):
         )
         self._owns_http = http_client is None
         # Redirects are not followed: one to another host would carry the API key.
-        self._http = http_client or httpx.AsyncClient(follow_redirects=False, transport=transport)
+        self._http = http_client or httpx.AsyncClient(
+            follow_redirects=False, transport=transport, limits=DEFAULT_LIMITS
+        )
         self._model_lock = anyio.Lock()
 
     async def __aenter__(self) -> AsyncClient:
@@ -493,7 +498,9 @@ class Client(_BaseClient):
             budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
         )
         self._owns_http = http_client is None
-        self._http = http_client or httpx.Client(follow_redirects=False, transport=transport)
+        self._http = http_client or httpx.Client(
+            follow_redirects=False, transport=transport, limits=DEFAULT_LIMITS
+        )
         self._model_lock = threading.Lock()
 
     def __enter__(self) -> Client:

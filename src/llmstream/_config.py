@@ -24,6 +24,14 @@ __all__ = [
 
 DEFAULT_BASE_URL = "http://localhost:8000/v1"
 
+# The connection pool of a client llmstream makes itself. httpx's default of 100
+# connections would make stream 101 wait silently for a free one; a streaming gateway
+# holds hundreds open. Idle connections stay at httpx's 20: httpcore's pool does work
+# per pooled idle connection for every request it opens or closes (a poll of the socket
+# and a scan of the pool), which at hundreds of them cost more CPU than the streams
+# (benchmarks/PROFILE.md); a new connection to vLLM costs far less than that.
+DEFAULT_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=20)
+
 
 class Secret:
     """A string that never shows itself in a repr, str or traceback.

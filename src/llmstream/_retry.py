@@ -27,6 +27,7 @@ from ._errors import (
     LLMStreamError,
     ServerStreamError,
     StreamInterrupted,
+    TotalTimeout,
 )
 
 __all__ = [
@@ -143,7 +144,14 @@ class RetryPolicy:
         )
 
     def retryable(self, error: LLMStreamError) -> bool:
-        """Whether ``error`` is of a kind that may succeed on another try."""
+        """Whether ``error`` is of a kind that may succeed on another try.
+
+        Example::
+
+            RetryPolicy().retryable(error)  # True for a 503, False for a 404
+        """
+        if isinstance(error, TotalTimeout):
+            return False  # the whole call's time is spent: no try can fit in it
         if isinstance(error, APIStatusError):
             status = error.status_code
             return status not in NEVER_RETRY_STATUSES and status in self.retry_statuses
