@@ -73,6 +73,38 @@ EXPECTED: dict[str, list[str]] = {
         "as Retry-After says\n[alice] 200, ",
     ],
     "testing_your_app.py": ["5 passed"],
+    "fleet_routing.py": [
+        # replica-b is down: the call fails over before its first token.
+        "  fleet: dave -> replica-b (0 in flight)\n"
+        "  fleet: replica-b failed (APIConnectionError); down for 30 s\n"
+        "  fleet: dave -> replica-c (0 in flight)\n"
+        "  answer: Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.",
+        # Both turns of one conversation go to the same replica.
+        "  fleet: carol -> replica-a (0 in flight)\n"
+        "  turn 1: Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.\n"
+        "  fleet: carol -> replica-a (0 in flight)\n",
+        # Four at once spread over the two healthy replicas (replica-b is still down).
+        "  fleet: call -> replica-c (0 in flight)\n"
+        "  fleet: call -> replica-a (0 in flight)\n"
+        "  fleet: call -> replica-c (1 in flight)\n"
+        "  fleet: call -> replica-a (1 in flight)\n",
+        # replica-c breaks after 15 characters; replica-a continues; the text arrives once.
+        "  fleet: alice -> replica-c (0 in flight)\n"
+        "  fleet: replica-c broke after 15 chars (StreamInterrupted); down for 30 s\n"
+        "  fleet: continuing after 15 chars on replica-a\n"
+        "  answer: Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.\n"
+        "  the whole answer, every character once: True",
+        # A 404 is the request's fault: raised, not failed over.
+        "  fleet: bob -> replica-a (0 in flight)\n  NotFoundError (404), raised to the caller",
+    ],
+    "bench.py": [
+        "8 streams x 64 tokens, against the built-in emulator",
+        "time to first token   p50 ",
+        "inter-token latency   p50 ",
+        "tokens/s overall (512 tokens in ",
+        "client CPU ",
+        " us per chunk (",
+    ],
     "fastapi_relay.py": [
         "[browser] 'word0 '",
         "[browser] closing the tab",
