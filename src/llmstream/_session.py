@@ -9,6 +9,7 @@ and :meth:`StreamSession.end_of_body`; every protocol decision is made here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -38,7 +39,11 @@ PromptSourceName = Literal["server", "tokenizer", "estimate", "unknown"]
 _DONE = "[DONE]"
 # Errors are built where the problem is seen and given the real partial result by fail().
 _PLACEHOLDER = StreamResult(status="error")
-_parse_chunk = ChatCompletionChunk.model_validate_json
+# The model's validator itself: model_validate_json() is a Python wrapper around it whose
+# own cost (~0.4 us) is measurable per chunk. Same validation, same result type.
+_parse_chunk: Callable[[str], ChatCompletionChunk] = (
+    ChatCompletionChunk.__pydantic_validator__.validate_json
+)
 
 
 class StreamSession:
@@ -184,6 +189,7 @@ class StreamSession:
         add = self._assembler.add
         max_chunks = self._max_chunks
         account = self.account
+        parse = _parse_chunk
         try:
             if self._max_bytes is not None:
                 self._count_bytes(len(data))
@@ -194,7 +200,13 @@ class StreamSession:
                 if event_type == "error":
                     # Some servers name error events instead of shaping the JSON.
                     raise _server_error({"error": _error_body(payload)})
-                chunk = self._parse(payload)
+                try:
+                    chunk = parse(payload)
+                except ValidationError as exc:
+                    raise ProtocolError(_describe_bad_chunk(exc, payload)) from None
+                extra = chunk.__pydantic_extra__
+                if (extra and "error" in extra) or chunk.object == "error":
+                    raise _server_error(extra or {})
                 if max_chunks is not None and metrics.chunks >= max_chunks:
                     raise StreamLimitExceeded(
                         f"The server sent more than max_chunks={max_chunks} chunks; the stream "
@@ -327,16 +339,6 @@ class StreamSession:
         self._status = status
         exc.partial = self.result(now)
         return exc
-
-    def _parse(self, payload: str) -> ChatCompletionChunk:
-        try:
-            chunk = _parse_chunk(payload)
-        except ValidationError as exc:
-            raise ProtocolError(_describe_bad_chunk(exc, payload)) from None
-        extra = chunk.__pydantic_extra__
-        if (extra and "error" in extra) or chunk.object == "error":
-            raise _server_error(extra or {})
-        return chunk
 
 
 def _server_error(extra: dict[str, Any]) -> ServerStreamError:
