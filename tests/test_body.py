@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import anyio
 import httpx
 import pytest
 
@@ -129,3 +130,41 @@ def test_content_encoded_bodies_are_decoded() -> None:
         with http.stream("POST", "http://x/v1/chat/completions") as response:
             assert sync_body_reader(response) is None
             assert b"".join(iter_body(response)) == payload
+
+
+@pytest.mark.anyio
+async def test_a_watched_reader_reads_the_same_bytes_and_a_cancel_cuts_its_wait(
+    server: str,
+) -> None:
+    expected = _expected(server)
+    async with httpx.AsyncClient() as http:
+        url = f"{server}/chat/completions"
+        async with http.stream("POST", url, json=STREAM_BODY) as response:
+            body = b"".join([part async for part in aiter_body(response, watched=True)])
+        assert _same_shape(body) == expected
+
+    fake = FakeVLLM(ANSWER)
+    fake.add_fault(Fault.stall(after_chunks=2, seconds=30))
+    with fake.serve() as running:
+        async with httpx.AsyncClient() as http:
+            url = f"{running.base_url}/chat/completions"
+            async with http.stream("POST", url, json=STREAM_BODY) as response:
+                reader = aiter_body(response, watched=True)
+                # No timeout of its own: the caller's deadline (a cancel scope) cuts the wait.
+                with anyio.move_on_after(0.2) as scope:
+                    async for _ in reader:
+                        pass
+                assert scope.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_a_watched_reader_cut_short_is_httpx_remote_protocol_error() -> None:
+    fake = FakeVLLM(ANSWER)
+    fake.add_fault(Fault.disconnect(after_chunks=3))
+    with fake.serve() as running:
+        async with httpx.AsyncClient() as http:
+            url = f"{running.base_url}/chat/completions"
+            async with http.stream("POST", url, json=STREAM_BODY) as response:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    async for _ in aiter_body(response, watched=True):
+                        pass

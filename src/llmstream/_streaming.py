@@ -792,7 +792,8 @@ class AsyncChatStream(_StreamBase):
             raise status_error(response.status_code, response.reason_phrase, response.headers, body)
         self._open_session(response)
         self._body_read_timeout(response)
-        self._reader = aiter_body(response)
+        # The watchdog and the per-read scope of _read_with_deadline enforce the deadlines.
+        self._reader = aiter_body(response, watched=True)
         self._live = True
 
     async def _recover(self, error: LLMStreamError) -> bool:
