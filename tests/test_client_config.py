@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from typing import Any
 
 import anyio
 import httpx
@@ -11,7 +13,7 @@ import pytest
 import respx
 
 import llmstream
-from llmstream.testing import FakeVLLM
+from llmstream.testing import FakeVLLM, Fault
 
 URL = "http://vllm.test/v1"
 SSE_OK = (
@@ -248,3 +250,60 @@ async def test_more_than_a_hundred_streams_run_at_once_on_the_default_pool() -> 
                     for _ in range(streams):
                         tg.start_soon(one)
     assert started == streams
+    # The first streams keep their connections for reuse; once 20 are in flight, the
+    # others ask the server to close theirs at the end (the pool then stays small).
+    chats = [r for r in server.fake.requests if r.path.endswith("/chat/completions")]
+    closing = [r for r in chats if r.headers.get("connection", "").lower() == "close"]
+    assert len(chats) == streams and len(closing) == streams - 20
+    assert client._requests_in_flight == 0
+
+
+FAULTS = [
+    Fault.http_status(503),
+    Fault.http_status(404),
+    Fault.disconnect(after_chunks=3),
+    Fault.disconnect_before_headers(),
+    Fault.inband_error(after_chunks=2),
+    Fault.stall(after_chunks=2, seconds=5),
+]
+IN_FLIGHT_OPTIONS: dict[str, Any] = {
+    "retry": 0,
+    "timeout": llmstream.Timeouts(connect=5, idle=0.3),
+}
+
+
+def _one_call_sync(client: llmstream.Client) -> None:
+    with contextlib.suppress(llmstream.LLMStreamError), client.stream("Hi") as stream:
+        for _ in stream:
+            if len(stream.snapshot().text) > 8:
+                break  # the calls without a fault end early
+
+
+async def _one_call_async(client: llmstream.AsyncClient) -> None:
+    with contextlib.suppress(llmstream.LLMStreamError):
+        async with client.stream("Hi") as stream:
+            async for _ in stream:
+                if len(stream.snapshot().text) > 8:
+                    break
+
+
+@pytest.mark.anyio
+async def test_streams_in_flight_are_counted_back_to_zero_whatever_ends_them() -> None:
+    fake = FakeVLLM("one two three four five six", token_delay=0.001)
+    with fake.serve() as server:
+        async with llmstream.AsyncClient(server.base_url, **IN_FLIGHT_OPTIONS) as client:
+            for fault in [*FAULTS, None]:
+                if fault is not None:
+                    fake.add_fault(fault)
+                await _one_call_async(client)
+            assert client._requests_in_flight == 0
+
+
+def test_sync_streams_in_flight_are_counted_back_to_zero_whatever_ends_them() -> None:
+    fake = FakeVLLM("one two three four five six", token_delay=0.001)
+    with fake.serve() as server, llmstream.Client(server.base_url, **IN_FLIGHT_OPTIONS) as client:
+        for fault in [*FAULTS, None]:
+            if fault is not None:
+                fake.add_fault(fault)
+            _one_call_sync(client)
+        assert client._requests_in_flight == 0

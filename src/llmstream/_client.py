@@ -25,6 +25,7 @@ from ._budget import (
 )
 from ._config import (
     DEFAULT_LIMITS,
+    KEEP_ALIVE_BELOW,
     Secret,
     resolve_api_key,
     resolve_base_url,
@@ -78,6 +79,10 @@ class _BaseClient:
             raise InvalidRequestError("max_line_bytes and max_event_bytes must be positive")
         self._max_line_bytes = max_line_bytes
         self._max_event_bytes = max_event_bytes
+        # Stream requests of this client sent and not yet closed; a lock because the
+        # sync client's streams open and close from many threads.
+        self._requests_in_flight = 0
+        self._open_lock = threading.Lock()
 
     @property
     def model(self) -> str | None:
@@ -140,6 +145,13 @@ class _BaseClient:
         headers["Accept"] = "text/event-stream"
         # identity: a compressing proxy would hold tokens back to fill its buffers.
         headers["Accept-Encoding"] = "identity"
+        if self._requests_in_flight >= KEEP_ALIVE_BELOW:
+            # Many streams at once: this connection is not kept for reuse. httpcore's
+            # pool scans all its connections for each idle one on every request it opens
+            # or closes; hundreds of pooled connections made opening a stream take
+            # seconds under load (benchmarks/PROFILE.md). A quiet client keeps its
+            # connections alive.
+            headers["Connection"] = "close"
         return http.build_request(
             "POST",
             f"{self.base_url}/chat/completions",
@@ -147,6 +159,14 @@ class _BaseClient:
             headers=headers,
             timeout=timeout,
         )
+
+    def _request_started(self) -> None:
+        with self._open_lock:
+            self._requests_in_flight += 1
+
+    def _request_ended(self) -> None:
+        with self._open_lock:
+            self._requests_in_flight -= 1
 
     def _get_timeout(self) -> httpx.Timeout:
         connect = self.timeouts.connect
@@ -423,6 +443,10 @@ class AsyncClient(_BaseClient):
         return _json_of(response, url)
 
     async def _resolve_model(self) -> str:
+        if self._model is not None:
+            # Known: no lock. Under load, hundreds of streams queueing on the lock for a
+            # value that never changes took seconds to open.
+            return self._model
         async with self._model_lock:
             if self._model is None:
                 self._model = self._first_model(await self._get(self._models_url()))
@@ -621,6 +645,8 @@ class Client(_BaseClient):
         return parse_tokenize_response(_json_of(response, url))
 
     def _resolve_model(self) -> str:
+        if self._model is not None:
+            return self._model  # known: no lock (see AsyncClient._resolve_model)
         with self._model_lock:
             if self._model is None:
                 self._model = self._first_model(self._get(self._models_url()))

@@ -31,6 +31,9 @@ DEFAULT_BASE_URL = "http://localhost:8000/v1"
 # and a scan of the pool), which at hundreds of them cost more CPU than the streams
 # (benchmarks/PROFILE.md); a new connection to vLLM costs far less than that.
 DEFAULT_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=20)
+# With this many streams of one client open, a new one asks the server to close its
+# connection when it ends (see _chat_request): the pool then holds only live connections.
+KEEP_ALIVE_BELOW = 20
 
 
 class Secret:

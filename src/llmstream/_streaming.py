@@ -771,16 +771,21 @@ class AsyncChatStream(_StreamBase):
         timeout = self._begin_attempt()
         request = await client._request_for(self._next_body, timeout)
         found = self._deadline()
+        client._request_started()  # until _drop_response, or the failure below
         try:
             with anyio.move_on_after(found[0] - _now() if found else math.inf) as scope:
                 response = await client._http.send(request, stream=True)
-        except httpx.ReadTimeout as exc:
-            # No headers in time; vLLM sends them with the first token.
-            found = self._deadline()
-            raise self._timeout_error(found[1] if found else "first_token") from exc
-        except httpx.HTTPError as exc:
-            raise connection_error(exc, str(request.url), self._timeouts) from exc
+        except BaseException as exc:
+            client._request_ended()
+            if isinstance(exc, httpx.ReadTimeout):
+                # No headers in time; vLLM sends them with the first token.
+                found = self._deadline()
+                raise self._timeout_error(found[1] if found else "first_token") from exc
+            if isinstance(exc, httpx.HTTPError):
+                raise connection_error(exc, str(request.url), self._timeouts) from exc
+            raise
         if scope.cancelled_caught:
+            client._request_ended()
             assert found is not None
             raise self._timeout_error(found[1])
         self._response = response
@@ -962,6 +967,7 @@ class AsyncChatStream(_StreamBase):
         if response is None or self._response_closed:
             return
         self._response_closed = True
+        self._client._request_ended()
         if not self._exhausted:
             _shutdown_socket(response)  # an unread body: the server must see the close now
         with anyio.CancelScope(shield=True):
@@ -1274,14 +1280,18 @@ class ChatStream(_StreamBase):
         client = self._client
         timeout = self._begin_attempt()
         request = client._request_for(self._next_body, timeout)
+        client._request_started()  # until _drop_response, or the failure below
         try:
             response = client._http.send(request, stream=True)
-        except httpx.ReadTimeout as exc:
-            # No headers in time; vLLM sends them with the first token.
-            found = self._deadline()
-            raise self._timeout_error(found[1] if found else "first_token") from exc
-        except httpx.HTTPError as exc:
-            raise connection_error(exc, str(request.url), self._timeouts) from exc
+        except BaseException as exc:
+            client._request_ended()
+            if isinstance(exc, httpx.ReadTimeout):
+                # No headers in time; vLLM sends them with the first token.
+                found = self._deadline()
+                raise self._timeout_error(found[1] if found else "first_token") from exc
+            if isinstance(exc, httpx.HTTPError):
+                raise connection_error(exc, str(request.url), self._timeouts) from exc
+            raise
         with self._response_lock:
             self._response = response
         if self._closed or self._cancelled:
@@ -1407,6 +1417,7 @@ class ChatStream(_StreamBase):
             self._live = False
         if response is None:
             return
+        self._client._request_ended()
         if not self._exhausted:
             _shutdown_socket(response)
         response.close()
