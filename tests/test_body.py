@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import httpx
@@ -168,3 +172,18 @@ async def test_a_watched_reader_cut_short_is_httpx_remote_protocol_error() -> No
                 with pytest.raises(httpx.RemoteProtocolError):
                     async for _ in aiter_body(response, watched=True):
                         pass
+
+
+def test_importing_llmstream_leaves_httpcore_for_later() -> None:
+    # httpx imports httpcore (and h11, and trio when installed) only when a client is
+    # made; the body reader loads them on first use, so `import llmstream` stays light.
+    code = "import sys, llmstream; print(sorted({'httpcore', 'h11', 'trio'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env()
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}

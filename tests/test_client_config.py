@@ -232,7 +232,8 @@ async def test_more_than_a_hundred_streams_run_at_once_on_the_default_pool() -> 
     streams = 110
     started = 0
     all_started = anyio.Event()
-    with FakeVLLM("a b c", token_delay=0.01).serve() as server:
+    # A long answer: every stream is still being generated when the last one starts.
+    with FakeVLLM(tokens=["tok "] * 1000, token_delay=0.05).serve() as server:
         async with llmstream.AsyncClient(server.base_url) as client:
 
             async def one() -> None:

@@ -23,62 +23,100 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, NoReturn
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import anyio
 import anyio.abc
-import h11
-import httpcore
 import httpx
+
+if TYPE_CHECKING:
+    import h11
 
 __all__ = ["aiter_body", "async_body_reader", "iter_body", "sync_body_reader"]
 
 # httpcore reads this much per call; the same size keeps syscalls and buffers alike.
 READ_SIZE = 64 * 1024
 
-try:  # The layers below are httpx's and httpcore's internals; any change turns this off.
-    from httpcore._async.connection_pool import PoolByteStream as _AsyncPoolStream
-    from httpcore._async.http11 import AsyncHTTP11Connection as _AsyncH11Connection
-    from httpcore._async.http11 import HTTP11ConnectionByteStream as _AsyncH11Stream
-    from httpcore._backends.anyio import AnyIOStream as _AnyIONetworkStream
-    from httpcore._sync.connection_pool import PoolByteStream as _SyncPoolStream
-    from httpcore._sync.http11 import HTTP11Connection as _SyncH11Connection
-    from httpcore._sync.http11 import HTTP11ConnectionByteStream as _SyncH11Stream
-    from httpx._client import BoundAsyncStream as _BoundAsync
-    from httpx._client import BoundSyncStream as _BoundSync
-    from httpx._transports.default import AsyncResponseStream as _AsyncTransportStream
-    from httpx._transports.default import ResponseStream as _SyncTransportStream
-    from httpx._transports.default import map_httpcore_exceptions as _map_errors
 
-    _AVAILABLE = True
-except ImportError:  # pragma: no cover - an httpx or httpcore this was not written for
-    _AVAILABLE = False
+class _Internals(NamedTuple):
+    """httpx's and httpcore's layers a body passes through, and what maps their errors."""
+
+    h11: ModuleType
+    httpcore: ModuleType
+    async_layers: tuple[type, ...]
+    async_connection: type
+    anyio_stream: type
+    sync_layers: tuple[type, ...]
+    sync_connection: type
+    map_errors: Callable[[], Any]
 
 
-def _drain(state: h11.Connection) -> tuple[list[bytes], bool]:
-    """Every body byte h11 holds now, and whether the body has ended."""
+@functools.cache
+def _internals() -> _Internals | None:
+    # Imported on first use: httpx itself imports httpcore (and h11, and trio when it is
+    # installed) only when a client is made, and `import llmstream` should not either.
+    try:  # These are httpx's and httpcore's internals; any change turns this path off.
+        import h11
+        import httpcore
+        from httpcore._async.connection_pool import PoolByteStream as AsyncPoolStream
+        from httpcore._async.http11 import AsyncHTTP11Connection, HTTP11ConnectionByteStream
+        from httpcore._backends.anyio import AnyIOStream
+        from httpcore._sync.connection_pool import PoolByteStream as SyncPoolStream
+        from httpcore._sync.http11 import HTTP11Connection
+        from httpcore._sync.http11 import HTTP11ConnectionByteStream as SyncH11Stream
+        from httpx._client import BoundAsyncStream, BoundSyncStream
+        from httpx._transports.default import (
+            AsyncResponseStream,
+            ResponseStream,
+            map_httpcore_exceptions,
+        )
+    except ImportError:  # pragma: no cover - an httpx or httpcore this was not written for
+        return None
+    return _Internals(
+        h11=h11,
+        httpcore=httpcore,
+        async_layers=(
+            BoundAsyncStream,
+            AsyncResponseStream,
+            AsyncPoolStream,
+            HTTP11ConnectionByteStream,
+        ),
+        async_connection=AsyncHTTP11Connection,
+        anyio_stream=AnyIOStream,
+        sync_layers=(BoundSyncStream, ResponseStream, SyncPoolStream, SyncH11Stream),
+        sync_connection=HTTP11Connection,
+        map_errors=map_httpcore_exceptions,
+    )
+
+
+def _drain(state: h11.Connection, h: ModuleType) -> tuple[list[bytes], bool]:
+    """Every body byte h11 (the module ``h``) holds now, and whether the body has ended."""
     parts: list[bytes] = []
     next_event = state.next_event
-    data_type = h11.Data
+    data_type = h.Data
     while True:
         event = next_event()
         if type(event) is data_type:
-            parts.append(event.data)
-        elif event is h11.NEED_DATA:
+            parts.append(event.data)  # type: ignore[union-attr]
+        elif event is h.NEED_DATA:
             return parts, False
-        elif type(event) is h11.EndOfMessage or event is h11.PAUSED:
+        elif type(event) is h.EndOfMessage or event is h.PAUSED:
             return parts, True
         # Anything else (none is expected mid-body) carries no body bytes.
 
 
 def _raise_as_httpx(exc: Exception) -> NoReturn:
     """Raise ``exc`` as httpx would have, so callers see one error vocabulary."""
-    if isinstance(exc, h11.RemoteProtocolError):
-        exc = httpcore.RemoteProtocolError(str(exc))
+    internals = _internals()
+    assert internals is not None  # a reader exists only when they loaded
+    if isinstance(exc, internals.h11.RemoteProtocolError):
+        exc = internals.httpcore.RemoteProtocolError(str(exc))
     elif isinstance(exc, anyio.BrokenResourceError | anyio.ClosedResourceError):
-        exc = httpcore.ReadError(str(exc) or type(exc).__name__)
-    with _map_errors():
+        exc = internals.httpcore.ReadError(str(exc) or type(exc).__name__)
+    with internals.map_errors():
         raise exc
     raise exc  # pragma: no cover - the mapping always raises
 
@@ -86,17 +124,20 @@ def _raise_as_httpx(exc: Exception) -> NoReturn:
 class _BodyState:
     """What both readers share: the h11 state, the socket and the read timeout."""
 
-    __slots__ = ("_ended", "_extensions", "_network", "_state")
+    __slots__ = ("_ended", "_extensions", "_h11", "_network", "_state")
 
-    def __init__(self, state: h11.Connection, network: Any, extensions: dict[str, Any]) -> None:
+    def __init__(
+        self, state: h11.Connection, network: Any, extensions: dict[str, Any], h: ModuleType
+    ) -> None:
         self._state = state
         self._network = network
         self._extensions = extensions
+        self._h11 = h
         self._ended = False
 
     def _take(self) -> bytes | None:
         """The body bytes h11 has completed; None when a network read is needed."""
-        parts, ended = _drain(self._state)
+        parts, ended = _drain(self._state, self._h11)
         if ended:
             self._ended = True
         if parts:
@@ -117,9 +158,10 @@ class _AsyncBody(_BodyState):
         state: h11.Connection,
         network: Any,
         extensions: dict[str, Any],
+        h: ModuleType,
         receive: Callable[[int], Awaitable[bytes]] | None,
     ) -> None:
-        super().__init__(state, network, extensions)
+        super().__init__(state, network, extensions, h)
         self._receive = receive
 
     def __aiter__(self) -> _AsyncBody:
@@ -167,26 +209,21 @@ class _SyncBody(_BodyState):
         raise StopIteration
 
 
-def _connection_of(response: httpx.Response, blocking: bool) -> tuple[h11.Connection, Any] | None:
+def _connection_of(
+    response: httpx.Response, internals: _Internals | None, blocking: bool
+) -> tuple[h11.Connection, Any] | None:
     """Walk httpx's stream down to httpcore's HTTP/1.1 connection: its h11 state and socket."""
     if not (
-        _AVAILABLE
+        internals is not None
         and response.http_version == "HTTP/1.1"
         and "content-encoding" not in response.headers
         and "trace" not in response.request.extensions
     ):
         return None
     if blocking:
-        layers: tuple[type, ...] = (
-            _BoundSync,
-            _SyncTransportStream,
-            _SyncPoolStream,
-            _SyncH11Stream,
-        )
-        connection_type: type = _SyncH11Connection
+        layers, connection_type = internals.sync_layers, internals.sync_connection
     else:
-        layers = (_BoundAsync, _AsyncTransportStream, _AsyncPoolStream, _AsyncH11Stream)
-        connection_type = _AsyncH11Connection
+        layers, connection_type = internals.async_layers, internals.async_connection
     stream: object = response.stream
     attributes = ("_stream", "_httpcore_stream", "_stream", "_connection")
     for layer, attribute in zip(layers, attributes, strict=True):
@@ -195,11 +232,12 @@ def _connection_of(response: httpx.Response, blocking: bool) -> tuple[h11.Connec
         stream = getattr(stream, attribute, None)
     if type(stream) is not connection_type:
         return None
+    h = internals.h11
     state = getattr(stream, "_h11_state", None)
     network = getattr(stream, "_network_stream", None)
-    if not isinstance(state, h11.Connection) or network is None:
+    if not isinstance(state, h.Connection) or network is None:
         return None
-    if state.their_state is not h11.SEND_BODY:
+    if state.their_state is not h.SEND_BODY:
         return None
     return state, network
 
@@ -217,16 +255,18 @@ def async_body_reader(
 
         reader = async_body_reader(response) or response.aiter_raw()
     """
-    found = _connection_of(response, blocking=False)
-    if found is None:
+    internals = _internals()
+    found = _connection_of(response, internals, blocking=False)
+    if found is None or internals is None:
         return None
     state, network = found
     receive = None
-    if watched and type(network) is _AnyIONetworkStream:
+    if watched and type(network) is internals.anyio_stream:
         raw = getattr(network, "_stream", None)
         if isinstance(raw, anyio.abc.ByteReceiveStream):
             receive = raw.receive
-    return _AsyncBody(state, network, response.request.extensions, receive)
+    extensions = response.request.extensions
+    return _AsyncBody(state, network, extensions, internals.h11, receive)
 
 
 def sync_body_reader(response: httpx.Response) -> Iterator[bytes] | None:
@@ -236,8 +276,11 @@ def sync_body_reader(response: httpx.Response) -> Iterator[bytes] | None:
 
         reader = sync_body_reader(response) or response.iter_raw()
     """
-    found = _connection_of(response, blocking=True)
-    return None if found is None else _SyncBody(*found, response.request.extensions)
+    internals = _internals()
+    found = _connection_of(response, internals, blocking=True)
+    if found is None or internals is None:
+        return None
+    return _SyncBody(*found, response.request.extensions, internals.h11)
 
 
 def aiter_body(response: httpx.Response, *, watched: bool = False) -> AsyncIterator[bytes]:
