@@ -6,6 +6,7 @@ between tokens, like vLLM's, and records when each client went away.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -191,3 +192,99 @@ async def test_connection_is_reused_after_a_complete_stream_async() -> None:
                     assert "".join([t async for t in stream]) == "short answer"
             assert _pool_size(client._http) == 1
     assert fake.disconnects == []
+
+
+# -- stopped before the response's headers arrived ---------------------------------------
+# vLLM sends the headers with the first token; a long prefill keeps a request waiting there.
+
+
+def _chat_requests(fake: FakeVLLM) -> int:
+    return len([r for r in fake.requests if r.path.endswith("/chat/completions")])
+
+
+async def _until_sent(fake: FakeVLLM) -> None:
+    while not _chat_requests(fake):  # polls the emulator's record: a condition, not a delay
+        await anyio.sleep(0.005)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+async def test_stopping_while_headers_are_awaited_cuts_the_request(how: str) -> None:
+    fake = FakeVLLM("never sent", ttft=30)
+    with fake.serve() as server:
+        async with llmstream.AsyncClient(server.base_url) as client:
+            stream = client.stream("hi")
+
+            async def stop() -> None:
+                await _until_sent(fake)
+                await stream.aclose() if how == "aclose" else stream.cancel()
+
+            with anyio.fail_after(5):  # not the 30 s the headers would take
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(stop)
+                    async with stream:
+                        pieces = [piece async for piece in stream]
+            assert pieces == [] and stream.result.status == "cancelled"
+            assert _chat_requests(fake) == 1  # stopped, not retried
+            assert client._requests_in_flight == 0
+            fake.wait_for_disconnect(timeout=5)  # the server saw the connection close
+
+
+def test_sync_cancel_while_headers_are_awaited_sends_no_other_request() -> None:
+    fake = FakeVLLM("one two", ttft=0.3)
+    with fake.serve() as server, llmstream.Client(server.base_url) as client:
+        stream = client.stream("hi")
+        timer = threading.Thread(target=lambda: (_wait_sent_sync(fake), stream.cancel()))
+        timer.start()
+        with stream:
+            pieces = list(stream)
+        timer.join()
+        assert pieces == [] and stream.result.status == "cancelled"
+        assert _chat_requests(fake) == 1
+        assert client._requests_in_flight == 0
+
+
+def _wait_sent_sync(fake: FakeVLLM) -> None:
+    deadline = time.monotonic() + 5
+    while not _chat_requests(fake) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def error_then_stall() -> Iterator[str]:
+    """A server that sends a 503's headers, then never the body it announced."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\n")
+            stop.wait()
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+@pytest.mark.anyio
+async def test_cancelled_while_reading_an_error_body_releases_the_request(
+    error_then_stall: str,
+) -> None:
+    async with llmstream.AsyncClient(error_then_stall, model="m", retry=0) as client:
+        for _ in range(3):
+            with anyio.move_on_after(0.2) as scope:
+                async with client.stream("hi") as stream:
+                    async for _ in stream:
+                        pass
+            assert scope.cancelled_caught
+        assert client._requests_in_flight == 0

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+import anyio
 import pytest
 import tenacity
 
@@ -366,3 +367,31 @@ def test_retryable_tells_what_another_try_could_fix() -> None:
     assert policy.retryable(llmstream.StreamInterrupted("cut", partial=None))
     assert policy.retryable(llmstream.IdleTimeout("stalled", partial=None))
     assert not policy.retryable(llmstream.TotalTimeout("time is spent", partial=None))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", MODES)
+async def test_no_first_token_limit_means_a_long_prefill_is_waited_out(mode: str) -> None:
+    # first_token=None: no limit before the first token, whatever idle says after it.
+    fake = FakeVLLM("one two three", ttft=0.8)
+    with fake.serve() as server:
+        outcome = await collect(
+            mode,
+            base_url=server.base_url,
+            client_kwargs={"timeout": llmstream.Timeouts(first_token=None, idle=0.2)},
+        )
+    assert outcome.error is None and outcome.text == "one two three"
+
+
+@pytest.mark.anyio
+async def test_a_slow_loop_without_async_with_is_not_server_idleness() -> None:
+    fake = FakeVLLM("one two three four", token_delay=0.02)
+    timeouts = llmstream.Timeouts(idle=0.2)
+    with fake.serve() as server:
+        async with llmstream.AsyncClient(server.base_url, timeout=timeouts) as client:
+            stream = client.stream("hi")  # iterated directly: it reads when the loop asks
+            pieces = []
+            async for piece in stream:
+                pieces.append(piece)
+                await anyio.sleep(0.4)  # the consumer's own pace, longer than idle
+    assert "".join(pieces) == "one two three four"

@@ -138,3 +138,12 @@ def test_whole_events_come_before_an_over_long_remainder_fails() -> None:
     assert [e.data for e in events] == ["a", "b"]
     with pytest.raises(ProtocolError, match="longer than 64 bytes"):
         decoder.feed(b"\n\n")
+
+
+def test_an_error_sticks_whatever_is_fed_next() -> None:
+    decoder = SSEDecoder(max_event_bytes=8)
+    with pytest.raises(ProtocolError, match="larger than 8 bytes"):
+        decoder.feed(b"data: 123456789\n\n")
+    for after in (b"data: a\n\n", b"data: a\r\n\r\n"):
+        with pytest.raises(ProtocolError, match="larger than 8 bytes"):
+            decoder.feed(after)

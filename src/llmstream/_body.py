@@ -135,13 +135,24 @@ class _BodyState:
         self._h11 = h
         self._ended = False
 
+    @property
+    def ended(self) -> bool:
+        """True once the whole body was read: the connection can be reused.
+
+        Example::
+
+            if reader.ended: ...  # no need to cut the connection
+        """
+        return self._ended
+
     def _take(self) -> bytes | None:
         """The body bytes h11 has completed; None when a network read is needed."""
         parts, ended = _drain(self._state, self._h11)
         if ended:
             self._ended = True
         if parts:
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            # h11 hands out bytearrays; callers are promised bytes.
+            return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
         return b"" if ended else None
 
     def _read_timeout(self) -> float | None:

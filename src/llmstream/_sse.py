@@ -185,11 +185,12 @@ class SSEDecoder:
                 )
         except ProtocolError as exc:
             # Events completed before the bad line are still delivered; the
-            # error is raised by the next call.
+            # error is raised by the next call, and by every call after it: the
+            # decoder's state is no longer trustworthy.
             self._buffer = b""
+            self._failed = exc
             if not events:
                 raise
-            self._failed = exc
             return events
         self._buffer = rest
         return events

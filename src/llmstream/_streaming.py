@@ -223,11 +223,12 @@ class _StreamBase:
     def _body_read_timeout(self, response: httpx.Response) -> None:
         """Headers arrived: httpx's read timeout becomes a backstop for the body."""
         t = self._timeouts
-        waits = [v for v in (t.first_token, t.idle) if v is not None]
+        # Without a limit on either wait (None), a read may legitimately wait forever.
+        backstop = None if t.first_token is None or t.idle is None else max(t.first_token, t.idle)
         # httpcore reads this when the body's first read starts, which is after now.
         timeout = response.request.extensions.get("timeout")
         if isinstance(timeout, dict):
-            timeout["read"] = max(waits) if waits else None
+            timeout["read"] = backstop
 
     def _deadline(self) -> tuple[float, DeadlineKind] | None:
         session = self._session
@@ -466,10 +467,17 @@ class _StreamBase:
             self._result = exc.partial
         return exc
 
+    def _body_done(self) -> bool:
+        """The current body was read to its end: its connection need not be cut."""
+        return self._exhausted or getattr(getattr(self, "_reader", None), "ended", False)
+
     def _end_cancelled(self) -> None:
         """The caller stopped the stream: freeze the result as it is."""
         if self._result is None and self._session is not None:
             self._result = self._session.cancel(_now())
+        elif self._result is None and self._error is None:
+            # Stopped before any response arrived: an empty result, not a missing one.
+            self._result = StreamResult(status="cancelled", retries=max(self._attempts - 1, 0))
 
     def _pause_timeout(self) -> LLMStreamError:
         assert self._session is not None
@@ -564,6 +572,8 @@ class AsyncChatStream(_StreamBase):
         self._buffer: AsyncReadAhead[StreamItem] | None = None
         self._pump_done: anyio.Event | None = None
         self._pump_scope: anyio.CancelScope | None = None
+        # The wait for a response's headers, so cancel() and aclose() can cut it short.
+        self._send_scope: anyio.CancelScope | None = None
         self._watch_scope = anyio.CancelScope()
         # Wakes the watchdog when a request's first event ends its first-token wait.
         self._deadline_changed = anyio.Event()
@@ -574,7 +584,7 @@ class AsyncChatStream(_StreamBase):
     async def __aenter__(self) -> AsyncChatStream:
         self._entered = True
         await self._start()
-        if not self._closed:
+        if not (self._closed or self._cancelled):
             self._buffer = AsyncReadAhead(self._options.buffer)
             self._pump_done = anyio.Event()
             # The reader's own scope: cancelling it must never cancel the code in the
@@ -673,7 +683,9 @@ class AsyncChatStream(_StreamBase):
             return
         self._cancelled = True
         self._end_cancelled()
-        if self._response is not None and not self._exhausted:
+        if self._send_scope is not None:
+            self._send_scope.cancel()
+        if self._response is not None and not self._body_done():
             _shutdown_socket(self._response)
         self._pending.clear()
         if self._buffer is not None:
@@ -695,9 +707,15 @@ class AsyncChatStream(_StreamBase):
             stream.result.status  # "cancelled" if the answer was not finished
         """
         if self._closed:
+            # Closed already, perhaps from another task while a request was on its way:
+            # a response that arrived since is still released.
+            with anyio.CancelScope(shield=True):
+                await self._drop_response()
             return
         self._closed = True
         self._end_cancelled()
+        if self._send_scope is not None:
+            self._send_scope.cancel()
         if self._buffer is not None:
             self._buffer.end()
         self._settle_budget()
@@ -735,7 +753,7 @@ class AsyncChatStream(_StreamBase):
                 self._record_error(exc)
                 await self.aclose()
                 raise
-        while self._reader is None and not self._closed:
+        while self._reader is None and not (self._closed or self._cancelled):
             try:
                 await self._send_attempt()
             except LLMStreamError as exc:
@@ -743,6 +761,12 @@ class AsyncChatStream(_StreamBase):
                     continue
                 self._record_error(exc)
                 await self.aclose()
+                raise
+            except BaseException:
+                # Cancelled (or worse) mid-request: `async with` will not exit, so the
+                # response is released here.
+                with anyio.CancelScope(shield=True):
+                    await self._drop_response()
                 raise
 
     async def _prepare_budget(self) -> None:
@@ -774,6 +798,7 @@ class AsyncChatStream(_StreamBase):
         client._request_started()  # until _drop_response, or the failure below
         try:
             with anyio.move_on_after(found[0] - _now() if found else math.inf) as scope:
+                self._send_scope = scope
                 response = await client._http.send(request, stream=True)
         except BaseException as exc:
             client._request_ended()
@@ -784,12 +809,19 @@ class AsyncChatStream(_StreamBase):
             if isinstance(exc, httpx.HTTPError):
                 raise connection_error(exc, str(request.url), self._timeouts) from exc
             raise
+        finally:
+            self._send_scope = None
         if scope.cancelled_caught:
             client._request_ended()
+            if self._closed or self._cancelled:
+                return  # cut short by cancel() or aclose(): no error, nothing to retry
             assert found is not None
             raise self._timeout_error(found[1])
         self._response = response
         self._response_closed = False
+        if self._closed or self._cancelled:  # closed by another task while we waited
+            await self._drop_response()
+            return
         if response.status_code >= 300:
             body = await _read_capped(response)
             self._exhausted = len(body) < MAX_ERROR_BODY_BYTES  # read whole: reusable
@@ -877,6 +909,10 @@ class AsyncChatStream(_StreamBase):
             await self._wait_while_paused()
             if self._reader is None and self._session is None:
                 await self._start()
+                if self._reader is None:
+                    return  # closed or cancelled while the request was on its way
+            # The consumer's own time since the last read is not the server's idleness.
+            self._read_started = _now()
             items = await self._next_batch(per_read_deadline=True)
         except LLMStreamError as exc:
             self._record_error(exc)
@@ -968,7 +1004,7 @@ class AsyncChatStream(_StreamBase):
             return
         self._response_closed = True
         self._client._request_ended()
-        if not self._exhausted:
+        if not (self._exhausted or getattr(reader, "ended", False)):
             _shutdown_socket(response)  # an unread body: the server must see the close now
         with anyio.CancelScope(shield=True):
             if reader is not None and hasattr(reader, "aclose"):
@@ -1155,7 +1191,7 @@ class ChatStream(_StreamBase):
         with self._lock:
             self._end_cancelled()
         response = self._response
-        if response is not None and not self._exhausted and not _shutdown_socket(response):
+        if response is not None and not self._body_done() and not _shutdown_socket(response):
             response.close()  # an in-process transport: closing it ends the read
         if self._buffer is not None:
             self._buffer.items.clear()
@@ -1177,7 +1213,7 @@ class ChatStream(_StreamBase):
         with self._lock:
             self._end_cancelled()
         response = self._response
-        if response is not None and not self._exhausted and not _shutdown_socket(response):
+        if response is not None and not self._body_done() and not _shutdown_socket(response):
             # Shutting the socket down wakes a reader blocked in recv() and tells the
             # server at once; an in-process transport is woken by closing the response.
             response.close()
@@ -1207,7 +1243,7 @@ class ChatStream(_StreamBase):
                 self._record_error(exc)
                 self.close()
                 raise
-        while self._reader is None and not self._closed:
+        while self._reader is None and not (self._closed or self._cancelled):
             try:
                 self._send_attempt()
             except LLMStreamError as exc:
@@ -1216,7 +1252,7 @@ class ChatStream(_StreamBase):
                 self._record_error(exc)
                 self.close()
                 raise
-        if self._closed:
+        if self._closed or self._cancelled:
             return
         self._buffer = ThreadReadAhead(self._options.buffer)
         self._thread = threading.Thread(target=self._pump, name="llmstream-reader", daemon=True)
@@ -1413,12 +1449,12 @@ class ChatStream(_StreamBase):
     def _drop_response(self) -> None:
         with self._response_lock:
             response, self._response = self._response, None
-            self._reader = None
+            reader, self._reader = self._reader, None
             self._live = False
         if response is None:
             return
         self._client._request_ended()
-        if not self._exhausted:
+        if not (self._exhausted or getattr(reader, "ended", False)):
             _shutdown_socket(response)
         response.close()
 
