@@ -32,6 +32,8 @@ import anyio
 import anyio.abc
 import httpx
 
+from ._chunked import ChunkedDecoder, ChunkedFramingError
+
 if TYPE_CHECKING:
     import h11
 
@@ -52,6 +54,7 @@ class _Internals(NamedTuple):
     sync_layers: tuple[type, ...]
     sync_connection: type
     map_errors: Callable[[], Any]
+    chunked_reader: type | None
 
 
 @functools.cache
@@ -89,7 +92,18 @@ def _internals() -> _Internals | None:
         sync_layers=(BoundSyncStream, ResponseStream, SyncPoolStream, SyncH11Stream),
         sync_connection=HTTP11Connection,
         map_errors=map_httpcore_exceptions,
+        chunked_reader=_h11_chunked_reader(),
     )
+
+
+def _h11_chunked_reader() -> type | None:
+    # h11's own chunked reader, whose state the fast lane takes over (see _chunked.py);
+    # without it the lane stays off and h11 decodes every chunk.
+    try:
+        from h11._readers import ChunkedReader
+    except ImportError:  # pragma: no cover - an h11 this was not written for
+        return None
+    return ChunkedReader
 
 
 def _drain(state: h11.Connection, h: ModuleType) -> tuple[list[bytes], bool]:
@@ -124,15 +138,22 @@ def _raise_as_httpx(exc: Exception) -> NoReturn:
 class _BodyState:
     """What both readers share: the h11 state, the socket and the read timeout."""
 
-    __slots__ = ("_ended", "_extensions", "_h11", "_network", "_state")
+    __slots__ = ("_chunked_reader", "_ended", "_extensions", "_h11", "_lane", "_network", "_state")
 
     def __init__(
-        self, state: h11.Connection, network: Any, extensions: dict[str, Any], h: ModuleType
+        self,
+        state: h11.Connection,
+        network: Any,
+        extensions: dict[str, Any],
+        h: ModuleType,
+        chunked_reader: type | None,
     ) -> None:
         self._state = state
         self._network = network
         self._extensions = extensions
         self._h11 = h
+        self._chunked_reader = chunked_reader
+        self._lane: ChunkedDecoder | None = None
         self._ended = False
 
     @property
@@ -155,6 +176,62 @@ class _BodyState:
             return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
         return b"" if ended else None
 
+    def _next_data(self) -> bytes | None:
+        """Body bytes already received; None when a network read is needed."""
+        return None if self._lane is not None else self._take()
+
+    def _absorb(self, read: bytes) -> bytes | None:
+        """Body bytes in one network read (b"" for none yet at the end); None: read more."""
+        lane = self._lane
+        state = self._state
+        if lane is None:
+            state.receive_data(read)
+            data = self._take()
+            if not self._ended:
+                self._adopt()  # h11 waits for more: the lane can go on from here
+            return data
+        if not read:  # the connection ended: h11 tells how (a cut body is an error)
+            self._lane = None
+            state.receive_data(lane.partial)
+            state.receive_data(b"")
+            return self._take()
+        try:
+            parts, rest = lane.feed(read)
+        except ChunkedFramingError as exc:
+            raise self._h11.RemoteProtocolError(str(exc)) from None
+        if rest is not None:  # a chunk header the lane leaves to h11, at a chunk boundary
+            self._lane = None
+            state.receive_data(rest)
+            more = self._take()
+            if more:
+                parts.append(more)
+        if parts:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        return b"" if self._ended else None
+
+    def _adopt(self) -> None:
+        """Take the chunked framing over from h11, which is left between two chunks.
+
+        Only from h11's own chunked reader, with nothing in its buffer and no trailer
+        being read: its state is then the chunk data still to come and the rest of the
+        chunk's CRLF, which the lane continues from.
+        """
+        reader = getattr(self._state, "_reader", None)
+        if (
+            self._chunked_reader is None
+            or type(reader) is not self._chunked_reader
+            or getattr(reader, "_reading_trailer", True)
+            or getattr(self._state, "_receive_buffer", True)
+        ):
+            return
+        left = getattr(reader, "_bytes_in_chunk", None)
+        discard = getattr(reader, "_bytes_to_discard", None)
+        if not isinstance(left, int) or not isinstance(discard, bytes):
+            return
+        self._lane = ChunkedDecoder(left, discard)
+        reader._bytes_in_chunk = 0  # type: ignore[attr-defined]
+        reader._bytes_to_discard = b""  # type: ignore[attr-defined]
+
     def _read_timeout(self) -> float | None:
         # Read each time: the stream moves it from the header wait to the body backstop.
         timeout = self._extensions.get("timeout")
@@ -170,9 +247,10 @@ class _AsyncBody(_BodyState):
         network: Any,
         extensions: dict[str, Any],
         h: ModuleType,
+        chunked_reader: type | None,
         receive: Callable[[int], Awaitable[bytes]] | None,
     ) -> None:
-        super().__init__(state, network, extensions, h)
+        super().__init__(state, network, extensions, h, chunked_reader)
         self._receive = receive
 
     def __aiter__(self) -> _AsyncBody:
@@ -181,11 +259,11 @@ class _AsyncBody(_BodyState):
     async def __anext__(self) -> bytes:
         try:
             while not self._ended:
-                data = self._take()
+                data = self._next_data()
+                if data is None:
+                    data = self._absorb(await self._read())
                 if data:
                     return data
-                if data is None:
-                    self._state.receive_data(await self._read())
         except Exception as exc:  # the read, or h11 finding the body cut short
             _raise_as_httpx(exc)
         raise StopAsyncIteration
@@ -209,12 +287,12 @@ class _SyncBody(_BodyState):
     def __next__(self) -> bytes:
         try:
             while not self._ended:
-                data = self._take()
-                if data:
-                    return data
+                data = self._next_data()
                 if data is None:
                     read = self._network.read(READ_SIZE, timeout=self._read_timeout())
-                    self._state.receive_data(read)
+                    data = self._absorb(read)
+                if data:
+                    return data
         except Exception as exc:  # the read, or h11 finding the body cut short
             _raise_as_httpx(exc)
         raise StopIteration
@@ -277,7 +355,7 @@ def async_body_reader(
         if isinstance(raw, anyio.abc.ByteReceiveStream):
             receive = raw.receive
     extensions = response.request.extensions
-    return _AsyncBody(state, network, extensions, internals.h11, receive)
+    return _AsyncBody(state, network, extensions, internals.h11, internals.chunked_reader, receive)
 
 
 def sync_body_reader(response: httpx.Response) -> Iterator[bytes] | None:
@@ -291,7 +369,7 @@ def sync_body_reader(response: httpx.Response) -> Iterator[bytes] | None:
     found = _connection_of(response, internals, blocking=True)
     if found is None or internals is None:
         return None
-    return _SyncBody(*found, response.request.extensions, internals.h11)
+    return _SyncBody(*found, response.request.extensions, internals.h11, internals.chunked_reader)
 
 
 def aiter_body(response: httpx.Response, *, watched: bool = False) -> AsyncIterator[bytes]:
