@@ -138,7 +138,16 @@ def _raise_as_httpx(exc: Exception) -> NoReturn:
 class _BodyState:
     """What both readers share: the h11 state, the socket and the read timeout."""
 
-    __slots__ = ("_chunked_reader", "_ended", "_extensions", "_h11", "_lane", "_network", "_state")
+    __slots__ = (
+        "_chunked_reader",
+        "_ended",
+        "_extensions",
+        "_h11",
+        "_lane",
+        "_network",
+        "_receive",
+        "_state",
+    )
 
     def __init__(
         self,
@@ -155,6 +164,8 @@ class _BodyState:
         self._chunked_reader = chunked_reader
         self._lane: ChunkedDecoder | None = None
         self._ended = False
+        # The socket's own receive, when reads need no timeout scope (async, watched).
+        self._receive: Callable[[int], Awaitable[bytes]] | None = None
 
     @property
     def ended(self) -> bool:
@@ -239,19 +250,7 @@ class _BodyState:
 
 
 class _AsyncBody(_BodyState):
-    __slots__ = ("_receive",)
-
-    def __init__(
-        self,
-        state: h11.Connection,
-        network: Any,
-        extensions: dict[str, Any],
-        h: ModuleType,
-        chunked_reader: type | None,
-        receive: Callable[[int], Awaitable[bytes]] | None,
-    ) -> None:
-        super().__init__(state, network, extensions, h, chunked_reader)
-        self._receive = receive
+    __slots__ = ()
 
     def __aiter__(self) -> _AsyncBody:
         return self
@@ -355,7 +354,9 @@ def async_body_reader(
         if isinstance(raw, anyio.abc.ByteReceiveStream):
             receive = raw.receive
     extensions = response.request.extensions
-    return _AsyncBody(state, network, extensions, internals.h11, internals.chunked_reader, receive)
+    body = _AsyncBody(state, network, extensions, internals.h11, internals.chunked_reader)
+    body._receive = receive
+    return body
 
 
 def sync_body_reader(response: httpx.Response) -> Iterator[bytes] | None:
