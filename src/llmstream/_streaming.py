@@ -467,6 +467,16 @@ class _StreamBase:
             self._result = exc.partial
         return exc
 
+    def _send_error(self, exc: BaseException, request: httpx.Request) -> LLMStreamError | None:
+        """A request that got no response: the error to raise for it (None: ``exc`` as is)."""
+        if isinstance(exc, httpx.ReadTimeout):
+            # No headers in time; vLLM sends them with the first token.
+            found = self._deadline()
+            return self._timeout_error(found[1] if found else "first_token")
+        if isinstance(exc, httpx.HTTPError):
+            return connection_error(exc, str(request.url), self._timeouts)
+        return None
+
     def _body_done(self) -> bool:
         """The current body was read to its end: its connection need not be cut."""
         return self._exhausted or getattr(getattr(self, "_reader", None), "ended", False)
@@ -802,13 +812,10 @@ class AsyncChatStream(_StreamBase):
                 response = await client._http.send(request, stream=True)
         except BaseException as exc:
             client._request_ended()
-            if isinstance(exc, httpx.ReadTimeout):
-                # No headers in time; vLLM sends them with the first token.
-                found = self._deadline()
-                raise self._timeout_error(found[1] if found else "first_token") from exc
-            if isinstance(exc, httpx.HTTPError):
-                raise connection_error(exc, str(request.url), self._timeouts) from exc
-            raise
+            error = self._send_error(exc, request)
+            if error is None:
+                raise
+            raise error from exc
         finally:
             self._send_scope = None
         if scope.cancelled_caught:
@@ -1321,13 +1328,10 @@ class ChatStream(_StreamBase):
             response = client._http.send(request, stream=True)
         except BaseException as exc:
             client._request_ended()
-            if isinstance(exc, httpx.ReadTimeout):
-                # No headers in time; vLLM sends them with the first token.
-                found = self._deadline()
-                raise self._timeout_error(found[1] if found else "first_token") from exc
-            if isinstance(exc, httpx.HTTPError):
-                raise connection_error(exc, str(request.url), self._timeouts) from exc
-            raise
+            error = self._send_error(exc, request)
+            if error is None:
+                raise
+            raise error from exc
         with self._response_lock:
             self._response = response
         if self._closed or self._cancelled:
