@@ -1004,6 +1004,7 @@ class AsyncChatStream(_StreamBase):
 
     async def _drop_response(self) -> None:
         """Close the current response (cutting it if unread) and forget it."""
+        body_done = self._body_done()
         response, self._response = self._response, None
         reader, self._reader = self._reader, None
         self._live = False
@@ -1011,7 +1012,7 @@ class AsyncChatStream(_StreamBase):
             return
         self._response_closed = True
         self._client._request_ended()
-        if not (self._exhausted or getattr(reader, "ended", False)):
+        if not body_done:
             _shutdown_socket(response)  # an unread body: the server must see the close now
         with anyio.CancelScope(shield=True):
             if reader is not None and hasattr(reader, "aclose"):
@@ -1452,13 +1453,14 @@ class ChatStream(_StreamBase):
 
     def _drop_response(self) -> None:
         with self._response_lock:
+            body_done = self._body_done()
             response, self._response = self._response, None
-            reader, self._reader = self._reader, None
+            self._reader = None
             self._live = False
         if response is None:
             return
         self._client._request_ended()
-        if not (self._exhausted or getattr(reader, "ended", False)):
+        if not body_done:
             _shutdown_socket(response)
         response.close()
 
