@@ -6,6 +6,7 @@ library that breaks one shows up here instead of the next time someone measures.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -53,6 +54,20 @@ def test_bench_concurrency_quick() -> None:
     )
     assert "llmstream-async" in out
     assert "!!" not in out  # every stream received every chunk
+
+
+def test_bench_concurrency_options() -> None:
+    # The garbage-collector tuning, the read-ahead and (when installed) uvloop.
+    loop = ["--loop", "uvloop"] if importlib.util.find_spec("uvloop") else []
+    out = run(
+        "bench_concurrency.py",
+        *("--streams", "4", "--tokens", "3", "--delay", "0.005", "--rounds", "1"),
+        *("--clients", "llmstream-async,raw-floor", "--buffer", "0"),
+        *("--gc-threshold", "10000", "--gc-freeze", *loop),
+    )
+    assert "GC threshold 10000, frozen after warm-up" in out
+    assert "full GCs" in out and "steal" in out and "wakes from a 1 ms sleep" in out
+    assert "!!" not in out
 
 
 def test_bench_concurrency_emulator() -> None:
