@@ -1,7 +1,8 @@
-"""Shared fixtures: both anyio backends, the recorded vLLM vectors."""
+"""Shared fixtures: both anyio backends (and asyncio on uvloop), the recorded vLLM vectors."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,16 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+BACKENDS: list[Any] = ["asyncio", "trio"]
+if importlib.util.find_spec("uvloop") is not None:
+    # uvicorn's loop when it is installed: its transports and sockets are its own, not
+    # asyncio's, and a client that reaches below httpx must work on them too.
+    BACKENDS.append(pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"))
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    return request.param
 
 
 def load_vector(path: Path) -> tuple[bytes, dict[str, Any]]:

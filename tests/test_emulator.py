@@ -23,11 +23,6 @@ MODEL = "llmstream/fake-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True}
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 def normalise(body: bytes) -> bytes:
     """Blank the values vLLM itself varies between runs."""
     body = re.sub(rb'"id":"chatcmpl-[^"]*"', b'"id":"ID"', body)
