@@ -104,9 +104,8 @@ async def _open_llmstream(url: str, streams: int, pool: str, buffer: int | None 
 
     def make():
         # llmstream's own connection pool, as a user gets it (DEFAULT_LIMITS).
-        if buffer is None:
-            return llmstream.AsyncClient(url, model=MODEL, api_key="bench")
-        return llmstream.AsyncClient(url, model=MODEL, api_key="bench", buffer=buffer)
+        options = {} if buffer is None else {"buffer": buffer}
+        return llmstream.AsyncClient(url, model=MODEL, api_key="bench", **options)
 
     clients = _pools(make, streams, pool)
 
