@@ -89,6 +89,7 @@ def test_bench_concurrency_emulator() -> None:
 def test_bench_import_quick() -> None:
     out = run("bench_import.py", "--quick", "--top", "3")
     assert "llmstream" in out
+    assert "its deps" in out and "llmstream's own share" in out
 
 
 def test_bench_micro_quick() -> None:
