@@ -140,7 +140,8 @@ async def test_pause_stops_reading_and_resume_continues() -> None:
                 pieces = [await stream.__aiter__().__anext__()]
                 stream.pause()
                 assert stream.paused
-                await anyio.sleep(0.05)  # let the reader finish the read it was in
+                # The read in progress when pause() came may still finish; none starts after.
+                await _until(lambda: not stream._reading)
                 held = stream.snapshot().metrics.chunks
                 await anyio.sleep(0.2)
                 assert stream.snapshot().metrics.chunks == held  # paused: nothing read
