@@ -6,12 +6,14 @@ between tokens, like vLLM's, and records when each client went away.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
 import anyio
+import httpx
 import pytest
 
 import llmstream
@@ -195,7 +197,8 @@ async def test_connection_is_reused_after_a_complete_stream_async() -> None:
 
 
 # -- stopped before the response's headers arrived ---------------------------------------
-# vLLM sends the headers with the first token; a long prefill keeps a request waiting there.
+# vLLM sends its headers at once, but a proxy in front of it may hold them back until the
+# first token: a request can wait there for as long as the prefill takes.
 
 
 def _chat_requests(fake: FakeVLLM) -> int:
@@ -242,6 +245,109 @@ def test_sync_cancel_while_headers_are_awaited_sends_no_other_request() -> None:
         assert pieces == [] and stream.result.status == "cancelled"
         assert _chat_requests(fake) == 1
         assert client._requests_in_flight == 0
+
+
+@dataclasses.dataclass
+class WithheldHeaders:
+    """A server that reads each request and never answers: headers held back for good."""
+
+    base_url: str
+    requests: threading.Semaphore  # released once per request received
+    hung_up: threading.Event  # set when a client closed its connection
+
+    def wait_for_request(self) -> None:
+        assert self.requests.acquire(timeout=5), "the request never reached the server"
+
+
+@pytest.fixture
+def withheld_headers() -> Iterator[WithheldHeaders]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    server = WithheldHeaders(url, threading.Semaphore(0), threading.Event())
+
+    def hold(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(0.1)
+            while not stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    server.hung_up.set()
+                    return
+                if b"\r\n\r\n" in data:
+                    server.requests.release()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=hold, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+@pytest.mark.parametrize("how", ["close", "cancel"])
+def test_sync_stop_from_another_thread_cuts_the_header_wait(
+    how: str, withheld_headers: WithheldHeaders
+) -> None:
+    server = withheld_headers
+    timeouts = llmstream.Timeouts(first_token=20)  # a failure, not a hang, if the cut fails
+    with llmstream.Client(server.base_url, model="m", retry=0, timeout=timeouts) as client:
+        stream = client.stream("hi")
+        stopper = threading.Thread(
+            target=lambda: (server.wait_for_request(), getattr(stream, how)()), daemon=True
+        )
+        stopper.start()
+        started = time.monotonic()
+        with stream:
+            pieces = list(stream)
+        assert time.monotonic() - started < 10  # only the cut ends the wait this soon
+        stopper.join(5)
+        assert pieces == [] and stream.result.status == "cancelled"
+        assert server.hung_up.wait(5)  # the server saw the connection close
+        assert not server.requests.acquire(timeout=0.2)  # stopped, not retried
+        assert client._requests_in_flight == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+async def test_async_stop_cuts_the_header_wait(how: str, withheld_headers: WithheldHeaders) -> None:
+    server = withheld_headers
+    async with llmstream.AsyncClient(server.base_url, model="m", retry=0) as client:
+        stream = client.stream("hi")
+
+        async def stop() -> None:
+            await anyio.to_thread.run_sync(server.wait_for_request)
+            await stream.aclose() if how == "aclose" else stream.cancel()
+
+        with anyio.fail_after(10):  # the first-token deadline is 300 s
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stop)
+                async with stream:
+                    pieces = [piece async for piece in stream]
+        assert pieces == [] and stream.result.status == "cancelled"
+        assert await anyio.to_thread.run_sync(server.hung_up.wait, 5)
+        assert not server.requests.acquire(timeout=0.2)
+        assert client._requests_in_flight == 0
+
+
+def test_sync_header_wait_of_a_callers_own_http_client_is_left_alone() -> None:
+    http = httpx.Client()
+    backend = http._transport._pool._network_backend  # type: ignore[attr-defined]
+    with llmstream.Client("http://127.0.0.1:9/v1", http_client=http):
+        assert http._transport._pool._network_backend is backend  # type: ignore[attr-defined]
+    http.close()
 
 
 def _wait_sent_sync(fake: FakeVLLM) -> None:

@@ -36,6 +36,7 @@ from ._config import (
 from ._deadlines import Timeouts
 from ._errors import InvalidRequestError, LLMStreamError, ProtocolError
 from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
+from ._header_wait import watch_pool
 from ._http_errors import connection_error, status_error
 from ._request import PromptOrMessages, build_body, build_messages
 from ._retry import RetryPolicy
@@ -525,6 +526,10 @@ class Client(_BaseClient):
         self._http = http_client or httpx.Client(
             follow_redirects=False, transport=transport, limits=DEFAULT_LIMITS
         )
+        if http_client is None and transport is None:
+            # So that cancel() from another thread reaches a request still waiting for
+            # its headers (see _header_wait).
+            watch_pool(self._http)
         self._model_lock = threading.Lock()
 
     def __enter__(self) -> Client:

@@ -62,6 +62,7 @@ from ._errors import (
     TotalTimeout,
 )
 from ._flow import AsyncReadAhead, PauseClock, StreamOptions, ThreadReadAhead
+from ._header_wait import HeaderWait, waiting_for_headers
 from ._http_errors import MAX_ERROR_BODY_BYTES, connection_error, status_error
 from ._request import continuation_body
 from ._result import StreamResult
@@ -1108,6 +1109,8 @@ class ChatStream(_StreamBase):
         # The reader thread feeds the session while the consumer may take snapshots.
         self._lock = threading.Lock()
         self._response_lock = threading.Lock()
+        # The request waiting for its headers, so cancel() and close() can cut it short.
+        self._header_wait: HeaderWait | None = None
 
     def __enter__(self) -> ChatStream:
         self._entered = True
@@ -1198,6 +1201,7 @@ class ChatStream(_StreamBase):
         self._cancelled = True
         with self._lock:
             self._end_cancelled()
+        self._cut_header_wait()
         response = self._response
         if response is not None and not self._body_done() and not _shutdown_socket(response):
             response.close()  # an in-process transport: closing it ends the read
@@ -1220,6 +1224,7 @@ class ChatStream(_StreamBase):
         self._closed = True
         with self._lock:
             self._end_cancelled()
+        self._cut_header_wait()
         response = self._response
         if response is not None and not self._body_done() and not _shutdown_socket(response):
             # Shutting the socket down wakes a reader blocked in recv() and tells the
@@ -1237,6 +1242,11 @@ class ChatStream(_StreamBase):
         self._drop_response()
         if self._owns_client:
             self._client.close()
+
+    def _cut_header_wait(self) -> None:
+        wait = self._header_wait
+        if wait is not None:
+            wait.cut()
 
     # -- reading --------------------------------------------------------------
 
@@ -1325,14 +1335,22 @@ class ChatStream(_StreamBase):
         timeout = self._begin_attempt()
         request = client._request_for(self._next_body, timeout)
         client._request_started()  # until _drop_response, or the failure below
+        self._header_wait = wait = HeaderWait()
+        if self._closed or self._cancelled:
+            wait.cut()  # stopped before the wait was there to be cut
         try:
-            response = client._http.send(request, stream=True)
+            with waiting_for_headers(wait):
+                response = client._http.send(request, stream=True)
         except BaseException as exc:
             client._request_ended()
+            if isinstance(exc, Exception) and (self._closed or self._cancelled):
+                return  # cut short by cancel() or close(): no error, nothing to retry
             error = self._send_error(exc, request)
             if error is None:
                 raise
             raise error from exc
+        finally:
+            self._header_wait = None
         with self._response_lock:
             self._response = response
         if self._closed or self._cancelled:

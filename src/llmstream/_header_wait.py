@@ -1,0 +1,154 @@
+"""Cutting a blocking request short while it waits for its response headers.
+
+vLLM sends a response's headers as soon as it has accepted the request, but a proxy or
+gateway in front of it may hold them back until the first token, and an overloaded server
+may be slow to answer at all: ``httpx.Client.send()`` stays blocked in ``recv()`` for as
+long as that takes. Another thread that wants the request stopped cannot reach the socket
+through httpx until ``send()`` returns. So the sync client's own connection pool hands out
+sockets that say which request they are carrying: a :class:`HeaderWait` set for the
+calling thread by :func:`waiting_for_headers` is told of the socket as the request is
+written to it, and its :meth:`~HeaderWait.cut` shuts that socket down from any thread.
+The blocked ``recv()`` returns at once, and the server sees the connection close (vLLM
+then aborts the request and frees its KV cache).
+
+Only the pool llmstream makes for itself is watched this way (:func:`watch_pool`); a
+``http_client`` of the caller's own is left as it is.
+
+Example::
+
+    wait = HeaderWait()
+    with waiting_for_headers(wait):
+        response = http.send(request, stream=True)  # another thread may call wait.cut()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import httpx
+
+__all__ = ["HeaderWait", "waiting_for_headers", "watch_pool"]
+
+
+class _Stream(Protocol):
+    """The part of httpcore's blocking NetworkStream that is wrapped here."""
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes: ...
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+    def start_tls(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def get_extra_info(self, info: str) -> Any: ...
+
+
+class HeaderWait:
+    """The socket one blocking request was written to, so another thread can cut it.
+
+    Example::
+
+        wait = HeaderWait()
+        wait.cut()  # before the request was written: it is cut as soon as it is
+    """
+
+    __slots__ = ("_cut", "_lock", "_stream")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stream: _Stream | None = None
+        self._cut = False
+
+    def attach(self, stream: _Stream) -> None:
+        """The request is being written to ``stream``."""
+        with self._lock:
+            self._stream = stream
+            cut = self._cut
+        if cut:
+            _shut_down(stream)
+
+    def cut(self) -> None:
+        """Shut the request's socket down now, or as soon as the request is written."""
+        with self._lock:
+            self._cut = True
+            stream = self._stream
+        if stream is not None:
+            _shut_down(stream)
+
+
+_current = threading.local()
+
+
+@contextlib.contextmanager
+def waiting_for_headers(wait: HeaderWait) -> Iterator[None]:
+    """Tell ``wait`` which socket the calling thread's request is written to, inside."""
+    _current.wait = wait
+    try:
+        yield
+    finally:
+        _current.wait = None
+
+
+def _shut_down(stream: _Stream) -> None:
+    sock = stream.get_extra_info("socket")
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _WatchedStream:
+    """A blocking network stream that tells the calling thread's HeaderWait of a write."""
+
+    def __init__(self, stream: _Stream) -> None:
+        self._stream = stream
+        # Bound once: a read costs no more than on the stream itself.
+        self.read = stream.read
+        self.close = stream.close
+        self.get_extra_info = stream.get_extra_info
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        wait = getattr(_current, "wait", None)
+        if wait is not None:
+            wait.attach(self._stream)
+        self._stream.write(buffer, timeout)
+
+    def start_tls(self, *args: Any, **kwargs: Any) -> _WatchedStream:
+        return _WatchedStream(self._stream.start_tls(*args, **kwargs))
+
+
+class _WatchedBackend:
+    """httpcore's blocking network backend, handing out watched streams."""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> _WatchedStream:
+        return _WatchedStream(self._backend.connect_tcp(*args, **kwargs))
+
+    def connect_unix_socket(self, *args: Any, **kwargs: Any) -> _WatchedStream:
+        return _WatchedStream(self._backend.connect_unix_socket(*args, **kwargs))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def watch_pool(http: httpx.Client) -> bool:
+    """Make ``http``'s own connection pool hand out watched sockets; False if it can't.
+
+    Only httpx's default transport has a pool of this shape (requests routed to a proxy
+    by the environment go through other transports, and are not watched).
+    """
+    # httpx's and httpcore's internals; any change leaves the pool as it is.
+    pool = getattr(getattr(http, "_transport", None), "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    if backend is None or isinstance(backend, _WatchedBackend):
+        return False
+    if not callable(getattr(backend, "connect_tcp", None)):
+        return False
+    pool._network_backend = _WatchedBackend(backend)  # type: ignore[union-attr]
+    return True
