@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import httpx
 
-__all__ = ["HeaderWait", "waiting_for_headers", "watch_pool"]
+__all__ = ["HeaderWait", "shut_down", "waiting_for_headers", "watch_pool"]
 
 
 class _Stream(Protocol):
@@ -70,7 +70,7 @@ class HeaderWait:
             self._stream = stream
             cut = self._cut
         if cut:
-            _shut_down(stream)
+            shut_down(stream)
 
     def cut(self) -> None:
         """Shut the request's socket down now, or as soon as the request is written."""
@@ -78,7 +78,7 @@ class HeaderWait:
             self._cut = True
             stream = self._stream
         if stream is not None:
-            _shut_down(stream)
+            shut_down(stream)
 
 
 _current = threading.local()
@@ -94,11 +94,20 @@ def waiting_for_headers(wait: HeaderWait) -> Iterator[None]:
         _current.wait = None
 
 
-def _shut_down(stream: _Stream) -> None:
-    sock = stream.get_extra_info("socket")
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+def shut_down(stream: object) -> bool:
+    """Shut a network stream's socket down: the peer sees the close, a blocked read returns.
+
+    Closing a file descriptor does not wake a thread blocked in ``recv()`` on it;
+    ``shutdown()`` does, and sends the FIN that tells the server to abort. Returns False
+    when there is no socket (an in-process transport).
+    """
+    get_extra_info = getattr(stream, "get_extra_info", None)
+    sock = get_extra_info("socket") if get_extra_info is not None else None
+    if not isinstance(sock, socket.socket):
+        return False
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    return True
 
 
 class _WatchedStream:

@@ -26,9 +26,7 @@ aborts the request, freeing its KV cache.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import socket
 import threading
 import time
 from collections import deque
@@ -62,7 +60,7 @@ from ._errors import (
     TotalTimeout,
 )
 from ._flow import AsyncReadAhead, PauseClock, StreamOptions, ThreadReadAhead
-from ._header_wait import HeaderWait, waiting_for_headers
+from ._header_wait import HeaderWait, shut_down, waiting_for_headers
 from ._http_errors import MAX_ERROR_BODY_BYTES, connection_error, status_error
 from ._request import continuation_body
 from ._result import StreamResult
@@ -1513,17 +1511,5 @@ def _read_capped_sync(response: httpx.Response) -> bytes:
 
 
 def _shutdown_socket(response: httpx.Response) -> bool:
-    """Shut the socket down so the server sees the close and a blocked read returns.
-
-    Closing a file descriptor does not wake a thread blocked in ``recv()`` on
-    it; ``shutdown()`` does, and sends the FIN that tells the server to abort.
-    Returns False when the response has no socket (an in-process transport).
-    """
-    stream = response.extensions.get("network_stream")
-    get_extra_info = getattr(stream, "get_extra_info", None)
-    sock = get_extra_info("socket") if get_extra_info is not None else None
-    if not isinstance(sock, socket.socket):
-        return False
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    return True
+    """Shut the response's socket down (see :func:`shut_down`); False if it has none."""
+    return shut_down(response.extensions.get("network_stream"))
