@@ -303,17 +303,26 @@ def test_sync_stop_from_another_thread_cuts_the_header_wait(
 ) -> None:
     server = withheld_headers
     timeouts = llmstream.Timeouts(first_token=20)  # a failure, not a hang, if the cut fails
-    with llmstream.Client(server.base_url, model="m", retry=0, timeout=timeouts) as client:
+    # The default retry policy: a cut that were taken for a dropped connection would retry.
+    with llmstream.Client(server.base_url, model="m", timeout=timeouts) as client:
         stream = client.stream("hi")
-        stopper = threading.Thread(
-            target=lambda: (server.wait_for_request(), getattr(stream, how)()), daemon=True
-        )
+        failures: list[BaseException] = []
+
+        def stop() -> None:
+            try:
+                server.wait_for_request()
+                getattr(stream, how)()
+            except BaseException as exc:  # reported by the test below, not lost in the thread
+                failures.append(exc)
+
+        stopper = threading.Thread(target=stop, daemon=True)
         stopper.start()
         started = time.monotonic()
         with stream:
             pieces = list(stream)
-        assert time.monotonic() - started < 10  # only the cut ends the wait this soon
         stopper.join(5)
+        assert not failures
+        assert time.monotonic() - started < 10  # only the cut ends the wait this soon
         assert pieces == [] and stream.result.status == "cancelled"
         assert server.hung_up.wait(5)  # the server saw the connection close
         assert not server.requests.acquire(timeout=0.2)  # stopped, not retried
@@ -324,7 +333,7 @@ def test_sync_stop_from_another_thread_cuts_the_header_wait(
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
 async def test_async_stop_cuts_the_header_wait(how: str, withheld_headers: WithheldHeaders) -> None:
     server = withheld_headers
-    async with llmstream.AsyncClient(server.base_url, model="m", retry=0) as client:
+    async with llmstream.AsyncClient(server.base_url, model="m") as client:
         stream = client.stream("hi")
 
         async def stop() -> None:
@@ -338,8 +347,20 @@ async def test_async_stop_cuts_the_header_wait(how: str, withheld_headers: Withh
                     pieces = [piece async for piece in stream]
         assert pieces == [] and stream.result.status == "cancelled"
         assert await anyio.to_thread.run_sync(server.hung_up.wait, 5)
-        assert not server.requests.acquire(timeout=0.2)
+        assert not await anyio.to_thread.run_sync(lambda: server.requests.acquire(timeout=0.2))
         assert client._requests_in_flight == 0
+
+
+def test_sync_header_wait_also_watches_the_environments_proxy_pools(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with llmstream.Client("http://127.0.0.1:8/v1", model="m") as client:
+        mounts = list(client._http._mounts.values())  # type: ignore[attr-defined]
+        assert mounts, "httpx mounted no proxy transport for HTTP_PROXY"
+        for transport in [client._http._transport, *mounts]:  # type: ignore[attr-defined]
+            backend = transport._pool._network_backend
+            assert type(backend).__name__ == "_WatchedBackend"
 
 
 def test_sync_header_wait_of_a_callers_own_http_client_is_left_alone() -> None:

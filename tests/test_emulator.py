@@ -510,7 +510,7 @@ def test_socket_sees_client_close_within_100ms_during_token_delay() -> None:
 
 
 @pytest.mark.anyio
-async def test_socket_disconnect_async(anyio_backend: str) -> None:
+async def test_socket_disconnect_async(anyio_backend: object) -> None:
     fake = FakeVLLM(tokens=HELLO, ttft=1.0)
     with fake.serve() as server:
         async with (
@@ -525,7 +525,7 @@ async def test_socket_disconnect_async(anyio_backend: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_transport_records_early_close(anyio_backend: str) -> None:
+async def test_transport_records_early_close(anyio_backend: object) -> None:
     fake = FakeVLLM(tokens=HELLO, token_delay=10.0)
     transport = fake.transport()
     # Leaving before reading the body (iterating partly would leave httpx's async
@@ -616,7 +616,7 @@ def test_server_stops_cleanly_with_open_streams() -> None:
 
 
 @pytest.mark.anyio
-async def test_server_usable_from_async_code(anyio_backend: str) -> None:
+async def test_server_usable_from_async_code(anyio_backend: object) -> None:
     fake = FakeVLLM("Hello there")
     with fake.serve() as server:
         results: list[bytes] = []

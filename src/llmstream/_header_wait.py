@@ -11,8 +11,9 @@ written to it, and its :meth:`~HeaderWait.cut` shuts that socket down from any t
 The blocked ``recv()`` returns at once, and the server sees the connection close (vLLM
 then aborts the request and frees its KV cache).
 
-Only the pool llmstream makes for itself is watched this way (:func:`watch_pool`); a
-``http_client`` of the caller's own is left as it is.
+Only the pools llmstream makes for itself are watched this way (:func:`watch_pool`); a
+``http_client`` or ``transport`` of the caller's own is left as it is. A connection still
+being opened is not cut: the connect timeout bounds that wait.
 
 Example::
 
@@ -60,7 +61,8 @@ class HeaderWait:
     __slots__ = ("_cut", "_lock", "_stream")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler may call cut() on the thread that is in attach().
+        self._lock = threading.RLock()
         self._stream: _Stream | None = None
         self._cut = False
 
@@ -147,17 +149,23 @@ class _WatchedBackend:
 
 
 def watch_pool(http: httpx.Client) -> bool:
-    """Make ``http``'s own connection pool hand out watched sockets; False if it can't.
+    """Make ``http``'s own connection pools hand out watched sockets; False if none could.
 
-    Only httpx's default transport has a pool of this shape (requests routed to a proxy
-    by the environment go through other transports, and are not watched).
+    The default transport's pool, and those of the proxy transports httpx mounts for the
+    environment's proxy settings.
     """
+    transports = [getattr(http, "_transport", None)]
+    transports += list(getattr(http, "_mounts", {}).values())
+    watched = [_watch(getattr(transport, "_pool", None)) for transport in transports]
+    return any(watched)
+
+
+def _watch(pool: object) -> bool:
     # httpx's and httpcore's internals; any change leaves the pool as it is.
-    pool = getattr(getattr(http, "_transport", None), "_pool", None)
     backend = getattr(pool, "_network_backend", None)
     if backend is None or isinstance(backend, _WatchedBackend):
         return False
     if not callable(getattr(backend, "connect_tcp", None)):
         return False
-    pool._network_backend = _WatchedBackend(backend)  # type: ignore[union-attr]
+    pool._network_backend = _WatchedBackend(backend)  # type: ignore[attr-defined]
     return True

@@ -110,7 +110,7 @@ def connection_error(
             partial=StreamResult(status="interrupted"),
         )
     if isinstance(exc, httpx.ReadTimeout) and timeouts is not None:
-        # No response headers in time: vLLM sends them with the first token.
+        # No response headers in time (a proxy may hold them until the first token).
         return FirstTokenTimeout(
             f"No response from {url} within the first-token deadline "
             f"(first_token={timeouts.first_token}). The server may be overloaded or the "

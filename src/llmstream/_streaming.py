@@ -201,10 +201,11 @@ class _StreamBase:
     def _begin_attempt(self) -> httpx.Timeout:
         """Book-keeping for a new request; returns httpx's timeouts for it.
 
-        Until the response headers arrive (vLLM sends them with the first
-        token) httpx's read timeout is the first-token deadline, or what is left
-        of the total; :meth:`_body_read_timeout` then turns it into a backstop
-        for the body, whose real deadlines are watched beside the reader.
+        Until the response headers arrive (vLLM sends them at once, but a proxy
+        may hold them until the first token) httpx's read timeout is the
+        first-token deadline, or what is left of the total; :meth:`_body_read_timeout`
+        then turns it into a backstop for the body, whose real deadlines are watched
+        beside the reader.
         """
         now = _now()
         if self._attempts == 0:
@@ -469,7 +470,7 @@ class _StreamBase:
     def _send_error(self, exc: BaseException, request: httpx.Request) -> LLMStreamError | None:
         """A request that got no response: the error to raise for it (None: ``exc`` as is)."""
         if isinstance(exc, httpx.ReadTimeout):
-            # No headers in time; vLLM sends them with the first token.
+            # No headers in time (a proxy may hold them until the first token).
             found = self._deadline()
             return self._timeout_error(found[1] if found else "first_token")
         if isinstance(exc, httpx.HTTPError):
