@@ -1200,10 +1200,7 @@ class ChatStream(_StreamBase):
         self._cancelled = True
         with self._lock:
             self._end_cancelled()
-        self._cut_header_wait()
-        response = self._response
-        if response is not None and not self._body_done() and not _shutdown_socket(response):
-            response.close()  # an in-process transport: closing it ends the read
+        self._cut_connection()
         if self._buffer is not None:
             self._buffer.items.clear()
             self._buffer.end()
@@ -1223,12 +1220,7 @@ class ChatStream(_StreamBase):
         self._closed = True
         with self._lock:
             self._end_cancelled()
-        self._cut_header_wait()
-        response = self._response
-        if response is not None and not self._body_done() and not _shutdown_socket(response):
-            # Shutting the socket down wakes a reader blocked in recv() and tells the
-            # server at once; an in-process transport is woken by closing the response.
-            response.close()
+        self._cut_connection()
         if self._buffer is not None:
             self._buffer.end()
         self._stopping.set()
@@ -1242,10 +1234,18 @@ class ChatStream(_StreamBase):
         if self._owns_client:
             self._client.close()
 
-    def _cut_header_wait(self) -> None:
+    def _cut_connection(self) -> None:
+        """Cut the request in flight, whether it waits for its headers or reads its body.
+
+        Shutting the socket down wakes a thread blocked in recv() and tells the server at
+        once; an in-process transport is woken by closing the response.
+        """
         wait = self._header_wait
         if wait is not None:
             wait.cut()
+        response = self._response
+        if response is not None and not self._body_done() and not _shutdown_socket(response):
+            response.close()
 
     # -- reading --------------------------------------------------------------
 
