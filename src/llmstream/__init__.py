@@ -14,6 +14,7 @@ Example::
 import contextlib
 
 from ._accounting import PromptCounting
+from ._async_stream import AsyncChatStream
 from ._budget import (
     BudgetExceeded,
     CallBudget,
@@ -76,7 +77,7 @@ from ._result import (
 )
 from ._retry import RetryEvent, RetryPolicy
 from ._sse import SSEDecoder
-from ._streaming import AsyncChatStream, ChatStream
+from ._sync_stream import ChatStream
 from ._version import __version__
 
 __all__ = [

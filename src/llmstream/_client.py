@@ -7,25 +7,26 @@ an httpx client and differ only in how they wait for the network.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
 
 import anyio
 import httpx
 import tenacity
 
 from ._accounting import BudgetOptions, PromptCounting
+from ._async_stream import AsyncChatStream
 from ._budget import (
     CallBudget,
     TokenBudget,
     parse_tokenize_response,
     tokenize_request_body,
 )
+from ._call import Need, NeedContextLength, NeedModel, NeedPromptCount
 from ._config import (
     DEFAULT_LIMITS,
-    KEEP_ALIVE_BELOW,
     Secret,
     resolve_api_key,
     resolve_base_url,
@@ -37,12 +38,17 @@ from ._deadlines import Timeouts
 from ._errors import InvalidRequestError, LLMStreamError, ProtocolError
 from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
 from ._header_wait import watch_pool
-from ._http_errors import connection_error, status_error
+from ._http_errors import status_error
+from ._httpx_transport import HttpxAsyncTransport, HttpxSyncTransport
 from ._request import PromptOrMessages, build_body, build_messages
 from ._retry import RetryPolicy
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
-from ._streaming import AsyncChatStream, ChatStream
+from ._sync_stream import ChatStream
+from ._transport import AsyncResponse, HTTPRequest, SyncResponse
 from ._version import __version__
+
+# A JSON answer (GET /models, POST /tokenize) is never read past this.
+_MAX_JSON_BYTES = 16 * 1024 * 1024
 
 __all__ = ["AsyncClient", "Client"]
 
@@ -80,10 +86,6 @@ class _BaseClient:
             raise InvalidRequestError("max_line_bytes and max_event_bytes must be positive")
         self._max_line_bytes = max_line_bytes
         self._max_event_bytes = max_event_bytes
-        # Stream requests of this client sent and not yet closed; a lock because the
-        # sync client's streams open and close from many threads.
-        self._requests_in_flight = 0
-        self._open_lock = threading.Lock()
 
     @property
     def model(self) -> str | None:
@@ -136,56 +138,46 @@ class _BaseClient:
             max_bytes=base.max_bytes if max_bytes is None else max_bytes,
         )
 
-    def _chat_request(
-        self,
-        http: httpx.AsyncClient | httpx.Client,
-        body: dict[str, object],
-        timeout: httpx.Timeout,
-    ) -> httpx.Request:
+    def _stream_request(self, body: dict[str, object], wait: float | None) -> HTTPRequest:
+        """The request for one attempt; ``wait`` bounds the wait for its headers."""
         headers = self._default_headers()
         headers["Accept"] = "text/event-stream"
         # identity: a compressing proxy would hold tokens back to fill its buffers.
         headers["Accept-Encoding"] = "identity"
-        if self._requests_in_flight >= KEEP_ALIVE_BELOW:
-            # Many streams at once: this connection is not kept for reuse. httpcore's
-            # pool scans all its connections for each idle one on every request it opens
-            # or closes; hundreds of pooled connections made opening a stream take
-            # seconds under load (benchmarks/PROFILE.md). A quiet client keeps its
-            # connections alive.
-            headers["Connection"] = "close"
-        return http.build_request(
+        return HTTPRequest(
             "POST",
             f"{self.base_url}/chat/completions",
-            json=body,
-            headers=headers,
-            timeout=timeout,
+            headers,
+            body,
+            self.timeouts.connect,
+            max(wait, 0.001) if wait is not None else None,
         )
 
-    def _request_started(self) -> None:
-        with self._open_lock:
-            self._requests_in_flight += 1
+    @property
+    def _requests_in_flight(self) -> int:
+        # Streams of this client sent and not yet released.
+        return self._transport_in_flight()
 
-    def _request_ended(self) -> None:
-        with self._open_lock:
-            self._requests_in_flight -= 1
+    def _transport_in_flight(self) -> int:
+        raise NotImplementedError
 
-    def _get_timeout(self) -> httpx.Timeout:
+    def _json_request(self, method: str, url: str, body: object | None = None) -> HTTPRequest:
         connect = self.timeouts.connect
-        return httpx.Timeout(max(connect or 0.0, 30.0), connect=connect)
-
-    def _get_request(self, http: httpx.AsyncClient | httpx.Client, url: str) -> httpx.Request:
-        return http.build_request(
-            "GET", url, headers=self._default_headers(), timeout=self._get_timeout()
+        return HTTPRequest(
+            method,
+            url,
+            self._default_headers(),
+            body,
+            connect,
+            max(connect or 0.0, 30.0),
+            stream=False,
         )
 
     def _models_url(self) -> str:
         return f"{self.base_url}/models"
 
-    def _record_models(self, response: httpx.Response) -> None:
-        try:
-            listed = response.json()["data"]
-        except (ValueError, KeyError, TypeError):
-            return
+    def _record_models(self, data: object) -> None:
+        listed = data.get("data") if isinstance(data, dict) else None
         for entry in listed if isinstance(listed, list) else []:
             if isinstance(entry, dict) and isinstance(entry.get("id"), str):
                 length = entry.get("max_model_len")
@@ -211,19 +203,26 @@ class _BaseClient:
             count_prompt=count_prompt if count_prompt is not None else base.count_prompt,
         )
 
-    def _first_model(self, response: httpx.Response) -> str:
-        self._record_models(response)
+    def _first_model(self, data: object) -> str:
+        self._record_models(data)
         try:
-            data = response.json()
-            model = data["data"][0]["id"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            model = data["data"][0]["id"]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
             raise ProtocolError(
                 f"GET {self._models_url()} did not list any model "
-                f"(body: {response.text[:200]!r}); pass model=... or set LLMSTREAM_MODEL."
+                f"(answer: {json.dumps(data)[:200]!r}); pass model=... or set LLMSTREAM_MODEL."
             ) from None
         if not isinstance(model, str) or not model:
             raise ProtocolError(f"GET {self._models_url()} listed a model without an id")
         return model
+
+    def _model_ids(self, data: object) -> list[str]:
+        try:
+            return [str(m["id"]) for m in data["data"]]  # type: ignore[index]
+        except (KeyError, TypeError):
+            raise ProtocolError(
+                f"GET {self._models_url()} returned {json.dumps(data)[:200]!r}"
+            ) from None
 
 
 class AsyncClient(_BaseClient):
@@ -312,6 +311,8 @@ class AsyncClient(_BaseClient):
         self._http = http_client or httpx.AsyncClient(
             follow_redirects=False, transport=transport, limits=DEFAULT_LIMITS
         )
+        self._transport = HttpxAsyncTransport(self._http, owns_client=self._owns_http)
+        # One GET /models at a time: concurrent calls wait for its answer, not send more.
         self._model_lock = anyio.Lock()
 
     async def __aenter__(self) -> AsyncClient:
@@ -336,9 +337,7 @@ class AsyncClient(_BaseClient):
             finally:
                 await client.aclose()
         """
-        if self._owns_http:
-            with anyio.CancelScope(shield=True):
-                await self._http.aclose()
+        await self._transport.aclose()
 
     def stream(
         self,
@@ -394,54 +393,35 @@ class AsyncClient(_BaseClient):
 
             print(await client.models())  # ['Qwen/Qwen3-8B']
         """
-        response = await self._get(self._models_url())
-        try:
-            return [str(m["id"]) for m in response.json()["data"]]
-        except (ValueError, KeyError, TypeError):
-            raise ProtocolError(
-                f"GET {self._models_url()} returned {response.text[:200]!r}"
-            ) from None
+        return self._model_ids(await self._get_json(self._json_request("GET", self._models_url())))
 
-    async def _request_for(self, body: dict[str, object], timeout: httpx.Timeout) -> httpx.Request:
-        if "model" not in body:
-            body["model"] = await self._resolve_model()
-        return self._chat_request(self._http, body, timeout)
+    def _transport_in_flight(self) -> int:
+        return self._transport.requests_in_flight
 
-    async def _model_of(self, body: dict[str, object]) -> str:
-        model = body.get("model")
-        if not isinstance(model, str):
-            model = body["model"] = await self._resolve_model()
-        return model
+    async def _answer(self, need: Need) -> object:
+        """What planning a call needs from the server (see :mod:`llmstream._call`)."""
+        if isinstance(need, NeedModel):
+            return await self._resolve_model()
+        if isinstance(need, NeedContextLength):
+            return await self._context_length(need.model)
+        assert isinstance(need, NeedPromptCount)
+        request = self._json_request(
+            "POST", self._tokenize_url(), tokenize_request_body(need.model, need.messages)
+        )
+        return parse_tokenize_response(await self._get_json(request))
 
     async def _context_length(self, model: str) -> int | None:
         if model not in self._context_lengths:
-            # Unknown when the server cannot say: it will refuse a prompt that does not fit.
-            with contextlib.suppress(LLMStreamError):
-                self._record_models(await self._get(self._models_url()))
-            self._context_lengths.setdefault(model, None)
+            async with self._model_lock:
+                if model not in self._context_lengths:
+                    # Unknown when the server cannot say: it refuses a prompt that does
+                    # not fit.
+                    with contextlib.suppress(LLMStreamError):
+                        self._record_models(
+                            await self._get_json(self._json_request("GET", self._models_url()))
+                        )
+                    self._context_lengths.setdefault(model, None)
         return self._context_lengths[model]
-
-    async def _count_on_server(self, model: str, messages: list[Any]) -> int:
-        url = self._tokenize_url()
-        request = self._http.build_request(
-            "POST",
-            url,
-            json=tokenize_request_body(model, messages),
-            headers=self._default_headers(),
-            timeout=self._get_timeout(),
-        )
-        return parse_tokenize_response(await self._send_json(request, url))
-
-    async def _send_json(self, request: httpx.Request, url: str) -> object:
-        try:
-            response = await self._http.send(request)
-        except httpx.HTTPError as exc:
-            raise connection_error(exc, url) from exc
-        if response.status_code >= 300:
-            raise status_error(
-                response.status_code, response.reason_phrase, response.headers, response.content
-            )
-        return _json_of(response, url)
 
     async def _resolve_model(self) -> str:
         if self._model is not None:
@@ -450,19 +430,16 @@ class AsyncClient(_BaseClient):
             return self._model
         async with self._model_lock:
             if self._model is None:
-                self._model = self._first_model(await self._get(self._models_url()))
+                data = await self._get_json(self._json_request("GET", self._models_url()))
+                self._model = self._first_model(data)
             return self._model
 
-    async def _get(self, url: str) -> httpx.Response:
+    async def _get_json(self, request: HTTPRequest) -> object:
+        response = await self._transport.send(request)
         try:
-            response = await self._http.send(self._get_request(self._http, url))
-        except httpx.HTTPError as exc:
-            raise connection_error(exc, url) from exc
-        if response.status_code >= 300:
-            raise status_error(
-                response.status_code, response.reason_phrase, response.headers, response.content
-            )
-        return response
+            return _json_of(response, await response.read(_MAX_JSON_BYTES), request.url)
+        finally:
+            await response.aclose()
 
 
 class Client(_BaseClient):
@@ -530,6 +507,7 @@ class Client(_BaseClient):
             # So that cancel() from another thread reaches a request still waiting for
             # its headers (see _header_wait).
             watch_pool(self._http)
+        self._transport = HttpxSyncTransport(self._http, owns_client=self._owns_http)
         self._model_lock = threading.Lock()
 
     def __enter__(self) -> Client:
@@ -554,8 +532,7 @@ class Client(_BaseClient):
             finally:
                 client.close()
         """
-        if self._owns_http:
-            self._http.close()
+        self._transport.close()
 
     def stream(
         self,
@@ -603,75 +580,58 @@ class Client(_BaseClient):
 
             print(client.models())  # ['Qwen/Qwen3-8B']
         """
-        response = self._get(self._models_url())
-        try:
-            return [str(m["id"]) for m in response.json()["data"]]
-        except (ValueError, KeyError, TypeError):
-            raise ProtocolError(
-                f"GET {self._models_url()} returned {response.text[:200]!r}"
-            ) from None
+        return self._model_ids(self._get_json(self._json_request("GET", self._models_url())))
 
-    def _request_for(self, body: dict[str, object], timeout: httpx.Timeout) -> httpx.Request:
-        if "model" not in body:
-            body["model"] = self._resolve_model()
-        return self._chat_request(self._http, body, timeout)
+    def _transport_in_flight(self) -> int:
+        return self._transport.requests_in_flight
 
-    def _model_of(self, body: dict[str, object]) -> str:
-        model = body.get("model")
-        if not isinstance(model, str):
-            model = body["model"] = self._resolve_model()
-        return model
+    def _answer(self, need: Need) -> object:
+        """What planning a call needs from the server (see :mod:`llmstream._call`)."""
+        if isinstance(need, NeedModel):
+            return self._resolve_model()
+        if isinstance(need, NeedContextLength):
+            return self._context_length(need.model)
+        assert isinstance(need, NeedPromptCount)
+        request = self._json_request(
+            "POST", self._tokenize_url(), tokenize_request_body(need.model, need.messages)
+        )
+        return parse_tokenize_response(self._get_json(request))
 
     def _context_length(self, model: str) -> int | None:
         if model not in self._context_lengths:
-            # Unknown when the server cannot say: it will refuse a prompt that does not fit.
-            with contextlib.suppress(LLMStreamError):
-                self._record_models(self._get(self._models_url()))
-            self._context_lengths.setdefault(model, None)
+            with self._model_lock:
+                if model not in self._context_lengths:
+                    with contextlib.suppress(LLMStreamError):
+                        self._record_models(
+                            self._get_json(self._json_request("GET", self._models_url()))
+                        )
+                    self._context_lengths.setdefault(model, None)
         return self._context_lengths[model]
-
-    def _count_on_server(self, model: str, messages: list[Any]) -> int:
-        url = self._tokenize_url()
-        request = self._http.build_request(
-            "POST",
-            url,
-            json=tokenize_request_body(model, messages),
-            headers=self._default_headers(),
-            timeout=self._get_timeout(),
-        )
-        try:
-            response = self._http.send(request)
-        except httpx.HTTPError as exc:
-            raise connection_error(exc, url) from exc
-        if response.status_code >= 300:
-            raise status_error(
-                response.status_code, response.reason_phrase, response.headers, response.content
-            )
-        return parse_tokenize_response(_json_of(response, url))
 
     def _resolve_model(self) -> str:
         if self._model is not None:
             return self._model  # known: no lock (see AsyncClient._resolve_model)
         with self._model_lock:
             if self._model is None:
-                self._model = self._first_model(self._get(self._models_url()))
+                data = self._get_json(self._json_request("GET", self._models_url()))
+                self._model = self._first_model(data)
             return self._model
 
-    def _get(self, url: str) -> httpx.Response:
+    def _get_json(self, request: HTTPRequest) -> object:
+        response = self._transport.send(request)
         try:
-            response = self._http.send(self._get_request(self._http, url))
-        except httpx.HTTPError as exc:
-            raise connection_error(exc, url) from exc
-        if response.status_code >= 300:
-            raise status_error(
-                response.status_code, response.reason_phrase, response.headers, response.content
-            )
-        return response
+            return _json_of(response, response.read(_MAX_JSON_BYTES), request.url)
+        finally:
+            response.close()
 
 
-def _json_of(response: httpx.Response, url: str) -> object:
+def _json_of(response: AsyncResponse | SyncResponse, content: bytes, url: str) -> object:
+    """The JSON answer of a non-stream request, or the error its status means."""
+    if response.status_code >= 300:
+        raise status_error(response.status_code, response.reason_phrase, response.headers, content)
     try:
-        data: object = response.json()
+        data: object = json.loads(content)
     except ValueError:
-        raise ProtocolError(f"{url} did not answer JSON: {response.text[:200]!r}") from None
+        text = content[:200].decode("utf-8", errors="replace")
+        raise ProtocolError(f"{url} did not answer JSON: {text!r}") from None
     return data

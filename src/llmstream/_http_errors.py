@@ -8,7 +8,6 @@ from collections.abc import Mapping
 
 import httpx
 
-from ._deadlines import Timeouts
 from ._errors import (
     APIConnectionError,
     APIStatusError,
@@ -16,7 +15,6 @@ from ._errors import (
     AuthenticationError,
     BadRequestError,
     ConnectTimeout,
-    FirstTokenTimeout,
     InternalServerError,
     LLMStreamError,
     NotFoundError,
@@ -93,7 +91,7 @@ def status_error(
 
 
 def connection_error(
-    exc: httpx.HTTPError, url: str, timeouts: Timeouts | None = None
+    exc: httpx.HTTPError, url: str, connect_timeout: float | None = None
 ) -> LLMStreamError:
     """Map an httpx failure that happened before a response into our error tree.
 
@@ -103,18 +101,10 @@ def connection_error(
             raise connection_error(exc, url) from exc
     """
     if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-        limit = f" within connect={timeouts.connect:g} s" if timeouts and timeouts.connect else ""
+        limit = f" within connect={connect_timeout:g} s" if connect_timeout else ""
         return ConnectTimeout(
             f"Could not connect to {url}{limit} ({type(exc).__name__}). The server may be "
             "down or unreachable; check the base URL, or raise Timeouts.connect.",
-            partial=StreamResult(status="interrupted"),
-        )
-    if isinstance(exc, httpx.ReadTimeout) and timeouts is not None:
-        # No response headers in time (a proxy may hold them until the first token).
-        return FirstTokenTimeout(
-            f"No response from {url} within the first-token deadline "
-            f"(first_token={timeouts.first_token}). The server may be overloaded or the "
-            "prompt very long; raise Timeouts.first_token or retry later.",
             partial=StreamResult(status="interrupted"),
         )
     if isinstance(exc, httpx.TimeoutException):

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._async_stream import AsyncChatStream
 from ._errors import LLMStreamError
 from ._result import StreamResult
-from ._streaming import AsyncChatStream
 
 if TYPE_CHECKING:
     from starlette.responses import Response

@@ -1,0 +1,572 @@
+"""``AsyncChatStream``: the async shell around a call's core (anyio).
+
+Inside ``async with`` a reader task of the stream's own task group reads the body as data
+comes, so timings are taken at the wire, and hands chunks over through a bounded buffer
+(``buffer`` chunks). When the buffer is full the reader stops reading, and TCP pushes
+back on the server. A watchdog task beside it cuts a read that a deadline ends, so
+deadlines cost nothing per chunk. Iterated without ``async with`` there is no task: each
+read happens when the consumer asks, under a cancel scope for the deadline.
+
+Every decision is the core's (:mod:`llmstream._call`); this module only waits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
+
+from ._accounting import BudgetOptions
+from ._call import Attempt, Fail, NeedWait, Retry, Step
+from ._chunks import ChatCompletionChunk
+from ._deadlines import Timeouts
+from ._errors import LLMStreamError
+from ._flow import AsyncReadAhead, StreamOptions
+from ._http_errors import MAX_ERROR_BODY_BYTES
+from ._result import StreamResult
+from ._retry import RetryPolicy
+from ._session import StreamItem
+from ._streaming import StreamBase, chunk_of, now, text_of, unexpected
+from ._transport import AsyncResponse, HeaderTimeout
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from ._client import AsyncClient
+
+__all__ = ["AsyncChatStream"]
+
+_T = TypeVar("_T")
+
+
+class AsyncChatStream(StreamBase):
+    """A streamed chat completion, for ``async with`` and ``async for``.
+
+    Iterating yields the text deltas of choice 0; :meth:`chunks` yields the
+    typed chunks instead. Leaving the ``async with`` block closes the
+    connection at once, whatever the reason (end, ``break``, an exception,
+    cancellation), so the server aborts the generation.
+
+    Example::
+
+        async with client.stream("Tell me a joke", max_tokens=64) as stream:
+            async for text in stream:
+                print(text, end="", flush=True)
+        print(stream.result.metrics.time_to_first_token)
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        body: dict[str, object],
+        options: StreamOptions | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        budget: BudgetOptions | None = None,
+        *,
+        owns_client: bool = False,
+    ) -> None:
+        super().__init__(client, body, options, timeouts, retry, budget, owns_client)
+        self._core.on_deadline_moved = self._deadline_moved
+        self._client = client
+        self._attempt: Attempt | None = None
+        self._response: AsyncResponse | None = None
+        self._reader: AsyncIterator[bytes] | None = None
+        self._pending: deque[StreamItem] = deque()  # read without a reader task
+        self._buffer: AsyncReadAhead[StreamItem] | None = None
+        self._task_group: TaskGroup | None = None
+        self._pump_done: anyio.Event | None = None
+        # The reader's own scope: cancelling it must never cancel the code in the
+        # caller's `async with` block, which runs inside the task group's scope.
+        self._pump_scope: anyio.CancelScope | None = None
+        # The wait for a response's headers, so cancel() and aclose() can cut it short.
+        self._send_scope: anyio.CancelScope | None = None
+        # The current attempt's reads, so a deadline can cut the read in progress
+        # whatever the transport (no cost per chunk).
+        self._read_scope: anyio.CancelScope | None = None
+        self._watch_scope = anyio.CancelScope()
+        self._deadline_changed = anyio.Event()  # wakes the watchdog
+        self._resumed = anyio.Event()  # wakes a paused reader
+        self._stopped = anyio.Event()  # wakes a retry's backoff
+
+    # -- the public surface ----------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncChatStream:
+        self._entered = True
+        await self._open()
+        if self._reader is not None and self._core.stopped is None:
+            self._buffer = AsyncReadAhead(self._core.options.buffer)
+            self._pump_done = anyio.Event()
+            self._pump_scope = anyio.CancelScope()
+            self._task_group = anyio.create_task_group()
+            await self._task_group.__aenter__()
+            self._task_group.start_soon(self._pump)
+            self._task_group.start_soon(self._watchdog)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.aclose()
+        finally:
+            task_group, self._task_group = self._task_group, None
+            if task_group is not None:
+                # The reader never raises (its errors go through the buffer), and
+                # aclose() stopped it: leaving the group only waits for it.
+                await task_group.__aexit__(None, None, None)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return _AsyncItems(self, text_of)
+
+    def chunks(self) -> AsyncIterator[ChatCompletionChunk]:
+        """Iterate the typed chunks (every choice, usage chunks included) instead of text.
+
+        Example::
+
+            async with client.stream("Hi", n=2) as stream:
+                async for chunk in stream.chunks():
+                    print([c.delta.content for c in chunk.choices])
+        """
+        return _AsyncItems(self, chunk_of)
+
+    async def final_result(self) -> StreamResult:
+        """Read whatever is left and return the result.
+
+        Example::
+
+            async with client.stream("Hi") as stream:
+                result = await stream.final_result()
+        """
+        while await self._next_item() is not None:
+            pass
+        return self.result
+
+    def pause(self) -> None:
+        """Stop reading from the network; what is buffered can still be consumed.
+
+        The server is held up by TCP backpressure once the socket buffers
+        fill. A pause longer than ``max_pause`` seconds cancels the request
+        (:class:`~llmstream.PauseTimeout`), because vLLM keeps the request's
+        KV cache for as long as the connection is open.
+
+        Example::
+
+            stream.pause()
+            await save_checkpoint()
+            stream.resume()
+        """
+        clock = self._core.pause_clock
+        if not clock.paused:
+            self._resumed = anyio.Event()
+        clock.pause(now())
+
+    def resume(self) -> None:
+        """Continue reading after :meth:`pause`.
+
+        Example::
+
+            stream.resume()
+            assert not stream.paused
+        """
+        self._core.pause_clock.resume()
+        self._resumed.set()
+
+    def cancel(self) -> None:
+        """Stop now: the connection is shut down at once, iteration ends.
+
+        Safe to call from any task of the stream's event loop; the result
+        becomes the partial result with ``status == "cancelled"``. The socket
+        is released when the ``async with`` block ends (or on :meth:`aclose`).
+
+        Example::
+
+            async for text in stream:
+                if "STOP" in text:
+                    stream.cancel()
+        """
+        if not self._core.stop("cancelled", now()):
+            return
+        if self._send_scope is not None:
+            self._send_scope.cancel()
+        if self._response is not None:
+            self._response.abort()
+        self._pending.clear()
+        if self._buffer is not None:
+            self._buffer.items.clear()
+            self._buffer.end()
+        if self._pump_scope is not None:
+            self._pump_scope.cancel()
+        self._wake_all()
+
+    async def aclose(self) -> None:
+        """Close the connection now. Reading stops; the result becomes final.
+
+        Safe to call more than once, and from a cancelled task: the close is
+        shielded so the socket is always released.
+
+        Example::
+
+            await stream.aclose()
+            stream.result.status  # "cancelled" if the answer was not finished
+        """
+        core = self._core
+        with anyio.CancelScope(shield=True):
+            if self._closed:
+                # Closed already, perhaps from another task while a request was on its
+                # way: a response that arrived since is still released, once the reader
+                # (which may be reading it) has stopped.
+                if self._pump_done is not None:
+                    await self._pump_done.wait()
+                await self._drop_response()
+                return
+            self._closed = True
+            core.stop("closed", now())
+            if self._send_scope is not None:
+                self._send_scope.cancel()
+            if self._buffer is not None:
+                self._buffer.end()
+            core.settle()
+            self._wake_all()
+            if self._pump_scope is not None and self._pump_done is not None:
+                self._pump_scope.cancel()
+                await self._pump_done.wait()  # the reader closes the response on its way out
+            await self._drop_response()
+            if self._owns_client:
+                await self._client.aclose()
+
+    # -- opening ---------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        """Plan the call, then send requests until one streams (or the call ends)."""
+        core = self._core
+        try:
+            await self._plan()
+            while self._reader is None and core.stopped is None:
+                step = await self._send_attempt()
+                if step is not None and not await self._follow(step):
+                    return
+        except LLMStreamError as exc:
+            core.fail(exc, now())
+            await self.aclose()
+            raise
+        except BaseException:
+            # Cancelled (or interrupted) mid-request: `async with` will not exit, so the
+            # stream is stopped and the response released here.
+            core.stop("cancelled", now())
+            with anyio.CancelScope(shield=True):
+                await self._drop_response()
+            raise
+
+    async def _plan(self) -> None:
+        planner = self._core.plan()
+        answer: object = None
+        while True:
+            try:
+                need = planner.send(answer)
+            except StopIteration:
+                return
+            if isinstance(need, NeedWait):
+                with anyio.move_on_after(need.seconds):
+                    await self._stopped.wait()
+                answer = None
+            else:
+                answer = await self._client._answer(need)
+
+    async def _send_attempt(self) -> Step | None:
+        """Send the next request. None: its body streams (or the call was stopped)."""
+        core = self._core
+        if "model" not in core.body:
+            core.body["model"] = await self._client._resolve_model()
+        attempt = self._attempt = core.begin_attempt(now())
+        found = attempt.header_deadline
+        wait = found[0] - now() if found is not None else None
+        request = self._client._stream_request(attempt.body, wait)
+        try:
+            with anyio.move_on_after(wait if wait is not None else math.inf) as scope:
+                self._send_scope = scope
+                response = await self._client._transport.send(request)
+        except HeaderTimeout:
+            return core.send_failed(attempt, None, now())
+        except LLMStreamError as exc:
+            return core.send_failed(attempt, exc, now())
+        finally:
+            self._send_scope = None
+        if scope.cancelled_caught:
+            if core.stopped is not None:
+                return None  # cut short by cancel() or aclose(): no error, nothing to retry
+            return core.send_failed(attempt, None, now())
+        self._response = response
+        if core.stopped is not None:  # stopped by another task while we waited
+            await self._drop_response()
+            return None
+        status = response.status_code
+        step = core.response(attempt, status, response.headers, now())
+        if status >= 300:
+            body = await response.read(MAX_ERROR_BODY_BYTES)
+            await self._drop_response()
+            return core.error_response(
+                attempt, status, response.reason_phrase, response.headers, body, now()
+            )
+        if step is None:
+            self._reader = response.stream(core.body_read_backstop)
+        return step
+
+    async def _follow(self, step: Step) -> bool:
+        """Act on how an attempt ended; True: send another request."""
+        if isinstance(step, Retry):
+            await self._drop_response()
+            if step.delay > 0:
+                with anyio.move_on_after(step.delay):
+                    await self._stopped.wait()
+            return self._core.stopped is None
+        if isinstance(step, Fail):
+            raise step.error
+        return False
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def _next_item(self) -> StreamItem | None:
+        pending = self._pending
+        if pending:
+            return pending.popleft()
+        if self._buffer is not None:
+            return await self._buffer.get()
+        core = self._core
+        while not pending:
+            if core.error is not None:
+                raise core.error
+            if core.result is not None or core.stopped is not None:
+                return None
+            await self._pull()
+        return pending.popleft()
+
+    async def _pull(self) -> None:
+        """Without a reader task: read once because the consumer asked."""
+        core = self._core
+        try:
+            paused = await self._wait_while_paused()
+            if paused is not None:
+                raise paused.error
+            if self._reader is None and core.session is None:
+                await self._open()
+            while self._reader is not None:
+                # The consumer's own time since the last read is not the server's idleness.
+                core.reading_resumed(now())
+                step = await self._read_once()
+                if step is None:
+                    return
+                if not await self._follow(step):
+                    break
+                step = await self._send_attempt()
+                if step is not None and not await self._follow(step):
+                    break
+        except LLMStreamError as exc:
+            core.fail(exc, now())
+        await self.aclose()
+
+    async def _read_once(self) -> Step | None:
+        """One read under a cancel scope for the deadline; None: items (maybe none) came."""
+        core = self._core
+        attempt = self._attempt
+        reader = self._reader
+        assert attempt is not None and reader is not None and self._response is not None
+        found = core.deadline()
+        with anyio.move_on_after(found[0] - now() if found is not None else math.inf) as scope:
+            try:
+                data = await reader.__anext__()
+            except StopAsyncIteration:
+                return core.body_ended(attempt, now())
+            except Exception as exc:
+                failure = self._response.read_failure(exc)
+                if failure is None:
+                    raise
+                return core.read_failed(attempt, failure, now())
+        if scope.cancelled_caught:
+            return core.read_failed(attempt, None, now())
+        self._pending.extend(core.feed(attempt, data, now()))
+        return core.step
+
+    async def _pump(self) -> None:
+        """The reader task: read ahead into the buffer until the call ends."""
+        core = self._core
+        buffer = self._buffer
+        assert buffer is not None and self._pump_done is not None and self._pump_scope
+        try:
+            with self._pump_scope:
+                while core.stopped is None:
+                    if self._reader is None:
+                        step = await self._send_attempt()
+                        if step is None:
+                            continue  # streaming now (or stopped: the loop ends)
+                    else:
+                        step = await self._read_attempt(buffer)
+                        if step is None:
+                            break  # stopped, or the buffer was ended
+                    if not await self._follow(step):
+                        break
+        except LLMStreamError as exc:
+            core.fail(exc, now())
+        except Exception as exc:  # a reader that dies must not take the caller's block down
+            core.fail(unexpected(exc, self.snapshot()), now())
+        finally:
+            buffer.end(core.error)
+            self._watch_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await self._drop_response()
+            self._pump_done.set()
+
+    async def _read_attempt(self, buffer: AsyncReadAhead[StreamItem]) -> Step | None:
+        """Read the current attempt's body into the buffer until it ends."""
+        core = self._core
+        attempt = self._attempt
+        assert attempt is not None
+        self._read_scope = scope = anyio.CancelScope()
+        with scope:
+            step = await self._read_body(buffer, attempt)
+        if scope.cancelled_caught and core.stopped is None:
+            return core.read_failed(attempt, None, now())  # a deadline cut the read
+        return step
+
+    async def _read_body(self, buffer: AsyncReadAhead[StreamItem], attempt: Attempt) -> Step | None:
+        core = self._core
+        reader = self._reader
+        response = self._response
+        assert reader is not None and response is not None
+        pause = core.pause_clock
+        wait_for_room = core.waits_for_room
+        feed = core.feed
+        while not buffer.ended:
+            # Checked inline: awaiting a no-op coroutine per chunk costs measurable CPU.
+            held = False
+            if wait_for_room and buffer.full:
+                held = True
+                await buffer.wait_for_room()
+                if buffer.ended:
+                    return None
+            if pause.paused:
+                held = True
+                paused = await self._wait_while_paused()
+                if paused is not None:
+                    return paused
+            if held:
+                core.reading_resumed(now())  # time held back is not the server's idleness
+            attempt.reading = True
+            try:
+                data = await reader.__anext__()
+            except StopAsyncIteration:
+                return core.body_ended(attempt, now())
+            except Exception as exc:
+                if core.stopped is not None:
+                    return None  # cut by the caller while the read was waiting
+                failure = response.read_failure(exc)
+                if failure is None:
+                    raise
+                return core.read_failed(attempt, failure, now())
+            finally:
+                attempt.reading = False
+            items = feed(attempt, data, now())
+            if items:
+                buffer.put(items)
+                if not wait_for_room:
+                    overflow = core.overflowed(len(buffer.items), now())
+                    if overflow is not None:
+                        return overflow
+            if core.step is not None:
+                return core.step
+        return None
+
+    async def _wait_while_paused(self) -> Fail | None:
+        core = self._core
+        clock = core.pause_clock
+        while clock.paused and core.stopped is None:
+            expired = core.pause_expired(now())
+            if expired is not None:
+                return expired
+            with anyio.move_on_after(clock.remaining(now())):
+                await self._resumed.wait()
+        return None
+
+    async def _watchdog(self) -> None:
+        """Cut the read in progress when a deadline passes (a sibling of the reader)."""
+        core = self._core
+        if not core.watches_deadlines:
+            return
+        with self._watch_scope:
+            while True:
+                due = core.deadline_due(now())
+                if isinstance(due, Attempt):
+                    if self._response is not None:
+                        self._response.abort()
+                    if self._read_scope is not None:
+                        self._read_scope.cancel()
+                    due = 0.05
+                with anyio.move_on_after(due):
+                    await self._deadline_changed.wait()
+                if self._deadline_changed.is_set():
+                    self._deadline_changed = anyio.Event()
+
+    def _deadline_moved(self) -> None:
+        self._deadline_changed.set()
+
+    def _wake_all(self) -> None:
+        self._resumed.set()
+        self._stopped.set()
+
+    async def _drop_response(self) -> None:
+        """Release the current response (cutting it if unread) and forget it."""
+        response, self._response = self._response, None
+        self._reader = None
+        if response is not None:
+            await response.aclose()
+
+
+class _AsyncItems(AsyncIterator[_T]):
+    """Iterates a stream's items, picking text or chunks.
+
+    A class rather than an async generator: an abandoned async generator is
+    finalised by the event loop at some later point (and trio warns about it),
+    while this holds nothing that needs finalising. Iterating a stream that was
+    not entered with ``async with`` opens it on first use and closes it at the
+    end of the loop or on an error; after a ``break`` call ``aclose()``, or use
+    ``async with``.
+    """
+
+    __slots__ = ("_implicit", "_pick", "_stream")
+
+    def __init__(self, stream: AsyncChatStream, pick: Callable[[StreamItem], _T | None]) -> None:
+        self._stream = stream
+        self._pick = pick
+        self._implicit = not stream._entered
+
+    async def __anext__(self) -> _T:
+        stream = self._stream
+        pick = self._pick
+        buffer = stream._buffer
+        while True:
+            # Fast path: an item already read ahead is taken without awaiting.
+            if buffer is not None and buffer.items:
+                value = pick(buffer.take_now())
+                if value is not None:
+                    return value
+                continue
+            try:
+                item = await stream._next_item()
+            except BaseException:
+                if self._implicit:
+                    await stream.aclose()
+                raise
+            if item is None:
+                if self._implicit:
+                    await stream.aclose()
+                raise StopAsyncIteration
+            value = pick(item)
+            if value is not None:
+                return value

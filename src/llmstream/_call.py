@@ -1,0 +1,696 @@
+"""One streamed call as a state machine fed timestamped events (sans-IO).
+
+:class:`CallCore` makes every decision of a call: when a request is sent and with which
+body, what a response, a network read, the end of a body or a transport failure means,
+which of the four deadlines is due, whether a failure is retried or the answer resumed
+and after how long, the pause limit, the read-ahead limit, the token budget, and how
+the call ended. The async and the sync stream (the shells) only do I/O: they send what
+the core says, hand it what the network did with a timestamp, and follow the
+:data:`Step` it returns, the way h11 or tenacity's ``iter()`` drive their callers.
+
+The core is fed per call, not per request: each request is an :class:`Attempt`, and an
+event names the attempt it is about. Every attempt of a call feeds the one
+:class:`~llmstream._session.StreamSession` that assembles the answer (a retry starts it
+over, a resume continues it). Events about an attempt that is no longer the current one
+are ignored, so several requests of one call may be in flight on different endpoints.
+
+Example::
+
+    core = CallCore(body, StreamOptions(), Timeouts(), RetryPolicy())
+    attempt = core.begin_attempt(now=0.0)             # send attempt.body
+    core.response(attempt, 200, headers, now=0.01)    # None: read the body
+    items = core.feed(attempt, b"data: {...}\\n\\n", now=0.02)
+    step = core.body_ended(attempt, now=0.5)          # Finish(result)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ._accounting import BudgetOptions, CallAccount
+from ._budget import (
+    BudgetExceeded,
+    CallPlan,
+    PromptCount,
+    Reservation,
+    count_prompt_tokens,
+    plan_call,
+)
+from ._deadlines import DeadlineKind, Timeouts, next_deadline
+from ._errors import (
+    BufferOverflow,
+    FirstTokenTimeout,
+    IdleTimeout,
+    LLMStreamError,
+    PauseTimeout,
+    ProtocolError,
+    StreamTimeout,
+    TotalTimeout,
+)
+from ._events import (
+    CallEvent,
+    CallFailed,
+    CallFinished,
+    FirstToken,
+    RequestSent,
+    ResponseHeaders,
+)
+from ._flow import PauseClock, StreamOptions
+from ._http_errors import status_error
+from ._request import continuation_body
+from ._result import StreamResult
+from ._retry import RetryEvent, RetryPolicy
+from ._session import StreamItem, StreamSession
+from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
+
+__all__ = [
+    "Attempt",
+    "CallCore",
+    "Fail",
+    "Finish",
+    "NeedContextLength",
+    "NeedModel",
+    "NeedPromptCount",
+    "NeedWait",
+    "ReadFailure",
+    "Retry",
+    "Step",
+]
+
+_TIMEOUT_ERRORS: dict[DeadlineKind, type[StreamTimeout]] = {
+    "first_token": FirstTokenTimeout,
+    "idle": IdleTimeout,
+    "total": TotalTimeout,
+}
+
+
+# -- what the core tells the shell to do next ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Release the attempt, wait ``delay`` seconds (unless stopped), then begin another."""
+
+    delay: float
+    event: RetryEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The call failed: raise ``error`` to the consumer (it carries the partial result)."""
+
+    error: LLMStreamError
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The call ended without an error (complete, or stopped by its budget)."""
+
+    result: StreamResult
+
+
+Step = Retry | Fail | Finish
+"""How an attempt ended, and what the shell does about it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadFailure:
+    """A body read that failed, in the transport's words: how, and what it said."""
+
+    kind: Literal["timeout", "decode", "broken"]
+    detail: str
+
+
+# -- what planning a budgeted call needs from the network ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NeedModel:
+    """Answer with the model name (the client may have to ask ``GET /models``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NeedContextLength:
+    """Answer with the model's context length (vLLM's ``max_model_len``), or None."""
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class NeedPromptCount:
+    """Answer with the prompt's token count from the server (vLLM's ``POST /tokenize``)."""
+
+    model: str
+    messages: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NeedWait:
+    """Wait ``seconds`` (a shared budget has no room yet), then answer None."""
+
+    seconds: float
+
+
+Need = NeedModel | NeedContextLength | NeedPromptCount | NeedWait
+
+
+# -- one request of the call ------------------------------------------------------------
+
+
+class Attempt:
+    """One request of a call: its number, body, timing and where its body stands.
+
+    Example::
+
+        attempt = core.begin_attempt(now)
+        attempt.body, attempt.header_deadline
+    """
+
+    __slots__ = ("body", "body_done", "header_deadline", "number", "reading", "started")
+
+    def __init__(self, number: int, body: dict[str, object], started: float) -> None:
+        self.number = number
+        """1 for the first request of the call, 2 for the next..."""
+        self.body = body
+        """The JSON body to send."""
+        self.started = started
+        self.header_deadline: tuple[float, DeadlineKind] | None = None
+        """When the wait for the response headers must end, and which deadline that is."""
+        self.body_done = False
+        """True once the body was read to its end: the connection need not be cut."""
+        self.reading = False
+        """True while a network read of this attempt is in progress (deadlines cut it)."""
+
+
+class CallCore:
+    """Every decision of one streamed call; see the module docstring.
+
+    Example::
+
+        core = CallCore(body, options, timeouts, retry)
+        attempt = core.begin_attempt(now)
+    """
+
+    def __init__(
+        self,
+        body: dict[str, object],
+        options: StreamOptions,
+        timeouts: Timeouts,
+        retry: RetryPolicy,
+        budget: BudgetOptions | None = None,
+        *,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        observer: Callable[[CallEvent], object] | None = None,
+    ) -> None:
+        self.body = body
+        self.options = options
+        self.timeouts = timeouts
+        self.retry = retry
+        self.budget = budget or BudgetOptions()
+        self._limits = (max_line_bytes, max_event_bytes)
+        self._observer = observer
+        self.pause_clock = PauseClock(options.max_pause)
+        self.account: CallAccount | None = None
+        self.session: StreamSession | None = None
+        self.current: Attempt | None = None
+        self.result: StreamResult | None = None
+        """The final result, once the call ended (complete, cancelled, or with an error)."""
+        self.error: LLMStreamError | None = None
+        """The error that ended the call, if one did."""
+        self.stopped: Literal["closed", "cancelled"] | None = None
+        """Set once the caller stopped the call: nothing more is sent or read."""
+        self.step: Step | None = None
+        """Set by :meth:`feed` when the attempt must end (an error, the budget)."""
+        self.on_deadline_moved: Callable[[], object] | None = None
+        """Called when the deadline in force changes kind (a shell's watchdog wakes)."""
+        self._next_body = body
+        self._attempts = 0
+        self._started = 0.0
+        self._read_started = 0.0
+        self._deadline_hit: DeadlineKind | None = None
+        self._planned = False
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def attempts(self) -> int:
+        """How many requests the call has begun."""
+        return self._attempts
+
+    @property
+    def ended(self) -> bool:
+        """True once the call has a final result or error, or was stopped."""
+        return self.result is not None or self.error is not None or self.stopped is not None
+
+    def snapshot(self, now: float) -> StreamResult:
+        """The result so far (the final one once the call ended)."""
+        if self.result is not None:
+            return self.result
+        if self.session is None:
+            return StreamResult()
+        return self.session.result(now)
+
+    def _emit(self, event: CallEvent) -> None:
+        observer = self._observer
+        if observer is not None:
+            observer(event)
+
+    # -- planning a budgeted call --------------------------------------------------
+
+    def plan(self) -> Generator[Need, object, None]:
+        """Count the prompt, check the budgets and the context, reserve on a shared budget.
+
+        A generator of what it needs from the network: the shell answers each
+        :data:`Need` with ``send()``. Does nothing when the call has no budget and
+        counts its prompt locally. A prompt that the budget alone refuses is refused
+        before any request: only the context length needs ``GET /models``.
+
+        Example::
+
+            planner = core.plan()
+            need = next(planner)          # NeedModel()
+            need = planner.send("Qwen/Qwen3-8B")
+        """
+        if self._planned or not self.budget.planned:
+            return
+        self._planned = True
+        body = self.body
+        messages = body["messages"]
+        assert isinstance(messages, list)
+        count = self._count_locally(messages)
+        if count is not None:
+            self._plan_budget(count, None, None)  # the budget alone: no I/O
+        model = body.get("model")
+        if not isinstance(model, str):
+            model = yield NeedModel()
+            assert isinstance(model, str)
+            body["model"] = model
+        if count is None:
+            counted = yield NeedPromptCount(model, messages)
+            assert isinstance(counted, int)
+            count = PromptCount(counted, "server")
+        max_len = yield NeedContextLength(model)
+        assert max_len is None or isinstance(max_len, int)
+        plan = self._plan_budget(count, max_len, None)
+        reservation = None
+        shared = self.budget.shared
+        if shared is not None:
+            most, least = self._reserve_amount(count, plan)
+            while reservation is None:
+                try:
+                    reservation = shared.reserve(most, minimum=least)
+                except BudgetExceeded as exc:
+                    if not self.budget.wait or exc.retry_after is None:
+                        raise
+                    yield NeedWait(exc.retry_after)
+            try:
+                plan = self._plan_budget(count, max_len, reservation)
+            except BaseException:
+                reservation.release()
+                raise
+        self.account = CallAccount(plan, reservation)
+
+    def _count_locally(self, messages: list[Any]) -> PromptCount | None:
+        counting = self.budget.count_prompt
+        if counting == "server":
+            return None
+        return count_prompt_tokens(messages, None if counting == "estimate" else counting)
+
+    def _plan_budget(
+        self, count: PromptCount, max_model_len: int | None, reservation: Reservation | None
+    ) -> CallPlan:
+        body = self.body
+        asked = body.get("max_tokens")
+        plan = plan_call(
+            self.budget.budget,
+            prompt_tokens=count.tokens,
+            prompt_source=count.source,
+            max_tokens=asked if isinstance(asked, int) else None,
+            max_model_len=max_model_len,
+            shared_allowance=reservation.amount if reservation is not None else None,
+        )
+        if plan.max_tokens is not None:
+            body["max_tokens"] = plan.max_tokens
+        return plan
+
+    def _reserve_amount(self, count: PromptCount, plan: CallPlan) -> tuple[int, int]:
+        """What to reserve on the shared budget: (up to, at least)."""
+        shared = self.budget.shared
+        assert shared is not None
+        answer = plan.max_tokens if plan.max_tokens is not None else shared.limit
+        return count.tokens + answer, count.tokens + 1
+
+    # -- attempts ------------------------------------------------------------------
+
+    def begin_attempt(self, now: float) -> Attempt:
+        """A new request is about to be sent: its body and how long to wait for headers.
+
+        Until the response headers arrive (vLLM sends them at once; a proxy may hold
+        them until the first token) the first-token deadline applies, or what is left
+        of the total.
+        """
+        if self._attempts == 0:
+            self._started = now
+        self._attempts += 1
+        attempt = Attempt(self._attempts, self._next_body, now)
+        self.current = attempt
+        self._read_started = now
+        self._deadline_hit = None
+        self.step = None
+        attempt.header_deadline = self.deadline()
+        self._emit(RequestSent(now, attempt.number, attempt.body))
+        return attempt
+
+    def _is_current(self, attempt: Attempt) -> bool:
+        return attempt is self.current and self.stopped is None
+
+    def send_failed(self, attempt: Attempt, error: LLMStreamError | None, now: float) -> Step:
+        """The request got no response: ``error`` says why (None: its header wait ran out)."""
+        if error is None:
+            found = attempt.header_deadline
+            error = self.timeout_error(found[1] if found is not None else "first_token", now)
+        return self._after_failure(attempt, error, now)
+
+    def response(
+        self, attempt: Attempt, status: int, headers: Mapping[str, str], now: float
+    ) -> Step | None:
+        """The response headers arrived. None: read the body as a stream.
+
+        For a status of 300 and up the shell reads the (capped) error body and calls
+        :meth:`error_response`.
+        """
+        self._emit(ResponseHeaders(now, attempt.number, status))
+        if status >= 300:
+            return None
+        session = self.session
+        if session is None:
+            max_line, max_event = self._limits
+            options = self.options
+            session = self.session = StreamSession(
+                started=self._started,
+                max_line_bytes=max_line,
+                max_event_bytes=max_event,
+                max_chunks=options.max_chunks,
+                max_bytes=options.max_bytes,
+            )
+            session.retries = self._attempts - 1  # attempts that failed before a response
+            session.account = self.account
+        session.headers(now, headers.get("x-request-id"))
+        content_type = headers.get("content-type", "")
+        if not content_type.lower().startswith("text/event-stream"):
+            error = session.fail(
+                ProtocolError(
+                    f"The server answered {status} with content type "
+                    f"{content_type or 'none'!r}, not text/event-stream: this is not a "
+                    "streaming chat completion endpoint. Check the base URL (it usually "
+                    "ends in /v1) and that the server speaks the OpenAI protocol."
+                ),
+                now,
+            )
+            return self._after_failure(attempt, error, now)
+        return None
+
+    def error_response(
+        self,
+        attempt: Attempt,
+        status: int,
+        reason: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        now: float,
+    ) -> Step:
+        """A non-2xx response and its (capped) body: retry, or fail with the status error."""
+        return self._after_failure(attempt, status_error(status, reason, headers, body), now)
+
+    def feed(self, attempt: Attempt, data: bytes, now: float) -> list[StreamItem]:
+        """One network read of the body: the chunks it completed, to deliver in order.
+
+        When the attempt must end (an error event, bad bytes, a limit, the budget),
+        :attr:`step` is set: deliver the items, then follow the step.
+        """
+        session = self.session
+        if session is None or attempt is not self.current:
+            return []
+        waiting_for_first = session.last_event_at is None
+        items = session.feed(data, now)
+        if waiting_for_first and session.last_event_at is not None:
+            # The first-token deadline is over and the idle one starts: once per request.
+            if self.on_deadline_moved is not None:
+                self.on_deadline_moved()
+            self._emit(FirstToken(now, attempt.number))
+        if session.error is not None:
+            error, session.error = session.error, None
+            self.step = self._after_failure(attempt, error, now)
+        elif session.budget_stopped:
+            # Deliver what arrived, read no further: the shell cuts the connection now,
+            # so the server stops generating.
+            self.step = self._finish(session.result(now), now)
+        return items
+
+    def body_ended(self, attempt: Attempt, now: float) -> Step:
+        """The body ended cleanly: the result, or what to do about a stream cut short."""
+        attempt.body_done = True
+        session = self.session
+        assert session is not None
+        if self._deadline_hit is not None:
+            return self._after_failure(attempt, self.timeout_error(self._deadline_hit, now), now)
+        try:
+            result = session.end_of_body(now)
+        except LLMStreamError as exc:
+            return self._after_failure(attempt, exc, now)
+        return self._finish(result, now)
+
+    def read_failed(self, attempt: Attempt, failure: ReadFailure | None, now: float) -> Step:
+        """A body read failed (None: it was cut by :meth:`deadline_due`)."""
+        session = self.session
+        assert session is not None
+        if self._deadline_hit is not None:
+            error: LLMStreamError = self.timeout_error(self._deadline_hit, now)
+        elif session.all_finished:
+            # Every choice had finished: only the trailer ([DONE], usage) was lost.
+            attempt.body_done = True
+            return self._finish(session.finish(now), now)
+        elif failure is None or failure.kind == "timeout":
+            found = self.deadline()  # which deadline the transport's backstop stood in for
+            error = self.timeout_error(found[1] if found is not None else "idle", now)
+        elif failure.kind == "decode":
+            error = session.fail(
+                ProtocolError(f"Could not decode the response body: {failure.detail}"), now
+            )
+        else:
+            error = session.interrupted(
+                f"The connection broke while streaming ({failure.detail}). "
+                "exc.partial holds what arrived; retry the request to get the full answer.",
+                now,
+            )
+        return self._after_failure(attempt, error, now)
+
+    def _after_failure(self, attempt: Attempt, error: LLMStreamError, now: float) -> Step:
+        """Retry, resume or fail after ``error`` ended ``attempt``."""
+        if self.stopped is not None:
+            # Stopped by the caller, who is not told of what failed afterwards.
+            return Finish(self.snapshot(now))
+        if attempt is self.current:
+            event = self._plan_recovery(error, now)
+            if event is not None:
+                return Retry(event.delay, event)
+        return self.fail(error, now)
+
+    def _plan_recovery(self, error: LLMStreamError, now: float) -> RetryEvent | None:
+        policy = self.retry
+        session = self.session
+        if session is not None and session.has_output:
+            if not policy.resume or session.resumes >= policy.max_resumes:
+                return None
+            if not policy.retryable(error):
+                return None
+            partial = session.result(now)
+            if partial.tool_calls or len(partial.choices) != 1:
+                return None  # only plain text of a single choice can be continued
+            body = continuation_body(self.body, partial.text, session.completion_tokens())
+            if body is None:
+                return None
+            delay = policy.resume_delay(session.resumes + 1, error, started=self._started, now=now)
+            if delay is None:
+                return None
+            event = RetryEvent("resume", self._attempts + 1, delay, error)
+        else:
+            delay_or_none = policy.delay_before(
+                self._attempts + 1, error, started=self._started, now=now
+            )
+            if delay_or_none is None:
+                return None
+            body = self.body
+            event = RetryEvent("retry", self._attempts + 1, delay_or_none, error)
+        total = self.timeouts.total
+        if total is not None and now + event.delay >= self._started + total:
+            return None
+        self._next_body = body
+        if session is not None:
+            session.new_attempt(resume=event.kind == "resume")
+        policy.announce(event)
+        self._emit(event)
+        return event
+
+    # -- endings -------------------------------------------------------------------
+
+    def _finish(self, result: StreamResult, now: float) -> Finish:
+        if self.result is None:
+            self.result = result
+            self._emit(CallFinished(now, result))
+        return Finish(self.result)
+
+    def fail(self, error: LLMStreamError, now: float) -> Fail:
+        """End the call with ``error`` (the first error wins); it carries the partial result."""
+        if error.partial is None and self.session is not None:
+            self.session.fail(error, now)
+        if self.error is None:
+            self.error = error
+            if self.result is None and error.partial is not None:
+                self.result = error.partial
+            self._emit(CallFailed(now, error))
+        return Fail(self.error)
+
+    def stop(self, how: Literal["closed", "cancelled"], now: float) -> bool:
+        """The caller stopped the call; the result becomes final. False if it had been."""
+        if self.stopped is not None:
+            if how == "closed":
+                self.stopped = how
+            return False
+        self.stopped = how
+        if self.result is None and self.session is not None:
+            self.result = self.session.cancel(now)
+        elif self.result is None and self.error is None:
+            # Stopped before any response arrived: an empty result, not a missing one.
+            self.result = StreamResult(status="cancelled", retries=max(self._attempts - 1, 0))
+        if self.result is not None and self.result.status == "cancelled":
+            self._emit(CallFinished(now, self.result))
+        return True
+
+    def settle(self) -> None:
+        """Charge the shared budget for what the call used (or release it). Once."""
+        if self.account is not None:
+            self.account.settle(sent=self.session is not None)
+
+    # -- time ----------------------------------------------------------------------
+
+    def deadline(self) -> tuple[float, DeadlineKind] | None:
+        """The earliest deadline in force now, and its kind."""
+        session = self.session
+        last = session.last_event_at if session is not None else None
+        attempt = self.current
+        return next_deadline(
+            self.timeouts,
+            started=self._started,
+            attempt_started=attempt.started if attempt is not None else self._started,
+            # Time the reader spent held back (full buffer, pause) is not idleness.
+            last_event_at=max(last, self._read_started) if last is not None else None,
+        )
+
+    @property
+    def body_read_backstop(self) -> float | None:
+        """The transport's own read timeout once the body streams.
+
+        The call's deadlines are watched beside the reads; this only bounds a read
+        that nothing else would end. None: a read may legitimately wait forever.
+        """
+        t = self.timeouts
+        if t.first_token is None or t.idle is None:
+            return None
+        return max(t.first_token, t.idle)
+
+    @property
+    def watches_deadlines(self) -> bool:
+        """False when no deadline can ever be due (every one is None)."""
+        t = self.timeouts
+        return not (t.first_token is None and t.idle is None and t.total is None)
+
+    def reading_resumed(self, now: float) -> None:
+        """The reader was held back (full buffer, pause) and reads again now."""
+        self._read_started = now
+
+    def deadline_due(self, now: float) -> float | Attempt:
+        """Check the deadlines: seconds until the next check, or the attempt to cut now.
+
+        A deadline that passes while a body read waits makes that read fail: the shell
+        cuts the attempt's connection, and the failed read becomes the timeout error.
+        """
+        found = self.deadline()
+        if found is None:
+            return 1.0  # none now; one may start with the first token
+        at, kind = found
+        left = at - now
+        if left > 0:
+            return left
+        attempt = self.current
+        if self._deadline_hit is None and attempt is not None and attempt.reading:
+            self._deadline_hit = kind
+            return attempt
+        return 0.05  # the reader turns it into an error (and maybe a retry)
+
+    def timeout_error(self, kind: DeadlineKind, now: float) -> LLMStreamError:
+        """The error for a deadline that passed, with the partial result."""
+        t = self.timeouts
+        if kind == "first_token":
+            message = (
+                f"No token arrived within first_token={t.first_token} s of sending the "
+                "request: the server may be overloaded or the prompt very long. Raise "
+                "Timeouts.first_token, or retry later."
+            )
+        elif kind == "idle":
+            message = (
+                f"The server sent no event for idle={t.idle} s in the middle of the answer "
+                "(keep-alive comments do not count). exc.partial holds what arrived."
+            )
+        else:
+            message = (
+                f"The call took longer than total={t.total} s, retries included. "
+                "exc.partial holds what arrived."
+            )
+        error_type = _TIMEOUT_ERRORS[kind]
+        if self.session is None:
+            return error_type(message, partial=StreamResult(status="interrupted"))
+        return self.session.interrupted(message, now, error_type)
+
+    # -- flow control --------------------------------------------------------------
+
+    def pause_expired(self, now: float) -> Fail | None:
+        """While paused: the failure once the pause has lasted longer than ``max_pause``."""
+        if self.pause_clock.remaining(now) > 0:
+            return None
+        return self._abort(
+            PauseTimeout(
+                f"The stream was paused for more than max_pause={self.options.max_pause:g} s, "
+                "so the request was cancelled: a paused client keeps its request's KV cache "
+                "held on the server. Resume sooner, or raise max_pause.",
+                partial=StreamResult(),
+            ),
+            now,
+        )
+
+    def overflowed(self, buffered: int, now: float) -> Fail | None:
+        """With ``on_full="error"``: the failure once the consumer is too far behind."""
+        options = self.options
+        if options.on_full != "error" or options.buffer == 0 or buffered <= options.buffer:
+            return None
+        return self._abort(
+            BufferOverflow(
+                f"The consumer fell more than buffer={options.buffer} chunks behind the "
+                'network, and on_full="error" was asked for: the request was cancelled. '
+                'Read faster, raise buffer, or use on_full="wait" for backpressure.',
+                partial=StreamResult(),
+            ),
+            now,
+        )
+
+    @property
+    def waits_for_room(self) -> bool:
+        """True when a full read-ahead buffer holds the reader back (backpressure)."""
+        return self.options.on_full == "wait" or self.options.buffer == 0
+
+    def _abort(self, error: LLMStreamError, now: float) -> Fail:
+        assert self.session is not None
+        return self.fail(self.session.fail(error, now, "aborted"), now)

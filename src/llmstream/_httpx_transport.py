@@ -1,0 +1,293 @@
+"""The default transport: httpx, with the fast body reader where it applies.
+
+Implements :mod:`llmstream._transport` on an ``httpx.AsyncClient`` / ``httpx.Client``
+(the client's own, or one the caller brings). Bodies are read with
+:func:`~llmstream._body.aiter_body` / :func:`~llmstream._body.iter_body`, which take the
+fast path where it is on and httpx's public iterators elsewhere. Aborting shuts the
+socket down (``shutdown()`` wakes a blocked read and sends the FIN at once; closing the
+file descriptor does neither).
+
+Example::
+
+    transport = HttpxAsyncTransport(httpx.AsyncClient(), owns_client=True)
+    response = await transport.send(request)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping
+
+import anyio
+import httpx
+
+from ._body import aiter_body, iter_body
+from ._call import ReadFailure
+from ._config import KEEP_ALIVE_BELOW
+from ._header_wait import HeaderWait, shut_down, waiting_for_headers
+from ._http_errors import connection_error
+from ._transport import HeaderTimeout, HTTPRequest
+
+__all__ = ["HttpxAsyncTransport", "HttpxSyncTransport"]
+
+# Sending a chat request's body: small, so a long wait means a dead peer.
+_WRITE_TIMEOUT = 30.0
+
+
+class _InFlight:
+    """Streams sent and not yet released; a lock because sync streams end on many threads."""
+
+    __slots__ = ("_lock", "count")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.count += n
+
+
+def _build(
+    http: httpx.AsyncClient | httpx.Client, request: HTTPRequest, in_flight: _InFlight
+) -> httpx.Request:
+    headers = dict(request.headers)
+    if request.stream and in_flight.count >= KEEP_ALIVE_BELOW:
+        # Many streams at once: this connection is not kept for reuse. httpcore's pool
+        # scans all its connections for each idle one on every request it opens or
+        # closes; hundreds of pooled connections made opening a stream take seconds
+        # under load (benchmarks/PROFILE.md). A quiet client keeps its connections.
+        headers["Connection"] = "close"
+    connect = request.connect_timeout
+    timeout = httpx.Timeout(
+        connect=connect, read=request.read_timeout, write=_WRITE_TIMEOUT, pool=connect
+    )
+    return http.build_request(
+        request.method, request.url, json=request.json, headers=headers, timeout=timeout
+    )
+
+
+def _send_error(exc: httpx.HTTPError, request: HTTPRequest) -> Exception:
+    if request.stream and isinstance(exc, httpx.ReadTimeout):
+        return HeaderTimeout(str(exc))  # no headers in time: a deadline of the call
+    return connection_error(exc, request.url, request.connect_timeout)
+
+
+def _read_failure(exc: Exception) -> ReadFailure | None:
+    if isinstance(exc, httpx.TimeoutException):
+        return ReadFailure("timeout", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, httpx.DecodingError):
+        return ReadFailure("decode", str(exc))
+    if isinstance(exc, httpx.HTTPError):
+        return ReadFailure("broken", f"{type(exc).__name__}: {exc}")
+    return None
+
+
+class _Response:
+    """What both response wrappers share: status, headers, the end of the body, abort."""
+
+    __slots__ = ("_ended", "_in_flight", "_reader", "_released", "_response")
+
+    def __init__(self, response: httpx.Response, in_flight: _InFlight | None) -> None:
+        self._response = response
+        self._in_flight = in_flight  # None: not counted (a request that is not a stream)
+        self._reader: object = None
+        self._ended = False
+        self._released = False
+
+    @property
+    def status_code(self) -> int:
+        return self._response.status_code
+
+    @property
+    def reason_phrase(self) -> str:
+        return self._response.reason_phrase
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    @property
+    def body_done(self) -> bool:
+        return self._ended or getattr(self._reader, "ended", False)
+
+    def read_failure(self, exc: Exception) -> ReadFailure | None:
+        return _read_failure(exc)
+
+    def _shut_down(self) -> bool:
+        """Shut the socket down; False when there is none (an in-process transport)."""
+        return shut_down(self._response.extensions.get("network_stream"))
+
+    def _set_body_timeout(self, body_timeout: float | None) -> None:
+        # httpcore reads this when the body's first read starts, which is after now.
+        timeout = self._response.request.extensions.get("timeout")
+        if isinstance(timeout, dict):
+            timeout["read"] = body_timeout
+
+    def _release(self) -> bool:
+        """Count the response as released; False when it already was."""
+        if self._released:
+            return False
+        self._released = True
+        if self._in_flight is not None:
+            self._in_flight.add(-1)
+        return True
+
+
+class _AsyncResponse(_Response):
+    __slots__ = ()
+
+    async def read(self, limit: int) -> bytes:
+        body = bytearray()
+        try:
+            async for part in self._response.aiter_bytes():
+                body += part
+                if len(body) >= limit:
+                    break
+        except httpx.HTTPError:
+            pass  # the status is the error; a body cut short still tells what it can
+        self._ended = len(body) < limit  # read whole: the connection can be reused
+        return bytes(body)
+
+    def stream(self, body_timeout: float | None) -> AsyncIterator[bytes]:
+        self._set_body_timeout(body_timeout)
+        # The shell enforces the call's deadlines itself, by cancelling reads.
+        reader = aiter_body(self._response, watched=True)
+        self._reader = reader
+        return reader
+
+    def abort(self) -> None:
+        if not self.body_done:
+            self._shut_down()
+
+    async def aclose(self) -> None:
+        if not self._release():
+            return
+        if not self.body_done:
+            self._shut_down()  # an unread body: the server must see the close now
+        with anyio.CancelScope(shield=True):
+            reader = self._reader
+            close = getattr(reader, "aclose", None)
+            if close is not None:
+                await close()
+            await self._response.aclose()
+
+
+class _SyncResponse(_Response):
+    __slots__ = ()
+
+    def read(self, limit: int) -> bytes:
+        body = bytearray()
+        try:
+            for part in self._response.iter_bytes():
+                body += part
+                if len(body) >= limit:
+                    break
+        except httpx.HTTPError:
+            pass
+        self._ended = len(body) < limit
+        return bytes(body)
+
+    def stream(self, body_timeout: float | None) -> Iterator[bytes]:
+        self._set_body_timeout(body_timeout)
+        reader = iter_body(self._response)
+        self._reader = reader
+        return reader
+
+    def abort(self) -> None:
+        # Shutting the socket down wakes a thread blocked in recv(); an in-process
+        # transport is woken by closing the response.
+        if not self.body_done and not self._shut_down():
+            self._response.close()
+
+    def close(self) -> None:
+        if not self._release():
+            return
+        if not self.body_done:
+            self._shut_down()
+        self._response.close()
+
+
+class HttpxAsyncTransport:
+    """The async transport on an ``httpx.AsyncClient``.
+
+    Example::
+
+        transport = HttpxAsyncTransport(httpx.AsyncClient(), owns_client=True)
+    """
+
+    def __init__(self, http: httpx.AsyncClient, *, owns_client: bool) -> None:
+        self.http = http
+        self._owns_client = owns_client
+        self._in_flight = _InFlight()
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Streams sent and not yet released."""
+        return self._in_flight.count
+
+    async def send(self, request: HTTPRequest) -> _AsyncResponse:
+        """Send ``request``; returns once the response headers arrived."""
+        built = _build(self.http, request, self._in_flight)
+        counted = self._in_flight if request.stream else None
+        if counted is not None:
+            counted.add(1)
+        try:
+            response = await self.http.send(built, stream=request.stream)
+        except BaseException as exc:
+            if counted is not None:
+                counted.add(-1)
+            if isinstance(exc, httpx.HTTPError):
+                raise _send_error(exc, request) from exc
+            raise
+        return _AsyncResponse(response, counted)
+
+    async def aclose(self) -> None:
+        """Close the connection pool (not a client the caller passed in)."""
+        if self._owns_client:
+            with anyio.CancelScope(shield=True):
+                await self.http.aclose()
+
+
+class HttpxSyncTransport:
+    """The blocking transport on an ``httpx.Client``; safe to share between threads.
+
+    Example::
+
+        transport = HttpxSyncTransport(httpx.Client(), owns_client=True)
+    """
+
+    def __init__(self, http: httpx.Client, *, owns_client: bool) -> None:
+        self.http = http
+        self._owns_client = owns_client
+        self._in_flight = _InFlight()
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Streams sent and not yet released."""
+        return self._in_flight.count
+
+    def send(self, request: HTTPRequest, header_wait: HeaderWait | None = None) -> _SyncResponse:
+        """Send ``request``; ``header_wait.cut()`` from another thread stops the wait."""
+        built = _build(self.http, request, self._in_flight)
+        counted = self._in_flight if request.stream else None
+        if counted is not None:
+            counted.add(1)
+        try:
+            if header_wait is None:
+                response = self.http.send(built, stream=request.stream)
+            else:
+                with waiting_for_headers(header_wait):
+                    response = self.http.send(built, stream=request.stream)
+        except BaseException as exc:
+            if counted is not None:
+                counted.add(-1)
+            if isinstance(exc, httpx.HTTPError):
+                raise _send_error(exc, request) from exc
+            raise
+        return _SyncResponse(response, counted)
+
+    def close(self) -> None:
+        """Close the connection pool (not a client the caller passed in)."""
+        if self._owns_client:
+            self.http.close()

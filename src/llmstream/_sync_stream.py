@@ -1,0 +1,460 @@
+"""``ChatStream``: the blocking shell around a call's core (threads).
+
+A reader thread reads the body as data comes into a bounded buffer; the consumer thread,
+while it waits for an item, doubles as the deadline watchdog. The stream may be
+cancelled or closed from any thread: that shuts the socket down, which wakes a read
+blocked in ``recv()`` and tells the server at once (also while the request still waits
+for its response headers, through :class:`~llmstream._header_wait.HeaderWait`).
+
+Every decision is the core's (:mod:`llmstream._call`); this module only waits. The
+core is fed under one lock, since the reader thread, the consumer and a thread that
+stops the stream all reach it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+from ._accounting import BudgetOptions
+from ._call import Attempt, Fail, NeedWait, Retry, Step
+from ._chunks import ChatCompletionChunk
+from ._deadlines import Timeouts
+from ._errors import LLMStreamError
+from ._flow import StreamOptions, ThreadReadAhead
+from ._header_wait import HeaderWait
+from ._http_errors import MAX_ERROR_BODY_BYTES
+from ._result import StreamResult
+from ._retry import RetryPolicy
+from ._session import StreamItem
+from ._streaming import StreamBase, chunk_of, now, text_of, unexpected
+from ._transport import HeaderTimeout, SyncResponse
+
+if TYPE_CHECKING:
+    from ._client import Client
+
+__all__ = ["ChatStream"]
+
+_T = TypeVar("_T")
+
+
+class ChatStream(StreamBase):
+    """A streamed chat completion, for ``with`` and ``for`` (the sync twin of AsyncChatStream).
+
+    A reader thread reads ahead into the bounded buffer; the stream may be
+    cancelled or closed from any thread.
+
+    Example::
+
+        with client.stream("Tell me a joke", max_tokens=64) as stream:
+            for text in stream:
+                print(text, end="", flush=True)
+        print(stream.result.metrics.time_to_first_token)
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        body: dict[str, object],
+        options: StreamOptions | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        budget: BudgetOptions | None = None,
+        *,
+        owns_client: bool = False,
+    ) -> None:
+        super().__init__(client, body, options, timeouts, retry, budget, owns_client)
+        self._client = client
+        self._attempt: Attempt | None = None
+        self._response: SyncResponse | None = None
+        self._reader: Iterator[bytes] | None = None
+        self._buffer: ThreadReadAhead[StreamItem] | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # around the core
+        self._response_lock = threading.Lock()
+        # The request waiting for its headers, so cancel() and close() can cut it short.
+        self._header_wait: HeaderWait | None = None
+        self._resumed = threading.Event()  # wakes a paused reader
+        self._resumed.set()
+        self._stopping = threading.Event()  # wakes a retry's backoff
+
+    # -- the public surface ----------------------------------------------------------
+
+    def __enter__(self) -> ChatStream:
+        self._entered = True
+        self._begin()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._iterate(text_of)
+
+    def chunks(self) -> Iterator[ChatCompletionChunk]:
+        """Iterate the typed chunks (every choice, usage chunks included) instead of text.
+
+        Example::
+
+            with client.stream("Hi", n=2) as stream:
+                for chunk in stream.chunks():
+                    print([c.delta.content for c in chunk.choices])
+        """
+        return self._iterate(chunk_of)
+
+    def final_result(self) -> StreamResult:
+        """Read whatever is left and return the result.
+
+        Example::
+
+            with client.stream("Hi") as stream:
+                result = stream.final_result()
+        """
+        while self._next_item() is not None:
+            pass
+        return self.result
+
+    def snapshot(self) -> StreamResult:
+        """The result assembled so far, while the stream is still running.
+
+        Example::
+
+            for text in stream:
+                if len(stream.snapshot().text) > 1000:
+                    break
+        """
+        with self._lock:
+            return super().snapshot()
+
+    def pause(self) -> None:
+        """Stop reading from the network; what is buffered can still be consumed.
+
+        A pause longer than ``max_pause`` seconds cancels the request
+        (:class:`~llmstream.PauseTimeout`): vLLM keeps the request's KV cache
+        while the connection is open.
+
+        Example::
+
+            stream.pause()
+            save_checkpoint()
+            stream.resume()
+        """
+        self._core.pause_clock.pause(now())
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        """Continue reading after :meth:`pause`.
+
+        Example::
+
+            stream.resume()
+        """
+        self._core.pause_clock.resume()
+        self._resumed.set()
+
+    def cancel(self) -> None:
+        """Stop now, from any thread: the connection is shut down, iteration ends.
+
+        Example::
+
+            threading.Timer(5.0, stream.cancel).start()
+        """
+        with self._lock:
+            stopped = self._core.stop("cancelled", now())
+        if not stopped:
+            return
+        self._cut_connection()
+        if self._buffer is not None:
+            self._buffer.items.clear()
+            self._buffer.end()
+        self._wake_all()
+
+    def close(self) -> None:
+        """Close the connection now, from any thread. Reading stops; the result becomes final.
+
+        Example::
+
+            stream.close()
+            stream.result.status  # "cancelled" if the answer was not finished
+        """
+        if self._closed:
+            return
+        self._closed = True
+        core = self._core
+        with self._lock:
+            core.stop("closed", now())
+        self._cut_connection()
+        if self._buffer is not None:
+            self._buffer.end()
+        self._wake_all()
+        with self._lock:
+            core.settle()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._drop_response()
+        if self._owns_client:
+            self._client.close()
+
+    # -- opening ---------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        """Plan the call and send requests until one streams, then start the reader."""
+        if self._thread is not None or self._closed:
+            return
+        core = self._core
+        try:
+            self._plan()
+            while self._reader is None and core.stopped is None:
+                step = self._send_attempt()
+                if step is not None and not self._follow(step):
+                    return
+        except LLMStreamError as exc:
+            with self._lock:
+                core.fail(exc, now())
+            self.close()
+            raise
+        except BaseException:
+            # Interrupted mid-request (Ctrl-C): `with` will not exit, so the stream is
+            # stopped and the response released here.
+            with self._lock:
+                core.stop("cancelled", now())
+            self._drop_response()
+            raise
+        if self._reader is None or core.stopped is not None:
+            return
+        self._buffer = ThreadReadAhead(core.options.buffer)
+        self._thread = threading.Thread(target=self._pump, name="llmstream-reader", daemon=True)
+        self._thread.start()
+
+    def _plan(self) -> None:
+        planner = self._core.plan()
+        answer: object = None
+        while True:
+            try:
+                need = planner.send(answer)
+            except StopIteration:
+                return
+            if isinstance(need, NeedWait):
+                self._stopping.wait(need.seconds)
+                answer = None
+            else:
+                answer = self._client._answer(need)
+
+    def _send_attempt(self) -> Step | None:
+        """Send the next request. None: its body streams (or the call was stopped)."""
+        core = self._core
+        client = self._client
+        if "model" not in core.body:
+            core.body["model"] = client._resolve_model()
+        with self._lock:
+            attempt = self._attempt = core.begin_attempt(now())
+        found = attempt.header_deadline
+        request = client._stream_request(attempt.body, found[0] - now() if found else None)
+        self._header_wait = wait = HeaderWait()
+        if core.stopped is not None:
+            wait.cut()  # stopped before the wait was there to be cut
+        try:
+            response = client._transport.send(request, wait)
+        except HeaderTimeout:
+            with self._lock:
+                return core.send_failed(attempt, None, now())
+        except LLMStreamError as exc:
+            with self._lock:
+                return core.send_failed(attempt, exc, now())
+        except Exception:
+            if core.stopped is not None:
+                return None  # cut short by cancel() or close(): no error, nothing to retry
+            raise
+        finally:
+            self._header_wait = None
+        with self._response_lock:
+            self._response = response
+        if core.stopped is not None:
+            self._drop_response()
+            return None
+        status = response.status_code
+        with self._lock:
+            step = core.response(attempt, status, response.headers, now())
+        if status >= 300:
+            body = response.read(MAX_ERROR_BODY_BYTES)
+            self._drop_response()
+            with self._lock:
+                return core.error_response(
+                    attempt, status, response.reason_phrase, response.headers, body, now()
+                )
+        if step is None:
+            self._reader = response.stream(core.body_read_backstop)
+        return step
+
+    def _follow(self, step: Step) -> bool:
+        """Act on how an attempt ended; True: send another request."""
+        if isinstance(step, Retry):
+            self._drop_response()
+            if step.delay > 0:
+                self._stopping.wait(step.delay)
+            return self._core.stopped is None
+        if isinstance(step, Fail):
+            raise step.error
+        return False
+
+    def _cut_connection(self) -> None:
+        """Cut the request in flight, whether it waits for its headers or reads its body."""
+        wait = self._header_wait
+        if wait is not None:
+            wait.cut()
+        response = self._response
+        if response is not None:
+            response.abort()
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _iterate(self, pick: Callable[[StreamItem], _T | None]) -> Iterator[_T]:
+        # A generator is fine here: a sync generator is closed as soon as it is
+        # dropped, so `for ... : break` without `with` still closes the stream.
+        implicit = not self._entered
+        try:
+            self._begin()
+            while True:
+                item = self._next_item()
+                if item is None:
+                    return
+                value = pick(item)
+                if value is not None:
+                    yield value
+        finally:
+            if implicit:
+                self.close()
+
+    def _next_item(self) -> StreamItem | None:
+        buffer = self._buffer
+        if buffer is None:
+            if self._core.error is not None:
+                raise self._core.error
+            return None
+        return buffer.get(self._watch_deadlines)
+
+    def _watch_deadlines(self) -> float | None:
+        # Called by the consumer while it waits: it doubles as the deadline watchdog.
+        core = self._core
+        if not core.watches_deadlines:
+            return None
+        with self._lock:
+            due = core.deadline_due(now())
+        if isinstance(due, Attempt):
+            response = self._response
+            if response is not None:
+                response.abort()  # the read fails, and the reader reports the deadline
+            return 0.05
+        return due
+
+    def _pump(self) -> None:
+        """The reader thread: read ahead into the buffer until the call ends."""
+        core = self._core
+        buffer = self._buffer
+        assert buffer is not None
+        try:
+            while core.stopped is None:
+                if self._reader is None:
+                    step = self._send_attempt()
+                    if step is None:
+                        continue  # streaming now (or stopped: the loop ends)
+                else:
+                    step = self._read_body(buffer)
+                    if step is None:
+                        break  # stopped, or the buffer was ended
+                if not self._follow(step):
+                    break
+        except LLMStreamError as exc:
+            with self._lock:
+                core.fail(exc, now())
+        except Exception as exc:  # never let the thread die silently
+            with self._lock:
+                core.fail(unexpected(exc, core.snapshot(now())), now())
+        finally:
+            # Released at once, however the call ended: an unread body is cut, so the
+            # server stops generating (a budget stop, an error).
+            self._drop_response()
+            buffer.end(core.error)
+
+    def _read_body(self, buffer: ThreadReadAhead[StreamItem]) -> Step | None:
+        core = self._core
+        attempt = self._attempt
+        reader = self._reader
+        response = self._response
+        assert attempt is not None and reader is not None and response is not None
+        lock = self._lock
+        pause = core.pause_clock
+        wait_for_room = core.waits_for_room
+        feed = core.feed
+        while not buffer.ended:
+            held = pause.paused or (wait_for_room and buffer.full)
+            if wait_for_room:
+                buffer.wait_for_room()
+                if buffer.ended:
+                    return None
+            if pause.paused:
+                paused = self._wait_while_paused()
+                if paused is not None:
+                    return paused
+            if held:
+                core.reading_resumed(now())  # time held back is not the server's idleness
+            if core.stopped is not None:
+                return None
+            attempt.reading = True
+            try:
+                data = next(reader)
+            except StopIteration:
+                with lock:
+                    return core.body_ended(attempt, now())
+            except Exception as exc:
+                if core.stopped is not None:
+                    return None  # cut by the caller while the read was waiting
+                failure = response.read_failure(exc)
+                if failure is None:
+                    raise
+                with lock:
+                    return core.read_failed(attempt, failure, now())
+            finally:
+                attempt.reading = False
+            with lock:
+                items = feed(attempt, data, now())
+            if items:
+                buffer.put(items)
+                if not wait_for_room:
+                    with lock:
+                        overflow = core.overflowed(len(buffer.items), now())
+                    if overflow is not None:
+                        return overflow
+            if core.step is not None:
+                return core.step
+        return None
+
+    def _wait_while_paused(self) -> Fail | None:
+        core = self._core
+        clock = core.pause_clock
+        while clock.paused and core.stopped is None:
+            with self._lock:
+                expired = core.pause_expired(now())
+            if expired is not None:
+                return expired
+            self._resumed.wait(clock.remaining(now()))
+        return None
+
+    def _wake_all(self) -> None:
+        self._stopping.set()
+        self._resumed.set()
+
+    def _drop_response(self) -> None:
+        with self._response_lock:
+            response, self._response = self._response, None
+            self._reader = None
+        if response is not None:
+            response.close()

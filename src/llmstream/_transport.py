@@ -1,0 +1,163 @@
+"""The transport seam: what the stream shells need from an HTTP library, and no more.
+
+A transport sends a request and hands back a response whose headers arrived; the
+response reads its body a network read at a time, says whether it was read to its end,
+and can be aborted at once (the server sees the connection close: vLLM then aborts the
+generation and frees its KV cache). :mod:`llmstream._httpx_transport` implements it on
+httpx; another HTTP library plugs in by implementing these protocols, without touching
+the call core or the shells.
+
+Failures: :meth:`AsyncTransport.send` raises an :class:`~llmstream.LLMStreamError` for a
+request that got no response (connection refused, TLS, proxy...), and
+:class:`HeaderTimeout` when the response headers did not arrive within the request's
+``read_timeout``. A body read raises whatever the library raises;
+:meth:`AsyncResponse.read_failure` says what it means, so the hot path wraps nothing.
+
+Example::
+
+    response = await transport.send(HTTPRequest("POST", url, headers, body, 10.0, 300.0))
+    async for data in response.stream(body_timeout=None):
+        ...
+    await response.aclose()
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ._call import ReadFailure
+from ._header_wait import HeaderWait
+
+__all__ = [
+    "AsyncResponse",
+    "AsyncTransport",
+    "HTTPRequest",
+    "HeaderTimeout",
+    "SyncResponse",
+    "SyncTransport",
+]
+
+
+class HeaderTimeout(Exception):
+    """The response headers did not arrive within the request's ``read_timeout``."""
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRequest:
+    """One HTTP request: what to send and how long its phases may take.
+
+    ``read_timeout`` bounds the wait for the response headers (and, for a request
+    that is not a stream, for its body); ``None``: no limit.
+
+    Example::
+
+        HTTPRequest("GET", "http://localhost:8000/v1/models", {}, None, 10.0, 30.0)
+    """
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    json: object | None
+    connect_timeout: float | None
+    read_timeout: float | None
+    stream: bool = True
+
+
+class AsyncResponse(Protocol):
+    """A response whose headers arrived (async)."""
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status."""
+
+    @property
+    def reason_phrase(self) -> str:
+        """The HTTP reason phrase (may be empty)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The response headers, with case-insensitive lookup."""
+
+    @property
+    def body_done(self) -> bool:
+        """True once the body was read to its end: the connection can be reused."""
+
+    async def read(self, limit: int) -> bytes:
+        """The body, up to ``limit`` bytes (a body cut short returns what arrived)."""
+
+    def stream(self, body_timeout: float | None) -> AsyncIterator[bytes]:
+        """The body a network read at a time; ``body_timeout`` is a backstop per read."""
+
+    def read_failure(self, exc: Exception) -> ReadFailure | None:
+        """What a failed body read means; None when ``exc`` is not a transport failure."""
+
+    def abort(self) -> None:
+        """Cut the connection now, from the event loop's thread; no-op once the body ended."""
+
+    async def aclose(self) -> None:
+        """Release the response (cutting the connection if its body was not read)."""
+
+
+class AsyncTransport(Protocol):
+    """Sends requests (async)."""
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Streams sent and not yet released."""
+
+    async def send(self, request: HTTPRequest) -> AsyncResponse:
+        """Send ``request``; returns once the response headers arrived."""
+
+    async def aclose(self) -> None:
+        """Close the connection pool, if the transport owns it."""
+
+
+class SyncResponse(Protocol):
+    """A response whose headers arrived (blocking); see :class:`AsyncResponse`."""
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status."""
+
+    @property
+    def reason_phrase(self) -> str:
+        """The HTTP reason phrase (may be empty)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The response headers, with case-insensitive lookup."""
+
+    @property
+    def body_done(self) -> bool:
+        """True once the body was read to its end."""
+
+    def read(self, limit: int) -> bytes:
+        """The body, up to ``limit`` bytes."""
+
+    def stream(self, body_timeout: float | None) -> Iterator[bytes]:
+        """The body a network read at a time."""
+
+    def read_failure(self, exc: Exception) -> ReadFailure | None:
+        """What a failed body read means; None when ``exc`` is not a transport failure."""
+
+    def abort(self) -> None:
+        """Cut the connection now, from any thread: a blocked read returns at once."""
+
+    def close(self) -> None:
+        """Release the response (cutting the connection if its body was not read)."""
+
+
+class SyncTransport(Protocol):
+    """Sends requests (blocking); safe to use from many threads."""
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Streams sent and not yet released."""
+
+    def send(self, request: HTTPRequest, header_wait: HeaderWait | None = None) -> SyncResponse:
+        """Send ``request``; ``header_wait.cut()`` from another thread stops the wait."""
+
+    def close(self) -> None:
+        """Close the connection pool, if the transport owns it."""
