@@ -1,0 +1,315 @@
+"""The call-level core, driven directly with timestamps: no sockets, no event loop.
+
+Each test feeds :class:`CallCore` what a shell would (a request begun, headers, bytes,
+the end of a body, a failure, the clock) and checks the step it returns.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+import llmstream
+from llmstream._accounting import BudgetOptions
+from llmstream._call import (
+    Attempt,
+    CallCore,
+    Fail,
+    Finish,
+    NeedContextLength,
+    NeedModel,
+    NeedPromptCount,
+    ReadFailure,
+    Retry,
+)
+from llmstream._events import CallFailed, CallFinished, FirstToken, RequestSent, ResponseHeaders
+from llmstream._flow import StreamOptions
+
+SSE = {"content-type": "text/event-stream"}
+NO_JITTER = llmstream.RetryPolicy(max_retries=2, initial_backoff=0.0, max_backoff=0.0)
+
+
+def _chunk(text: str | None = None, finish: str | None = None, **extra: Any) -> bytes:
+    delta = {"content": text} if text is not None else {}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    body = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    body["choices"] = [choice]
+    body.update(extra)
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _core(
+    *,
+    retry: llmstream.RetryPolicy = NO_JITTER,
+    timeouts: llmstream.Timeouts | None = None,
+    options: StreamOptions | None = None,
+    budget: BudgetOptions | None = None,
+    body: dict[str, object] | None = None,
+    events: list[object] | None = None,
+) -> CallCore:
+    return CallCore(
+        body or {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": True},
+        options or StreamOptions(),
+        timeouts or llmstream.Timeouts(first_token=5.0, idle=2.0),
+        retry,
+        budget,
+        observer=events.append if events is not None else None,
+    )
+
+
+def _streaming(core: CallCore, now: float = 0.0) -> Attempt:
+    attempt = core.begin_attempt(now)
+    assert core.response(attempt, 200, SSE, now + 0.01) is None
+    return attempt
+
+
+def test_a_complete_stream_finishes_with_the_assembled_result_and_its_events() -> None:
+    events: list[object] = []
+    core = _core(events=events)
+    attempt = _streaming(core)
+    items = core.feed(attempt, _chunk("Hel") + _chunk("lo"), 0.1)
+    assert [text for _, text in items] == ["Hel", "lo"]
+    core.feed(attempt, _chunk(finish="stop") + DONE, 0.2)
+    assert core.step is None
+    step = core.body_ended(attempt, 0.3)
+    assert isinstance(step, Finish) and step.result.complete and step.result.text == "Hello"
+    assert core.result is step.result
+    kinds = [type(e) for e in events]
+    assert kinds == [RequestSent, ResponseHeaders, FirstToken, CallFinished]
+
+
+def test_a_503_is_retried_with_the_same_body_then_counted_in_the_result() -> None:
+    core = _core()
+    first = core.begin_attempt(0.0)
+    assert core.response(first, 503, {}, 0.01) is None  # the shell reads the error body
+    step = core.error_response(first, 503, "Service Unavailable", {}, b"busy", 0.02)
+    assert isinstance(step, Retry) and step.event.kind == "retry" and step.event.attempt == 2
+    second = core.begin_attempt(0.03)
+    assert second.number == 2 and second.body is first.body
+    core.response(second, 200, SSE, 0.04)
+    core.feed(second, _chunk("ok", finish="stop") + DONE, 0.05)
+    result = core.body_ended(second, 0.06)
+    assert isinstance(result, Finish) and result.result.retries == 1
+
+
+def test_a_404_is_not_retried() -> None:
+    core = _core()
+    attempt = core.begin_attempt(0.0)
+    step = core.error_response(attempt, 404, "Not Found", {}, b"{}", 0.01)
+    assert isinstance(step, Fail) and isinstance(step.error, llmstream.NotFoundError)
+    assert core.error is step.error
+
+
+def test_retries_stop_at_max_retries() -> None:
+    core = _core(retry=llmstream.RetryPolicy(max_retries=1, initial_backoff=0, max_backoff=0))
+    first = core.begin_attempt(0.0)
+    assert isinstance(core.error_response(first, 500, "", {}, b"", 0.0), Retry)
+    second = core.begin_attempt(0.0)
+    step = core.error_response(second, 500, "", {}, b"", 0.0)
+    assert isinstance(step, Fail) and isinstance(step.error, llmstream.InternalServerError)
+
+
+def test_a_body_that_is_not_an_event_stream_is_a_protocol_error() -> None:
+    core = _core()
+    attempt = core.begin_attempt(0.0)
+    step = core.response(attempt, 200, {"content-type": "application/json"}, 0.01)
+    assert isinstance(step, Fail) and isinstance(step.error, llmstream.ProtocolError)
+
+
+def test_headers_that_never_come_are_a_first_token_timeout_retried_before_output() -> None:
+    core = _core(timeouts=llmstream.Timeouts(first_token=5.0, idle=2.0))
+    attempt = core.begin_attempt(10.0)
+    assert attempt.header_deadline == (15.0, "first_token")
+    step = core.send_failed(attempt, None, 15.0)
+    assert isinstance(step, Retry)
+    assert isinstance(step.event.error, llmstream.FirstTokenTimeout)
+
+
+def test_the_first_event_moves_the_deadline_from_first_token_to_idle() -> None:
+    core = _core(timeouts=llmstream.Timeouts(first_token=5.0, idle=2.0))
+    moved: list[bool] = []
+    core.on_deadline_moved = lambda: moved.append(True)
+    attempt = _streaming(core)
+    assert core.deadline() == (5.0, "first_token")
+    core.feed(attempt, _chunk("a"), 1.0)
+    core.feed(attempt, _chunk("b"), 1.5)
+    assert core.deadline() == (3.5, "idle")
+    assert moved == [True]  # once per request, not per chunk
+
+
+def test_a_deadline_cuts_only_a_read_in_progress_and_becomes_the_timeout_error() -> None:
+    core = _core(timeouts=llmstream.Timeouts(first_token=5.0, idle=2.0))
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("partial"), 1.0)
+    assert core.deadline_due(2.0) == pytest.approx(1.0)
+    assert core.deadline_due(3.5) == 0.05  # passed, but nothing is being read
+    attempt.reading = True
+    assert core.deadline_due(3.5) is attempt  # cut this attempt's connection
+    step = core.read_failed(attempt, None, 3.6)
+    assert isinstance(step, Fail) and isinstance(step.error, llmstream.IdleTimeout)
+    assert step.error.partial is not None and step.error.partial.text == "partial"
+
+
+def test_time_held_back_by_the_consumer_is_not_idleness() -> None:
+    core = _core(timeouts=llmstream.Timeouts(first_token=5.0, idle=2.0))
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("a"), 1.0)
+    core.reading_resumed(10.0)  # the buffer was full from 1.0 to 10.0
+    assert core.deadline() == (12.0, "idle")
+
+
+def test_a_broken_stream_after_output_fails_with_the_partial_without_resume() -> None:
+    core = _core()
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("Once"), 0.1)
+    step = core.read_failed(attempt, ReadFailure("broken", "ReadError: reset"), 0.2)
+    assert isinstance(step, Fail) and isinstance(step.error, llmstream.StreamInterrupted)
+    assert core.result is not None and core.result.text == "Once"
+
+
+def test_a_broken_stream_is_resumed_with_a_continuation_body() -> None:
+    core = _core(retry=llmstream.RetryPolicy(resume=True, initial_backoff=0, max_backoff=0))
+    core.body["max_tokens"] = 10
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("Once") + _chunk(" upon"), 0.1)
+    step = core.read_failed(attempt, ReadFailure("broken", "ReadError"), 0.2)
+    assert isinstance(step, Retry) and step.event.kind == "resume"
+    second = core.begin_attempt(0.3)
+    messages = second.body["messages"]
+    assert isinstance(messages, list) and messages[-1] == {
+        "role": "assistant",
+        "content": "Once upon",
+    }
+    assert second.body["continue_final_message"] is True and second.body["max_tokens"] == 8
+    core.response(second, 200, SSE, 0.31)
+    core.feed(second, _chunk(" a time", finish="stop") + DONE, 0.4)
+    done = core.body_ended(second, 0.5)
+    assert isinstance(done, Finish) and done.result.text == "Once upon a time"
+    assert done.result.resumes == 1
+
+
+def test_a_retry_that_would_end_after_the_total_deadline_is_not_made() -> None:
+    policy = llmstream.RetryPolicy(wait=lambda state: 5.0)
+    core = _core(retry=policy, timeouts=llmstream.Timeouts(total=3.0))
+    attempt = core.begin_attempt(0.0)
+    step = core.error_response(attempt, 503, "", {}, b"", 1.0)
+    assert isinstance(step, Fail)
+
+
+def test_an_error_event_mid_stream_delivers_what_came_before_then_fails() -> None:
+    core = _core()
+    attempt = _streaming(core)
+    error = b'data: {"error": {"message": "boom", "type": "x", "code": 400}}\n\n'
+    items = core.feed(attempt, _chunk("a") + error, 0.1)
+    assert [text for _, text in items] == ["a"]
+    assert isinstance(core.step, Fail)
+    assert isinstance(core.step.error, llmstream.ServerStreamError)
+
+
+def test_a_stop_freezes_a_cancelled_result_and_swallows_later_failures() -> None:
+    events: list[object] = []
+    core = _core(events=events)
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("a"), 0.1)
+    assert core.stop("cancelled", 0.2) is True
+    assert core.stop("closed", 0.3) is False
+    assert core.result is not None and core.result.status == "cancelled"
+    step = core.read_failed(attempt, ReadFailure("broken", "ReadError"), 0.4)
+    assert isinstance(step, Finish) and core.error is None
+    assert not any(isinstance(e, CallFailed) for e in events)
+
+
+def test_a_stop_before_any_response_is_a_cancelled_result_not_a_missing_one() -> None:
+    core = _core()
+    core.begin_attempt(0.0)
+    core.stop("cancelled", 0.1)
+    assert core.result is not None and core.result.status == "cancelled"
+
+
+def test_a_pause_past_max_pause_aborts_the_call() -> None:
+    core = _core(options=StreamOptions(max_pause=1.0))
+    _streaming(core)
+    core.pause_clock.pause(1.0)
+    assert core.pause_expired(1.5) is None
+    step = core.pause_expired(2.0)
+    assert step is not None and isinstance(step.error, llmstream.PauseTimeout)
+    assert core.result is not None and core.result.status == "aborted"
+
+
+def test_a_consumer_too_far_behind_overflows_only_with_on_full_error() -> None:
+    waiting = _core(options=StreamOptions(buffer=2))
+    _streaming(waiting)
+    assert waiting.overflowed(10, 0.1) is None and waiting.waits_for_room
+    core = _core(options=StreamOptions(buffer=2, on_full="error"))
+    _streaming(core)
+    assert core.overflowed(2, 0.1) is None
+    step = core.overflowed(3, 0.1)
+    assert step is not None and isinstance(step.error, llmstream.BufferOverflow)
+
+
+def test_events_from_an_attempt_that_is_no_longer_current_are_ignored() -> None:
+    core = _core()
+    first = _streaming(core)
+    core.begin_attempt(1.0)
+    assert core.feed(first, _chunk("late"), 1.1) == []
+
+
+# -- budgets ------------------------------------------------------------------------------
+
+
+def _planned(core: CallCore, answers: dict[type, object]) -> list[object]:
+    """Drive the planner, answering each need from ``answers``; returns the needs."""
+    needs: list[object] = []
+    planner = core.plan()
+    answer: object = None
+    while True:
+        try:
+            need = planner.send(answer)
+        except StopIteration:
+            return needs
+        needs.append(need)
+        answer = answers[type(need)]
+
+
+def test_a_prompt_over_its_budget_is_refused_before_any_request() -> None:
+    body: dict[str, object] = {"messages": [{"role": "user", "content": "word " * 400}]}
+    core = _core(body=body, budget=BudgetOptions(budget=llmstream.CallBudget(prompt_tokens=10)))
+    with pytest.raises(llmstream.BudgetExceeded):
+        next(core.plan())  # refused before asking for the model or the context length
+
+
+def test_planning_asks_for_the_model_only_when_the_body_has_none() -> None:
+    budget = BudgetOptions(budget=llmstream.CallBudget(completion_tokens=50))
+    core = _core(budget=budget)
+    needs = _planned(core, {NeedContextLength: 4096})
+    assert needs == [NeedContextLength("m")]
+    assert core.body["max_tokens"] == 50 and core.account is not None
+    anonymous = _core(body={"messages": [{"role": "user", "content": "Hi"}]}, budget=budget)
+    needs = _planned(anonymous, {NeedModel: "qwen", NeedContextLength: None})
+    assert needs == [NeedModel(), NeedContextLength("qwen")]
+    assert anonymous.body["model"] == "qwen"
+
+
+def test_a_server_count_is_asked_for_before_the_context_length() -> None:
+    budget = BudgetOptions(budget=llmstream.CallBudget(total_tokens=100), count_prompt="server")
+    core = _core(budget=budget)
+    needs = _planned(core, {NeedPromptCount: 30, NeedContextLength: 4096})
+    assert [type(n) for n in needs] == [NeedPromptCount, NeedContextLength]
+    assert core.body["max_tokens"] == 70
+
+
+def test_a_budget_stop_ends_the_call_at_once_with_status_budget() -> None:
+    budget = BudgetOptions(budget=llmstream.CallBudget(completion_tokens=2))
+    core = _core(budget=budget)
+    _planned(core, {NeedContextLength: None})
+    core.body.pop("max_tokens")  # a server that ignores max_tokens keeps generating
+    assert core.account is not None
+    attempt = _streaming(core)
+    items = core.feed(attempt, _chunk("a") + _chunk("b") + _chunk("c"), 0.1)
+    assert [text for _, text in items] == ["a", "b"]
+    assert isinstance(core.step, Finish) and core.step.result.status == "budget"

@@ -1,0 +1,236 @@
+"""Behaviour the call core decides and both shells must carry out on real sockets.
+
+A budget stop cuts the connection at once; planning a budgeted call asks the server once
+per model and client, and not at all for a prompt the budget alone refuses; a stream
+stopped at any moment, before its headers included, has a cancelled result.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+import pytest
+
+import llmstream
+from llmstream.testing import FakeVLLM
+
+from .drivers import MODES
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "llmstream/fake-model"
+
+
+@dataclass
+class EndlessServer:
+    """A loopback server that ignores max_tokens: one chunk every few ms until cut off."""
+
+    base_url: str
+    sent: list[int] = field(default_factory=list)  # chunks sent before the client left
+    gone: threading.Event = field(default_factory=threading.Event)
+
+
+def _chunk(i: int) -> bytes:
+    body = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}],
+    }
+    data = f"data: {json.dumps(body)}\n\n".encode()
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@pytest.fixture
+def endless() -> Iterator[EndlessServer]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    server = EndlessServer(f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            if data.startswith(b"GET"):  # GET /models: no context length to tell
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                return
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
+            sent = 0
+            try:
+                while sent < 2000:
+                    conn.sendall(_chunk(sent))
+                    sent += 1
+                    time.sleep(0.005)  # the server's pace, not a synchronisation
+            except OSError:
+                pass
+            server.sent.append(sent)
+            server.gone.set()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_budget_stop_cuts_the_connection_before_the_block_ends(
+    mode: str, endless: EndlessServer
+) -> None:
+    budget = llmstream.CallBudget(completion_tokens=5)
+    kwargs = {"model": "m", "include_usage": False}
+    if mode == "async":
+        async with llmstream.AsyncClient(endless.base_url, **kwargs) as client:
+            async with client.stream("Hi", budget=budget) as stream:
+                pieces = [p async for p in stream]
+                # Still inside the block: the server must already see the close.
+                gone = await anyio.to_thread.run_sync(endless.gone.wait, 2.0)
+    else:
+
+        def run() -> tuple[list[str], bool, str]:
+            with llmstream.Client(endless.base_url, **kwargs) as client:
+                with client.stream("Hi", budget=budget) as stream:
+                    pieces = list(stream)
+                    return pieces, endless.gone.wait(2.0), stream.result.status
+
+        pieces, gone, status = await anyio.to_thread.run_sync(run)
+    if mode == "async":
+        status = stream.result.status
+    assert len(pieces) == 5 and status == "budget"
+    assert gone, "the server kept streaming until the with block ended"
+    assert endless.sent[0] < 400  # cut within a couple of seconds, not after all 2,000
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_concurrent_budgeted_calls_ask_for_the_models_once(mode: str) -> None:
+    fake = FakeVLLM("ok", model=MODEL)  # the model is known: only the context length is asked
+    budget = llmstream.CallBudget(total_tokens=1000)
+
+    async def one_async(client: llmstream.AsyncClient) -> None:
+        async with client.stream("Hi", budget=budget) as stream:
+            await stream.final_result()
+
+    def one_sync(client: llmstream.Client) -> None:
+        with client.stream("Hi", budget=budget) as stream:
+            stream.final_result()
+
+    with fake.serve() as server:
+        if mode == "async":
+            async with llmstream.AsyncClient(server.base_url, model=MODEL) as client:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(50):
+                        tg.start_soon(one_async, client)
+        else:
+
+            def run() -> None:
+                with llmstream.Client(server.base_url, model=MODEL) as client:
+                    threads = [threading.Thread(target=one_sync, args=(client,)) for _ in range(20)]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+
+            await anyio.to_thread.run_sync(run)
+    paths = [r.path for r in fake.requests]
+    assert paths.count("/v1/models") == 1
+    assert paths.count("/v1/chat/completions") == (50 if mode == "async" else 20)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_prompt_the_budget_refuses_sends_no_request_at_all(mode: str) -> None:
+    fake = FakeVLLM("ok")
+    budget = llmstream.CallBudget(prompt_tokens=10)
+    prompt = "word " * 200
+    if mode == "async":
+        async with llmstream.AsyncClient("http://fake/v1", transport=fake.transport()) as client:
+            with pytest.raises(llmstream.BudgetExceeded):
+                async with client.stream(prompt, budget=budget):
+                    pass
+    else:
+        with llmstream.Client("http://fake/v1", transport=fake.transport()) as client:
+            with pytest.raises(llmstream.BudgetExceeded):
+                with client.stream(prompt, budget=budget):
+                    pass
+    assert fake.requests == []  # not even GET /models
+
+
+class _Interrupt(BaseException):
+    """Stands for Ctrl-C arriving while the request waits for its headers."""
+
+
+def _interrupting_transport(seen: list[str]) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        raise _Interrupt
+
+    return httpx.MockTransport(handler)
+
+
+def test_a_sync_stream_interrupted_before_its_headers_has_a_cancelled_result() -> None:
+    seen: list[str] = []
+    client = llmstream.Client("http://x/v1", model="m", transport=_interrupting_transport(seen))
+    stream = client.stream("Hi")
+    with pytest.raises(_Interrupt):
+        with stream:
+            pass
+    assert seen == ["/v1/chat/completions"]
+    assert stream.result.status == "cancelled"
+    assert stream.snapshot().status == "cancelled"
+
+
+async def test_an_async_stream_cancelled_before_its_headers_has_a_cancelled_result() -> None:
+    # vLLM sends its headers at once, but a proxy may hold them until the first token.
+    listener = socket.create_server(("127.0.0.1", 0))
+    received = threading.Event()
+
+    def hold() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            received.set()
+            conn.recv(65536)  # until the client goes away
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    try:
+        async with llmstream.AsyncClient(url, model="m") as client:
+            stream = client.stream("Hi")
+            with anyio.CancelScope() as scope:
+
+                async def cancel_once_sent() -> None:
+                    await anyio.to_thread.run_sync(received.wait, 5.0)
+                    scope.cancel()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(cancel_once_sent)
+                    async with stream:
+                        pass
+        assert stream.result.status == "cancelled"
+        assert stream.snapshot().status == "cancelled"
+    finally:
+        listener.close()
+        thread.join(5)
