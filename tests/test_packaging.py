@@ -70,7 +70,7 @@ def test_no_install_line_names_the_unrelated_project(where: str, line: str) -> N
 
 
 def test_the_check_catches_the_wrong_name() -> None:
-    wrong = ['pip install "llmstream[relay]"', "pip install llmstream", "pip install -U llmstream==0.1"]
-    right = ['pip install "llmstream-sdk[relay]"', 'pip install -e ".[test]"', "pip install ./llmstream"]
+    wrong = ['pip install "llmstream[relay]"', "pip install llmstream", "pip install llmstream==1"]
+    right = ['pip install "llmstream-sdk[relay]"', 'pip install -e ".[test]"', "pip install ./x"]
     assert all(_WRONG_REQUIREMENT.search(line) for line in wrong)
     assert not any(_WRONG_REQUIREMENT.search(line) for line in right)
