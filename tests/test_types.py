@@ -143,3 +143,32 @@ def test_typed_and_plain_messages_are_sent_as_they_are() -> None:
             with client.stream(messages) as stream:
                 list(stream)
     assert [r.json["messages"] for r in fake.requests if r.json] == [typed, legacy]
+
+
+def test_openai_chunk_fields_are_declared() -> None:
+    # The fields of openai-python's ChatCompletionChunk, Choice and ChoiceDelta.
+    assert {
+        "id",
+        "choices",
+        "created",
+        "model",
+        "object",
+        "service_tier",
+        "system_fingerprint",
+        "usage",
+    } <= set(llmstream.ChatCompletionChunk.model_fields)
+    assert {"delta", "finish_reason", "index", "logprobs"} <= set(
+        llmstream.ChunkChoice.model_fields
+    )
+    assert {"content", "function_call", "refusal", "role", "tool_calls"} <= set(
+        llmstream.ChunkDelta.model_fields
+    )
+    chunk = llmstream.ChatCompletionChunk.model_validate_json(
+        '{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",'
+        ' "service_tier": "default", "choices": [{"index": 0, "delta": {"refusal": "No.",'
+        ' "function_call": {"name": "f", "arguments": "{}"}}, "finish_reason": null}]}'
+    )
+    delta = chunk.choices[0].delta
+    assert (chunk.service_tier, delta.refusal) == ("default", "No.")
+    assert delta.function_call == llmstream.FunctionCallDelta(name="f", arguments="{}")
+    assert chunk.model_extra == {} and delta.model_extra == {}
