@@ -211,7 +211,7 @@ async def demo(fleet: Fleet, fakes: Mapping[str, FakeVLLM]) -> None:
     print("2. one conversation, two turns: prefix affinity")
     answer = await ask(fleet, question, key="carol")
     print(f"  turn 1: {answer}")
-    chat = [
+    chat: list[llmstream.Message] = [
         *question,
         {"role": "assistant", "content": answer},
         {"role": "user", "content": "Why?"},
@@ -219,7 +219,9 @@ async def demo(fleet: Fleet, fakes: Mapping[str, FakeVLLM]) -> None:
     print(f"  turn 2: {await ask(fleet, chat, key='carol')}")
 
     print("3. four one-off questions at once: fewest streams in flight")
-    questions = [[{"role": "user", "content": f"Question {i}"}] for i in range(4)]
+    questions: list[list[llmstream.Message]] = [
+        [{"role": "user", "content": f"Question {i}"}] for i in range(4)
+    ]
     answers = await asyncio.gather(*(ask(fleet, q, key=None) for q in questions))
     print(f"  {len(answers)} answers")
 

@@ -75,9 +75,8 @@ async def main() -> None:
         }
     )
     for call in result.tool_calls:
-        arguments = call.function.parsed()
+        arguments = call.function.parsed()  # a dict; ToolArgumentsError if it is not JSON
         print(f"tool call {call.id}: {call.function.name}({arguments})")
-        assert isinstance(arguments, dict)
         output = get_weather(**arguments)
         messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
 

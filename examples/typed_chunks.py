@@ -39,8 +39,8 @@ async def main() -> None:
                 if chunk.usage is not None:
                     print(f"chunk: usage {chunk.usage.completion_tokens} completion tokens")
 
-    for choice in stream.result.choices:
-        print(f"choice {choice.index}: {choice.text.strip()!r} ({choice.finish_reason})")
+    for answer in stream.result.choices:
+        print(f"choice {answer.index}: {answer.text.strip()!r} ({answer.finish_reason})")
 
 
 if __name__ == "__main__":

@@ -59,12 +59,20 @@ from ._errors import (
     StreamInterrupted,
     StreamLimitExceeded,
     StreamTimeout,
+    ToolArgumentsError,
     TotalTimeout,
     UnprocessableEntityError,
 )
 from ._flow import OnFull, StreamOptions
 from ._oneshot import stream_llm_request, stream_llm_request_sync
-from ._request import Message, PromptOrMessages
+from ._request import (
+    AssistantMessage,
+    Message,
+    PromptOrMessages,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
 from ._result import (
     ChoiceResult,
     FunctionCall,
@@ -84,6 +92,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "AssistantMessage",
     "AsyncChatStream",
     "AsyncClient",
     "AuthenticationError",
@@ -130,15 +139,19 @@ __all__ = [
     "StreamResult",
     "StreamStatus",
     "StreamTimeout",
+    "SystemMessage",
     "Timeouts",
     "TokenBudget",
     "TokenCounter",
     "TokenReport",
     "ToolCall",
+    "ToolArgumentsError",
     "ToolCallDelta",
+    "ToolMessage",
     "TotalTimeout",
     "UnprocessableEntityError",
     "Usage",
+    "UserMessage",
     "counter_from_text_tokenizer",
     "estimate_prompt_tokens",
     "stream_llm_request",

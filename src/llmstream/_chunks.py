@@ -57,7 +57,9 @@ class ChunkDelta(_Model):
     """What one chunk adds to a choice.
 
     ``reasoning`` is the field current vLLM uses for reasoning text; releases
-    up to 0.11 used ``reasoning_content`` (0.12 sent both).
+    up to 0.11 used ``reasoning_content`` (0.12 sent both). ``refusal`` and the
+    legacy ``function_call`` are OpenAI's fields, declared so code written for
+    openai's chunks reads them the same way; vLLM leaves them unset.
 
     Example::
 
@@ -69,6 +71,8 @@ class ChunkDelta(_Model):
     reasoning: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    refusal: str | None = None
+    function_call: FunctionCallDelta | None = None
 
 
 class ChunkChoice(_Model):
@@ -128,7 +132,8 @@ class ChatCompletionChunk(_Model):
 
     ``choices`` is empty on the usage chunk that ``stream_options.include_usage``
     adds at the end; ``usage`` is set there, and on every chunk with
-    ``continuous_usage_stats``.
+    ``continuous_usage_stats``. ``service_tier`` is OpenAI's field (vLLM sends
+    ``null``).
 
     Example::
 
@@ -145,3 +150,4 @@ class ChatCompletionChunk(_Model):
     choices: list[ChunkChoice] = []
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    service_tier: str | None = None

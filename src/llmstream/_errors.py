@@ -22,10 +22,11 @@ The tree is shallow and each class says when it is raised::
     │   │   ├── IdleTimeout           no event for Timeouts.idle in mid-answer
     │   │   └── TotalTimeout          the call (retries included) passed Timeouts.total
     │   └── ServerStreamError         the server sent an error event inside a 200 stream
-    └── StreamAborted                 the client stopped the stream: a limit was reached
-        ├── BufferOverflow            the read-ahead buffer filled up (on_full="error")
-        ├── PauseTimeout              the stream stayed paused longer than max_pause
-        └── StreamLimitExceeded       more chunks or bytes than max_chunks / max_bytes
+    ├── StreamAborted                 the client stopped the stream: a limit was reached
+    │   ├── BufferOverflow            the read-ahead buffer filled up (on_full="error")
+    │   ├── PauseTimeout              the stream stayed paused longer than max_pause
+    │   └── StreamLimitExceeded       more chunks or bytes than max_chunks / max_bytes
+    └── ToolArgumentsError            a tool call's arguments are not a JSON object (a ValueError)
 
 Errors raised once a stream has started carry ``partial``: the
 :class:`~llmstream.StreamResult` assembled from what arrived before the failure.
@@ -62,6 +63,7 @@ __all__ = [
     "ServerStreamError",
     "StreamInterrupted",
     "StreamTimeout",
+    "ToolArgumentsError",
     "UnprocessableEntityError",
 ]
 
@@ -395,3 +397,25 @@ class StreamLimitExceeded(StreamAborted):
         async with client.stream("Hi", max_chunks=1000) as stream:
             ...
     """
+
+
+class ToolArgumentsError(LLMStreamError, ValueError):
+    """A tool call's arguments are not a JSON object, so they cannot be used as keywords.
+
+    Raised by :meth:`~llmstream.FunctionCall.parsed` when the model wrote text
+    that is not JSON, or JSON that is not an object (a list, a string...).
+    ``name`` is the function's name and ``arguments`` the text the model wrote.
+    A ``ValueError``, as ``json.JSONDecodeError`` is.
+
+    Example::
+
+        try:
+            output = get_weather(**call.function.parsed())
+        except llmstream.ToolArgumentsError as exc:
+            output = f"error: {exc}"  # send it back as the tool's answer
+    """
+
+    def __init__(self, message: str, *, name: str, arguments: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.arguments = arguments

@@ -3,22 +3,199 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Union, cast
+from typing import Literal, Union, cast
+
+# typing_extensions (a dependency of pydantic) rather than typing: NotRequired is 3.11+, and
+# pydantic accepts only typing_extensions.TypedDict before Python 3.12.
+from typing_extensions import NotRequired, TypedDict
 
 from ._errors import InvalidRequestError
 
-__all__ = ["JSONValue", "Message", "PromptOrMessages", "build_body", "build_messages"]
+__all__ = [
+    "AssistantMessage",
+    "ContentPart",
+    "ImageContentPart",
+    "ImageURL",
+    "JSONValue",
+    "Message",
+    "MessageContent",
+    "MessageFunctionCall",
+    "MessageToolCall",
+    "PromptOrMessages",
+    "SystemMessage",
+    "TextContentPart",
+    "ToolMessage",
+    "UserMessage",
+    "build_body",
+    "build_messages",
+]
 
 JSONValue = Union[  # noqa: UP007 (a runtime alias: "X | Y" with strings fails on 3.10)
     str, int, float, bool, None, Sequence["JSONValue"], Mapping[str, "JSONValue"]
 ]
 """Anything that serialises to JSON."""
 
-Message = Mapping[str, object]
-"""One chat message, e.g. ``{"role": "user", "content": "Hi"}``."""
 
-PromptOrMessages = Union[str, Sequence[Message]]  # noqa: UP007
-"""A prompt string (sent as one user message) or a list of chat messages."""
+class TextContentPart(TypedDict):
+    """A text part of a message's content.
+
+    Example::
+
+        {"type": "text", "text": "What is in this picture?"}
+    """
+
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(TypedDict):
+    """Where an image part's picture is: an ``https:`` or a ``data:`` URL.
+
+    Example::
+
+        {"url": "data:image/png;base64,iVBORw0KGgo..."}
+    """
+
+    url: str
+    detail: NotRequired[Literal["auto", "low", "high"]]
+
+
+class ImageContentPart(TypedDict):
+    """An image part of a message's content (for a vision model).
+
+    Example::
+
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    """
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Union[TextContentPart, ImageContentPart, Mapping[str, object]]  # noqa: UP007
+"""One part of a message's content: text, an image, or any other part vLLM accepts
+(``audio_url``, ``input_audio``, ``video_url``...) as a plain mapping."""
+
+MessageContent = Union[str, Sequence[ContentPart]]  # noqa: UP007
+"""A message's content: a string, or a list of content parts."""
+
+
+class MessageFunctionCall(TypedDict):
+    """The function an assistant's tool call invokes, with its arguments as JSON text.
+
+    Example::
+
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    """
+
+    name: str
+    arguments: str
+
+
+class MessageToolCall(TypedDict):
+    """A tool call in an assistant message sent back to the server.
+
+    Example::
+
+        {"id": "chatcmpl-tool-1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    """
+
+    id: str
+    type: Literal["function"]
+    function: MessageFunctionCall
+
+
+class SystemMessage(TypedDict):
+    """Instructions for the model (``developer`` is the newer name some servers use).
+
+    Example::
+
+        {"role": "system", "content": "Answer in one sentence."}
+    """
+
+    role: Literal["system", "developer"]
+    content: MessageContent
+    name: NotRequired[str]
+
+
+class UserMessage(TypedDict):
+    """What the user said.
+
+    Example::
+
+        {"role": "user", "content": "What is PagedAttention?"}
+    """
+
+    role: Literal["user"]
+    content: MessageContent
+    name: NotRequired[str]
+
+
+class AssistantMessage(TypedDict):
+    """What the model said before: its text, and the tool calls it made.
+
+    ``content`` may be ``None`` when the turn was only tool calls. ``tool_calls``
+    also takes plain mappings, so ``call.model_dump(exclude={"index"})`` of a
+    result's :class:`~llmstream.ToolCall` goes in as it is. ``reasoning`` is
+    vLLM's field for the model's earlier thinking, for templates that keep it.
+
+    Example::
+
+        {"role": "assistant", "content": result.text}
+    """
+
+    role: Literal["assistant"]
+    content: NotRequired[MessageContent | None]
+    name: NotRequired[str]
+    tool_calls: NotRequired[Sequence[MessageToolCall | Mapping[str, object]]]
+    reasoning: NotRequired[str | None]
+
+
+class ToolMessage(TypedDict):
+    """A tool's output, answering the tool call whose id is ``tool_call_id``.
+
+    ``tool_call_id`` takes a result's ``call.id`` as it is: ``None`` only when
+    the server gave the call no id (vLLM always gives one), as vLLM's own type allows.
+
+    Example::
+
+        {"role": "tool", "tool_call_id": call.id, "content": "18 °C and sunny"}
+    """
+
+    role: Literal["tool"]
+    tool_call_id: str | None
+    content: MessageContent
+
+
+Message = Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage]  # noqa: UP007
+"""One chat message, e.g. ``{"role": "user", "content": "Hi"}``.
+
+A union of one ``TypedDict`` per role, so editors complete the keys and type
+checkers check them; a plain dict of that shape is a ``Message``. At run time
+messages are plain mappings, checked before sending.
+
+Example::
+
+    messages: list[llmstream.Message] = [
+        {"role": "system", "content": "Answer in one sentence."},
+        {"role": "user", "content": "What is PagedAttention?"},
+    ]
+"""
+
+PromptOrMessages = Union[str, Sequence[Message], Sequence[Mapping[str, object]]]  # noqa: UP007
+"""A prompt string (sent as one user message) or a list of chat messages.
+
+A list typed ``list[llmstream.Message]`` is checked key by key; a list of plain
+mappings (``list[dict[str, str]]`` inferred for an unannotated list, or a role
+this library does not type, such as the legacy ``function``) is accepted too
+and checked at run time.
+
+Example::
+
+    client.stream("Hi")
+    client.stream([{"role": "user", "content": "Hi"}])
+"""
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # The client sets these itself; letting extra_params override them would break the stream.

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from ._chunks import Usage
+from ._errors import ToolArgumentsError
 
 __all__ = [
     "ChoiceResult",
@@ -52,14 +53,49 @@ class FunctionCall(_Frozen):
     name: str = ""
     arguments: str = ""
 
-    def parsed(self) -> object:
-        """Parse ``arguments`` as JSON (``json.JSONDecodeError`` if the model wrote bad JSON).
+    def parsed(self) -> dict[str, Any]:
+        """Parse ``arguments``: the JSON object of the function's arguments.
+
+        Empty arguments are ``{}``. Raises :class:`~llmstream.ToolArgumentsError`
+        (a ``ValueError``) when the model wrote bad JSON, or JSON that is not an
+        object. The values are typed ``Any``, as JSON's are, so the result can be
+        passed on as keywords to a typed function.
 
         Example::
 
             args = result.tool_calls[0].function.parsed()
+            output = get_weather(**args)
         """
-        return json.loads(self.arguments) if self.arguments else {}
+        if not self.arguments:
+            return {}
+        try:
+            value = json.loads(self.arguments)
+        except ValueError as exc:
+            raise ToolArgumentsError(
+                f"The arguments of tool call {self.name!r} are not valid JSON ({exc}): "
+                f"{_excerpt(self.arguments)}. Send the error back as the tool's answer so the "
+                "model can try again, or read function.arguments yourself.",
+                name=self.name,
+                arguments=self.arguments,
+            ) from exc
+        if not isinstance(value, dict):
+            raise ToolArgumentsError(
+                f"The arguments of tool call {self.name!r} are a JSON "
+                f"{_JSON_KINDS.get(type(value), type(value).__name__)}, not an object, so they "
+                f"cannot be passed as keywords: {_excerpt(self.arguments)}. "
+                "Read function.arguments to handle them yourself.",
+                name=self.name,
+                arguments=self.arguments,
+            )
+        return value
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+_JSON_KINDS[type(None)] = "null"
+
+
+def _excerpt(text: str, limit: int = 200) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 class ToolCall(_Frozen):

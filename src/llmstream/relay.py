@@ -163,7 +163,7 @@ def relay_response(
 ) -> Response:
     """A Starlette/FastAPI response relaying ``stream`` as SSE (see :class:`SSERelay`).
 
-    Needs Starlette (``pip install "llmstream[relay]"``); imported only here.
+    Needs Starlette (``pip install "llmstream-sdk[relay]"``); imported only here.
 
     Example::
 

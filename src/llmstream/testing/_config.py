@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["Config", "Disconnect", "Fault", "RecordedRequest", "ToolCallSpec"]
 
@@ -175,14 +176,19 @@ class Fault:
 class RecordedRequest:
     """One request the emulator received.
 
+    ``json`` is the body parsed as a JSON object (``None`` for a request without
+    one, such as a ``GET``), typed ``dict[str, Any]`` so a test can index into it.
+
     >>> RecordedRequest("GET", "/health", {}, None, 0.0).path
     '/health'
+    >>> RecordedRequest("POST", "/v1/chat/completions", {}, {"n": 2}, 0.0).json["n"]
+    2
     """
 
     method: str
     path: str
     headers: dict[str, str]
-    json: object | None
+    json: dict[str, Any] | None
     time: float
 
 

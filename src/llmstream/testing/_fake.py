@@ -212,9 +212,11 @@ class FakeVLLM:
         0
         """
         try:
-            parsed: object | None = json.loads(request.body) if request.body else None
+            parsed: object = json.loads(request.body) if request.body else None
         except ValueError:
             parsed = None
+        # Only an object is recorded: every chat, tokenize or completion request body is one.
+        body = parsed if isinstance(parsed, dict) else None
         with self._lock:
             fault = None
             if is_chat_request(request.method, request.path) and self._faults:
@@ -225,7 +227,7 @@ class FakeVLLM:
                     request.method,
                     request.path,
                     dict(request.headers),
-                    parsed,
+                    body,
                     time.perf_counter(),
                 )
             )
