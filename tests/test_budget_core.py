@@ -14,23 +14,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmstream._budget import (
-    BudgetExceeded,
-    CallBudget,
-    CompletionMeter,
+from llmstream._budget import CallBudget, CompletionMeter, exhausted_error, plan_call
+from llmstream._errors import BudgetExceeded, InvalidRequestError, LLMStreamError, ProtocolError
+from llmstream._prompt_count import (
     PromptCount,
-    Reservation,
-    TokenBudget,
     count_prompt_tokens,
     counter_from_text_tokenizer,
     estimate_prompt_tokens,
-    exhausted_error,
+)
+from llmstream._token_budget import Reservation, TokenBudget
+from llmstream._tokenize import (
     parse_tokenize_max_model_len,
     parse_tokenize_response,
-    plan_call,
     tokenize_request_body,
 )
-from llmstream._errors import InvalidRequestError, LLMStreamError, ProtocolError
 
 USER_HI = [{"role": "user", "content": "Hi"}]
 

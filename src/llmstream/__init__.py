@@ -14,15 +14,7 @@ Example::
 import contextlib
 
 from ._accounting import PromptCounting
-from ._budget import (
-    BudgetExceeded,
-    CallBudget,
-    Reservation,
-    TokenBudget,
-    TokenCounter,
-    counter_from_text_tokenizer,
-    estimate_prompt_tokens,
-)
+from ._budget import CallBudget
 from ._chunks import (
     ChatCompletionChunk,
     ChunkChoice,
@@ -41,6 +33,7 @@ from ._errors import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    BudgetExceeded,
     BufferOverflow,
     ConnectTimeout,
     FirstTokenTimeout,
@@ -63,6 +56,7 @@ from ._errors import (
 )
 from ._flow import OnFull, StreamOptions
 from ._oneshot import stream_llm_request, stream_llm_request_sync
+from ._prompt_count import TokenCounter, counter_from_text_tokenizer, estimate_prompt_tokens
 from ._request import Message, PromptOrMessages
 from ._result import (
     ChoiceResult,
@@ -77,6 +71,7 @@ from ._result import (
 from ._retry import RetryEvent, RetryPolicy
 from ._sse import SSEDecoder
 from ._streaming import AsyncChatStream, ChatStream
+from ._token_budget import Reservation, TokenBudget
 from ._version import __version__
 
 __all__ = [

@@ -11,18 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ._budget import (
-    BudgetExceeded,
-    CallBudget,
-    CallPlan,
-    CompletionMeter,
-    Reservation,
-    TokenBudget,
-    TokenCounter,
-    exhausted_error,
-)
+from ._budget import CallBudget, CallPlan, CompletionMeter, exhausted_error
 from ._chunks import ChatCompletionChunk
+from ._errors import BudgetExceeded
+from ._prompt_count import TokenCounter
 from ._result import StreamResult
+from ._token_budget import Reservation, TokenBudget
 
 __all__ = ["BudgetOptions", "CallAccount", "PromptCounting"]
 

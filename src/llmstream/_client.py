@@ -17,12 +17,7 @@ import httpx
 import tenacity
 
 from ._accounting import BudgetOptions, PromptCounting
-from ._budget import (
-    CallBudget,
-    TokenBudget,
-    parse_tokenize_response,
-    tokenize_request_body,
-)
+from ._budget import CallBudget
 from ._config import (
     DEFAULT_LIMITS,
     KEEP_ALIVE_BELOW,
@@ -42,6 +37,8 @@ from ._request import PromptOrMessages, build_body, build_messages
 from ._retry import RetryPolicy
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
 from ._streaming import AsyncChatStream, ChatStream
+from ._token_budget import TokenBudget
+from ._tokenize import parse_tokenize_response, tokenize_request_body
 from ._version import __version__
 
 __all__ = ["AsyncClient", "Client"]

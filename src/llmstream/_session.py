@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from ._accounting import CallAccount
 from ._assemble import StreamAssembler
-from ._budget import BudgetExceeded
 from ._chunks import ChatCompletionChunk, Usage
 from ._errors import (
+    BudgetExceeded,
     LLMStreamError,
     ProtocolError,
     ServerStreamError,

@@ -39,17 +39,11 @@ import httpx
 
 from ._accounting import BudgetOptions, CallAccount
 from ._body import aiter_body, iter_body
-from ._budget import (
-    BudgetExceeded,
-    CallPlan,
-    PromptCount,
-    Reservation,
-    count_prompt_tokens,
-    plan_call,
-)
+from ._budget import CallPlan, plan_call
 from ._chunks import ChatCompletionChunk
 from ._deadlines import DeadlineKind, Timeouts, next_deadline
 from ._errors import (
+    BudgetExceeded,
     BufferOverflow,
     FirstTokenTimeout,
     IdleTimeout,
@@ -62,10 +56,12 @@ from ._errors import (
 from ._flow import AsyncReadAhead, PauseClock, StreamOptions, ThreadReadAhead
 from ._header_wait import HeaderWait, shut_down, waiting_for_headers
 from ._http_errors import MAX_ERROR_BODY_BYTES, connection_error, status_error
+from ._prompt_count import PromptCount, count_prompt_tokens
 from ._request import continuation_body
 from ._result import StreamResult
 from ._retry import RetryEvent, RetryPolicy
 from ._session import StreamItem, StreamSession
+from ._token_budget import Reservation
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
