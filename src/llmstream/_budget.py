@@ -114,6 +114,27 @@ class CallPlan:
         """True when a limit lowered (or set) ``max_tokens`` below what the caller asked."""
         return self.limited_by not in (None, "max_tokens")
 
+    def server_limit(self, choices: int = 1) -> int | None:
+        """The ``max_tokens`` at which the server itself keeps the answer within the budget.
+
+        The server stops each choice at ``max_tokens``, so ``choices`` choices
+        stay within ``completion_limit`` when ``max_tokens * choices`` does: the
+        client then needs to cut only a server that goes past ``max_tokens``.
+        ``None`` when nothing on the server's side holds the answer to the
+        budget (no ``max_tokens``, no budget, or choices that together exceed it):
+        the client cuts the stream when the budget is reached.
+
+        Example::
+
+            plan = plan_call(CallBudget(completion_tokens=100), prompt_tokens=20,
+                             prompt_source="server")
+            plan.server_limit(), plan.server_limit(choices=2)  # 100, None
+        """
+        sent, limit = self.max_tokens, self.completion_limit
+        if sent is None or limit is None or sent * choices > limit:
+            return None
+        return sent
+
 
 def _smallest(caps: list[tuple[BudgetLimit, int | None]]) -> tuple[int | None, BudgetLimit | None]:
     # The first of equal values wins, so ties name the caller's own value, then the budget.
@@ -376,6 +397,16 @@ class CompletionMeter:
     def final(self) -> bool:
         """True once the final usage has arrived."""
         return self._final is not None
+
+    def used_by(self, choice: int) -> int:
+        """Completion tokens of one choice so far (the running count; the final usage has no
+        per-choice numbers).
+
+        Example::
+
+            meter.used_by(0)
+        """
+        return self._counted.get(choice, 0) + self._since.get(choice, 0)
 
     @property
     def server_prompt_tokens(self) -> int | None:
