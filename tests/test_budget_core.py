@@ -14,23 +14,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmstream._budget import (
-    BudgetExceeded,
-    CallBudget,
-    CompletionMeter,
+from llmstream._budget import CallBudget, CompletionMeter, exhausted_error, plan_call
+from llmstream._errors import BudgetExceeded, InvalidRequestError, LLMStreamError, ProtocolError
+from llmstream._prompt_count import (
     PromptCount,
-    Reservation,
-    TokenBudget,
     count_prompt_tokens,
     counter_from_text_tokenizer,
     estimate_prompt_tokens,
-    exhausted_error,
+)
+from llmstream._token_budget import Reservation, TokenBudget
+from llmstream._tokenize import (
     parse_tokenize_max_model_len,
     parse_tokenize_response,
-    plan_call,
     tokenize_request_body,
 )
-from llmstream._errors import InvalidRequestError, LLMStreamError, ProtocolError
 
 USER_HI = [{"role": "user", "content": "Hi"}]
 
@@ -118,6 +115,13 @@ def test_estimate_counts_content_parts_and_tool_call_arguments() -> None:
 def test_estimate_counts_tool_schemas() -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     assert estimate_prompt_tokens(USER_HI, tools=tools) > estimate_prompt_tokens(USER_HI)
+
+
+def test_estimate_counts_numbers_and_other_values_by_their_text() -> None:
+    plain = {"role": "tool", "content": "ok"}
+    # 12345 is five digits, 1.5 two digits and a byte; None and booleans count nothing.
+    extra = {**plain, "seq": 12345, "score": 1.5, "cached": True, "note": None}
+    assert estimate_prompt_tokens([extra]) - estimate_prompt_tokens([plain]) == 5 + 3
 
 
 def test_estimate_overestimates_plain_english() -> None:
@@ -583,6 +587,19 @@ def test_an_overrun_is_charged_in_full_and_leaves_a_debt() -> None:
 def test_token_budget_rejects_invalid_settings(kwargs: dict[str, object], name: str) -> None:
     with pytest.raises(InvalidRequestError, match=name):
         TokenBudget(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("window", ["60", True, None])
+def test_token_budget_rejects_a_window_that_is_not_a_number(window: object) -> None:
+    with pytest.raises(InvalidRequestError, match="window must be a number of seconds"):
+        TokenBudget(10, window=window)  # type: ignore[arg-type]
+
+
+def test_token_budget_reports_its_settings() -> None:
+    bucket = TokenBudget(100, refill_per_window=10, window=6)
+    assert (bucket.limit, bucket.refill_per_window, bucket.window) == (100, 10, 6.0)
+    quota = TokenBudget(5)
+    assert (quota.limit, quota.refill_per_window, quota.window) == (5, None, 60.0)
 
 
 def test_reserve_and_charge_reject_invalid_amounts() -> None:

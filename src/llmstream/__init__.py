@@ -15,15 +15,7 @@ import contextlib
 
 from ._accounting import PromptCounting
 from ._async_stream import AsyncChatStream
-from ._budget import (
-    BudgetExceeded,
-    CallBudget,
-    Reservation,
-    TokenBudget,
-    TokenCounter,
-    counter_from_text_tokenizer,
-    estimate_prompt_tokens,
-)
+from ._budget import CallBudget
 from ._chunks import (
     ChatCompletionChunk,
     ChunkChoice,
@@ -42,6 +34,7 @@ from ._errors import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    BudgetExceeded,
     BufferOverflow,
     ConnectTimeout,
     FirstTokenTimeout,
@@ -65,6 +58,7 @@ from ._errors import (
 )
 from ._flow import OnFull, StreamOptions
 from ._oneshot import stream_llm_request, stream_llm_request_sync
+from ._prompt_count import TokenCounter, counter_from_text_tokenizer, estimate_prompt_tokens
 from ._request import (
     AssistantMessage,
     Message,
@@ -86,6 +80,7 @@ from ._result import (
 from ._retry import RetryEvent, RetryPolicy
 from ._sse import SSEDecoder
 from ._sync_stream import ChatStream
+from ._token_budget import Reservation, TokenBudget
 from ._version import __version__
 
 __all__ = [

@@ -11,18 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ._budget import (
-    BudgetExceeded,
-    CallBudget,
-    CallPlan,
-    CompletionMeter,
-    Reservation,
-    TokenBudget,
-    TokenCounter,
-    exhausted_error,
-)
-from ._chunks import ChatCompletionChunk
+from ._budget import CallBudget, CallPlan, CompletionMeter, exhausted_error
+from ._chunks import ChatCompletionChunk, ChunkChoice
+from ._errors import BudgetExceeded
+from ._prompt_count import TokenCounter
 from ._result import StreamResult
+from ._token_budget import Reservation, TokenBudget
 
 __all__ = ["BudgetOptions", "CallAccount", "PromptCounting"]
 
@@ -62,21 +56,43 @@ class CallAccount:
     Completion tokens are counted per request and summed: a resumed call pays
     for each request it made. When the server sent usage, its numbers win.
 
+    Two questions stop a stream at its budget. Before a chunk is delivered,
+    :meth:`refuses`: does it carry output past the budget? (A server that
+    ignores ``max_tokens``: the chunk is not delivered.) After it was
+    observed, :attr:`must_stop`: did the answer reach a budget that nothing
+    on the server's side enforces? A request whose ``max_tokens`` keeps the
+    answer within the budget is never cut at the budget itself: the server
+    stops there, and OpenAI and llama.cpp send the finish reason and the usage
+    in chunks of their own after the last token.
+
     Example::
 
         account = CallAccount(plan, reservation)
+        if account.refuses(chunk): ...  # stop, without delivering chunk
         account.observe(chunk, output=True)
-        if account.exhausted: ...
+        if account.must_stop: ...  # stop, after delivering chunk
         account.settle(sent=True)
     """
 
-    __slots__ = ("_before", "_meter", "_settled", "plan", "reservation")
+    __slots__ = (
+        "_charge_before",
+        "_choices",
+        "_completion_before",
+        "_meter",
+        "_settled",
+        "plan",
+        "reservation",
+    )
 
     def __init__(self, plan: CallPlan, reservation: Reservation | None) -> None:
         self.plan = plan
         self.reservation = reservation
         self._meter = CompletionMeter()
-        self._before = 0  # tokens of earlier requests of this call
+        # Earlier requests of this call (resumes): their completion tokens count against the
+        # budget, their prompt and completion tokens are charged.
+        self._completion_before = 0
+        self._charge_before = 0
+        self._choices = 1  # choices seen so far: a lower bound on the request's n
         self._settled = False
 
     def observe(self, chunk: ChatCompletionChunk, output: bool) -> None:
@@ -87,6 +103,8 @@ class CallAccount:
                 self._meter.final_usage(usage.prompt_tokens, usage.completion_tokens)
             return
         choice = chunk.choices[0]
+        if choice.index >= self._choices:
+            self._choices = choice.index + 1
         self._meter.observe(
             usage.completion_tokens if usage is not None else None,
             output or choice.finish_reason is not None,
@@ -102,13 +120,42 @@ class CallAccount:
     @property
     def used(self) -> int:
         """Completion tokens so far, all requests of the call."""
-        return self._before + self._meter.used
+        return self._completion_before + self._meter.used
 
     @property
-    def exhausted(self) -> bool:
-        """True once the completion tokens reached the plan's budget."""
+    def must_stop(self) -> bool:
+        """True when the answer reached its budget and only the client can stop it there.
+
+        False while the request's ``max_tokens`` keeps the answer within the
+        budget (:meth:`~llmstream._budget.CallPlan.server_limit`): the server
+        stops on its own, and :meth:`refuses` cuts one that does not.
+        """
         limit = self.plan.completion_limit
-        return limit is not None and self.used >= limit
+        return (
+            limit is not None
+            and self.used >= limit
+            and self.plan.server_limit(self._choices) is None
+        )
+
+    def refuses(self, chunk: ChatCompletionChunk) -> bool:
+        """True when ``chunk``, not yet observed, carries output past the budget.
+
+        With ``max_tokens`` within the budget, that is output for a choice that
+        already has ``max_tokens`` tokens: the server ignores ``max_tokens``.
+        Otherwise it is any output once the budget is reached. A finish or usage
+        chunk is never refused: it brings no output, and it ends the answer.
+        """
+        limit = self.plan.completion_limit
+        if limit is None or not chunk.choices:
+            return False
+        choices = max(self._choices, max(choice.index for choice in chunk.choices) + 1)
+        cap = self.plan.server_limit(choices)
+        if cap is None:
+            return self.used >= limit and any(_has_output(c) for c in chunk.choices)
+        return any(
+            self._completion_before + self._meter.used_by(c.index) >= cap and _has_output(c)
+            for c in chunk.choices
+        )
 
     def exhausted_error(self, partial: StreamResult) -> BudgetExceeded:
         """The error for ``on_exhausted="error"``."""
@@ -116,12 +163,13 @@ class CallAccount:
 
     def new_request(self) -> None:
         """A resumed call sends another request: what this one used stays counted."""
-        self._before += self._meter.tokens_to_charge(self.plan.prompt_tokens)
+        self._completion_before += self._meter.used
+        self._charge_before += self._meter.tokens_to_charge(self.plan.prompt_tokens)
         self._meter = CompletionMeter()
 
     def tokens_to_charge(self) -> int:
         """Prompt and completion tokens of every request of the call."""
-        return self._before + self._meter.tokens_to_charge(self.plan.prompt_tokens)
+        return self._charge_before + self._meter.tokens_to_charge(self.plan.prompt_tokens)
 
     def settle(self, *, sent: bool) -> None:
         """Charge what the call used (or release, if nothing reached the server). Once."""
@@ -133,3 +181,9 @@ class CallAccount:
             self.reservation.charge(self.tokens_to_charge())
         else:
             self.reservation.release()
+
+
+def _has_output(choice: ChunkChoice) -> bool:
+    # The assembler's rule (StreamAssembler._add_choice): text, reasoning or a tool call.
+    delta = choice.delta
+    return bool(delta.content or delta.reasoning or delta.reasoning_content or delta.tool_calls)

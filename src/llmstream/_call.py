@@ -30,16 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._accounting import BudgetOptions, CallAccount
-from ._budget import (
-    BudgetExceeded,
-    CallPlan,
-    PromptCount,
-    Reservation,
-    count_prompt_tokens,
-    plan_call,
-)
+from ._budget import CallPlan, plan_call
 from ._deadlines import DeadlineKind, Timeouts, next_deadline
 from ._errors import (
+    BudgetExceeded,
     BufferOverflow,
     FirstTokenTimeout,
     IdleTimeout,
@@ -59,11 +53,13 @@ from ._events import (
 )
 from ._flow import PauseClock, StreamOptions
 from ._http_errors import status_error
+from ._prompt_count import PromptCount, count_prompt_tokens
 from ._request import continuation_body
 from ._result import StreamResult
 from ._retry import RetryEvent, RetryPolicy
 from ._session import StreamItem, StreamSession
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
+from ._token_budget import Reservation
 
 __all__ = [
     "Attempt",

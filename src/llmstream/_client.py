@@ -18,12 +18,7 @@ import tenacity
 
 from ._accounting import BudgetOptions, PromptCounting
 from ._async_stream import AsyncChatStream
-from ._budget import (
-    CallBudget,
-    TokenBudget,
-    parse_tokenize_response,
-    tokenize_request_body,
-)
+from ._budget import CallBudget
 from ._call import Need, NeedContextLength, NeedModel, NeedPromptCount
 from ._config import (
     DEFAULT_LIMITS,
@@ -44,6 +39,8 @@ from ._request import PromptOrMessages, build_body, build_messages
 from ._retry import RetryPolicy
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
 from ._sync_stream import ChatStream
+from ._token_budget import TokenBudget
+from ._tokenize import parse_tokenize_response, tokenize_request_body
 from ._transport import AsyncResponse, HTTPRequest, SyncResponse
 from ._version import __version__
 

@@ -26,6 +26,7 @@ The tree is shallow and each class says when it is raised::
     │   ├── BufferOverflow            the read-ahead buffer filled up (on_full="error")
     │   ├── PauseTimeout              the stream stayed paused longer than max_pause
     │   └── StreamLimitExceeded       more chunks or bytes than max_chunks / max_bytes
+    ├── BudgetExceeded                a token budget refused the call, or ran out mid-stream
     └── ToolArgumentsError            a tool call's arguments are not a JSON object (a ValueError)
 
 Errors raised once a stream has started carry ``partial``: the
@@ -34,7 +35,7 @@ Errors raised once a stream has started carry ``partial``: the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from ._result import StreamResult
@@ -43,10 +44,13 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "BudgetExceeded",
+    "BudgetLimit",
     "BufferOverflow",
     "ConnectTimeout",
     "FirstTokenTimeout",
     "IdleTimeout",
+    "ToolArgumentsError",
     "TotalTimeout",
     "PauseTimeout",
     "StreamAborted",
@@ -63,7 +67,6 @@ __all__ = [
     "ServerStreamError",
     "StreamInterrupted",
     "StreamTimeout",
-    "ToolArgumentsError",
     "UnprocessableEntityError",
 ]
 
@@ -397,6 +400,51 @@ class StreamLimitExceeded(StreamAborted):
         async with client.stream("Hi", max_chunks=1000) as stream:
             ...
     """
+
+
+BudgetLimit = Literal[
+    "max_tokens", "prompt_tokens", "completion_tokens", "total_tokens", "max_model_len", "shared"
+]
+"""Which limit decided: the caller's ``max_tokens``, a :class:`~llmstream.CallBudget`
+field, the model's context length, or a shared :class:`~llmstream.TokenBudget`."""
+
+
+class BudgetExceeded(LLMStreamError):
+    """A token budget does not allow the call, or ran out while it streamed.
+
+    ``limit`` names the limit that decided (:data:`BudgetLimit`), ``allowed`` is
+    that limit in tokens (for a shared budget: what it had available),
+    ``requested`` what the call needed, ``prompt_tokens`` the prompt count used
+    (when known), and ``retry_after`` the seconds until a refilling shared budget
+    can cover the request (``None``: waiting will not help). Raised before
+    sending, or mid-stream with ``partial`` when ``on_exhausted="error"``.
+
+    Example::
+
+        try:
+            plan = plan_call(CallBudget(total_tokens=100), prompt_tokens=120,
+                             prompt_source="server")
+        except BudgetExceeded as exc:
+            print(exc.limit, exc.allowed, exc.requested)  # total_tokens 100 121
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: BudgetLimit,
+        allowed: int,
+        requested: int,
+        prompt_tokens: int | None = None,
+        retry_after: float | None = None,
+        partial: StreamResult | None = None,
+    ) -> None:
+        super().__init__(message, partial=partial)
+        self.limit: BudgetLimit = limit
+        self.allowed = allowed
+        self.requested = requested
+        self.prompt_tokens = prompt_tokens
+        self.retry_after = retry_after
 
 
 class ToolArgumentsError(LLMStreamError, ValueError):

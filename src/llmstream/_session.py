@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from ._accounting import CallAccount
 from ._assemble import StreamAssembler
-from ._budget import BudgetExceeded
 from ._chunks import ChatCompletionChunk, Usage
 from ._errors import (
+    BudgetExceeded,
     LLMStreamError,
     ProtocolError,
     ServerStreamError,
@@ -213,6 +213,11 @@ class StreamSession:
                         "was closed so the server stops generating.",
                         partial=_PLACEHOLDER,
                     )
+                if account is not None and account.refuses(chunk):
+                    # Output past the budget (a server that ignores max_tokens): not
+                    # delivered, and nothing more is read.
+                    self._stop_for_budget(account)
+                    break
                 metrics.chunk()
                 text, output = add(chunk)
                 # The finish chunk carries the last token (or the EOS token, which
@@ -224,13 +229,8 @@ class StreamSession:
                 items.append((chunk, text))
                 if account is not None:
                     account.observe(chunk, output)
-                    if account.exhausted and not self._assembler.all_finished:
-                        if account.plan.on_exhausted == "error":
-                            raise account.exhausted_error(_PLACEHOLDER)
-                        # Deliver what arrived, read no further: the shell closes the
-                        # connection, and the server stops generating.
-                        self.budget_stopped = True
-                        self._status = "budget"
+                    if account.must_stop and not self._assembler.all_finished:
+                        self._stop_for_budget(account)
                         break
             if items:
                 self.last_event_at = now
@@ -242,6 +242,14 @@ class StreamSession:
             # The chunks decoded before the failure are still delivered first.
             self.error = self.fail(exc, now)
         return items
+
+    def _stop_for_budget(self, account: CallAccount) -> None:
+        if account.plan.on_exhausted == "error":
+            raise account.exhausted_error(_PLACEHOLDER)
+        # Deliver what arrived, read no further: the shell closes the connection, and the
+        # server stops generating.
+        self.budget_stopped = True
+        self._status = "budget"
 
     def _count_bytes(self, size: int) -> None:
         self._bytes += size
