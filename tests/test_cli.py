@@ -44,10 +44,10 @@ def _run(*argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     )
 
 
-def _start(*argv: str) -> subprocess.Popen[str]:
+def _start(*argv: str, stdin: int = subprocess.DEVNULL) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "llmstream", *argv],
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=_env(),
@@ -261,6 +261,31 @@ def test_no_prompt_at_a_terminal_starts_a_conversation(
     assert len(_chat_bodies(fake)) == 2
 
 
+class _CtrlCFirst(_Stdin):
+    """A terminal where the user presses Ctrl-C at the first prompt, then types on."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text, tty=True)
+        self._pressed = False
+
+    def readline(self, size: int | None = -1) -> str:
+        if not self._pressed:
+            self._pressed = True
+            raise KeyboardInterrupt
+        return super().readline(size)
+
+
+def test_ctrl_c_at_the_prompt_gives_a_fresh_prompt(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeVLLM("Still here.")
+    monkeypatch.setattr(sys, "stdin", _CtrlCFirst("hi\n"))
+    with fake.serve() as server:
+        assert main(["chat", "--base-url", server.base_url]) == 0
+    assert capsys.readouterr().out.startswith("> \n> Still here.\n> ")
+    assert len(_chat_bodies(fake)) == 1
+
+
 def test_a_failed_turn_is_left_out_of_the_conversation(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -399,6 +424,29 @@ def test_ctrl_c_before_the_emulators_first_token() -> None:
     assert "[stopped]" in _assert_stopped(proc)
 
 
+def test_ctrl_c_in_a_conversation_stops_one_answer_and_the_conversation_goes_on() -> None:
+    fake = FakeVLLM("one two", model="m")
+    fake.add_fault(Fault.stall(after_chunks=2))  # the role chunk and "one", then nothing
+    with fake.serve() as server:
+        proc = _start("chat", "--base-url", server.base_url, "-m", "m", "-i", stdin=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("first\n")
+        proc.stdin.flush()
+        assert proc.stdout.read(3) == "one"
+        sent_at = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        disconnect = fake.wait_for_disconnect(timeout=10)  # while the command goes on
+        out, err = proc.communicate("second\n", timeout=20)
+    assert disconnect.time - sent_at < 0.5
+    assert proc.returncode == 0, err
+    assert out == "\none two\n" and "| stopped]" in err and "| stop]" in err
+    assert _chat_bodies(fake)[1]["messages"] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "second"},
+    ]
+
+
 class _Server:
     """A loopback server that reads a request, then answers ``reply`` or nothing."""
 
@@ -434,6 +482,21 @@ def test_ctrl_c_while_the_server_has_not_answered() -> None:
     proc.send_signal(signal.SIGINT)
     assert "| stopped]" in _assert_stopped(proc)
     assert server.hung_up.wait(5)
+
+
+def test_ctrl_c_before_the_headers_closes_the_connection_at_once() -> None:
+    # In a conversation the command goes on, so the connection closing is the stop's doing.
+    server = _Server(None)
+    proc = _start("chat", "--base-url", server.base_url, "-m", "m", "-i", stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write("Hi\n")
+    proc.stdin.flush()
+    assert server.answered.wait(20), "the request never arrived"
+    proc.send_signal(signal.SIGINT)
+    assert server.hung_up.wait(5)
+    assert proc.poll() is None
+    _, err = proc.communicate("", timeout=20)
+    assert proc.returncode == 0 and "| stopped]" in err
 
 
 def test_ctrl_c_during_a_retry_wait() -> None:
