@@ -208,10 +208,16 @@ def test_api_key_flag_is_sent_and_a_wrong_one_names_the_flag(
 
 
 def test_errors_name_flags_not_python_keywords(capsys: pytest.CaptureFixture[str]) -> None:
-    with FakeVLLM(max_model_len=100).serve() as server:
+    with FakeVLLM(max_model_len=1000, ttft=30).serve() as server:
         assert main(["chat", "--base-url", server.base_url, "-t", "5000", "Hi"]) == 1
+        argv = ["chat", "--base-url", server.base_url, "--timeout", "0.1", "Hi"]
+        assert main(argv) == 1  # no first token within 0.1 s, three times
+    html = _Server(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 6\r\n\r\n<html>")
+    assert main(["chat", "--base-url", html.base_url, "Hi"]) == 1  # no model list
     err = capsys.readouterr().err
-    assert "--max-tokens 5000" in err and "max_tokens=" not in err
+    assert "--max-tokens 5000" in err and "Raise --timeout" in err and "pass --model" in err
+    for keyword in ("max_tokens=", "model=", "Timeouts.", "first_token="):
+        assert keyword not in err
 
 
 def test_the_metrics_duration_is_the_wall_time_with_retries(
