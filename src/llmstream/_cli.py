@@ -18,10 +18,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
-
-import httpx
 
 from ._client import Client
 from ._errors import LLMStreamError, StreamInterrupted
@@ -288,7 +286,12 @@ class _Terminal:
 
 
 def _models(args: argparse.Namespace, term: _Terminal) -> int:
-    with _client(args, None) as client:
+    fake = None
+    if args.fake:
+        from .testing import FakeVLLM
+
+        fake = FakeVLLM()
+    with _client(args, fake) as client:
         for model in client.models():
             print(model, file=term.out)
     return EXIT_OK
@@ -337,21 +340,15 @@ def _emulator(args: argparse.Namespace, term: _Terminal) -> FakeVLLM:
     return FakeVLLM(ttft=args.fake_ttft, token_delay=args.fake_token_delay)
 
 
-@contextlib.contextmanager
-def _client(args: argparse.Namespace, fake: FakeVLLM | None) -> Iterator[Client]:
-    transport: httpx.BaseTransport | None = None
-    if args.fake:
-        if fake is None:
-            from .testing import FakeVLLM
-
-            fake = FakeVLLM()
-        transport = fake.transport()
-    model = getattr(args, "model", None)
-    base_url = _FAKE_BASE_URL if args.fake else args.base_url
-    with Client(
-        base_url, model=model, api_key=args.api_key, timeout=args.timeout, transport=transport
-    ) as client:
-        yield client
+def _client(args: argparse.Namespace, fake: FakeVLLM | None) -> Client:
+    transport = fake.transport() if fake is not None else None
+    return Client(
+        _FAKE_BASE_URL if fake is not None else args.base_url,
+        model=getattr(args, "model", None),  # `models` has no --model
+        api_key=args.api_key,
+        timeout=args.timeout,
+        transport=transport,
+    )
 
 
 class _Conversation:
