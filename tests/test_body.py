@@ -187,3 +187,20 @@ def test_importing_llmstream_leaves_httpcore_for_later() -> None:
 def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parent.parent / "src")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
+def test_a_transport_of_its_own_does_not_import_httpcore() -> None:
+    # Only httpx's own transport reads through httpcore; importing it for the emulator's
+    # first body read put ~70 ms on `llmstream chat --fake`'s first token.
+    code = (
+        "import sys, llmstream\n"
+        "from llmstream.testing import FakeVLLM\n"
+        "client = llmstream.Client('http://vllm/v1', transport=FakeVLLM('Hi there').transport())\n"
+        "with client, client.stream('Hi') as stream:\n"
+        "    text = ''.join(stream)\n"
+        "print(text, sorted({'httpcore', 'h11', 'trio'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env()
+    )
+    assert out.stdout.strip() == "Hi there []"

@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
@@ -97,6 +98,18 @@ def _internals() -> _Internals | None:
         map_errors=map_httpcore_exceptions,
         chunked_reader=_h11_chunked_reader(),
     )
+
+
+def _loaded_internals() -> _Internals | None:
+    """:func:`_internals`, once httpx has imported httpcore; None before.
+
+    Only httpx's own transport reads a body through httpcore, and httpx imports httpcore
+    when it makes that transport: until then no response can be httpcore's. Checking first
+    keeps a client on a transport of its own (the emulator's, a mock) from importing
+    httpcore, h11 and trio when installed (~70 ms, the bulk of ``llmstream chat --fake``'s
+    time to first token) on its first body read.
+    """
+    return _internals() if "httpcore" in sys.modules else None
 
 
 def _h11_chunked_reader() -> type | None:
@@ -346,7 +359,7 @@ def async_body_reader(
 
         reader = async_body_reader(response) or response.aiter_raw()
     """
-    internals = _internals()
+    internals = _loaded_internals()
     found = _connection_of(response, internals, blocking=False)
     if found is None or internals is None:
         return None
@@ -369,7 +382,7 @@ def sync_body_reader(response: httpx.Response) -> Iterator[bytes] | None:
 
         reader = sync_body_reader(response) or response.iter_raw()
     """
-    internals = _internals()
+    internals = _loaded_internals()
     found = _connection_of(response, internals, blocking=True)
     if found is None or internals is None:
         return None

@@ -1,6 +1,8 @@
-"""The ``llmstream`` command: stream a chat completion to the terminal.
+"""The ``llmstream`` command: stream chat completions to the terminal.
 
 llmstream chat "Explain PagedAttention in one sentence."
+echo "Summarise this." | llmstream chat -m Qwen/Qwen3-8B
+llmstream chat -i                        # a conversation, one turn per line
 llmstream chat --fake "Hello"            # against the built-in vLLM emulator
 llmstream models
 """
@@ -8,157 +10,515 @@ llmstream models
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import re
 import sys
+import time
 from collections.abc import Sequence
-from typing import TextIO
-
-import httpx
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ._client import Client
 from ._errors import LLMStreamError, StreamInterrupted
 from ._result import StreamResult
 from ._version import __version__
 
+if TYPE_CHECKING:
+    from ._streaming import ChatStream
+    from .testing import FakeVLLM
+
 __all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_STOPPED = 130  # 128 + SIGINT, as shells report a command stopped with Ctrl-C
 
 _FAKE_ANSWER = (
     "This answer comes from llmstream's built-in vLLM emulator, streamed token by token "
     "exactly as a vLLM server sends it. You asked: {prompt} Point --base-url (or "
     "LLMSTREAM_BASE_URL) at a vLLM server for a real answer."
 )
+_FAKE_BASE_URL = "http://fake-vllm.invalid/v1"  # the emulator answers in process
+_QUIT = ("exit", "quit")
+
+# Request parameters that have a flag of their own, and those the command sets itself.
+_PARAMETER_FLAGS = {
+    "model": "--model (-m)",
+    "max_tokens": "--max-tokens (-t)",
+    "temperature": "--temperature",
+}
+_SET_BY_CHAT = ("messages", "stream")
+
+# The library's messages name its Python arguments; a terminal user has flags instead.
+# ("parameter=max_tokens" is the server naming the body field: left as it is.)
+_CLI_SPELLINGS = (
+    (re.compile(r"\bapi_key=\.\.\."), "--api-key"),
+    (re.compile(r"\bmodel=\.\.\."), "--model"),
+    (re.compile(r"(?<!parameter=)\bmax_tokens=(?=\d)"), "--max-tokens "),
+    (re.compile(r"(?<!parameter=)\bmax_tokens\b"), "--max-tokens"),
+    (re.compile(r"\bTimeouts\.\w+"), "--timeout"),
+    (re.compile(r"\b(?:connect|first_token|idle|total)=(?=\d)"), ""),
+)
+
+
+class _UsageError(Exception):
+    """The command line cannot run as given (exit status 2); nothing was sent."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmstream",
         description="Stream chat completions from vLLM or any OpenAI-compatible server.",
+        epilog="Exit status: 0 done, 1 an error, 2 a bad command line, 130 stopped (Ctrl-C).",
     )
     parser.add_argument("--version", action="version", version=f"llmstream {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    chat = commands.add_parser("chat", help="stream the answer to a prompt")
-    chat.add_argument("prompt", help="the prompt to send as the user message")
-    _server_options(chat)
-    chat.add_argument("--model", help="model id (default: $LLMSTREAM_MODEL, else the first served)")
-    chat.add_argument("--system", help="a system message to send before the prompt")
-    chat.add_argument("--max-tokens", type=int, default=512, help="default: 512")
-    chat.add_argument("--temperature", type=float, default=None)
+    chat = commands.add_parser(
+        "chat",
+        help="stream the answer to a prompt, or hold a conversation",
+        description="Stream the answer to PROMPT; without one, read it from standard "
+        "input, or hold a conversation when standard input is a terminal.",
+    )
     chat.add_argument(
-        "--fake-token-delay",
+        "prompt",
+        nargs="?",
+        metavar="PROMPT",
+        help="the user message; '-' or none: read it from standard input",
+    )
+    chat.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="hold a conversation: one message per line, each answer kept as context",
+    )
+    chat.add_argument(
+        "-s", "--system", metavar="TEXT", help="a system message sent before the conversation"
+    )
+    chat.add_argument(
+        "-m",
+        "--model",
+        metavar="ID",
+        help="model id (default: $LLMSTREAM_MODEL, else the first the server lists)",
+    )
+    chat.add_argument(
+        "-t",
+        "--max-tokens",
+        type=_positive_int,
+        default=512,
+        metavar="N",
+        help="the most tokens to generate (default: 512)",
+    )
+    chat.add_argument(
+        "--temperature",
         type=float,
-        default=0.02,
-        help="seconds between the emulator's tokens (default: 0.02)",
+        metavar="T",
+        help="sampling temperature (default: the server's)",
+    )
+    chat.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra request parameter (repeatable); VALUE is read as JSON when it "
+        'parses (0.9, true, ["a"]), else as text: -o top_p=0.9 -o seed=7',
+    )
+    chat.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object with the whole result at the end, instead of the "
+        "text as it arrives and the metrics line",
     )
     chat.add_argument("--no-metrics", action="store_true", help="skip the closing metrics line")
+    _server_options(chat)
+    chat.add_argument(
+        "--fake-token-delay",
+        type=_seconds,
+        default=0.02,
+        metavar="SECONDS",
+        help="with --fake: seconds between the emulator's tokens (default: 0.02)",
+    )
+    chat.add_argument(
+        "--fake-ttft",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --fake: seconds before the emulator's first token (default: 0)",
+    )
 
-    models = commands.add_parser("models", help="list the models the server serves")
+    models = commands.add_parser(
+        "models",
+        help="list the models the server serves",
+        description="List the ids of the models the server serves (GET /v1/models).",
+    )
     _server_options(models)
     return parser
 
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
         "--base-url",
+        metavar="URL",
         help="server URL ending in /v1 (default: $LLMSTREAM_BASE_URL, $OPENAI_BASE_URL, "
-        "then http://localhost:8000/v1); the API key comes from $LLMSTREAM_API_KEY "
-        "or $OPENAI_API_KEY",
+        "then http://localhost:8000/v1)",
     )
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per network phase")
-    parser.add_argument(
+    where.add_argument(
         "--fake",
         action="store_true",
-        help="use the built-in vLLM emulator instead of a server",
+        help="answer from the built-in vLLM emulator instead of a server",
     )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="API key (default: $LLMSTREAM_API_KEY, then $OPENAI_API_KEY)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="the connect, first-token and idle deadlines (default: 10, 300 and 60 s)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, equals, raw = text.partition("=")
+    key = key.strip()
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value: object = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status.
+    """Run the command line; returns the exit status (0, 1, 2 or 130).
 
     Example::
 
         main(["chat", "--fake", "Hello"])  # prints a streamed answer, returns 0
     """
-    args = _parser().parse_args(argv)
+    term = _Terminal(sys.stdin, sys.stdout, sys.stderr)
+    try:
+        return _run(argv, term)
+    except KeyboardInterrupt:
+        # Before a stream started (or after it ended): there is nothing to report but this.
+        term.note("[stopped]", newline_first=True)
+        return EXIT_STOPPED
+
+
+def _run(argv: Sequence[str] | None, term: _Terminal) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         if args.command == "models":
-            return _models(args)
-        return _chat(args, sys.stdout, sys.stderr)
+            return _models(args, term)
+        return _chat(args, term)
+    except _UsageError as exc:
+        print(f"llmstream {args.command}: error: {exc}", file=term.err)
+        return EXIT_USAGE
     except LLMStreamError as exc:
-        print(f"\nllmstream: error: {_for_terminal(exc)}", file=sys.stderr)
-        return 1
+        term.error(exc)
+        return EXIT_FAILED
 
 
-def _models(args: argparse.Namespace) -> int:
-    transport = None
+@dataclasses.dataclass
+class _Terminal:
+    """The command's standard streams; standard error takes colour on a terminal only."""
+
+    stdin: TextIO
+    out: TextIO
+    err: TextIO
+
+    @property
+    def colour(self) -> bool:
+        # https://no-color.org: any non-empty NO_COLOR turns colour off.
+        if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+            return False
+        isatty = getattr(self.err, "isatty", None)
+        return bool(isatty and isatty())
+
+    def _paint(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.colour else text
+
+    def note(self, text: str, *, newline_first: bool = False) -> None:
+        """A line for the user on standard error (dimmed on a terminal)."""
+        self.err.write(("\n" if newline_first else "") + self._paint(text, "2") + "\n")
+        self.err.flush()
+
+    def error(self, exc: LLMStreamError) -> None:
+        """The error as one line on standard error, prefixed ``llmstream: error:``."""
+        prefix = self._paint("llmstream: error:", "1;31")
+        self.err.write(f"{prefix} {_for_terminal(exc)}\n")
+        self.err.flush()
+
+
+def _models(args: argparse.Namespace, term: _Terminal) -> int:
+    fake = None
     if args.fake:
         from .testing import FakeVLLM
 
-        transport = FakeVLLM().transport()
-    with Client(_base_url(args), timeout=args.timeout, transport=transport) as client:
+        fake = FakeVLLM()
+    with _client(args, fake) as client:
         for model in client.models():
-            print(model)
-    return 0
+            print(model, file=term.out)
+    return EXIT_OK
 
 
-def _chat(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    messages: list[dict[str, object]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    messages.append({"role": "user", "content": args.prompt})
+def _chat(args: argparse.Namespace, term: _Terminal) -> int:
+    extra = _extra_parameters(args.option)
+    prompt = _first_prompt(args, term.stdin)
+    fake = _emulator(args, term) if args.fake else None
+    with _client(args, fake) as client:
+        chat = _Conversation(client, args, term, fake, extra)
+        if prompt is not None and not args.interactive:
+            return chat.turn(prompt)
+        return _converse(chat, term, prompt)
 
-    transport: httpx.BaseTransport | None = None
-    base_url = _base_url(args)
-    if args.fake:
-        from .testing import FakeVLLM  # only the emulator's users pay for importing it
 
-        fake = FakeVLLM(
-            _FAKE_ANSWER.format(prompt=args.prompt), token_delay=max(args.fake_token_delay, 0.0)
-        )
-        transport = fake.transport()
-        print("[llmstream emulator: a fake vLLM server, not a model]", file=err, flush=True)
+def _first_prompt(args: argparse.Namespace, stdin: TextIO) -> str | None:
+    """The prompt to send first, or None to read turns from standard input."""
+    prompt: str | None = args.prompt
+    if prompt is None and (args.interactive or stdin.isatty()):
+        return None
+    if prompt is None or prompt == "-":
+        prompt = stdin.read().rstrip("\n")
+        if not prompt.strip():
+            raise _UsageError("standard input held no prompt: nothing was sent")
+    if not prompt.strip():
+        raise _UsageError("the prompt is empty: nothing was sent")
+    return prompt
 
-    with Client(base_url, model=args.model, timeout=args.timeout, transport=transport) as client:
-        stream = client.stream(messages, max_tokens=args.max_tokens, temperature=args.temperature)
+
+def _extra_parameters(options: list[tuple[str, object]]) -> dict[str, object]:
+    extra: dict[str, object] = {}
+    for key, value in options:
+        if key in _PARAMETER_FLAGS:
+            raise _UsageError(f"-o {key}=...: use {_PARAMETER_FLAGS[key]} instead")
+        if key in _SET_BY_CHAT:
+            raise _UsageError(f"-o {key}=...: llmstream chat sets {key} itself")
+        extra[key] = value
+    return extra
+
+
+def _emulator(args: argparse.Namespace, term: _Terminal) -> FakeVLLM:
+    from .testing import FakeVLLM  # only the emulator's users pay for importing it
+
+    term.note("[llmstream emulator: a fake vLLM server, not a model]")
+    return FakeVLLM(ttft=args.fake_ttft, token_delay=args.fake_token_delay)
+
+
+def _client(args: argparse.Namespace, fake: FakeVLLM | None) -> Client:
+    transport = fake.transport() if fake is not None else None
+    return Client(
+        _FAKE_BASE_URL if fake is not None else args.base_url,
+        model=getattr(args, "model", None),  # `models` has no --model
+        api_key=args.api_key,
+        timeout=args.timeout,
+        transport=transport,
+    )
+
+
+class _Conversation:
+    """The messages so far, and one streamed turn at a time."""
+
+    def __init__(
+        self,
+        client: Client,
+        args: argparse.Namespace,
+        term: _Terminal,
+        fake: FakeVLLM | None,
+        extra: dict[str, object],
+    ) -> None:
+        self._client = client
+        self._args = args
+        self._term = term
+        self._fake = fake
+        self._params = _stream_parameters(args, extra)
+        self.messages: list[dict[str, object]] = []
+        if args.system:
+            self.messages.append({"role": "system", "content": args.system})
+
+    def turn(self, prompt: str) -> int:
+        """Send ``prompt`` with the conversation so far and stream the answer.
+
+        The answer joins the conversation (a stopped one too, as far as it was read);
+        a failed turn leaves the conversation as it was.
+        """
+        if self._fake is not None:
+            answer = _FAKE_ANSWER.format(prompt=prompt)
+            self._fake.config = dataclasses.replace(self._fake.config, text=answer)
+        self.messages.append({"role": "user", "content": prompt})
+        answer, status = self._stream()
+        if answer and status != EXIT_FAILED:
+            self.messages.append({"role": "assistant", "content": answer})
+        else:
+            self.messages.pop()
+        return status
+
+    def _stream(self) -> tuple[str, int]:
+        """Stream one answer; returns the text read (what was shown) and the exit status."""
+        term, args = self._term, self._args
+        read: list[str] = []
+        started = time.perf_counter()  # the wall time: model lookup and retries included
+        stream = self._client.stream(list(self.messages), **self._params)
         try:
             with stream:
                 for text in stream:
-                    out.write(text)
-                    out.flush()
+                    read.append(text)
+                    if not args.json:
+                        term.out.write(text)
+                        term.out.flush()
         except KeyboardInterrupt:
-            # Leaving the with block closed the connection: the server aborts the request.
-            out.write("\n")
-            if not args.no_metrics:
-                print(_metrics_line(stream.result, "stopped"), file=err)
-            return 130
-        except StreamInterrupted as exc:
-            out.write("\n")
-            print(_metrics_line(exc.partial, "interrupted"), file=err)
-            raise
-    out.write("\n")
-    if not args.no_metrics:
-        print(_metrics_line(stream.result, stream.result.finish_reason or "?"), file=err)
-    return 0
+            # Stopped while opening too: the with block then did not close it.
+            stream.close()
+            result = _result_of(stream)
+            self._report(result, started, "stopped", always=True)
+            return "".join(read), EXIT_STOPPED
+        except LLMStreamError as exc:
+            if isinstance(exc, StreamInterrupted):
+                self._report(exc.partial, started, "interrupted")
+            elif args.json and exc.partial is not None:
+                term.out.write(exc.partial.model_dump_json() + "\n")
+            term.error(exc)
+            return "".join(read), EXIT_FAILED
+        result = stream.result
+        self._report(result, started, result.finish_reason or result.status)
+        return "".join(read), EXIT_OK
+
+    def _report(
+        self, result: StreamResult | None, started: float, ending: str, *, always: bool = False
+    ) -> None:
+        """End the answer: a newline after the text, or the JSON; then the metrics line."""
+        term, args = self._term, self._args
+        if args.json:
+            if result is not None:
+                term.out.write(result.model_dump_json() + "\n")
+        else:
+            term.out.write("\n")
+        term.out.flush()
+        if not (args.no_metrics or args.json):
+            term.note(_metrics_line(result, time.perf_counter() - started, ending))
+        elif always:
+            term.note(f"[{ending}]")
 
 
-def _base_url(args: argparse.Namespace) -> str | None:
-    # The emulator answers in process; the URL only names it.
-    return "http://fake-vllm.invalid/v1" if args.fake else args.base_url
+def _stream_parameters(args: argparse.Namespace, extra: dict[str, object]) -> dict[str, Any]:
+    params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if not extra:
+        return params
+    # Client.stream() merges extra_body= into the request as openai's does; a client
+    # without it sends its extra keywords as body fields themselves.
+    if "extra_body" in inspect.signature(Client.stream).parameters:
+        params["extra_body"] = extra
+    else:
+        params.update(extra)
+    return params
+
+
+def _result_of(stream: ChatStream) -> StreamResult | None:
+    try:
+        return stream.result
+    except LLMStreamError:  # stopped before the stream had a result to give
+        return None
+
+
+def _converse(chat: _Conversation, term: _Terminal, first: str | None) -> int:
+    """Hold the conversation; 1 if a turn failed, else 0 (Ctrl-C stops one answer)."""
+    tty = term.stdin.isatty()
+    if tty:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+        term.note("[Ctrl-C stops an answer; 'exit' or Ctrl-D ends the conversation]")
+    status = EXIT_OK
+    prompt = first
+    while True:
+        if prompt is None:
+            try:
+                prompt = _read_turn(term, tty)
+            except KeyboardInterrupt:
+                if not tty:
+                    raise
+                term.out.write("\n")  # a fresh prompt, as a shell gives
+                continue
+            if prompt is None or prompt.strip() in _QUIT:
+                return status
+        if prompt.strip() and chat.turn(prompt) == EXIT_FAILED:
+            status = EXIT_FAILED
+        prompt = None
+
+
+def _read_turn(term: _Terminal, tty: bool) -> str | None:
+    if tty:
+        try:
+            return input("> ")
+        except EOFError:
+            term.out.write("\n")
+            return None
+    line = term.stdin.readline()
+    return line.rstrip("\n") if line else None
 
 
 def _for_terminal(exc: LLMStreamError) -> str:
-    # Messages address programmers (exc.partial...); a terminal user needs the rest.
-    sentences = str(exc).split(". ")
-    return ". ".join(s for s in sentences if "exc.partial" not in s).rstrip(".") + "."
+    # Messages address programmers (exc.partial, max_tokens=...); a terminal user has flags.
+    sentences = [_without_partial(s) for s in str(exc).split(". ")]
+    text = ". ".join(s for s in sentences if s).rstrip(".")
+    text += "" if text.endswith(("?", "!")) else "."
+    for pattern, flag in _CLI_SPELLINGS:
+        text = pattern.sub(flag, text)
+    return text
 
 
-def _metrics_line(result: StreamResult, ending: str) -> str:
-    m = result.metrics
-    ttft = f"{m.time_to_first_token:.3f}s" if m.time_to_first_token is not None else "-"
-    tps = f"{m.tokens_per_second:.1f}" if m.tokens_per_second is not None else "-"
-    return (
-        f"[TTFT {ttft} | {tps} tokens/s | {m.completion_tokens} tokens | "
-        f"{m.duration:.2f}s | {ending}]"
-    )
+def _without_partial(sentence: str) -> str:
+    # "exc.partial holds what arrived; retry the request..." -> "Retry the request..."
+    if "exc.partial" not in sentence:
+        return sentence
+    advice = sentence.partition("; ")[2]
+    return advice[:1].upper() + advice[1:]
+
+
+def _metrics_line(result: StreamResult | None, seconds: float, ending: str) -> str:
+    m = result.metrics if result is not None else None
+    ttft = "-"
+    tps = "-"
+    tokens = 0
+    if m is not None:
+        ttft = f"{m.time_to_first_token:.3f}s" if m.time_to_first_token is not None else "-"
+        tps = f"{m.tokens_per_second:.1f}" if m.tokens_per_second is not None else "-"
+        tokens = m.completion_tokens
+    return f"[TTFT {ttft} | {tps} tokens/s | {tokens} tokens | {seconds:.2f}s | {ending}]"
 
 
 if __name__ == "__main__":  # pragma: no cover
