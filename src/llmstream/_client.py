@@ -427,7 +427,10 @@ class AsyncClient(_BaseClient):
             return self._model
         async with self._model_lock:
             if self._model is None:
-                data = await self._get_json(self._json_request("GET", self._models_url()))
+                try:
+                    data = await self._get_json(self._json_request("GET", self._models_url()))
+                except ProtocolError as exc:
+                    raise _no_model_list(exc) from None
                 self._model = self._first_model(data)
             return self._model
 
@@ -610,7 +613,10 @@ class Client(_BaseClient):
             return self._model  # known: no lock (see AsyncClient._resolve_model)
         with self._model_lock:
             if self._model is None:
-                data = self._get_json(self._json_request("GET", self._models_url()))
+                try:
+                    data = self._get_json(self._json_request("GET", self._models_url()))
+                except ProtocolError as exc:
+                    raise _no_model_list(exc) from None
                 self._model = self._first_model(data)
             return self._model
 
@@ -620,6 +626,12 @@ class Client(_BaseClient):
             return _json_of(response, response.read(_MAX_JSON_BYTES), request.url)
         finally:
             response.close()
+
+
+def _no_model_list(exc: ProtocolError) -> ProtocolError:
+    return ProtocolError(
+        f"{exc} Could not ask the server for its model: pass model=... or set LLMSTREAM_MODEL."
+    )
 
 
 def _json_of(response: AsyncResponse | SyncResponse, content: bytes, url: str) -> object:
