@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 import h11
 import pytest
-from h11._readers import ChunkedReader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +40,7 @@ def _read_body(pieces: list[bytes], *, lane: bool) -> tuple[bytes, str, bool]:
     connection.send(h11.EndOfMessage())
     connection.receive_data(HEAD + (pieces[0] if pieces else b""))
     assert type(connection.next_event()) is h11.Response
-    reader = _SyncBody(connection, FakeSocket(pieces[1:]), {}, h11, ChunkedReader if lane else None)
+    reader = _SyncBody(connection, FakeSocket(pieces[1:]), {}, lane=lane)
     received = b""
     outcome = "end"
     try:
