@@ -16,6 +16,8 @@ import pytest
 from llmstream._body import aiter_body, async_body_reader, iter_body, sync_body_reader
 from llmstream.testing import FakeVLLM, Fault
 
+from .conftest import requires_fastpath
+
 ANSWER = "one two three four five six seven eight nine ten"
 BODY = {"model": "llmstream/fake-model", "messages": [{"role": "user", "content": "hi"}]}
 STREAM_BODY = {**BODY, "stream": True}
@@ -44,6 +46,7 @@ def _expected(url: str) -> bytes:
         return _same_shape(response.content)
 
 
+@requires_fastpath
 def test_sync_reader_gives_httpx_bytes_and_reuses_the_connection(server: str) -> None:
     expected = _expected(server)
     ports = []
@@ -58,6 +61,7 @@ def test_sync_reader_gives_httpx_bytes_and_reuses_the_connection(server: str) ->
     assert ports[0] == ports[1]  # read to its end, the connection went back to the pool
 
 
+@requires_fastpath
 @pytest.mark.anyio
 async def test_async_reader_gives_httpx_bytes_and_reuses_the_connection(server: str) -> None:
     expected = _expected(server)
@@ -74,6 +78,7 @@ async def test_async_reader_gives_httpx_bytes_and_reuses_the_connection(server: 
     assert ports[0] == ports[1]
 
 
+@requires_fastpath
 def test_a_read_holds_every_chunk_it_completed(server: str) -> None:
     # The emulator writes the whole answer at once: far fewer reads than events.
     with httpx.Client() as http:

@@ -296,8 +296,41 @@ def aiter_body(response: httpx.Response, *, watched: bool = False) -> AsyncItera
     if reader is not None:
         return reader
     if "content-encoding" in response.headers:
-        return response.aiter_bytes()
-    return response.stream.__aiter__()  # type: ignore[union-attr]
+        return _HttpxBody(response.aiter_bytes())
+    return _HttpxBody(response.stream.__aiter__())  # type: ignore[union-attr]
+
+
+class _HttpxBody:
+    """httpx's own body iterator, whose ``aclose()`` may come from another task mid-read.
+
+    A stream closes its reader from whichever task stops it, perhaps while its reading
+    task is still inside the generator: closing a running async generator raises
+    RuntimeError. That read is being cancelled and ends the generator itself, and the
+    response's own ``aclose()`` releases the connection either way.
+    """
+
+    __slots__ = ("_iterator",)
+
+    def __init__(self, iterator: AsyncIterator[bytes]) -> None:
+        self._iterator = iterator
+
+    def __aiter__(self) -> _HttpxBody:
+        return self
+
+    def __anext__(self) -> Awaitable[bytes]:
+        return self._iterator.__anext__()  # no frame of ours per chunk
+
+    async def aclose(self) -> None:
+        """Close httpx's iterator, unless a read is running in it (see the class).
+
+        Example::
+
+            await reader.aclose()
+        """
+        iterator = self._iterator
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None and not getattr(iterator, "ag_running", False):
+            await aclose()
 
 
 def iter_body(response: httpx.Response) -> Iterator[bytes]:

@@ -187,6 +187,7 @@ class _Internals(NamedTuple):
     chunked_reader: type
     http_transport: type
     connection_pool: type
+    pool_backend: str = "_network_backend"  # where a httpcore pool keeps its backend
 
 
 _cache: _Internals | None = None
@@ -409,12 +410,12 @@ def watch_backends(http: httpx.Client, wrap: Callable[[object], object], wrapped
         for pool in pools:
             if not isinstance(pool, internals.connection_pool):
                 continue  # an HTTP/2-only or future pool: left as it is
-            backend = _probe(pool, "_network_backend")
+            backend = _probe(pool, internals.pool_backend)
             if isinstance(backend, wrapped):
                 continue
             if not callable(getattr(backend, "connect_tcp", None)):
                 raise _Missing("httpcore pool's _network_backend has no connect_tcp()")
-            pool._network_backend = wrap(backend)  # type: ignore[attr-defined]
+            setattr(pool, internals.pool_backend, wrap(backend))
             watched = True
     except _Missing as exc:
         disable(str(exc))
