@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +40,71 @@ VECTOR_PATHS = sorted((DATA / "vllm").glob("*.sse")) + sorted(
 
 def vector_id(path: Path) -> str:
     return f"{path.parent.name}/{path.stem}" if path.parent.name != "vllm" else path.stem
+
+
+def _fastpath_on() -> bool:
+    # The gate's own first decision (environment and installed versions), without
+    # deciding it for the process: tests of the gate decide it themselves.
+    from llmstream import _fastpath
+
+    return _fastpath._first_decision() is None
+
+
+# For the tests that check the fast path itself (that it is taken, what only it can do):
+# the suite also runs with LLMSTREAM_FASTPATH=0, where the public path must pass the rest.
+requires_fastpath = pytest.mark.skipif(
+    not _fastpath_on(), reason="the fast path is off (LLMSTREAM_FASTPATH=0 or versions)"
+)
+
+
+# -- a server that never sends its response headers ---------------------------------------
+
+
+@dataclasses.dataclass
+class WithheldHeaders:
+    """A server that reads each request and never answers: headers held back for good."""
+
+    base_url: str
+    requests: threading.Semaphore  # released once per request received
+    hung_up: threading.Event  # set when a client closed its connection
+
+    def wait_for_request(self) -> None:
+        assert self.requests.acquire(timeout=5), "the request never reached the server"
+
+
+@pytest.fixture
+def withheld_headers() -> Iterator[WithheldHeaders]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    server = WithheldHeaders(url, threading.Semaphore(0), threading.Event())
+
+    def hold(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(0.1)
+            while not stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    server.hung_up.set()
+                    return
+                if b"\r\n\r\n" in data:
+                    server.requests.release()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=hold, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(5)
+    listener.close()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import pytest
 
 from llmstream._body import aiter_body, async_body_reader, iter_body, sync_body_reader
 from llmstream.testing import FakeVLLM, Fault
+
+from .conftest import requires_fastpath
 
 ANSWER = "one two three four five six seven eight nine ten"
 BODY = {"model": "llmstream/fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -44,6 +48,7 @@ def _expected(url: str) -> bytes:
         return _same_shape(response.content)
 
 
+@requires_fastpath
 def test_sync_reader_gives_httpx_bytes_and_reuses_the_connection(server: str) -> None:
     expected = _expected(server)
     ports = []
@@ -58,6 +63,7 @@ def test_sync_reader_gives_httpx_bytes_and_reuses_the_connection(server: str) ->
     assert ports[0] == ports[1]  # read to its end, the connection went back to the pool
 
 
+@requires_fastpath
 @pytest.mark.anyio
 async def test_async_reader_gives_httpx_bytes_and_reuses_the_connection(server: str) -> None:
     expected = _expected(server)
@@ -74,12 +80,37 @@ async def test_async_reader_gives_httpx_bytes_and_reuses_the_connection(server: 
     assert ports[0] == ports[1]
 
 
-def test_a_read_holds_every_chunk_it_completed(server: str) -> None:
-    # The emulator writes the whole answer at once: far fewer reads than events.
+@pytest.fixture
+def one_write_server() -> Iterator[str]:
+    """Answers one request with a chunked body of 20 events, headers and all in one write."""
+    events = [b'data: {"n": %d}\n\n' % i for i in range(20)]
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(event), event) for event in events)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            conn.sendall(head + b"\r\n" + chunks + b"0\r\n\r\n")
+            conn.recv(1)  # until the client closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    thread.join(5)
+    listener.close()
+
+
+@requires_fastpath
+def test_a_read_holds_every_chunk_it_completed(one_write_server: str) -> None:
+    # The whole body arrives in one write: httpx would hand it over one chunk at a time.
     with httpx.Client() as http:
-        with http.stream("POST", f"{server}/chat/completions", json=STREAM_BODY) as response:
+        with http.stream("GET", one_write_server) as response:
             reads = list(iter_body(response))
-    assert b"".join(reads).count(b"\n\n") > len(reads)
+    assert b"".join(reads).count(b"\n\n") == 20
+    assert len(reads) == 1
 
 
 def test_a_body_cut_short_is_httpx_remote_protocol_error() -> None:
@@ -174,14 +205,20 @@ async def test_a_watched_reader_cut_short_is_httpx_remote_protocol_error() -> No
                         pass
 
 
-def test_importing_llmstream_leaves_httpcore_for_later() -> None:
-    # httpx imports httpcore (and h11, and trio when installed) only when a client is
-    # made; the body reader loads them on first use, so `import llmstream` stays light.
-    code = "import sys, llmstream; print(sorted({'httpcore', 'h11', 'trio'} & set(sys.modules)))"
+def test_importing_llmstream_imports_no_more_than_httpx_does() -> None:
+    # httpx from 0.28 imports httpcore (and h11, and trio when installed) only when a
+    # client is made (0.27 at once); the fast path loads them, and decides whether it is
+    # on, on first use, so `import llmstream` costs no more than `import httpx`.
+    code = (
+        "import sys; heavy = {'httpcore', 'h11', 'trio'}\n"
+        "import httpx; before = heavy & set(sys.modules)\n"
+        "import llmstream, llmstream._fastpath as fp\n"
+        "print(sorted(heavy & set(sys.modules) - before), fp._decided)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env()
     )
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[] False"
 
 
 def _env() -> dict[str, str]:

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import h11
 import pytest
-from h11._readers import ChunkedReader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmstream import _fastpath
 from llmstream._body import _SyncBody
 from llmstream._chunked import ChunkedDecoder
 
@@ -41,7 +41,7 @@ def _read_body(pieces: list[bytes], *, lane: bool) -> tuple[bytes, str, bool]:
     connection.send(h11.EndOfMessage())
     connection.receive_data(HEAD + (pieces[0] if pieces else b""))
     assert type(connection.next_event()) is h11.Response
-    reader = _SyncBody(connection, FakeSocket(pieces[1:]), {}, h11, ChunkedReader if lane else None)
+    reader = _SyncBody(connection, FakeSocket(pieces[1:]), {}, lane=lane)
     received = b""
     outcome = "end"
     try:
@@ -96,6 +96,22 @@ def test_vllm_shaped_body_ends_the_message_for_reuse() -> None:
     pieces = [body[i : i + 700] for i in range(0, len(body), 700)]
     received, outcome, state = _read_body(pieces, lane=True)
     assert received == b"".join(events) and outcome == "end" and state
+
+
+def test_the_lane_takes_a_vllm_shaped_body_over_from_h11(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _fastpath.take_over_chunked
+    taken: list[tuple[int, bytes] | None] = []
+
+    def spy(state: h11.Connection) -> tuple[int, bytes] | None:
+        taken.append(real(state))
+        return taken[-1]
+
+    monkeypatch.setattr(_fastpath, "take_over_chunked", spy)
+    events = [b'data: {"x": %d}\n\n' % i for i in range(200)]
+    body = _encode(events, [0] * len(events), trailers=False)
+    pieces = [body[i : i + 700] for i in range(0, len(body), 700)]
+    assert _read_body(pieces, lane=True)[0] == b"".join(events)
+    assert any(taken), "h11 decoded every chunk: the lane never took over"
 
 
 def test_a_broken_footer_is_a_protocol_error() -> None:

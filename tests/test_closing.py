@@ -6,7 +6,6 @@ between tokens, like vLLM's, and records when each client went away.
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import threading
 import time
@@ -18,6 +17,8 @@ import pytest
 
 import llmstream
 from llmstream.testing import FakeServer, FakeVLLM
+
+from .conftest import WithheldHeaders, requires_fastpath
 
 # Tokens come 2 s apart: a disconnect seen sooner than that was caused by the close.
 SLOW = 2.0
@@ -247,56 +248,7 @@ def test_sync_cancel_while_headers_are_awaited_sends_no_other_request() -> None:
         assert client._requests_in_flight == 0
 
 
-@dataclasses.dataclass
-class WithheldHeaders:
-    """A server that reads each request and never answers: headers held back for good."""
-
-    base_url: str
-    requests: threading.Semaphore  # released once per request received
-    hung_up: threading.Event  # set when a client closed its connection
-
-    def wait_for_request(self) -> None:
-        assert self.requests.acquire(timeout=5), "the request never reached the server"
-
-
-@pytest.fixture
-def withheld_headers() -> Iterator[WithheldHeaders]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    stop = threading.Event()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
-    server = WithheldHeaders(url, threading.Semaphore(0), threading.Event())
-
-    def hold(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(0.1)
-            while not stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                if not data:
-                    server.hung_up.set()
-                    return
-                if b"\r\n\r\n" in data:
-                    server.requests.release()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=hold, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server
-    stop.set()
-    thread.join(5)
-    listener.close()
-
-
+@requires_fastpath  # without it the wait ends at the first-token deadline: test_fastpath.py
 @pytest.mark.parametrize("how", ["close", "cancel"])
 def test_sync_stop_from_another_thread_cuts_the_header_wait(
     how: str, withheld_headers: WithheldHeaders
@@ -351,6 +303,7 @@ async def test_async_stop_cuts_the_header_wait(how: str, withheld_headers: Withh
         assert client._requests_in_flight == 0
 
 
+@requires_fastpath
 def test_sync_header_wait_also_watches_the_environments_proxy_pools(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

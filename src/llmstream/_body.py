@@ -14,8 +14,13 @@ judge: the last one, extensions, anything malformed.
 The h11 state stays authoritative, so the connection is left exactly as httpcore's own
 reader would leave it: a body read to its end returns the connection to the pool when the
 response is closed, anything else closes it. Whenever the response is not of that shape
-(HTTP/2, a proxy, a mock or custom transport, a content-encoded body, a trace hook), the
-functions return None and the caller keeps httpx's iterator.
+(HTTP/2, a proxy, a mock or custom transport, a content-encoded body, a trace hook), or
+the fast path is off, the functions return None and the caller keeps httpx's iterator.
+
+This is part of the fast path: every private attribute of httpx, httpcore and h11 it
+needs is found (and its presence checked) by :mod:`llmstream._fastpath`; this module uses
+only the public API of what it is handed (h11's ``Connection``, httpcore's network
+stream, httpcore's and httpx's exceptions).
 
 Example::
 
@@ -26,16 +31,14 @@ Example::
 
 from __future__ import annotations
 
-import functools
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
-import anyio.abc
 import httpx
 
+from . import _fastpath
 from ._chunked import ChunkedDecoder, ChunkedFramingError
 
 if TYPE_CHECKING:
@@ -46,80 +49,24 @@ __all__ = ["aiter_body", "async_body_reader", "iter_body", "sync_body_reader"]
 # httpcore reads this much per call; the same size keeps syscalls and buffers alike.
 READ_SIZE = 64 * 1024
 
-
-class _Internals(NamedTuple):
-    """httpx's and httpcore's layers a body passes through, and what maps their errors."""
-
-    h11: ModuleType
-    httpcore: ModuleType
-    async_layers: tuple[type, ...]
-    async_connection: type
-    anyio_stream: type
-    sync_layers: tuple[type, ...]
-    sync_connection: type
-    map_errors: Callable[[], Any]
-    chunked_reader: type | None
-
-
-@functools.cache
-def _internals() -> _Internals | None:
-    # Imported on first use: httpx itself imports httpcore (and h11, and trio when it is
-    # installed) only when a client is made, and `import llmstream` should not either.
-    try:  # These are httpx's and httpcore's internals; any change turns this path off.
-        import h11
-        import httpcore
-        from httpcore._async.connection_pool import PoolByteStream as AsyncPoolStream
-        from httpcore._async.http11 import AsyncHTTP11Connection, HTTP11ConnectionByteStream
-        from httpcore._backends.anyio import AnyIOStream
-        from httpcore._sync.connection_pool import PoolByteStream as SyncPoolStream
-        from httpcore._sync.http11 import HTTP11Connection
-        from httpcore._sync.http11 import HTTP11ConnectionByteStream as SyncH11Stream
-        from httpx._client import BoundAsyncStream, BoundSyncStream
-        from httpx._transports.default import (
-            AsyncResponseStream,
-            ResponseStream,
-            map_httpcore_exceptions,
-        )
-    except ImportError:  # pragma: no cover - an httpx or httpcore this was not written for
-        return None
-    return _Internals(
-        h11=h11,
-        httpcore=httpcore,
-        async_layers=(
-            BoundAsyncStream,
-            AsyncResponseStream,
-            AsyncPoolStream,
-            HTTP11ConnectionByteStream,
-        ),
-        async_connection=AsyncHTTP11Connection,
-        anyio_stream=AnyIOStream,
-        sync_layers=(BoundSyncStream, ResponseStream, SyncPoolStream, SyncH11Stream),
-        sync_connection=HTTP11Connection,
-        map_errors=map_httpcore_exceptions,
-        chunked_reader=_h11_chunked_reader(),
-    )
-
-
-def _loaded_internals() -> _Internals | None:
-    """:func:`_internals`, once httpx has imported httpcore; None before.
-
-    Only httpx's own transport reads a body through httpcore, and httpx imports httpcore
-    when it makes that transport: until then no response can be httpcore's. Checking first
-    keeps a client on a transport of its own (the emulator's, a mock) from importing
-    httpcore, h11 and trio when installed (~70 ms, the bulk of ``llmstream chat --fake``'s
-    time to first token) on its first body read.
-    """
-    return _internals() if "httpcore" in sys.modules else None
-
-
-def _h11_chunked_reader() -> type | None:
-    # h11's own chunked reader, whose state the fast lane takes over (see _chunked.py);
-    # without it the lane stays off and h11 decodes every chunk.
-    try:
-        from h11._readers import ChunkedReader
-    except ImportError:  # pragma: no cover - an h11 this was not written for
-        return None
-    return ChunkedReader
+# httpcore's public exceptions and httpx's of the same name, which httpx's transport maps
+# them to (the most specific first, as it does).
+_MAPPED = (
+    "ConnectTimeout",
+    "ReadTimeout",
+    "WriteTimeout",
+    "PoolTimeout",
+    "TimeoutException",
+    "ConnectError",
+    "ReadError",
+    "WriteError",
+    "NetworkError",
+    "ProxyError",
+    "UnsupportedProtocol",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "ProtocolError",
+)
 
 
 def _drain(state: h11.Connection, h: ModuleType) -> tuple[list[bytes], bool]:
@@ -139,23 +86,25 @@ def _drain(state: h11.Connection, h: ModuleType) -> tuple[list[bytes], bool]:
 
 
 def _raise_as_httpx(exc: Exception) -> NoReturn:
-    """Raise ``exc`` as httpx would have, so callers see one error vocabulary."""
-    internals = _internals()
-    assert internals is not None  # a reader exists only when they loaded
-    if isinstance(exc, internals.h11.RemoteProtocolError):
-        exc = internals.httpcore.RemoteProtocolError(str(exc))
+    """Raise ``exc`` as httpx's transport would have, so callers see one error vocabulary."""
+    import h11
+    import httpcore
+
+    if isinstance(exc, h11.RemoteProtocolError):
+        exc = httpcore.RemoteProtocolError(str(exc))
     elif isinstance(exc, anyio.BrokenResourceError | anyio.ClosedResourceError):
-        exc = internals.httpcore.ReadError(str(exc) or type(exc).__name__)
-    with internals.map_errors():
-        raise exc
-    raise exc  # pragma: no cover - the mapping always raises
+        exc = httpcore.ReadError(str(exc) or type(exc).__name__)
+    for name in _MAPPED:
+        if isinstance(exc, getattr(httpcore, name)):
+            raise getattr(httpx, name)(str(exc)) from exc
+    raise exc
 
 
 class _BodyState:
     """What both readers share: the h11 state, the socket and the read timeout."""
 
     __slots__ = (
-        "_chunked_reader",
+        "_can_adopt",
         "_ended",
         "_extensions",
         "_h11",
@@ -166,18 +115,16 @@ class _BodyState:
     )
 
     def __init__(
-        self,
-        state: h11.Connection,
-        network: Any,
-        extensions: dict[str, Any],
-        h: ModuleType,
-        chunked_reader: type | None,
+        self, state: h11.Connection, network: Any, extensions: dict[str, Any], *, lane: bool
     ) -> None:
+        import h11  # loaded by httpcore by now; not at `import llmstream`
+
+        self._h11 = h11
         self._state = state
-        self._network = network
+        self._network = network  # httpcore's (Async)NetworkStream: only its public read()
         self._extensions = extensions
-        self._h11 = h
-        self._chunked_reader = chunked_reader
+        # Whether h11's chunked framing may be taken over (see _fastpath.take_over_chunked).
+        self._can_adopt = lane
         self._lane: ChunkedDecoder | None = None
         self._ended = False
         # The socket's own receive, when reads need no timeout scope (async, watched).
@@ -214,7 +161,7 @@ class _BodyState:
         if lane is None:
             state.receive_data(read)
             data = self._take()
-            if not self._ended:
+            if not self._ended and self._can_adopt:
                 self._adopt()  # h11 waits for more: the lane can go on from here
             return data
         if not read:  # the connection ended: h11 tells how (a cut body is an error)
@@ -237,27 +184,10 @@ class _BodyState:
         return b"" if self._ended else None
 
     def _adopt(self) -> None:
-        """Take the chunked framing over from h11, which is left between two chunks.
-
-        Only from h11's own chunked reader, with nothing in its buffer and no trailer
-        being read: its state is then the chunk data still to come and the rest of the
-        chunk's CRLF, which the lane continues from.
-        """
-        reader = getattr(self._state, "_reader", None)
-        if (
-            self._chunked_reader is None
-            or type(reader) is not self._chunked_reader
-            or getattr(reader, "_reading_trailer", True)
-            or getattr(self._state, "_receive_buffer", True)
-        ):
-            return
-        left = getattr(reader, "_bytes_in_chunk", None)
-        discard = getattr(reader, "_bytes_to_discard", None)
-        if not isinstance(left, int) or not isinstance(discard, bytes):
-            return
-        self._lane = ChunkedDecoder(left, discard)
-        reader._bytes_in_chunk = 0  # type: ignore[attr-defined]
-        reader._bytes_to_discard = b""  # type: ignore[attr-defined]
+        """Take the chunked framing over from h11, if it is left between two chunks."""
+        taken = _fastpath.take_over_chunked(self._state)
+        if taken is not None:
+            self._lane = ChunkedDecoder(*taken)
 
     def _read_timeout(self) -> float | None:
         # Read each time: the stream moves it from the header wait to the body backstop.
@@ -313,65 +243,27 @@ class _SyncBody(_BodyState):
         raise StopIteration
 
 
-def _connection_of(
-    response: httpx.Response, internals: _Internals | None, blocking: bool
-) -> tuple[h11.Connection, Any] | None:
-    """Walk httpx's stream down to httpcore's HTTP/1.1 connection: its h11 state and socket."""
-    if not (
-        internals is not None
-        and response.http_version == "HTTP/1.1"
-        and "content-encoding" not in response.headers
-        and "trace" not in response.request.extensions
-    ):
-        return None
-    if blocking:
-        layers, connection_type = internals.sync_layers, internals.sync_connection
-    else:
-        layers, connection_type = internals.async_layers, internals.async_connection
-    stream: object = response.stream
-    attributes = ("_stream", "_httpcore_stream", "_stream", "_connection")
-    for layer, attribute in zip(layers, attributes, strict=True):
-        if type(stream) is not layer:
-            return None
-        stream = getattr(stream, attribute, None)
-    if type(stream) is not connection_type:
-        return None
-    h = internals.h11
-    state = getattr(stream, "_h11_state", None)
-    network = getattr(stream, "_network_stream", None)
-    if not isinstance(state, h.Connection) or network is None:
-        return None
-    if state.their_state is not h.SEND_BODY:
-        return None
-    return state, network
-
-
 def async_body_reader(
     response: httpx.Response, *, watched: bool = False
 ) -> AsyncIterator[bytes] | None:
     """An iterator over ``response``'s body by network read, or None if it can't be had.
 
-    ``watched=True`` says the caller enforces its own deadlines on the reads (by
-    cancelling them): each read then skips httpcore's per-read timeout scope, which
-    costs ~8 us a read, as much as parsing a chunk, when every token is its own read.
+    None when the fast path is off (see :mod:`llmstream._fastpath`) or the response is not
+    read from httpx's own HTTP/1.1 connection. ``watched=True`` says the caller enforces
+    its own deadlines on the reads (by cancelling them): each read then skips httpcore's
+    per-read timeout scope, which costs ~8 us a read, as much as parsing a chunk, when
+    every token is its own read.
 
     Example::
 
         reader = async_body_reader(response) or response.aiter_raw()
     """
-    internals = _loaded_internals()
-    found = _connection_of(response, internals, blocking=False)
-    if found is None or internals is None:
+    found = _fastpath.body_connection(response, blocking=False)
+    if found is None:
         return None
-    state, network = found
-    receive = None
-    if watched and type(network) is internals.anyio_stream:
-        raw = getattr(network, "_stream", None)
-        if isinstance(raw, anyio.abc.ByteReceiveStream):
-            receive = raw.receive
-    extensions = response.request.extensions
-    body = _AsyncBody(state, network, extensions, internals.h11, internals.chunked_reader)
-    body._receive = receive
+    body = _AsyncBody(found.state, found.network, response.request.extensions, lane=found.lane)
+    if watched:
+        body._receive = _fastpath.raw_receive(found.network)
     return body
 
 
@@ -382,11 +274,10 @@ def sync_body_reader(response: httpx.Response) -> Iterator[bytes] | None:
 
         reader = sync_body_reader(response) or response.iter_raw()
     """
-    internals = _loaded_internals()
-    found = _connection_of(response, internals, blocking=True)
-    if found is None or internals is None:
+    found = _fastpath.body_connection(response, blocking=True)
+    if found is None:
         return None
-    return _SyncBody(*found, response.request.extensions, internals.h11, internals.chunked_reader)
+    return _SyncBody(found.state, found.network, response.request.extensions, lane=found.lane)
 
 
 def aiter_body(response: httpx.Response, *, watched: bool = False) -> AsyncIterator[bytes]:
@@ -405,8 +296,41 @@ def aiter_body(response: httpx.Response, *, watched: bool = False) -> AsyncItera
     if reader is not None:
         return reader
     if "content-encoding" in response.headers:
-        return response.aiter_bytes()
-    return response.stream.__aiter__()  # type: ignore[union-attr]
+        return _HttpxBody(response.aiter_bytes())
+    return _HttpxBody(response.stream.__aiter__())  # type: ignore[union-attr]
+
+
+class _HttpxBody:
+    """httpx's own body iterator, whose ``aclose()`` may come from another task mid-read.
+
+    A stream closes its reader from whichever task stops it, perhaps while its reading
+    task is still inside the generator: closing a running async generator raises
+    RuntimeError. That read is being cancelled and ends the generator itself, and the
+    response's own ``aclose()`` releases the connection either way.
+    """
+
+    __slots__ = ("_iterator",)
+
+    def __init__(self, iterator: AsyncIterator[bytes]) -> None:
+        self._iterator = iterator
+
+    def __aiter__(self) -> _HttpxBody:
+        return self
+
+    def __anext__(self) -> Awaitable[bytes]:
+        return self._iterator.__anext__()  # no frame of ours per chunk
+
+    async def aclose(self) -> None:
+        """Close httpx's iterator, unless a read is running in it (see the class).
+
+        Example::
+
+            await reader.aclose()
+        """
+        iterator = self._iterator
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None and not getattr(iterator, "ag_running", False):
+            await aclose()
 
 
 def iter_body(response: httpx.Response) -> Iterator[bytes]:

@@ -27,7 +27,7 @@ from ._result import StreamResult
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._streaming import ChatStream
+    from ._sync_stream import ChatStream
     from .testing import FakeVLLM
 
 __all__ = ["main"]

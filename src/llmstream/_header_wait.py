@@ -13,7 +13,11 @@ then aborts the request and frees its KV cache).
 
 Only the pools llmstream makes for itself are watched this way (:func:`watch_pool`); a
 ``http_client`` or ``transport`` of the caller's own is left as it is. A connection still
-being opened is not cut: the connect timeout bounds that wait.
+being opened is not cut: the connect timeout bounds that wait. httpx builds its pools
+itself and has no public way to give them a network backend, so :func:`watch_pool`
+replaces a private attribute: that is part of the fast path (:mod:`llmstream._fastpath`),
+and with the fast path off a request waiting for its headers ends at its first-token
+deadline. Everything else here uses httpcore's public network stream interface.
 
 Example::
 
@@ -31,6 +35,8 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import httpx
+
+from . import _fastpath
 
 __all__ = ["HeaderWait", "shut_down", "waiting_for_headers", "watch_pool"]
 
@@ -152,20 +158,14 @@ def watch_pool(http: httpx.Client) -> bool:
     """Make ``http``'s own connection pools hand out watched sockets; False if none could.
 
     The default transport's pool, and those of the proxy transports httpx mounts for the
-    environment's proxy settings.
+    environment's proxy settings. This replaces a private attribute of httpx's pools, so
+    it is part of the fast path (:mod:`llmstream._fastpath`): when that is off, nothing is
+    watched (logged once), and a request waiting for its headers ends at its first-token
+    deadline instead of at the cut.
+
+    Example::
+
+        http = httpx.Client()
+        watch_pool(http)  # True: requests it sends can be cut while they wait
     """
-    transports = [getattr(http, "_transport", None)]
-    transports += list(getattr(http, "_mounts", {}).values())
-    watched = [_watch(getattr(transport, "_pool", None)) for transport in transports]
-    return any(watched)
-
-
-def _watch(pool: object) -> bool:
-    # httpx's and httpcore's internals; any change leaves the pool as it is.
-    backend = getattr(pool, "_network_backend", None)
-    if backend is None or isinstance(backend, _WatchedBackend):
-        return False
-    if not callable(getattr(backend, "connect_tcp", None)):
-        return False
-    pool._network_backend = _WatchedBackend(backend)  # type: ignore[attr-defined]
-    return True
+    return _fastpath.watch_backends(http, _WatchedBackend, _WatchedBackend)
