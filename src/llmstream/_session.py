@@ -264,14 +264,22 @@ class StreamSession:
     def end_of_body(self, now: float) -> StreamResult:
         """The body ended cleanly: the result if the stream was complete, else StreamInterrupted.
 
-        Complete means ``[DONE]`` arrived, or every choice finished (some
-        OpenAI-compatible servers send no ``[DONE]``).
+        Complete means every choice finished (some OpenAI-compatible servers send no
+        ``[DONE]``). ``[DONE]`` alone is not enough: llama-cpp-python sends it after a
+        request it dropped, with no finish reason; vLLM always finishes every choice first.
         """
         if self.error is not None:
             raise self.error
         self._decoder.close()
-        if self.done or self._assembler.all_finished:
+        if self._assembler.all_finished:
             return self.finish(now)
+        if self.done:
+            raise self.interrupted(
+                "The server sent [DONE] before every choice had a finish_reason: the answer "
+                "was cut short (llama.cpp's Python server does this when it drops a request). "
+                "exc.partial holds what arrived; retry the request to get the full answer.",
+                now,
+            )
         raise self.interrupted(
             "The server ended the stream before the answer was complete (no finish_reason "
             "and no [DONE]); the connection was probably cut by the server or a proxy. "
