@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -68,9 +68,10 @@ class AsyncChatStream(StreamBase):
         retry: RetryPolicy | None = None,
         budget: BudgetOptions | None = None,
         *,
+        headers: Mapping[str, str] | None = None,
         owns_client: bool = False,
     ) -> None:
-        super().__init__(client, body, options, timeouts, retry, budget, owns_client)
+        super().__init__(client, body, options, timeouts, retry, budget, owns_client, headers)
         self._core.on_deadline_moved = self._deadline_moved
         self._client = client
         self._attempt: Attempt | None = None
@@ -122,6 +123,25 @@ class AsyncChatStream(StreamBase):
                 # The reader never raises (its errors go through the buffer), and
                 # aclose() stopped it: leaving the group only waits for it.
                 await task_group.__aexit__(None, None, None)
+
+    def __await__(self) -> Generator[Any, None, AsyncChatStream]:
+        """``stream = await client.stream(...)``: send the request, return the open stream.
+
+        It is read when iterated (no reader task), and closes itself at the end of
+        the loop or on an error; after a ``break``, ``await stream.aclose()``.
+        ``async with`` is the form that always closes.
+
+        Example::
+
+            stream = await client.stream("Hi")
+            async for text in stream:
+                print(text, end="")
+        """
+        return self._opened().__await__()
+
+    async def _opened(self) -> AsyncChatStream:
+        await self._open()
+        return self
 
     def __aiter__(self) -> AsyncIterator[str]:
         return _AsyncItems(self, text_of)
@@ -288,7 +308,7 @@ class AsyncChatStream(StreamBase):
         attempt = self._attempt = core.begin_attempt(now())
         found = attempt.header_deadline
         wait = found[0] - now() if found is not None else None
-        request = self._client._stream_request(attempt.body, wait)
+        request = self._client._stream_request(attempt.body, wait, attempt.headers)
         try:
             with anyio.move_on_after(wait if wait is not None else math.inf) as scope:
                 self._send_scope = scope

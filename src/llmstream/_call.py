@@ -164,13 +164,29 @@ class Attempt:
         attempt.body, attempt.header_deadline
     """
 
-    __slots__ = ("body", "body_done", "header_deadline", "number", "reading", "started")
+    __slots__ = (
+        "body",
+        "body_done",
+        "header_deadline",
+        "headers",
+        "number",
+        "reading",
+        "started",
+    )
 
-    def __init__(self, number: int, body: dict[str, object], started: float) -> None:
+    def __init__(
+        self,
+        number: int,
+        body: dict[str, object],
+        started: float,
+        headers: Mapping[str, str],
+    ) -> None:
         self.number = number
         """1 for the first request of the call, 2 for the next..."""
         self.body = body
         """The JSON body to send."""
+        self.headers = headers
+        """Headers to send besides the client's (they win over the client's)."""
         self.started = started
         self.header_deadline: tuple[float, DeadlineKind] | None = None
         """When the wait for the response headers must end, and which deadline that is."""
@@ -200,8 +216,11 @@ class CallCore:
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         observer: Callable[[CallEvent], object] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.body = body
+        self.headers: Mapping[str, str] = headers or {}
+        """Headers of this call's own (``extra_headers``), sent with every attempt."""
         self.options = options
         self.timeouts = timeouts
         self.retry = retry
@@ -351,7 +370,7 @@ class CallCore:
         if self._attempts == 0:
             self._started = now
         self._attempts += 1
-        attempt = Attempt(self._attempts, self._next_body, now)
+        attempt = Attempt(self._attempts, self._next_body, now, self.headers)
         self.current = attempt
         self._read_started = now
         self._deadline_hit = None

@@ -7,14 +7,17 @@ an httpx client and differ only in how they wait for the network.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import threading
 from collections.abc import Mapping
 from types import TracebackType
+from typing import NamedTuple
 
 import anyio
 import httpx
 import tenacity
+from typing_extensions import Unpack
 
 from ._accounting import BudgetOptions, PromptCounting
 from ._async_stream import AsyncChatStream
@@ -35,6 +38,7 @@ from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
 from ._header_wait import watch_pool
 from ._http_errors import status_error
 from ._httpx_transport import HttpxAsyncTransport, HttpxSyncTransport
+from ._params import BODY_PARAMS, StreamParams, check_params
 from ._request import PromptOrMessages, build_body, build_messages
 from ._retry import RetryPolicy
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
@@ -48,6 +52,34 @@ from ._version import __version__
 _MAX_JSON_BYTES = 16 * 1024 * 1024
 
 __all__ = ["AsyncClient", "Client"]
+
+
+class _CallSpec(NamedTuple):
+    """One call's request body and settings, as ``stream()`` was asked."""
+
+    body: dict[str, object]
+    options: StreamOptions
+    timeouts: Timeouts
+    retry: RetryPolicy
+    budget: BudgetOptions
+    headers: dict[str, str]
+
+
+def _merge_headers(headers: dict[str, str], extra: Mapping[str, str]) -> None:
+    """Per-call headers win, case-insensitively (an ``authorization`` replaces the client's)."""
+    for name, value in extra.items():
+        for existing in [k for k in headers if k.lower() == name.lower()]:
+            del headers[existing]
+        headers[name] = value
+
+
+def _mapping(params: Mapping[str, object], name: str) -> Mapping[str, object]:
+    value = params.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"{name} must be a mapping, got {type(value).__name__}.")
+    return value
 
 
 class _BaseClient:
@@ -99,45 +131,59 @@ class _BaseClient:
             headers["Authorization"] = f"Bearer {self._api_key.get_secret()}"
         return headers
 
-    def _chat_body(
-        self,
-        prompt_or_messages: PromptOrMessages,
-        model: str | None,
-        max_tokens: int | None,
-        temperature: float | None,
-        extra_params: Mapping[str, object],
-    ) -> dict[str, object]:
-        return build_body(
-            build_messages(prompt_or_messages),
-            model=model,
-            max_tokens=max_tokens,
-            temperature=temperature,
+    def _call_spec(
+        self, prompt_or_messages: PromptOrMessages | None, params: Mapping[str, object]
+    ) -> _CallSpec:
+        """Check ``stream()``'s arguments and split them into the call's parts (no I/O)."""
+        check_params(params)
+        messages = params.get("messages")
+        if (prompt_or_messages is None) == (messages is None):
+            raise InvalidRequestError(
+                "Pass the prompt (or a list of messages) as the first argument, or "
+                "messages=[...], but not both."
+            )
+        chosen = prompt_or_messages if prompt_or_messages is not None else messages
+        body = build_body(
+            build_messages(chosen),  # type: ignore[arg-type]
+            params={k: v for k, v in params.items() if k in BODY_PARAMS},
             include_usage=self.include_usage,
-            extra_params=extra_params,
+            extra_body=_mapping(params, "extra_body"),
+        )
+        timeout = params.get("timeout")
+        retry = params.get("retry")
+        return _CallSpec(
+            body,
+            self._call_options(params),
+            resolve_timeout(timeout) if timeout is not None else self.timeouts,  # type: ignore[arg-type]
+            resolve_retry(retry) if retry is not None else self.retry,  # type: ignore[arg-type]
+            self._call_budget(params),
+            {str(k): str(v) for k, v in _mapping(params, "extra_headers").items()},
         )
 
-    def _call_options(
-        self,
-        buffer: int | None,
-        on_full: OnFull | None,
-        max_pause: float | None,
-        max_chunks: int | None,
-        max_bytes: int | None,
-    ) -> StreamOptions:
+    def _call_options(self, params: Mapping[str, object]) -> StreamOptions:
         base = self.options
-        if (buffer, on_full, max_pause, max_chunks, max_bytes) == (None,) * 5:
+        names = ("buffer", "on_full", "max_pause", "max_chunks", "max_bytes")
+        given = {name: params[name] for name in names if params.get(name) is not None}
+        if not given:
             return base
-        return StreamOptions(
-            buffer=base.buffer if buffer is None else buffer,
-            on_full=base.on_full if on_full is None else on_full,
-            max_pause=base.max_pause if max_pause is None else max_pause,
-            max_chunks=base.max_chunks if max_chunks is None else max_chunks,
-            max_bytes=base.max_bytes if max_bytes is None else max_bytes,
-        )
+        return dataclasses.replace(base, **given)  # type: ignore[arg-type]
 
-    def _stream_request(self, body: dict[str, object], wait: float | None) -> HTTPRequest:
+    def _call_budget(self, params: Mapping[str, object]) -> BudgetOptions:
+        base = self.budget
+        names = {"budget": "budget", "token_budget": "shared", "budget_wait": "wait"}
+        given = {
+            field: params[name] for name, field in names.items() if params.get(name) is not None
+        }
+        if params.get("count_prompt") is not None:
+            given["count_prompt"] = params["count_prompt"]
+        return dataclasses.replace(base, **given) if given else base  # type: ignore[arg-type]
+
+    def _stream_request(
+        self, body: dict[str, object], wait: float | None, extra_headers: Mapping[str, str]
+    ) -> HTTPRequest:
         """The request for one attempt; ``wait`` bounds the wait for its headers."""
         headers = self._default_headers()
+        _merge_headers(headers, extra_headers)
         headers["Accept"] = "text/event-stream"
         # identity: a compressing proxy would hold tokens back to fill its buffers.
         headers["Accept-Encoding"] = "identity"
@@ -184,21 +230,6 @@ class _BaseClient:
         # vLLM serves /tokenize beside /v1, not under it.
         root = self.base_url.removesuffix("/v1")
         return f"{root}/tokenize"
-
-    def _call_budget(
-        self,
-        budget: CallBudget | None,
-        token_budget: TokenBudget | None,
-        budget_wait: bool | None,
-        count_prompt: PromptCounting | None,
-    ) -> BudgetOptions:
-        base = self.budget
-        return BudgetOptions(
-            budget=budget if budget is not None else base.budget,
-            shared=token_budget if token_budget is not None else base.shared,
-            wait=budget_wait if budget_wait is not None else base.wait,
-            count_prompt=count_prompt if count_prompt is not None else base.count_prompt,
-        )
 
     def _first_model(self, data: object) -> str:
         self._record_models(data)
@@ -338,49 +369,38 @@ class AsyncClient(_BaseClient):
 
     def stream(
         self,
-        prompt_or_messages: PromptOrMessages,
-        *,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        buffer: int | None = None,
-        on_full: OnFull | None = None,
-        max_pause: float | None = None,
-        max_chunks: int | None = None,
-        max_bytes: int | None = None,
-        timeout: float | Timeouts | None = None,
-        retry: RetryPolicy | int | tenacity.BaseRetrying | None = None,
-        budget: CallBudget | None = None,
-        token_budget: TokenBudget | None = None,
-        budget_wait: bool | None = None,
-        count_prompt: PromptCounting | None = None,
-        **extra_params: object,
+        prompt_or_messages: PromptOrMessages | None = None,
+        /,
+        **params: Unpack[StreamParams],
     ) -> AsyncChatStream:
-        """Start a streamed chat completion; use the result with ``async with``.
+        """Start a streamed chat completion; use it with ``async with`` (or ``await`` it).
 
         ``prompt_or_messages`` is a prompt (one user message) or a list of chat
-        messages. ``extra_params`` go into the request body as they are (``n``,
-        ``stop``, ``tools``, ``seed``, vLLM's ``min_tokens``...). ``buffer``,
-        ``on_full``, ``max_pause``, ``max_chunks`` and ``max_bytes`` override
-        the client's flow-control settings for this call, ``timeout`` and
-        ``retry`` its deadlines and retry policy. Arguments are checked here,
-        before any request.
+        messages (or pass ``messages=``). The sampling parameters vLLM accepts are
+        keywords (``max_tokens``, ``temperature``, ``stop``, ``tools``, ``seed``,
+        ``logprobs``, ``response_format``, vLLM's ``top_k``, ``min_tokens``...; see
+        :class:`~llmstream.SamplingParams`); anything else the server understands goes
+        in ``extra_body``, per-call headers in ``extra_headers``. ``buffer``, ``on_full``,
+        ``max_pause``, ``max_chunks``, ``max_bytes``, ``timeout``, ``retry`` and the budget
+        settings override the client's for this call. Arguments are checked here,
+        before any request: an unknown keyword raises
+        :class:`~llmstream.InvalidRequestError` naming the closest one.
 
         Example::
 
-            async with client.stream([{"role": "user", "content": "Hi"}], temperature=0) as s:
+            async with client.stream("Hi", temperature=0, extra_body={"top_k": 20}) as s:
                 async for text in s:
                     print(text, end="")
         """
-        body = self._chat_body(prompt_or_messages, model, max_tokens, temperature, extra_params)
-        options = self._call_options(buffer, on_full, max_pause, max_chunks, max_bytes)
+        spec = self._call_spec(prompt_or_messages, params)
         return AsyncChatStream(
             self,
-            body,
-            options,
-            resolve_timeout(timeout) if timeout is not None else self.timeouts,
-            resolve_retry(retry) if retry is not None else self.retry,
-            self._call_budget(budget, token_budget, budget_wait, count_prompt),
+            spec.body,
+            spec.options,
+            spec.timeouts,
+            spec.retry,
+            spec.budget,
+            headers=spec.headers,
         )
 
     async def models(self) -> list[str]:
@@ -536,25 +556,13 @@ class Client(_BaseClient):
 
     def stream(
         self,
-        prompt_or_messages: PromptOrMessages,
-        *,
-        model: str | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        buffer: int | None = None,
-        on_full: OnFull | None = None,
-        max_pause: float | None = None,
-        max_chunks: int | None = None,
-        max_bytes: int | None = None,
-        timeout: float | Timeouts | None = None,
-        retry: RetryPolicy | int | tenacity.BaseRetrying | None = None,
-        budget: CallBudget | None = None,
-        token_budget: TokenBudget | None = None,
-        budget_wait: bool | None = None,
-        count_prompt: PromptCounting | None = None,
-        **extra_params: object,
+        prompt_or_messages: PromptOrMessages | None = None,
+        /,
+        **params: Unpack[StreamParams],
     ) -> ChatStream:
-        """Start a streamed chat completion; use the result with ``with``.
+        """Start a streamed chat completion; use it with ``with``.
+
+        The same arguments as :meth:`AsyncClient.stream`.
 
         Example::
 
@@ -562,15 +570,15 @@ class Client(_BaseClient):
                 for text in stream:
                     print(text, end="")
         """
-        body = self._chat_body(prompt_or_messages, model, max_tokens, temperature, extra_params)
-        options = self._call_options(buffer, on_full, max_pause, max_chunks, max_bytes)
+        spec = self._call_spec(prompt_or_messages, params)
         return ChatStream(
             self,
-            body,
-            options,
-            resolve_timeout(timeout) if timeout is not None else self.timeouts,
-            resolve_retry(retry) if retry is not None else self.retry,
-            self._call_budget(budget, token_budget, budget_wait, count_prompt),
+            spec.body,
+            spec.options,
+            spec.timeouts,
+            spec.retry,
+            spec.budget,
+            headers=spec.headers,
         )
 
     def models(self) -> list[str]:

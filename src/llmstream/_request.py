@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Literal, Union, cast
 
@@ -254,49 +255,60 @@ def _check_message(i: int, message: object) -> None:
 def build_body(
     messages: list[Message],
     *,
-    model: str | None,
-    max_tokens: int | None,
-    temperature: float | None,
+    params: Mapping[str, object],
     include_usage: bool,
-    extra_params: Mapping[str, object],
+    extra_body: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     """The JSON body of a streaming chat completion request.
 
-    ``stream_options.include_usage`` is asked for by default so results carry
-    the server's exact token counts; a caller's own ``stream_options`` wins.
+    ``params`` are the typed sampling parameters (``model``, ``max_tokens``...), and
+    ``extra_body`` is merged in last, as openai-python does. ``stream_options.include_usage``
+    is asked for by default so results carry the server's exact token counts; a caller's
+    own ``stream_options`` keeps its other fields (``continuous_usage_stats``...). A value
+    that cannot be sent as JSON is refused here, before anything is sent.
 
     Example::
 
-        build_body(build_messages("Hi"), model="m", max_tokens=16, temperature=None,
-                   include_usage=True, extra_params={})
+        build_body(build_messages("Hi"), params={"model": "m", "max_tokens": 16},
+                   include_usage=True)
     """
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-    ):
-        raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}.")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = params.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}.")
+    temperature = params.get("temperature")
     if temperature is not None and (
         isinstance(temperature, bool)
         or not isinstance(temperature, int | float)
         or not temperature >= 0
     ):
         raise InvalidRequestError(f"temperature must be a number >= 0, got {temperature!r}.")
-    reserved = _RESERVED.intersection(extra_params)
+    extra = dict(extra_body or {})
+    reserved = _RESERVED.intersection(extra)
     if reserved:
         raise InvalidRequestError(
-            f"{', '.join(sorted(reserved))} cannot be passed as extra parameters: "
-            "the client sets them (pass messages as the first argument)."
+            f"{', '.join(sorted(reserved))} cannot be passed in extra_body: the client sets "
+            "them (pass messages as the first argument, or messages=...)."
         )
     body: dict[str, object] = {"messages": messages}
-    if model is not None:
-        body["model"] = model
+    body.update((k, v) for k, v in params.items() if v is not None)
     body["stream"] = True
-    if max_tokens is not None:
-        body["max_tokens"] = max_tokens
-    if temperature is not None:
-        body["temperature"] = temperature
+    body.update(extra)
+    options = body.get("stream_options")
     if include_usage:
-        body["stream_options"] = {"include_usage": True}
-    body.update(extra_params)
+        if options is None:
+            body["stream_options"] = {"include_usage": True}
+        elif isinstance(options, Mapping) and "include_usage" not in options:
+            body["stream_options"] = {**options, "include_usage": True}
+    try:
+        json.dumps(body)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(
+            f"The request cannot be sent as JSON: {exc}. Pass plain JSON values (str, int, "
+            "float, bool, None, lists and dicts of them)."
+        ) from None
     return body
 
 

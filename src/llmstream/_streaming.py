@@ -18,6 +18,7 @@ to the pool. vLLM sees the disconnect and aborts the request, freeing its KV cac
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ._accounting import BudgetOptions
@@ -67,6 +68,7 @@ class StreamBase:
         retry: RetryPolicy | None,
         budget: BudgetOptions | None,
         owns_client: bool,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self._core = CallCore(
             body,
@@ -76,6 +78,7 @@ class StreamBase:
             budget,
             max_line_bytes=client._max_line_bytes,
             max_event_bytes=client._max_event_bytes,
+            headers=headers,
         )
         self._owns_client = owns_client
         self._entered = False

@@ -14,7 +14,7 @@ stops the stream all reach it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
@@ -63,9 +63,10 @@ class ChatStream(StreamBase):
         retry: RetryPolicy | None = None,
         budget: BudgetOptions | None = None,
         *,
+        headers: Mapping[str, str] | None = None,
         owns_client: bool = False,
     ) -> None:
-        super().__init__(client, body, options, timeouts, retry, budget, owns_client)
+        super().__init__(client, body, options, timeouts, retry, budget, owns_client, headers)
         self._client = client
         self._attempt: Attempt | None = None
         self._response: SyncResponse | None = None
@@ -257,7 +258,9 @@ class ChatStream(StreamBase):
         with self._lock:
             attempt = self._attempt = core.begin_attempt(now())
         found = attempt.header_deadline
-        request = client._stream_request(attempt.body, found[0] - now() if found else None)
+        request = client._stream_request(
+            attempt.body, found[0] - now() if found else None, attempt.headers
+        )
         self._header_wait = wait = HeaderWait()
         if core.stopped is not None:
             wait.cut()  # stopped before the wait was there to be cut

@@ -1,0 +1,148 @@
+"""The keyword arguments of ``client.stream()``: typed, checked, and split by where they go.
+
+Sampling parameters vLLM accepts go into the JSON body; ``extra_body`` carries anything
+else the server understands, ``extra_headers`` per-call headers (as openai-python's
+arguments of the same names do); the rest configure the call itself (flow control,
+deadlines, retries, budgets). A keyword that is none of these is refused before anything
+is sent, with the closest name: a typo such as ``max_token=5`` would otherwise reach vLLM
+as an unknown field, which it ignores.
+
+Example::
+
+    client.stream("Hi", max_tokens=64, stop=["\\n\\n"], extra_body={"top_k": 20})
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import tenacity
+from typing_extensions import TypedDict
+
+from ._accounting import PromptCounting
+from ._budget import CallBudget
+from ._deadlines import Timeouts
+from ._errors import InvalidRequestError
+from ._flow import OnFull
+from ._request import Message
+from ._retry import RetryPolicy
+from ._token_budget import TokenBudget
+
+__all__ = [
+    "BODY_PARAMS",
+    "CALL_OPTIONS",
+    "SamplingParams",
+    "StreamParams",
+    "check_params",
+]
+
+JSONObject = Mapping[str, object]
+
+
+class SamplingParams(TypedDict, total=False):
+    """What the model is asked to do: the body fields vLLM's chat endpoint accepts.
+
+    OpenAI's sampling parameters and the vLLM extensions most used with it; anything
+    else goes in ``extra_body``.
+
+    Example::
+
+        client.stream("Hi", temperature=0.2, top_p=0.9, seed=7, stop=["END"])
+    """
+
+    model: str
+    max_tokens: int
+    max_completion_tokens: int
+    temperature: float
+    top_p: float
+    n: int
+    stop: str | Sequence[str]
+    seed: int
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: Mapping[str, float]
+    logprobs: bool
+    top_logprobs: int
+    tools: Sequence[JSONObject]
+    tool_choice: str | JSONObject
+    parallel_tool_calls: bool
+    response_format: JSONObject
+    reasoning_effort: Literal["low", "medium", "high"]
+    user: str
+    stream_options: JSONObject
+    # vLLM's own sampling parameters.
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    min_tokens: int
+    stop_token_ids: Sequence[int]
+    ignore_eos: bool
+    chat_template_kwargs: JSONObject
+    add_generation_prompt: bool
+    continue_final_message: bool
+    priority: int
+
+
+class StreamParams(SamplingParams, total=False):
+    """Every keyword of ``client.stream()`` after the prompt.
+
+    Besides the sampling parameters: ``messages`` (instead of the positional prompt),
+    ``extra_body`` (merged into the JSON body), ``extra_headers`` (sent with this call;
+    an ``Authorization`` here replaces the client's for this call only), and the call's
+    own settings, which override the client's for this call.
+
+    Example::
+
+        client.stream(messages=[{"role": "user", "content": "Hi"}], max_tokens=32,
+                      extra_body={"top_k": 20}, extra_headers={"X-Session-ID": "abc"},
+                      timeout=llmstream.Timeouts(total=30))
+    """
+
+    messages: Sequence[Message]
+    extra_body: JSONObject
+    extra_headers: Mapping[str, str]
+    buffer: int
+    on_full: OnFull
+    max_pause: float
+    max_chunks: int
+    max_bytes: int
+    timeout: float | Timeouts
+    retry: RetryPolicy | int | tenacity.BaseRetrying
+    budget: CallBudget
+    token_budget: TokenBudget
+    budget_wait: bool
+    count_prompt: PromptCounting
+
+
+BODY_PARAMS = frozenset(SamplingParams.__annotations__)
+"""Keywords that become body fields."""
+CALL_OPTIONS = frozenset(StreamParams.__annotations__) - BODY_PARAMS
+"""Keywords that configure the call (and ``messages``, ``extra_body``, ``extra_headers``)."""
+_KNOWN = BODY_PARAMS | CALL_OPTIONS
+
+
+def check_params(params: Mapping[str, object]) -> None:
+    """Refuse keywords ``stream()`` does not take, naming the closest one.
+
+    Example::
+
+        check_params({"max_token": 5})  # InvalidRequestError: ... did you mean max_tokens?
+    """
+    if "stream" in params:
+        raise InvalidRequestError(
+            "stream cannot be passed: the client sets it (stream=True is what it is for)."
+        )
+    unknown = sorted(set(params) - _KNOWN)
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(_KNOWN), n=1)
+        hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    raise InvalidRequestError(
+        f"stream() got unknown keyword argument(s): {', '.join(hints)}. Pass other body "
+        'fields the server accepts in extra_body={...}, e.g. extra_body={"top_k": 20}; '
+        "per-call headers in extra_headers={...}."
+    )
