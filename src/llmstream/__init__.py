@@ -11,8 +11,6 @@ Example::
     print(stream.result.metrics)
 """
 
-import contextlib
-
 from ._accounting import PromptCounting
 from ._budget import (
     BudgetExceeded,
@@ -144,11 +142,3 @@ __all__ = [
     "stream_llm_request_sync",
     "__version__",
 ]
-
-# Public names report the package, not the private module they live in.
-for _name in __all__:
-    _obj = globals()[_name]
-    if hasattr(_obj, "__module__") and getattr(_obj, "__module__", "").startswith("llmstream._"):
-        with contextlib.suppress(AttributeError, TypeError):
-            _obj.__module__ = "llmstream"
-del _name, _obj

@@ -33,10 +33,9 @@ Errors raised once a stream has started carry ``partial``: the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ._result import StreamResult
+# At run time, not only for type checkers: typing.get_type_hints() on the errors (and
+# pydantic, through it) resolves `partial: StreamResult` in this module's namespace.
+from ._result import StreamResult
 
 __all__ = [
     "APIConnectionError",

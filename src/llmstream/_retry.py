@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import tenacity
+from pydantic import ConfigDict
 
 from ._errors import (
     APIConnectionError,
@@ -64,6 +65,10 @@ class RetryEvent:
         def on_retry(event: llmstream.RetryEvent) -> None:
             print(f"{event.kind} #{event.attempt} in {event.delay:.2f}s: {event.error}")
     """
+
+    # pydantic (TypeAdapter(RetryEvent), or a model with a RetryEvent field) has no schema
+    # for an exception: it checks `error` with isinstance.
+    __pydantic_config__ = ConfigDict(arbitrary_types_allowed=True)
 
     kind: Literal["retry", "resume"]
     attempt: int
