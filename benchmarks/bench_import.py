@@ -28,7 +28,7 @@ TARGET_MS = 150.0
 
 # llmstream's runtime dependencies, imported as llmstream uses them (pydantic's models are
 # behind a lazy attribute): what `import llmstream` cannot cost less than on a machine.
-DEPENDENCIES = "import httpx, httpx_sse, anyio, tenacity, pydantic; pydantic.BaseModel"
+DEPENDENCIES = "import httpx, anyio, tenacity, pydantic; pydantic.BaseModel"
 
 
 def import_times(module: str) -> tuple[float, dict[str, float]]:

@@ -266,6 +266,7 @@ PUBLIC_NAMES = [
     "RetryEvent",
     "RetryPolicy",
     "SSEDecoder",
+    "ServerSentEvent",
     "ServerStreamError",
     "StreamAborted",
     "StreamInterrupted",

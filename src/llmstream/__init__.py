@@ -73,7 +73,7 @@ from ._result import (
     ToolCall,
 )
 from ._retry import RetryEvent, RetryPolicy
-from ._sse import SSEDecoder
+from ._sse import ServerSentEvent, SSEDecoder
 from ._streaming import AsyncChatStream, ChatStream
 from ._version import __version__
 
@@ -118,6 +118,7 @@ __all__ = [
     "RetryEvent",
     "RetryPolicy",
     "SSEDecoder",
+    "ServerSentEvent",
     "ServerStreamError",
     "StreamAborted",
     "StreamInterrupted",
