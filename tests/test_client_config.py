@@ -236,6 +236,7 @@ PUBLIC_NAMES = [
     "BudgetExceeded",
     "BufferOverflow",
     "CallBudget",
+    "CallRetries",
     "ChatCompletionChunk",
     "ChatStream",
     "ChoiceResult",

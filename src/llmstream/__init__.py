@@ -72,7 +72,7 @@ from ._result import (
     TokenReport,
     ToolCall,
 )
-from ._retry import RetryEvent, RetryPolicy
+from ._retry import CallRetries, RetryEvent, RetryPolicy
 from ._sse import ServerSentEvent, SSEDecoder
 from ._streaming import AsyncChatStream, ChatStream
 from ._version import __version__
@@ -88,6 +88,7 @@ __all__ = [
     "BudgetExceeded",
     "BufferOverflow",
     "CallBudget",
+    "CallRetries",
     "ChatCompletionChunk",
     "ChatStream",
     "ChoiceResult",
