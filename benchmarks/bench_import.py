@@ -40,8 +40,7 @@ TARGET_MS = 150.0
 # its plugin loader and with it importlib.metadata) only when the first model class is
 # built, ~40 ms here, so the floor builds one; without it that cost looks like llmstream's.
 DEPENDENCIES = (
-    "import httpx, httpx_sse, anyio, tenacity, pydantic\n"
-    "class Floor(pydantic.BaseModel):\n    x: int = 0"
+    "import httpx, anyio, tenacity, pydantic\nclass Floor(pydantic.BaseModel):\n    x: int = 0"
 )
 
 # One first request in a fresh process; prints JSON seconds. argv[1]: "emulator" or

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
 import logging
+import typing
 from typing import Any
 
 import anyio
 import httpx
+import pydantic
 import pytest
 import respx
 
@@ -220,10 +224,110 @@ def test_result_before_the_end_is_an_error_and_snapshot_is_not() -> None:
     assert stream.snapshot().text == ""
 
 
-def test_public_names_are_exported() -> None:
-    for name in llmstream.__all__:
-        assert getattr(llmstream, name) is not None
-    assert llmstream.AsyncClient.__module__ == "llmstream"
+# Every public name, written out: adding or removing one is a decision this test records.
+PUBLIC_NAMES = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AssistantMessage",
+    "AsyncChatStream",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "BudgetExceeded",
+    "BufferOverflow",
+    "CallBudget",
+    "CallRetries",
+    "ChatCompletionChunk",
+    "ChatStream",
+    "ChoiceResult",
+    "ChunkChoice",
+    "ChunkDelta",
+    "Client",
+    "CompletionTokensDetails",
+    "ConnectTimeout",
+    "FirstTokenTimeout",
+    "FunctionCall",
+    "FunctionCallDelta",
+    "IdleTimeout",
+    "InternalServerError",
+    "InvalidRequestError",
+    "LLMStreamError",
+    "LatencySummary",
+    "Message",
+    "NotFoundError",
+    "OnFull",
+    "PauseTimeout",
+    "PermissionDeniedError",
+    "PromptCounting",
+    "PromptOrMessages",
+    "PromptTokensDetails",
+    "ProtocolError",
+    "RateLimitError",
+    "Reservation",
+    "RetryEvent",
+    "RetryPolicy",
+    "SSEDecoder",
+    "SamplingParams",
+    "ServerSentEvent",
+    "ServerStreamError",
+    "StreamAborted",
+    "StreamInterrupted",
+    "StreamLimitExceeded",
+    "StreamMetrics",
+    "StreamOptions",
+    "StreamParams",
+    "StreamResult",
+    "StreamStatus",
+    "StreamTimeout",
+    "SystemMessage",
+    "Timeouts",
+    "TokenBudget",
+    "TokenCounter",
+    "TokenReport",
+    "ToolArgumentsError",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolMessage",
+    "TotalTimeout",
+    "UnprocessableEntityError",
+    "Usage",
+    "UserMessage",
+    "counter_from_text_tokenizer",
+    "estimate_prompt_tokens",
+    "stream_llm_request",
+    "stream_llm_request_sync",
+    "__version__",
+]
+
+
+def test_public_names_are_exactly_these() -> None:
+    assert sorted(set(llmstream.__all__)) == sorted(PUBLIC_NAMES)
+    assert len(llmstream.__all__) == len(set(llmstream.__all__))
+    for name in PUBLIC_NAMES:
+        getattr(llmstream, name)  # exported, not only listed
+
+
+PUBLIC_CLASSES = [
+    getattr(llmstream, name) for name in PUBLIC_NAMES if inspect.isclass(getattr(llmstream, name))
+]
+
+
+@pytest.mark.parametrize("cls", PUBLIC_CLASSES, ids=lambda cls: cls.__name__)
+def test_type_hints_of_public_classes_resolve(cls: type) -> None:
+    # get_type_hints looks names up in sys.modules[cls.__module__]: the module that
+    # defines the class must be the one that says so.
+    typing.get_type_hints(cls)
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [cls for cls in PUBLIC_CLASSES if dataclasses.is_dataclass(cls)],
+    ids=lambda c: c.__name__,
+)
+def test_pydantic_validates_public_dataclasses(cls: type) -> None:
+    # The schema itself, not a placeholder: newer pydantic defers what it cannot resolve.
+    assert pydantic.TypeAdapter(cls).core_schema["type"]
 
 
 @pytest.mark.anyio

@@ -6,6 +6,7 @@ between tokens, like vLLM's, and records when each client went away.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -368,3 +369,23 @@ async def test_cancelled_while_reading_an_error_body_releases_the_request(
                         pass
             assert scope.cancelled_caught
         assert client._requests_in_flight == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("entered", [True, False], ids=["async-with", "iterated"])
+async def test_cancel_shuts_the_socket_down_before_anything_is_awaited(
+    fake: FakeVLLM, server: FakeServer, entered: bool
+) -> None:
+    async with llmstream.AsyncClient(server.base_url) as client:
+        stream = client.stream("Hi")
+        async with contextlib.AsyncExitStack() as stack:
+            if entered:
+                await stack.enter_async_context(stream)
+            async for _ in stream:
+                t0 = time.perf_counter()
+                stream.cancel()
+                # Blocks the event loop: the close must not need another task to run.
+                assert _seen_after(fake, t0) < LIMIT
+                break
+        await stream.aclose()
+        assert stream.result.status == "cancelled"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmstream import ProtocolError, SSEDecoder
+from llmstream import ProtocolError, ServerSentEvent, SSEDecoder
 
 from .conftest import DATA
 
@@ -147,3 +149,20 @@ def test_an_error_sticks_whatever_is_fed_next() -> None:
     for after in (b"data: a\n\n", b"data: a\r\n\r\n"):
         with pytest.raises(ProtocolError, match="larger than 8 bytes"):
             decoder.feed(after)
+
+
+def test_feed_returns_events_with_httpx_sse_fields_and_json() -> None:
+    decoder = SSEDecoder()
+    event = decoder.feed(b'event: note\nid: 7\nretry: 30\ndata: {"a": [1]}\n\n')[0]
+    assert isinstance(event, ServerSentEvent)
+    assert (event.event, event.data, event.id, event.retry) == ("note", '{"a": [1]}', "7", 30)
+    assert event.json() == {"a": [1]}
+    assert ServerSentEvent() == ServerSentEvent("message", "", "", None)
+
+
+def test_importing_llmstream_does_not_import_httpx_sse() -> None:
+    # httpx-sse is the benchmarks' comparison, not a dependency: the decoder is ours.
+    code = "import sys, llmstream; llmstream.SSEDecoder().feed(b'data: x\\n\\n'); "
+    code += "print('httpx_sse' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -11,8 +11,6 @@ Example::
     print(stream.result.metrics)
 """
 
-import contextlib
-
 from ._accounting import PromptCounting
 from ._async_stream import AsyncChatStream
 from ._budget import CallBudget
@@ -58,6 +56,7 @@ from ._errors import (
 )
 from ._flow import OnFull, StreamOptions
 from ._oneshot import stream_llm_request, stream_llm_request_sync
+from ._params import SamplingParams, StreamParams
 from ._prompt_count import TokenCounter, counter_from_text_tokenizer, estimate_prompt_tokens
 from ._request import (
     AssistantMessage,
@@ -77,8 +76,8 @@ from ._result import (
     TokenReport,
     ToolCall,
 )
-from ._retry import RetryEvent, RetryPolicy
-from ._sse import SSEDecoder
+from ._retry import CallRetries, RetryEvent, RetryPolicy
+from ._sse import ServerSentEvent, SSEDecoder
 from ._sync_stream import ChatStream
 from ._token_budget import Reservation, TokenBudget
 from ._version import __version__
@@ -95,6 +94,7 @@ __all__ = [
     "BudgetExceeded",
     "BufferOverflow",
     "CallBudget",
+    "CallRetries",
     "ChatCompletionChunk",
     "ChatStream",
     "ChoiceResult",
@@ -124,13 +124,16 @@ __all__ = [
     "Reservation",
     "RetryEvent",
     "RetryPolicy",
+    "SamplingParams",
     "SSEDecoder",
+    "ServerSentEvent",
     "ServerStreamError",
     "StreamAborted",
     "StreamInterrupted",
     "StreamLimitExceeded",
     "StreamMetrics",
     "StreamOptions",
+    "StreamParams",
     "StreamResult",
     "StreamStatus",
     "StreamTimeout",
@@ -153,11 +156,3 @@ __all__ = [
     "stream_llm_request_sync",
     "__version__",
 ]
-
-# Public names report the package, not the private module they live in.
-for _name in __all__:
-    _obj = globals()[_name]
-    if hasattr(_obj, "__module__") and getattr(_obj, "__module__", "").startswith("llmstream._"):
-        with contextlib.suppress(AttributeError, TypeError):
-            _obj.__module__ = "llmstream"
-del _name, _obj

@@ -35,10 +35,7 @@ Errors raised once a stream has started carry ``partial``: the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from ._result import StreamResult
+from typing import Literal
 
 __all__ = [
     "APIConnectionError",
@@ -467,3 +464,9 @@ class ToolArgumentsError(LLMStreamError, ValueError):
         super().__init__(message)
         self.name = name
         self.arguments = arguments
+
+
+# At run time, not only for type checkers: typing.get_type_hints() on the errors (and
+# pydantic, through it) resolves `partial: StreamResult` in this module's namespace. Last,
+# because _result imports ToolArgumentsError from here.
+from ._result import StreamResult  # noqa: E402

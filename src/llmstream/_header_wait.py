@@ -111,10 +111,17 @@ def shut_down(stream: object) -> bool:
     """
     get_extra_info = getattr(stream, "get_extra_info", None)
     sock = get_extra_info("socket") if get_extra_info is not None else None
-    if not isinstance(sock, socket.socket):
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return True
+    if sock is None or not hasattr(sock, "fileno"):
         return False
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+    # The socket under an event loop's transport (asyncio's TransportSocket, uvloop's
+    # PseudoSocket, a trio socket). uvloop refuses shutdown() on it, so the shutdown is
+    # done on a duplicate of the descriptor: it acts on the connection, not the descriptor.
+    with contextlib.suppress(OSError), socket.fromfd(sock.fileno(), sock.family, sock.type) as dup:
+        dup.shutdown(socket.SHUT_RDWR)
     return True
 
 

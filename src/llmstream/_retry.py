@@ -1,17 +1,25 @@
 """Retry decisions (sans-IO): which failures to retry, how long to wait, when to stop.
 
-Built on tenacity's strategies: the default wait is
-``tenacity.wait_random_exponential`` (exponential backoff with full jitter) and
-the default stop ``tenacity.stop_after_attempt``; a caller may pass any tenacity
-``stop``/``wait``/``retry`` strategy, or a whole ``tenacity.Retrying`` to take them
-from. What is never retried, whatever the strategy says: 400/401/403/404/422,
-protocol violations, limits the caller set, and (unless resume is on) a stream
-that already delivered text.
+Built on tenacity: the default wait is ``tenacity.wait_random_exponential``
+(exponential backoff with full jitter) and the default stop
+``tenacity.stop_after_attempt``; a caller may pass any tenacity
+``stop``/``wait``/``retry``/``before_sleep`` strategy, or a whole
+``tenacity.Retrying`` to take them from. A call keeps one
+``tenacity.RetryCallState`` for all its attempts (:class:`CallRetries`), updated
+with each outcome as tenacity's own loop does, so the strategies see the real
+attempt number, start time, time slept and last error. What is never retried,
+whatever the strategy says: 400/401/403/404/422, protocol violations, limits the
+caller set, and (unless resume is on) a stream that already delivered text.
+
+tenacity decides; llmstream waits. The wait itself is not tenacity's ``sleep``:
+it runs on the stream's own clock, so that ``cancel()``, closing and the
+deadlines end it at once.
 """
 
 from __future__ import annotations
 
 import email.utils
+import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -19,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import tenacity
+from pydantic import ConfigDict
 
 from ._errors import (
     APIConnectionError,
@@ -31,6 +40,7 @@ from ._errors import (
 )
 
 __all__ = [
+    "CallRetries",
     "DEFAULT_RETRY_STATUSES",
     "NEVER_RETRY_STATUSES",
     "RetryEvent",
@@ -47,6 +57,8 @@ WaitStrategy = Callable[[tenacity.RetryCallState], float]
 """A tenacity wait strategy, e.g. ``tenacity.wait_random_exponential(max=8)``."""
 RetryPredicate = Callable[[tenacity.RetryCallState], bool]
 """A tenacity retry predicate, e.g. ``tenacity.retry_if_exception_type(...)``."""
+SleepHook = Callable[[tenacity.RetryCallState], object]
+"""A tenacity ``before_sleep`` hook, e.g. ``tenacity.before_sleep_log(logger, logging.INFO)``."""
 
 DEFAULT_RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 NEVER_RETRY_STATUSES = frozenset({400, 401, 403, 404, 422})
@@ -64,6 +76,10 @@ class RetryEvent:
         def on_retry(event: llmstream.RetryEvent) -> None:
             print(f"{event.kind} #{event.attempt} in {event.delay:.2f}s: {event.error}")
     """
+
+    # pydantic (TypeAdapter(RetryEvent), or a model with a RetryEvent field) has no schema
+    # for an exception: it checks `error` with isinstance.
+    __pydantic_config__ = ConfigDict(arbitrary_types_allowed=True)
 
     kind: Literal["retry", "resume"]
     attempt: int
@@ -89,9 +105,10 @@ class RetryPolicy:
     request that sends the partial answer with vLLM's
     ``continue_final_message`` (at most ``max_resumes`` times); the consumer
     sees every character exactly once. ``stop``, ``wait`` and ``retry`` take
-    tenacity strategies in place of the defaults; ``on_retry`` is called
-    before each retry or resume (each is also logged on the ``llmstream``
-    logger at INFO).
+    tenacity strategies in place of the defaults; ``before_sleep`` is called
+    with the call's ``tenacity.RetryCallState`` before each wait, as tenacity
+    calls it; ``on_retry`` is called before each retry or resume (each is also
+    logged on the ``llmstream`` logger at INFO).
 
     Example::
 
@@ -113,6 +130,7 @@ class RetryPolicy:
     wait: WaitStrategy | None = None
     retry: RetryPredicate | None = None
     on_retry: Callable[[RetryEvent], object] | None = field(default=None, compare=False)
+    before_sleep: SleepHook | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
@@ -125,12 +143,25 @@ class RetryPolicy:
 
     @classmethod
     def from_tenacity(cls, retrying: tenacity.BaseRetrying, **options: object) -> RetryPolicy:
-        """Take ``stop``, ``wait`` and ``retry`` from a tenacity ``Retrying``/``AsyncRetrying``.
+        """Take ``stop``, ``wait``, ``retry`` and ``before_sleep`` from a tenacity ``Retrying``.
+
+        ``reraise`` may be either value: llmstream raises the call's last error
+        when it stops retrying, never a ``tenacity.RetryError``, which is what
+        ``reraise=True`` does. A custom ``sleep``, ``before``, ``after``,
+        ``retry_error_callback`` or ``retry_error_cls``, or an async strategy,
+        is refused with :class:`~llmstream.InvalidRequestError` saying why,
+        rather than ignored.
 
         Example::
 
             RetryPolicy.from_tenacity(tenacity.Retrying(stop=tenacity.stop_after_attempt(5)))
         """
+        refused = _unsupported(retrying)
+        if refused:
+            raise InvalidRequestError(
+                "RetryPolicy.from_tenacity cannot use this tenacity "
+                f"{type(retrying).__name__}: " + "; ".join(refused) + "."
+            )
         # tenacity's default predicate retries on any exception; ours is narrower.
         predicate = retrying.retry
         default = isinstance(predicate, tenacity.retry_if_exception_type) and getattr(
@@ -140,8 +171,22 @@ class RetryPolicy:
             stop=retrying.stop,
             wait=retrying.wait,
             retry=None if default else retrying.retry,
+            before_sleep=retrying.before_sleep,
             **options,  # type: ignore[arg-type]
         )
+
+    def start_call(self, started: float, *, deadline: float | None = None) -> CallRetries:
+        """The retry state of one call that starts at ``started`` (any clock, used throughout).
+
+        ``deadline`` is when the whole call must end, on the same clock: a
+        wait that would reach it is not started.
+
+        Example::
+
+            retries = policy.start_call(time.monotonic())
+            delay = retries.retry_delay(error, time.monotonic())  # None: give up
+        """
+        return CallRetries(self, started, deadline)
 
     def retryable(self, error: LLMStreamError) -> bool:
         """Whether ``error`` is of a kind that may succeed on another try.
@@ -165,19 +210,16 @@ class RetryPolicy:
     ) -> float | None:
         """Seconds to wait before attempt number ``attempt`` (2, 3...), or None: do not retry.
 
+        One decision on its own; :meth:`start_call` keeps the state of a whole
+        call instead (the time already slept, the outcome of every attempt).
+
         Example::
 
             RetryPolicy().delay_before(2, error, started=0.0, now=1.0)  # e.g. 0.31
         """
-        if not self.retryable(error):
-            return None
-        state = _call_state(attempt - 1, error, started=started, now=now)
-        if self.retry is not None and not self.retry(state):
-            return None
-        stop = self.stop or tenacity.stop_after_attempt(self.max_retries + 1)
-        if stop(state):
-            return None
-        return self._wait(state, error)
+        retries = self.start_call(started)
+        retries.state.attempt_number = max(attempt - 1, 1)
+        return retries.retry_delay(error, now)
 
     def resume_delay(
         self, resume: int, error: LLMStreamError, *, started: float, now: float
@@ -186,15 +228,19 @@ class RetryPolicy:
 
         Resumes are counted by ``max_resumes``, not by ``stop``; the ``retry``
         predicate and a server's ``Retry-After`` apply as they do to retries.
+        The caller checks ``resume``, ``max_resumes`` and :meth:`retryable`
+        (:meth:`CallRetries.resume_delay` checks them itself).
 
         Example::
 
             RetryPolicy(resume=True).resume_delay(1, error, started=0.0, now=0.0)
         """
-        state = _call_state(resume, error, started=started, now=now)
+        retries = self.start_call(started)
+        retries.state.attempt_number = max(resume, 1)
+        state = retries._record(error, now)
         if self.retry is not None and not self.retry(state):
             return None
-        return self._wait(state, error)
+        return retries._plan_wait(error, now, stop=None)
 
     def _wait(self, state: tenacity.RetryCallState, error: LLMStreamError) -> float | None:
         """The server's Retry-After (None above the cap), else the wait strategy."""
@@ -206,6 +252,9 @@ class RetryPolicy:
             multiplier=self.initial_backoff, max=self.max_backoff
         )
         return float(wait(state))
+
+    def _stop(self) -> StopStrategy:
+        return self.stop or tenacity.stop_after_attempt(self.max_retries + 1)
 
     def announce(self, event: RetryEvent) -> None:
         """Log the retry and call the ``on_retry`` hook."""
@@ -221,16 +270,170 @@ class RetryPolicy:
             self.on_retry(event)
 
 
-def _call_state(
-    attempts_done: int, error: BaseException, *, started: float, now: float
-) -> tenacity.RetryCallState:
-    """A tenacity call state, so its stop/wait/retry strategies can judge our attempts."""
-    state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
-    state.attempt_number = max(attempts_done, 1)
-    state.start_time = started
-    state.set_exception((type(error), error, None))
-    state.outcome_timestamp = now
-    return state
+class CallRetries:
+    """The retries of one call: one ``tenacity.RetryCallState`` across all its attempts.
+
+    Each failed attempt is recorded as tenacity's own loop records it (the
+    attempt number, the outcome and when it came, the time slept so far), so
+    ``stop_after_delay``, ``stop_after_attempt``, ``wait_exponential`` and any
+    custom strategy judge the call as it really went. Sans-IO: it is given
+    timestamps and returns delays; the caller waits. Made by
+    :meth:`RetryPolicy.start_call`.
+
+    Example::
+
+        retries = policy.start_call(started=now())
+        delay = retries.retry_delay(error, now())  # seconds to wait, or None: give up
+        retries.state.attempt_number  # 1: the attempt that failed
+    """
+
+    __slots__ = ("_deadline", "_policy", "resumes", "state")
+
+    def __init__(self, policy: RetryPolicy, started: float, deadline: float | None = None) -> None:
+        self._policy = policy
+        self._deadline = deadline
+        self.state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+        """tenacity's view of the call, as its strategies and hooks receive it."""
+        self.state.start_time = started
+        self.resumes = 0
+        """Resumes granted so far (bounded by ``max_resumes``)."""
+
+    def retry_delay(self, error: LLMStreamError, now: float) -> float | None:
+        """The attempt in progress failed with ``error`` at ``now``: seconds to wait, or None.
+
+        None when the error is not retryable, the ``retry`` predicate or the
+        ``stop`` strategy says no, a server's ``Retry-After`` is above
+        ``max_retry_after``, or the wait would reach the call's deadline. A
+        retry calls ``before_sleep`` with :attr:`state` before returning.
+
+        Example::
+
+            delay = retries.retry_delay(error, now())
+        """
+        policy = self._policy
+        state = self._record(error, now)
+        if not policy.retryable(error):
+            return None
+        if policy.retry is not None and not policy.retry(state):
+            return None
+        return self._plan_wait(error, now, stop=policy._stop())
+
+    def resume_delay(self, error: LLMStreamError, now: float) -> float | None:
+        """The attempt in progress broke off after delivering text: seconds to wait, or None.
+
+        A resume is an attempt like any other for the strategies, but it is
+        counted by ``max_resumes``, not by ``stop``. None when resume is off,
+        the resumes are spent, or (as for a retry) the error, the ``retry``
+        predicate, ``Retry-After`` or the deadline rule it out.
+
+        Example::
+
+            delay = retries.resume_delay(error, now())
+        """
+        policy = self._policy
+        state = self._record(error, now)
+        if not policy.resume or self.resumes >= policy.max_resumes:
+            return None
+        if not policy.retryable(error):
+            return None
+        if policy.retry is not None and not policy.retry(state):
+            return None
+        delay = self._plan_wait(error, now, stop=None)
+        if delay is not None:
+            self.resumes += 1
+        return delay
+
+    def _record(self, error: LLMStreamError, now: float) -> tenacity.RetryCallState:
+        """The outcome of the attempt in progress, on the caller's clock."""
+        state = self.state
+        if state.outcome is not None:
+            # Recorded lazily, where tenacity does it after its sleep: the next attempt began.
+            state.prepare_for_next_attempt()
+        state.set_exception((type(error), error, error.__traceback__))
+        state.outcome_timestamp = now
+        return state
+
+    def _plan_wait(
+        self, error: LLMStreamError, now: float, *, stop: StopStrategy | None
+    ) -> float | None:
+        """tenacity's order after a retry is allowed: wait, stop, then before_sleep."""
+        policy = self._policy
+        state = self.state
+        delay = policy._wait(state, error)
+        if delay is None:
+            return None
+        # tenacity >= 9 tells the stop strategy what is about to be slept
+        # (stop_before_delay); earlier versions ignore the attribute.
+        state.upcoming_sleep = delay
+        if stop is not None and stop(state):
+            return None
+        if self._deadline is not None and now + delay >= self._deadline:
+            return None
+        state.next_action = tenacity.RetryAction(delay)
+        state.idle_for += delay
+        if policy.before_sleep is not None:
+            policy.before_sleep(state)
+        return delay
+
+
+def _unsupported(retrying: tenacity.BaseRetrying) -> list[str]:
+    """What a tenacity ``Retrying`` asks that llmstream cannot do, and why."""
+    refused = []
+    if retrying.sleep is not _default_sleep(type(retrying)):
+        refused.append(
+            "sleep= is not used: llmstream waits on its own clock, so that cancel(), "
+            "closing the stream and its deadlines end a wait at once (the wait strategy "
+            "still sets how long); drop sleep="
+        )
+    if retrying.before is not tenacity.before_nothing:
+        refused.append(
+            "before= has no equivalent (attempts are started by the stream); "
+            "use on_retry=, called before each retry or resume"
+        )
+    if retrying.after is not tenacity.after_nothing:
+        refused.append("after= has no equivalent; use before_sleep= or on_retry=")
+    if retrying.retry_error_callback is not None:
+        refused.append(
+            "retry_error_callback= cannot replace the error: llmstream raises the call's "
+            "last error when it stops retrying; catch that instead"
+        )
+    if retrying.retry_error_cls is not tenacity.RetryError:
+        refused.append(
+            "retry_error_cls= is not used: llmstream raises the call's last error, "
+            "never a RetryError"
+        )
+    hooks = {
+        "stop": retrying.stop,
+        "wait": retrying.wait,
+        "retry": retrying.retry,
+        "before_sleep": retrying.before_sleep,
+    }
+    for name, hook in hooks.items():
+        if _is_async(hook):
+            refused.append(
+                f"{name}= is an async strategy: llmstream decides without awaiting; "
+                "pass a plain tenacity strategy"
+            )
+    return refused
+
+
+def _default_sleep(retrying_class: type[tenacity.BaseRetrying]) -> object:
+    """The ``sleep`` a tenacity class uses when none is given (it differs by class and version)."""
+    for cls in retrying_class.__mro__:
+        init = vars(cls).get("__init__")
+        if init is None:
+            continue
+        parameter = inspect.signature(init).parameters.get("sleep")
+        if parameter is not None:
+            return parameter.default
+    return None
+
+
+def _is_async(hook: object) -> bool:
+    if hook is None:
+        return False
+    # An async function, or a strategy object with an async __call__ (tenacity.asyncio's).
+    return inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(type(hook).__call__)
 
 
 def retry_after_seconds(headers: Mapping[str, str], *, now: float) -> float | None:

@@ -1,8 +1,9 @@
 """Server-sent events, decoded from raw bytes (sans-IO).
 
-We keep httpx-sse's conventions (its :class:`httpx_sse.ServerSentEvent` is the
-event type) but not its line layer, which deviates from the WHATWG spec in ways
-that matter here:
+We keep httpx-sse's conventions (our :class:`ServerSentEvent` has the fields and
+``json()`` of its event type) but not its code: its line layer deviates from the
+WHATWG spec in ways that matter here, and its event type alone was not worth a
+dependency:
 
 * it decodes text before splitting lines, so a leading U+FEFF BOM is kept and
   the caller has to get incremental UTF-8 decoding right;
@@ -21,11 +22,12 @@ and a line or an event larger than the configured limit is a
 
 from __future__ import annotations
 
-from httpx_sse import ServerSentEvent
+import json
+from dataclasses import dataclass
 
 from ._errors import ProtocolError
 
-__all__ = ["DEFAULT_MAX_EVENT_BYTES", "DEFAULT_MAX_LINE_BYTES", "SSEDecoder"]
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "DEFAULT_MAX_LINE_BYTES", "SSEDecoder", "ServerSentEvent"]
 
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
@@ -34,6 +36,31 @@ _BOM = b"\xef\xbb\xbf"
 
 RawEvent = tuple[str, str, str, int | None]
 """An event as ``(event type, data, last event id, retry)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    """One event of a ``text/event-stream`` body, as :meth:`SSEDecoder.feed` returns it.
+
+    ``event`` is the event type (``"message"`` unless the server named one),
+    ``data`` the data lines joined with newlines, ``id`` the last event id seen
+    so far, ``retry`` the reconnection time the event set, in milliseconds.
+    The same fields and ``json()`` as httpx-sse's ``ServerSentEvent``.
+
+    Example::
+
+        event = SSEDecoder().feed(b'data: {"a": 1}\\n\\n')[0]
+        assert event.event == "message" and event.json() == {"a": 1}
+    """
+
+    event: str = "message"
+    data: str = ""
+    id: str = ""
+    retry: int | None = None
+
+    def json(self) -> object:
+        """``data`` parsed as JSON (``json.JSONDecodeError`` if it is not JSON)."""
+        return json.loads(self.data)
 
 
 class SSEDecoder:
