@@ -7,6 +7,7 @@ thread, as it would in a threaded application.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,9 +52,14 @@ async def collect(
     prompt: llmstream.PromptOrMessages = "Hi",
     client_kwargs: dict[str, Any] | None = None,
     on_piece: Callable[[llmstream.StreamResult], bool] | None = None,
+    busy: float = 0.0,
     **stream_kwargs: Any,
 ) -> Outcome:
-    """Stream one request to the end (or until ``on_piece`` says stop) in ``mode``."""
+    """Stream one request to the end (or until ``on_piece`` says stop) in ``mode``.
+
+    ``busy``: seconds of the consumer's own work after the first piece, during which
+    the stream's reader runs on (the async consumer awaits, the sync one sleeps).
+    """
     kwargs = dict(client_kwargs or {})
     if transport is not None:
         kwargs["transport"] = transport
@@ -66,6 +72,8 @@ async def collect(
             ):
                 async for piece in stream:
                     outcome.pieces.append(piece)
+                    if busy and len(outcome.pieces) == 1:
+                        await anyio.sleep(busy)
                     if on_piece is not None and on_piece(stream.snapshot()):
                         break
             outcome.result = stream.result
@@ -81,6 +89,8 @@ async def collect(
             ):
                 for piece in stream:
                     outcome.pieces.append(piece)
+                    if busy and len(outcome.pieces) == 1:
+                        time.sleep(busy)
                     if on_piece is not None and on_piece(stream.snapshot()):
                         break
             outcome.result = stream.result
