@@ -11,8 +11,7 @@ import pytest
 
 import llmstream
 from llmstream._body import READ_SIZE
-from llmstream.testing import FakeServer, FakeVLLM
-from llmstream.testing._config import Disconnect
+from llmstream.testing import Disconnect, FakeServer, FakeVLLM
 
 from .drivers import MODES, WatchedVLLM, collect
 
