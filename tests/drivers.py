@@ -6,7 +6,9 @@ thread, as it would in a threaded application.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,9 @@ import anyio
 import httpx
 
 import llmstream
+from llmstream.testing import FakeVLLM
+from llmstream.testing._fake import Exchange
+from llmstream.testing._script import Action, HttpRequest, Send, is_chat_request
 
 MODES = ["async", "sync"]
 
@@ -47,9 +52,14 @@ async def collect(
     prompt: llmstream.PromptOrMessages = "Hi",
     client_kwargs: dict[str, Any] | None = None,
     on_piece: Callable[[llmstream.StreamResult], bool] | None = None,
+    busy: float = 0.0,
     **stream_kwargs: Any,
 ) -> Outcome:
-    """Stream one request to the end (or until ``on_piece`` says stop) in ``mode``."""
+    """Stream one request to the end (or until ``on_piece`` says stop) in ``mode``.
+
+    ``busy``: seconds of the consumer's own work after the first piece, during which
+    the stream's reader runs on (the async consumer awaits, the sync one sleeps).
+    """
     kwargs = dict(client_kwargs or {})
     if transport is not None:
         kwargs["transport"] = transport
@@ -62,6 +72,8 @@ async def collect(
             ):
                 async for piece in stream:
                     outcome.pieces.append(piece)
+                    if busy and len(outcome.pieces) == 1:
+                        await anyio.sleep(busy)
                     if on_piece is not None and on_piece(stream.snapshot()):
                         break
             outcome.result = stream.result
@@ -77,6 +89,8 @@ async def collect(
             ):
                 for piece in stream:
                     outcome.pieces.append(piece)
+                    if busy and len(outcome.pieces) == 1:
+                        time.sleep(busy)
                     if on_piece is not None and on_piece(stream.snapshot()):
                         break
             outcome.result = stream.result
@@ -90,3 +104,61 @@ async def collect(
 def no_raw_httpx(exc: BaseException | None) -> bool:
     """True when no httpx exception escapes (it may be the cause, never the error)."""
     return not isinstance(exc, httpx.HTTPError)
+
+
+class WatchedVLLM(FakeVLLM):
+    """The emulator, with events a test can wait on instead of sleeping.
+
+    ``events_written`` counts the ``data:`` events that have left the server. The
+    server asks for its next action only once the previous one is done: over a
+    socket, once its bytes are in the kernel's send buffer; in-process, once the
+    client has read them. ``answers_written`` counts chat completions written to
+    their end.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._written = threading.Condition()
+        self.events_written = 0
+        self.answers_written = 0
+
+    def exchange(self, request: HttpRequest) -> Exchange:
+        exchange = super().exchange(request)
+        if is_chat_request(request.method, request.path):
+            exchange.actions = self._watch(exchange.actions)
+        return exchange
+
+    def _watch(self, actions: Iterator[Action]) -> Iterator[Action]:
+        for action in actions:
+            yield action
+            if isinstance(action, Send) and action.event:
+                with self._written:
+                    self.events_written += 1
+                    self._written.notify_all()
+        with self._written:
+            self.answers_written += 1
+            self._written.notify_all()
+
+    def wait_for_events(self, count: int, timeout: float = 10.0) -> None:
+        """Block until the server has written ``count`` events in all."""
+        self._wait(lambda: self.events_written >= count, f"{count} events", timeout)
+
+    def wait_for_answers(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Block until the server has written ``count`` chat completions to their end."""
+        self._wait(lambda: self.answers_written >= count, f"{count} answers", timeout)
+
+    async def await_events(self, count: int, timeout: float = 10.0) -> None:
+        """:meth:`wait_for_events` for async code."""
+        await anyio.to_thread.run_sync(self.wait_for_events, count, timeout)
+
+    async def await_answers(self, count: int = 1, timeout: float = 10.0) -> None:
+        """:meth:`wait_for_answers` for async code."""
+        await anyio.to_thread.run_sync(self.wait_for_answers, count, timeout)
+
+    def _wait(self, done: Callable[[], bool], what: str, timeout: float) -> None:
+        with self._written:
+            if not self._written.wait_for(done, timeout):
+                raise TimeoutError(
+                    f"the server wrote {self.events_written} events and "
+                    f"{self.answers_written} answers, not {what}, within {timeout} s"
+                )

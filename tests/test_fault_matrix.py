@@ -24,7 +24,12 @@ from llmstream.testing import FakeVLLM, Fault
 from .drivers import MODES, Outcome, collect
 
 ANSWER = "Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune — 八 ✨."
-TIMEOUTS = llmstream.Timeouts(first_token=0.3, idle=0.3)
+# Each case is decided by its fault, not by the clock: deadlines stay far above any delay
+# a loaded machine adds, except the one a stall is there to trip. That one also bounds
+# the attempt after the stall (a warm client, an answer sent at once), hence not less.
+ROOMY = 10.0
+STALL = 0.5
+CALM = llmstream.Timeouts(first_token=ROOMY, idle=ROOMY, total=ROOMY)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class Case:
     expect_with_resume: type[llmstream.LLMStreamError] | None
     requests: int  # chat requests sent, resume off
     requests_with_resume: int
+    timeouts: llmstream.Timeouts = CALM
 
 
 CASES = [
@@ -83,8 +89,24 @@ CASES = [
         1,
         2,
     ),
-    Case("stall before the first token", (Fault.stall(after_chunks=0),), None, None, 2, 2),
-    Case("stall after 5 chunks", (Fault.stall(after_chunks=5),), llmstream.IdleTimeout, None, 1, 2),
+    Case(
+        "stall before the first token",
+        (Fault.stall(after_chunks=0),),
+        None,
+        None,
+        2,
+        2,
+        llmstream.Timeouts(first_token=STALL, idle=ROOMY, total=ROOMY),
+    ),
+    Case(
+        "stall after 5 chunks",
+        (Fault.stall(after_chunks=5),),
+        llmstream.IdleTimeout,
+        None,
+        1,
+        2,
+        llmstream.Timeouts(first_token=ROOMY, idle=STALL, total=ROOMY),
+    ),
     Case(
         "malformed chunk after 5 chunks",
         (Fault.malformed_chunk(after_chunks=5),),
@@ -117,7 +139,7 @@ async def run_case(case: Case, mode: str, resume: bool) -> tuple[Outcome, int]:
         outcome = await collect(
             mode,
             base_url=server.base_url,
-            client_kwargs={"timeout": TIMEOUTS, "retry": _policy(resume)},
+            client_kwargs={"timeout": case.timeouts, "retry": _policy(resume)},
         )
     chat = [r for r in fake.requests if r.path.endswith("/chat/completions")]
     return outcome, len(chat)

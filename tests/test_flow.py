@@ -11,24 +11,27 @@ import pytest
 
 import llmstream
 from llmstream._body import READ_SIZE
-from llmstream.testing import FakeServer, FakeVLLM
+from llmstream.testing import Disconnect, FakeServer, FakeVLLM
 
-from .drivers import MODES, collect
+from .drivers import MODES, WatchedVLLM, collect
 
 pytestmark = pytest.mark.anyio
 
 LIMIT = 0.100
 # More than the kernel's loopback socket buffers hold (~15 MB at ~250 bytes a chunk).
 MANY = 60_000
+# Events a server can write that the client does not read (~260 KB: four full reads, and
+# far less than loopback socket buffers take before the server's send blocks).
+UNREAD = 1000
 
 
 @pytest.fixture
-def endless() -> FakeVLLM:
-    return FakeVLLM(tokens=["tok "] * MANY, max_model_len=10 * MANY)
+def endless() -> WatchedVLLM:
+    return WatchedVLLM(tokens=["tok "] * MANY, max_model_len=10 * MANY)
 
 
 @pytest.fixture
-def server(endless: FakeVLLM) -> Iterator[FakeServer]:
+def server(endless: WatchedVLLM) -> Iterator[FakeServer]:
     with endless.serve() as server:
         yield server
 
@@ -41,7 +44,7 @@ async def _until(condition: object, timeout: float = 10.0) -> None:
 
 
 async def test_full_buffer_stops_reading_and_holds_the_server_back(
-    endless: FakeVLLM, server: FakeServer
+    endless: WatchedVLLM, server: FakeServer
 ) -> None:
     async with llmstream.AsyncClient(server.base_url) as client:
         async with client.stream("Hi", buffer=8) as stream:
@@ -50,8 +53,8 @@ async def test_full_buffer_stops_reading_and_holds_the_server_back(
             assert buffer is not None
             await _until(lambda: buffer.full)
             received = stream.snapshot().metrics.chunks
-            # The reader waits for room: nothing more is read while we do not consume.
-            await anyio.sleep(0.2)
+            # The server writes on into the socket; a reader that still read would take it.
+            await endless.await_events(received + UNREAD)
             assert stream.snapshot().metrics.chunks == received
             # The limit, plus at most one read's worth (each event is ~260 bytes here).
             assert len(buffer.items) <= 8 + READ_SIZE // 250
@@ -60,92 +63,146 @@ async def test_full_buffer_stops_reading_and_holds_the_server_back(
     assert disconnect.chunks_sent < MANY  # TCP backpressure held the server
 
 
-def test_full_buffer_stops_reading_sync(endless: FakeVLLM, server: FakeServer) -> None:
+def test_full_buffer_stops_reading_sync(endless: WatchedVLLM, server: FakeServer) -> None:
     with llmstream.Client(server.base_url) as client:
         with client.stream("Hi", buffer=8) as stream:
             next(iter(stream))
             buffer = stream._buffer
             assert buffer is not None
-            deadline = time.monotonic() + 10
-            while not buffer.full and time.monotonic() < deadline:
-                time.sleep(0.005)
+            with buffer._cond:
+                assert buffer._cond.wait_for(lambda: buffer.full, timeout=10)
             received = stream.snapshot().metrics.chunks
-            time.sleep(0.2)
+            endless.wait_for_events(received + UNREAD)
             assert stream.snapshot().metrics.chunks == received
     assert endless.wait_for_disconnect().chunks_sent < MANY
 
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_on_full_error_fails_fast_and_closes_upstream(
-    mode: str, endless: FakeVLLM, server: FakeServer
+    mode: str, endless: WatchedVLLM, server: FakeServer
 ) -> None:
+    # The consumer is stuck in slow work on its first piece until the server sees the
+    # client go: the overflow must cancel the request while the consumer is still busy,
+    # not once it catches up (if it never did, the wait would time out).
+    seen: list[Disconnect] = []
+
     def stall(snapshot: llmstream.StreamResult) -> bool:
-        time.sleep(0.3) if mode == "sync" else None  # a consumer stuck in slow work
+        if not seen:
+            seen.append(endless.wait_for_disconnect())
         return False
 
     if mode == "async":
+        pieces: list[str] = []
         async with llmstream.AsyncClient(server.base_url) as client:
             with pytest.raises(llmstream.BufferOverflow) as info:
                 async with client.stream("Hi", buffer=4, on_full="error") as stream:
-                    async for _ in stream:
-                        await anyio.sleep(0.3)  # the reader runs ahead meanwhile
+                    async for piece in stream:
+                        pieces.append(piece)
+                        if not seen:
+                            seen.append(await endless.await_disconnect())
         error: llmstream.LLMStreamError = info.value
+        text = "".join(pieces)
     else:
         outcome = await collect(
             mode, base_url=server.base_url, buffer=4, on_full="error", on_piece=stall
         )
         assert outcome.error is not None
-        error = outcome.error
+        error, text = outcome.error, outcome.text
     assert isinstance(error, llmstream.BufferOverflow)
     assert error.partial is not None and error.partial.status == "aborted"
     assert "buffer=4" in str(error)
-    assert endless.wait_for_disconnect().chunks_sent < MANY
+    # What was read before the overflow is delivered first, then the error: more than
+    # the buffer holds, the role chunk among them.
+    assert error.partial.text == text and len(text) >= 4 * len("tok ")
+    assert seen[0].chunks_sent < MANY
 
 
 async def test_buffer_zero_reads_nothing_until_asked() -> None:
-    fake = FakeVLLM("a b c")
+    fake = WatchedVLLM(tokens=["tok "] * 2 * UNREAD)
     with fake.serve() as server:
         async with llmstream.AsyncClient(server.base_url) as client:
             async with client.stream("Hi", buffer=0) as stream:
-                await anyio.sleep(0.1)  # give a reader that would run ahead the time to
+                # Bytes wait in the socket; a reader that ran ahead would have taken some.
+                await fake.await_events(UNREAD)
                 assert stream.snapshot().metrics.chunks == 0
-                assert [t async for t in stream] == ["a", " b", " c"]
+                assert "".join([t async for t in stream]) == "tok " * 2 * UNREAD
 
 
 def test_buffer_zero_reads_nothing_until_asked_sync() -> None:
-    fake = FakeVLLM("a b c")
+    fake = WatchedVLLM(tokens=["tok "] * 2 * UNREAD)
     with fake.serve() as server, llmstream.Client(server.base_url) as client:
         with client.stream("Hi", buffer=0) as stream:
-            time.sleep(0.1)
+            fake.wait_for_events(UNREAD)
             assert stream.snapshot().metrics.chunks == 0
-            assert list(stream) == ["a", " b", " c"]
+            assert "".join(stream) == "tok " * 2 * UNREAD
+
+
+# Tokens paced 20 ms apart: each gap at the wire is at least that.
+PACED = [f"{c} " for c in "abcdefghijk"]
 
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_read_ahead_measures_at_the_wire_not_at_the_consumer(mode: str) -> None:
-    fake = FakeVLLM("a b c d e f", token_delay=0.02)
+    fake = WatchedVLLM(tokens=PACED, token_delay=0.02)
+    # Events to the finish chunk: the role chunk, the tokens, the finish (EOS) chunk.
+    read_all = len(PACED) + 2
+    pieces: list[str] = []
+    hold = 0.0
+    # The consumer holds its first piece until the reader has read the whole answer. A
+    # gap measured at the consumer would span the whole hold; the ones at the wire add up
+    # to it at most, and the other ten take 0.2 s of it, so the largest is well below it.
+    if mode == "async":
+        async with llmstream.AsyncClient(
+            "http://fake-vllm.test/v1", transport=fake.transport()
+        ) as client:
+            async with client.stream("Hi") as stream:
+                async for piece in stream:
+                    pieces.append(piece)
+                    if len(pieces) == 1:
+                        started = time.perf_counter()
+                        await fake.await_events(read_all)
+                        hold = time.perf_counter() - started
+        result = stream.result
+    else:
 
-    def slow(snapshot: llmstream.StreamResult) -> bool:
-        return False
+        def consume() -> llmstream.StreamResult:
+            nonlocal hold
+            with llmstream.Client("http://fake-vllm.test/v1", transport=fake.transport()) as client:
+                with client.stream("Hi") as stream:
+                    for piece in stream:
+                        pieces.append(piece)
+                        if len(pieces) == 1:
+                            started = time.perf_counter()
+                            fake.wait_for_events(read_all)
+                            hold = time.perf_counter() - started
+            return stream.result
 
-    # The consumer is slow only in the sync case below; timings must not include it.
-    outcome = await collect(mode, transport=fake.transport(), on_piece=slow)
-    itl = outcome.final.metrics.inter_token_latency
-    assert itl is not None and itl.max < 0.5
+        result = await anyio.to_thread.run_sync(consume)
+    assert "".join(pieces) == "".join(PACED) and result.complete
+    itl = result.metrics.inter_token_latency
+    assert itl is not None and itl.count == len(PACED)
+    assert itl.max < hold
 
 
 async def test_pause_stops_reading_and_resume_continues() -> None:
-    fake = FakeVLLM(tokens=[f"{i} " for i in range(40)], token_delay=0.005)
+    fake = WatchedVLLM(tokens=[f"{i} " for i in range(40)], token_delay=0.005)
     with fake.serve() as server:
         async with llmstream.AsyncClient(server.base_url) as client:
             async with client.stream("Hi", buffer=4) as stream:
                 pieces = [await stream.__aiter__().__anext__()]
+                buffer = stream._buffer
+                assert buffer is not None
+                # The reader waits for room, with no read in progress.
+                await _until(lambda: buffer.full)
                 stream.pause()
                 assert stream.paused
-                # The read in progress when pause() came may still finish; none starts after.
-                await _until(lambda: not stream._reading)
+                # What was read ahead can still be consumed; that makes room, so from
+                # here only the pause holds the reader back.
+                while buffer.items:
+                    pieces.append(await stream.__aiter__().__anext__())
                 held = stream.snapshot().metrics.chunks
-                await anyio.sleep(0.2)
+                # The server writes the rest of the answer meanwhile, into the socket.
+                await fake.await_answers()
                 assert stream.snapshot().metrics.chunks == held  # paused: nothing read
                 stream.resume()
                 assert not stream.paused

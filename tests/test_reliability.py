@@ -21,6 +21,8 @@ pytestmark = pytest.mark.anyio
 ANSWER = "Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune — 八 ✨."
 FAST = llmstream.RetryPolicy(initial_backoff=0.001, max_backoff=0.01)
 RESUME = llmstream.RetryPolicy(initial_backoff=0.001, max_backoff=0.01, resume=True)
+# An idle limit a loaded machine does not reach between two events sent back to back.
+IDLE = 0.3
 
 
 def _client(fake: FakeVLLM, **kwargs: Any) -> dict[str, Any]:
@@ -203,16 +205,15 @@ async def test_total_deadline_covers_the_whole_call(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_slow_consumer_is_not_an_idle_server(mode: str) -> None:
     fake = FakeVLLM("a b c d e f g h")
-
-    def slow(snapshot: llmstream.StreamResult) -> bool:
-        time.sleep(0.15)  # the consumer's own work; the reader is held back meanwhile
-        return False
-
+    # The reader holds "b" in the full buffer while the consumer works on "a". In
+    # process, the server's pause starts when the client asks for the event after "b":
+    # so the first read once the consumer is back waits for the server, with a deadline.
+    fake.add_fault(Fault.stall(after_chunks=3, seconds=IDLE / 3))
     outcome = await collect(
         mode,
-        **_client(fake, timeout=llmstream.Timeouts(idle=0.1)),
+        **_client(fake, timeout=llmstream.Timeouts(idle=IDLE)),
         buffer=1,
-        on_piece=slow,
+        busy=2 * IDLE,
     )
     assert outcome.error is None and outcome.text == "a b c d e f g h"
 
@@ -385,13 +386,18 @@ async def test_no_first_token_limit_means_a_long_prefill_is_waited_out(mode: str
 
 @pytest.mark.anyio
 async def test_a_slow_loop_without_async_with_is_not_server_idleness() -> None:
-    fake = FakeVLLM("one two three four", token_delay=0.02)
-    timeouts = llmstream.Timeouts(idle=0.2)
+    fake = FakeVLLM("one two three four")
+    # The server pauses after "one" a little longer than the consumer works on it: the
+    # read the consumer then asks for waits for the server, and the time before that read
+    # is the consumer's, not the server's.
+    fake.add_fault(Fault.stall(after_chunks=2, seconds=2 * IDLE + IDLE / 3))
+    timeouts = llmstream.Timeouts(idle=IDLE)
     with fake.serve() as server:
         async with llmstream.AsyncClient(server.base_url, timeout=timeouts) as client:
             stream = client.stream("hi")  # iterated directly: it reads when the loop asks
             pieces = []
             async for piece in stream:
                 pieces.append(piece)
-                await anyio.sleep(0.4)  # the consumer's own pace, longer than idle
+                if len(pieces) == 1:
+                    await anyio.sleep(2 * IDLE)  # the consumer's own work, longer than idle
     assert "".join(pieces) == "one two three four"

@@ -9,6 +9,7 @@ import pytest
 
 import llmstream
 from llmstream.testing import FakeVLLM, Fault
+from llmstream.testing._tokenize import split_text
 
 from .drivers import MODES, collect, no_raw_httpx
 
@@ -209,23 +210,32 @@ async def test_wrong_api_key_is_authentication_error(mode: str) -> None:
 async def test_break_gives_cancelled_partial_result(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
+    # The server holds the rest of the answer back, so the break comes before the end
+    # however the bytes are split into reads.
+    fake.add_fault(Fault.stall(after_chunks=3))
     outcome = await collect(mode, on_piece=lambda snap: len(snap.text) > 10, buffer=0, **target)
     assert outcome.error is None
     result = outcome.final
     assert result.status == "cancelled" and not result.complete
     # Pure pull: nothing beyond the read the loop asked for; that read may hold more chunks.
     assert result.text.startswith(outcome.text) and ANSWER.startswith(result.text)
+    assert fake.wait_for_disconnect().chunks_sent <= 3  # the break closed the connection
 
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_break_with_read_ahead_keeps_what_was_received(mode: str) -> None:
-    fake = FakeVLLM(ANSWER, token_delay=0.05)
+    fake = FakeVLLM(ANSWER)
+    # The role chunk and five tokens, then nothing until the client goes.
+    fake.add_fault(Fault.stall(after_chunks=6))
+    received = "".join(split_text(ANSWER)[:5])
+    # The loop breaks once all of them were read, however many it has consumed by then.
     outcome = await collect(
-        mode, transport=fake.transport(), on_piece=lambda snap: len(snap.text) > 10
+        mode, transport=fake.transport(), on_piece=lambda snap: snap.text == received
     )
     result = outcome.final
     assert result.status == "cancelled" and not result.complete
-    assert result.text.startswith(outcome.text) and ANSWER.startswith(result.text)
+    assert result.text == received and received.startswith(outcome.text)
+    assert fake.wait_for_disconnect().chunks_sent == 6
 
 
 @pytest.mark.parametrize("mode", MODES)
