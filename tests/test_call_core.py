@@ -313,3 +313,27 @@ def test_a_budget_stop_ends_the_call_at_once_with_status_budget() -> None:
     items = core.feed(attempt, _chunk("a") + _chunk("b") + _chunk("c"), 0.1)
     assert [text for _, text in items] == ["a", "b"]
     assert isinstance(core.step, Finish) and core.step.result.status == "budget"
+
+
+def test_retries_of_a_call_share_one_tenacity_state() -> None:
+    import tenacity
+
+    seen: list[tuple[int, float]] = []
+    policy = llmstream.RetryPolicy(
+        max_retries=5,
+        wait=tenacity.wait_fixed(1.0),
+        stop=tenacity.stop_after_delay(2.5),  # judged on the call's real elapsed time
+        before_sleep=lambda state: seen.append((state.attempt_number, state.idle_for)),
+    )
+    core = _core(retry=policy)
+    now = 100.0
+    steps = []
+    for _ in range(4):
+        attempt = core.begin_attempt(now)
+        step = core.error_response(attempt, 503, "", {}, b"", now + 0.1)
+        steps.append(step)
+        if not isinstance(step, Retry):
+            break
+        now += 0.1 + step.delay
+    assert [type(s) for s in steps] == [Retry, Retry, Retry, Fail]
+    assert seen == [(1, 1.0), (2, 2.0), (3, 3.0)]

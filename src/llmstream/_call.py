@@ -247,6 +247,7 @@ class CallCore:
         self._read_started = 0.0
         self._deadline_hit: DeadlineKind | None = None
         self._planned = False
+        self._retries = self.retry.start_call(0.0)  # replaced when the first attempt begins
 
     # -- state ---------------------------------------------------------------------
 
@@ -369,6 +370,10 @@ class CallCore:
         """
         if self._attempts == 0:
             self._started = now
+            total = self.timeouts.total
+            self._retries = self.retry.start_call(
+                now, deadline=now + total if total is not None else None
+            )
         self._attempts += 1
         attempt = Attempt(self._attempts, self._next_body, now, self.headers)
         self.current = attempt
@@ -515,38 +520,36 @@ class CallCore:
         return self.fail(error, now)
 
     def _plan_recovery(self, error: LLMStreamError, now: float) -> RetryEvent | None:
-        policy = self.retry
+        """Whether and how to try again after ``error``; sets the next request's body.
+
+        The delays come from the call's one tenacity state (:class:`~llmstream.CallRetries`),
+        which also keeps a wait from reaching the total deadline.
+        """
+        retries = self._retries
         session = self.session
         if session is not None and session.has_output:
-            if not policy.resume or session.resumes >= policy.max_resumes:
-                return None
-            if not policy.retryable(error):
-                return None
+            if not self.retry.resume:
+                return None  # a retry would repeat what was delivered
             partial = session.result(now)
             if partial.tool_calls or len(partial.choices) != 1:
                 return None  # only plain text of a single choice can be continued
             body = continuation_body(self.body, partial.text, session.completion_tokens())
             if body is None:
                 return None
-            delay = policy.resume_delay(session.resumes + 1, error, started=self._started, now=now)
+            delay = retries.resume_delay(error, now)
             if delay is None:
                 return None
             event = RetryEvent("resume", self._attempts + 1, delay, error)
         else:
-            delay_or_none = policy.delay_before(
-                self._attempts + 1, error, started=self._started, now=now
-            )
-            if delay_or_none is None:
+            delay = retries.retry_delay(error, now)
+            if delay is None:
                 return None
             body = self.body
-            event = RetryEvent("retry", self._attempts + 1, delay_or_none, error)
-        total = self.timeouts.total
-        if total is not None and now + event.delay >= self._started + total:
-            return None
+            event = RetryEvent("retry", self._attempts + 1, delay, error)
         self._next_body = body
         if session is not None:
             session.new_attempt(resume=event.kind == "resume")
-        policy.announce(event)
+        self.retry.announce(event)
         self._emit(event)
         return event
 
