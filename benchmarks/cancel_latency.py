@@ -91,7 +91,7 @@ def _peer_break(base_url: str, tries: int) -> list[float]:
     with llmstream.Client(base_url) as client:
         for _ in range(tries):
             httpx.post(f"{root}/_reset")
-            with client.stream("Hi", max_tokens=50, x_delay_ms=500) as stream:
+            with client.stream("Hi", max_tokens=50, extra_body={"x_delay_ms": 500}) as stream:
                 for _ in stream:
                     t0 = time.time()
                     break

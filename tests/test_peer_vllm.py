@@ -63,7 +63,7 @@ async def test_streamed_text_equals_the_servers_own_answer(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 async def test_engine_death_is_a_server_stream_error(mode: str) -> None:
     assert PLAIN
-    outcome = await collect(mode, base_url=PLAIN, max_tokens=20, x_die_after=3)
+    outcome = await collect(mode, base_url=PLAIN, max_tokens=20, extra_body={"x_die_after": 3})
     assert isinstance(outcome.error, llmstream.ServerStreamError)
     assert outcome.error.error_code == 500
     assert outcome.final.text == outcome.text and outcome.text
@@ -95,7 +95,11 @@ async def test_break_aborts_the_request_in_vllm_within_100ms(mode: str) -> None:
         return True
 
     outcome = await collect(
-        mode, base_url=PLAIN, max_tokens=50, x_delay_ms=500, on_piece=stop_after_first
+        mode,
+        base_url=PLAIN,
+        max_tokens=50,
+        extra_body={"x_delay_ms": 500},
+        on_piece=stop_after_first,
     )
     assert outcome.final.status == "cancelled"
     aborts: list[dict[str, object]] = []
@@ -112,7 +116,7 @@ async def test_break_aborts_the_request_in_vllm_within_100ms(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 async def test_reasoning_and_tool_call_through_vllm_parsers(mode: str) -> None:
     assert PARSERS
-    outcome = await collect(mode, base_url=PARSERS, max_tokens=40, x_think_tokens=5)
+    outcome = await collect(mode, base_url=PARSERS, max_tokens=40, extra_body={"x_think_tokens": 5})
     assert outcome.final.reasoning
     assert outcome.text and outcome.text not in outcome.final.reasoning
     tools = [
@@ -129,7 +133,7 @@ async def test_reasoning_and_tool_call_through_vllm_parsers(mode: str) -> None:
         base_url=PARSERS,
         max_tokens=200,
         tools=tools,
-        x_tool_call={"name": "get_weather", "arguments": {"city": "東京"}},
+        extra_body={"x_tool_call": {"name": "get_weather", "arguments": {"city": "東京"}}},
     )
     assert outcome.error is None
     result = outcome.final
