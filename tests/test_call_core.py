@@ -16,6 +16,7 @@ from llmstream._accounting import BudgetOptions
 from llmstream._call import (
     Attempt,
     CallCore,
+    Drop,
     Fail,
     Finish,
     NeedContextLength,
@@ -337,3 +338,68 @@ def test_retries_of_a_call_share_one_tenacity_state() -> None:
         now += 0.1 + step.delay
     assert [type(s) for s in steps] == [Retry, Retry, Retry, Fail]
     assert seen == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+# -- several attempts in flight (hedging, fleets) -------------------------------------------
+
+
+def test_a_hedge_that_answers_first_takes_the_call_and_the_first_attempt_is_lost() -> None:
+    events: list[object] = []
+    core = _core(events=events)
+    primary = core.begin_attempt(0.0, endpoint="http://a/v1")
+    hedge = core.begin_attempt(1.0, endpoint="http://b/v1", hedge=True)
+    assert core.current is primary and hedge.hedge
+    assert core.response(primary, 200, SSE, 1.1) is None
+    assert core.response(hedge, 200, SSE, 1.2) is None
+    items = core.feed(hedge, _chunk("from b"), 1.3)
+    assert [text for _, text in items] == ["from b"]
+    assert core.current is hedge and primary.lost and not hedge.lost
+    assert core.feed(primary, _chunk("from a"), 1.4) == []  # the loser is ignored
+    core.feed(hedge, _chunk(finish="stop") + DONE, 1.5)
+    step = core.body_ended(hedge, 1.6)
+    assert isinstance(step, Finish) and step.result.text == "from b"
+    sent = [e for e in events if isinstance(e, RequestSent)]
+    assert [(e.endpoint, e.hedge) for e in sent] == [("http://a/v1", False), ("http://b/v1", True)]
+
+
+def test_a_first_attempt_that_answers_first_makes_the_hedge_lost() -> None:
+    core = _core()
+    primary = core.begin_attempt(0.0)
+    hedge = core.begin_attempt(0.5, hedge=True)
+    core.response(primary, 200, SSE, 0.6)
+    core.response(hedge, 200, SSE, 0.6)
+    assert [t for _, t in core.feed(primary, _chunk("a"), 0.7)] == ["a"]
+    assert hedge.lost and core.current is primary
+    assert core.feed(hedge, _chunk("b"), 0.8) == []
+
+
+def test_a_failing_hedge_is_dropped_and_the_call_goes_on() -> None:
+    core = _core()
+    primary = core.begin_attempt(0.0)
+    hedge = core.begin_attempt(0.5, hedge=True)
+    step = core.error_response(hedge, 503, "", {}, b"", 0.6)
+    assert isinstance(step, Drop) and step.attempt is hedge and core.error is None
+    core.response(primary, 200, SSE, 0.7)
+    core.feed(primary, _chunk("ok", finish="stop") + DONE, 0.8)
+    assert isinstance(core.body_ended(primary, 0.9), Finish)
+
+
+def test_a_failing_first_attempt_hands_the_call_to_the_hedge_instead_of_retrying() -> None:
+    core = _core()
+    primary = core.begin_attempt(0.0)
+    hedge = core.begin_attempt(0.5, hedge=True)
+    step = core.send_failed(primary, llmstream.APIConnectionError("refused"), 0.6)
+    assert isinstance(step, Drop) and primary.lost and core.current is hedge
+    assert core.attempts == 2  # no retry was begun
+    core.response(hedge, 200, SSE, 0.7)
+    core.feed(hedge, _chunk("ok", finish="stop") + DONE, 0.8)
+    done = core.body_ended(hedge, 0.9)
+    assert isinstance(done, Finish) and done.result.text == "ok"
+
+
+def test_no_hedge_once_output_arrived() -> None:
+    core = _core()
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("a"), 0.1)
+    with pytest.raises(RuntimeError):
+        core.begin_attempt(0.2, hedge=True)

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from ._accounting import BudgetOptions, CallAccount
 from ._budget import CallPlan, plan_call
+from ._chunks import ChatCompletionChunk
 from ._deadlines import DeadlineKind, Timeouts, next_deadline
 from ._errors import (
     BudgetExceeded,
@@ -64,6 +65,7 @@ from ._token_budget import Reservation
 __all__ = [
     "Attempt",
     "CallCore",
+    "Drop",
     "Fail",
     "Finish",
     "NeedContextLength",
@@ -107,7 +109,18 @@ class Finish:
     result: StreamResult
 
 
-Step = Retry | Fail | Finish
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """This attempt is out of the call (it lost a race, or another took over): release it.
+
+    The call goes on with its current attempt; only a shell that runs several attempts
+    at once (hedging) ever gets this.
+    """
+
+    attempt: Attempt
+
+
+Step = Retry | Fail | Finish | Drop
 """How an attempt ended, and what the shell does about it."""
 
 
@@ -167,10 +180,14 @@ class Attempt:
     __slots__ = (
         "body",
         "body_done",
+        "endpoint",
         "header_deadline",
         "headers",
+        "hedge",
+        "lost",
         "number",
         "reading",
+        "session",
         "started",
     )
 
@@ -180,6 +197,8 @@ class Attempt:
         body: dict[str, object],
         started: float,
         headers: Mapping[str, str],
+        endpoint: str | None = None,
+        hedge: bool = False,
     ) -> None:
         self.number = number
         """1 for the first request of the call, 2 for the next..."""
@@ -194,6 +213,14 @@ class Attempt:
         """True once the body was read to its end: the connection need not be cut."""
         self.reading = False
         """True while a network read of this attempt is in progress (deadlines cut it)."""
+        self.endpoint = endpoint
+        """Where the shell sends it (None: the client's base URL)."""
+        self.hedge = hedge
+        """True for a request sent beside the current one, racing it to the first token."""
+        self.lost = False
+        """True once another attempt won the call: the shell cuts and releases this one."""
+        self.session: StreamSession | None = None
+        """A racing attempt's own session, until it wins (then it is the call's)."""
 
 
 class CallCore:
@@ -247,6 +274,7 @@ class CallCore:
         self._read_started = 0.0
         self._deadline_hit: DeadlineKind | None = None
         self._planned = False
+        self._racing: list[Attempt] = []  # hedges sent beside the current attempt
         self._retries = self.retry.start_call(0.0)  # replaced when the first attempt begins
 
     # -- state ---------------------------------------------------------------------
@@ -361,13 +389,21 @@ class CallCore:
 
     # -- attempts ------------------------------------------------------------------
 
-    def begin_attempt(self, now: float) -> Attempt:
+    def begin_attempt(
+        self, now: float, *, endpoint: str | None = None, hedge: bool = False
+    ) -> Attempt:
         """A new request is about to be sent: its body and how long to wait for headers.
 
         Until the response headers arrive (vLLM sends them at once; a proxy may hold
         them until the first token) the first-token deadline applies, or what is left
-        of the total.
+        of the total. ``endpoint`` says where it goes, for the shell and the events.
+
+        ``hedge=True`` sends it beside the current attempt instead of after it (only
+        before any output): the first of them whose body brings an event becomes the
+        call's attempt, the others are lost (:attr:`Attempt.lost`) and must be cut.
         """
+        if hedge and (self.current is None or self._has_output()):
+            raise RuntimeError("a hedge races the current attempt before any output")
         if self._attempts == 0:
             self._started = now
             total = self.timeouts.total
@@ -375,14 +411,49 @@ class CallCore:
                 now, deadline=now + total if total is not None else None
             )
         self._attempts += 1
-        attempt = Attempt(self._attempts, self._next_body, now, self.headers)
-        self.current = attempt
-        self._read_started = now
+        attempt = Attempt(self._attempts, self._next_body, now, self.headers, endpoint, hedge)
+        if hedge:
+            self._racing.append(attempt)
+        else:
+            self._lose_racers()
+            self.current = attempt
+            self._read_started = now
+            self._deadline_hit = None
+            self.step = None
+        found = self.deadline()
+        if hedge and self.timeouts.first_token is not None:
+            # Its own first-token deadline, or the call's total, whichever comes first.
+            own = (now + self.timeouts.first_token, "first_token")
+            found = own if found is None or own[0] < found[0] else found  # type: ignore[assignment]
+        attempt.header_deadline = found
+        self._emit(RequestSent(now, attempt.number, attempt.body, endpoint, hedge))
+        return attempt
+
+    def _has_output(self) -> bool:
+        session = self.session
+        return session is not None and session.has_output
+
+    def _lose_racers(self) -> None:
+        for racer in self._racing:
+            racer.lost = True
+        self._racing.clear()
+
+    def _take_over(self, winner: Attempt, now: float) -> None:
+        """A racing attempt brought the call's first event: it becomes the call's attempt."""
+        loser = self.current
+        if loser is not None:
+            loser.lost = True
+        self._racing.remove(winner)
+        self._lose_racers()
+        session = winner.session
+        assert session is not None
+        session.retries = self.session.retries if self.session is not None else 0
+        session.account = self.account
+        self.current = winner
+        self.session = session
+        self._read_started = winner.started
         self._deadline_hit = None
         self.step = None
-        attempt.header_deadline = self.deadline()
-        self._emit(RequestSent(now, attempt.number, attempt.body))
-        return attempt
 
     def _is_current(self, attempt: Attempt) -> bool:
         return attempt is self.current and self.stopped is None
@@ -405,17 +476,14 @@ class CallCore:
         self._emit(ResponseHeaders(now, attempt.number, status))
         if status >= 300:
             return None
-        session = self.session
-        if session is None:
-            max_line, max_event = self._limits
-            options = self.options
-            session = self.session = StreamSession(
-                started=self._started,
-                max_line_bytes=max_line,
-                max_event_bytes=max_event,
-                max_chunks=options.max_chunks,
-                max_bytes=options.max_bytes,
-            )
+        if attempt.hedge and attempt is not self.current:
+            if attempt.lost:
+                return Drop(attempt)
+            session = attempt.session = self._new_session()
+        elif self.session is not None:
+            session = self.session
+        else:
+            session = self.session = self._new_session()
             session.retries = self._attempts - 1  # attempts that failed before a response
             session.account = self.account
         session.headers(now, headers.get("x-request-id"))
@@ -432,6 +500,17 @@ class CallCore:
             )
             return self._after_failure(attempt, error, now)
         return None
+
+    def _new_session(self) -> StreamSession:
+        max_line, max_event = self._limits
+        options = self.options
+        return StreamSession(
+            started=self._started,
+            max_line_bytes=max_line,
+            max_event_bytes=max_event,
+            max_chunks=options.max_chunks,
+            max_bytes=options.max_bytes,
+        )
 
     def error_response(
         self,
@@ -452,11 +531,14 @@ class CallCore:
         :attr:`step` is set: deliver the items, then follow the step.
         """
         session = self.session
-        if session is None or attempt is not self.current:
+        if attempt is not self.current:
+            return self._feed_racer(attempt, data, now)
+        if session is None:
             return []
         waiting_for_first = session.last_event_at is None
         items = session.feed(data, now)
         if waiting_for_first and session.last_event_at is not None:
+            self._lose_racers()  # the current attempt answered first
             # The first-token deadline is over and the idle one starts: once per request.
             if self.on_deadline_moved is not None:
                 self.on_deadline_moved()
@@ -468,6 +550,28 @@ class CallCore:
             # Deliver what arrived, read no further: the shell cuts the connection now,
             # so the server stops generating.
             self.step = self._finish(session.result(now), now)
+        return items
+
+    def _feed_racer(self, attempt: Attempt, data: bytes, now: float) -> list[StreamItem]:
+        session = attempt.session
+        if attempt.lost or attempt not in self._racing or session is None:
+            attempt.lost = True
+            return []
+        items = session.feed(data, now)
+        if session.last_event_at is None and session.error is None:
+            return items  # no event yet: the race goes on
+        self._take_over(attempt, now)
+        account = self.account
+        if account is not None:
+            # Metered from here on; what this read brought is counted now.
+            for chunk, text in items:
+                account.observe(chunk, bool(text) or _carries_output(chunk))
+        if self.on_deadline_moved is not None:
+            self.on_deadline_moved()
+        self._emit(FirstToken(now, attempt.number))
+        if session.error is not None:
+            error, session.error = session.error, None
+            self.step = self._after_failure(attempt, error, now)
         return items
 
     def body_ended(self, attempt: Attempt, now: float) -> Step:
@@ -513,6 +617,24 @@ class CallCore:
         if self.stopped is not None:
             # Stopped by the caller, who is not told of what failed afterwards.
             return Finish(self.snapshot(now))
+        if attempt is not self.current:
+            attempt.lost = True  # a racer that failed: the others go on
+            if attempt in self._racing:
+                self._racing.remove(attempt)
+            return Drop(attempt)
+        if self._racing and not self._has_output():
+            # The current attempt failed before any output while a hedge still races:
+            # the hedge carries the call on instead of a retry.
+            attempt.lost = True
+            promoted = self._racing.pop(0)
+            self.current = promoted
+            self.session = promoted.session
+            if self.session is not None:
+                self.session.account = self.account
+            promoted.hedge = False
+            self._read_started = now
+            self._deadline_hit = None
+            return Drop(attempt)
         if attempt is self.current:
             event = self._plan_recovery(error, now)
             if event is not None:
@@ -712,3 +834,14 @@ class CallCore:
     def _abort(self, error: LLMStreamError, now: float) -> Fail:
         assert self.session is not None
         return self.fail(self.session.fail(error, now, "aborted"), now)
+
+
+def _carries_output(chunk: ChatCompletionChunk) -> bool:
+    """Whether a chunk brought generated output of any kind (text, reasoning, tool calls)."""
+    for choice in chunk.choices:
+        delta = choice.delta
+        if delta.content or delta.reasoning or delta.reasoning_content or delta.tool_calls:
+            return True
+        if choice.finish_reason is not None:
+            return True
+    return False

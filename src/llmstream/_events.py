@@ -37,6 +37,10 @@ class RequestSent:
     at: float
     attempt: int
     body: dict[str, object]
+    endpoint: str | None = None
+    """Where it goes (None: the client's base URL)."""
+    hedge: bool = False
+    """True for a request sent beside the current one, racing it to the first token."""
 
 
 @dataclass(frozen=True, slots=True)
