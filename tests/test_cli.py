@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -523,3 +524,47 @@ def test_ctrl_c_during_start_up(
     monkeypatch.setattr(_cli, "Client", interrupted)
     assert main(["chat", *FAST, "Hi"]) == 130
     assert "[stopped]" in capsys.readouterr().err
+
+
+# -- reasoning models ------------------------------------------------------------------
+
+
+@pytest.fixture
+def thinker() -> Iterator[str]:
+    fake = FakeVLLM("The answer.", reasoning="Thinking it over.")
+    with fake.serve() as server:
+        yield server.base_url
+
+
+def _chat_output(monkeypatch: pytest.MonkeyPatch, terminal: bool, *argv: str) -> tuple[str, str]:
+    out: io.StringIO = _TerminalOut() if terminal else io.StringIO()
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("TERM", raising=False)
+    assert main(["chat", "--no-metrics", *argv, "Hi"]) == 0
+    return out.getvalue(), err.getvalue()
+
+
+def test_reasoning_is_shown_dimmed_before_the_answer_on_a_terminal(
+    thinker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, _ = _chat_output(monkeypatch, True, "--base-url", thinker)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
+    assert out.startswith("\x1b[2m") and "\x1b[2mThe answer" not in out  # only it is dimmed
+    assert plain == "Thinking it over.\n\nThe answer.\n"
+
+
+def test_piped_output_is_the_answer_alone_unless_reasoning_is_asked_for(
+    thinker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, err = _chat_output(monkeypatch, False, "--base-url", thinker)
+    assert out.strip() == "The answer." and "Thinking" not in err
+    out, err = _chat_output(monkeypatch, False, "--base-url", thinker, "--reasoning")
+    assert out.strip() == "The answer." and "Thinking it over." in err
+
+
+def test_no_reasoning_hides_it_on_a_terminal(thinker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, _ = _chat_output(monkeypatch, True, "--base-url", thinker, "--no-reasoning")
+    assert out.strip() == "The answer."

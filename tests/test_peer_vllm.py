@@ -141,3 +141,15 @@ async def test_reasoning_and_tool_call_through_vllm_parsers(mode: str) -> None:
     assert [(c.function.name, c.function.parsed()) for c in result.tool_calls] == [
         ("get_weather", {"city": "東京"})
     ]
+
+
+@needs_parsers
+async def test_events_show_vllms_reasoning_before_the_answer() -> None:
+    assert PARSERS
+    async with llmstream.AsyncClient(PARSERS) as client:
+        async with client.stream("Hi", max_tokens=20, extra_body={"x_think_tokens": 5}) as stream:
+            events = [event async for event in stream.events()]
+    kinds = [e.type for e in events]
+    assert kinds[0] == "reasoning" and "text" in kinds and kinds[-1] == "finish"
+    assert kinds.index("text") > max(i for i, k in enumerate(kinds) if k == "reasoning")
+    assert "".join(e.text for e in events if e.type == "reasoning") == stream.result.reasoning

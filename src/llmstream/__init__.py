@@ -78,6 +78,7 @@ from ._result import (
 )
 from ._retry import CallRetries, RetryEvent, RetryPolicy
 from ._sse import ServerSentEvent, SSEDecoder
+from ._stream_events import FinishEvent, ReasoningEvent, StreamEvent, TextEvent, ToolCallEvent
 from ._sync_stream import ChatStream
 from ._token_budget import Reservation, TokenBudget
 from ._version import __version__
@@ -103,6 +104,7 @@ __all__ = [
     "Client",
     "CompletionTokensDetails",
     "ConnectTimeout",
+    "FinishEvent",
     "FirstTokenTimeout",
     "FunctionCall",
     "FunctionCallDelta",
@@ -121,6 +123,7 @@ __all__ = [
     "PromptTokensDetails",
     "ProtocolError",
     "RateLimitError",
+    "ReasoningEvent",
     "Reservation",
     "RetryEvent",
     "RetryPolicy",
@@ -129,6 +132,7 @@ __all__ = [
     "ServerSentEvent",
     "ServerStreamError",
     "StreamAborted",
+    "StreamEvent",
     "StreamInterrupted",
     "StreamLimitExceeded",
     "StreamMetrics",
@@ -141,8 +145,10 @@ __all__ = [
     "Timeouts",
     "TokenBudget",
     "TokenCounter",
+    "TextEvent",
     "TokenReport",
     "ToolCall",
+    "ToolCallEvent",
     "ToolArgumentsError",
     "ToolCallDelta",
     "ToolMessage",

@@ -30,7 +30,8 @@ from ._http_errors import MAX_ERROR_BODY_BYTES
 from ._result import StreamResult
 from ._retry import RetryPolicy
 from ._session import StreamItem
-from ._streaming import StreamBase, chunk_of, now, text_of, unexpected
+from ._stream_events import StreamEvent, events_of
+from ._streaming import StreamBase, chunk_of, item_of, now, text_of, unexpected
 from ._transport import AsyncResponse, HeaderTimeout
 
 if TYPE_CHECKING:
@@ -156,6 +157,20 @@ class AsyncChatStream(StreamBase):
                     print([c.delta.content for c in chunk.choices])
         """
         return _AsyncItems(self, chunk_of)
+
+    def events(self) -> AsyncIterator[StreamEvent]:
+        """Iterate typed events: text, reasoning, tool-call pieces and finishes, every choice.
+
+        Example::
+
+            async with client.stream("Why is the sky blue?") as stream:
+                async for event in stream.events():
+                    if event.type == "reasoning":
+                        print(event.text, end="", file=sys.stderr)  # the model thinking
+                    elif event.type == "text":
+                        print(event.text, end="")
+        """
+        return _AsyncEvents(_AsyncItems(self, item_of))
 
     async def final_result(self) -> StreamResult:
         """Read whatever is left and return the result.
@@ -546,6 +561,22 @@ class AsyncChatStream(StreamBase):
         self._reader = None
         if response is not None:
             await response.aclose()
+
+
+class _AsyncEvents(AsyncIterator[StreamEvent]):
+    """The events of each item, one at a time (a chunk may bring several)."""
+
+    __slots__ = ("_items", "_ready")
+
+    def __init__(self, items: _AsyncItems[StreamItem]) -> None:
+        self._items = items
+        self._ready: deque[StreamEvent] = deque()
+
+    async def __anext__(self) -> StreamEvent:
+        ready = self._ready
+        while not ready:
+            ready.extend(events_of(await self._items.__anext__()))
+        return ready.popleft()
 
 
 class _AsyncItems(AsyncIterator[_T]):

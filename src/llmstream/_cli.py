@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import re
@@ -136,6 +135,13 @@ def _parser() -> argparse.ArgumentParser:
         "text as it arrives and the metrics line",
     )
     chat.add_argument("--no-metrics", action="store_true", help="skip the closing metrics line")
+    chat.add_argument(
+        "--reasoning",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a reasoning model's thinking as it streams, dimmed, before the answer "
+        "(default: on a terminal; --reasoning when piped writes it to standard error)",
+    )
     _server_options(chat)
     chat.add_argument(
         "--fake-token-delay",
@@ -270,6 +276,21 @@ class _Terminal:
         isatty = getattr(self.err, "isatty", None)
         return bool(isatty and isatty())
 
+    @property
+    def out_is_terminal(self) -> bool:
+        isatty = getattr(self.out, "isatty", None)
+        return bool(isatty and isatty())
+
+    def thinking(self, text: str) -> None:
+        """A piece of the model's reasoning: dimmed inline on a terminal, else on stderr."""
+        if self.out_is_terminal:
+            coloured = not (os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb")
+            self.out.write(f"\x1b[2m{text}\x1b[0m" if coloured else text)
+            self.out.flush()
+        else:
+            self.err.write(text)
+            self.err.flush()
+
     def _paint(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.colour else text
 
@@ -395,12 +416,26 @@ class _Conversation:
         started = time.perf_counter()  # the wall time: model lookup and retries included
         stream = self._client.stream(list(self.messages), **self._params)
         try:
+            show_reasoning = not args.json and (
+                args.reasoning if args.reasoning is not None else term.out_is_terminal
+            )
+            thinking = False
             with stream:
-                for text in stream:
-                    read.append(text)
-                    if not args.json:
-                        term.out.write(text)
-                        term.out.flush()
+                for event in stream.events():
+                    if event.choice != 0:
+                        continue
+                    if event.type == "reasoning":
+                        if show_reasoning:
+                            term.thinking(event.text)
+                            thinking = True
+                    elif event.type == "text":
+                        if thinking:  # the thinking is over: the answer starts apart from it
+                            term.thinking("\n\n")
+                            thinking = False
+                        read.append(event.text)
+                        if not args.json:
+                            term.out.write(event.text)
+                            term.out.flush()
         except KeyboardInterrupt:
             # Stopped while opening too: the with block then did not close it.
             stream.close()
@@ -437,14 +472,8 @@ class _Conversation:
 
 def _stream_parameters(args: argparse.Namespace, extra: dict[str, object]) -> dict[str, Any]:
     params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-    if not extra:
-        return params
-    # Client.stream() merges extra_body= into the request as openai's does; a client
-    # without it sends its extra keywords as body fields themselves.
-    if "extra_body" in inspect.signature(Client.stream).parameters:
-        params["extra_body"] = extra
-    else:
-        params.update(extra)
+    if extra:
+        params["extra_body"] = extra  # merged into the request body, as openai's is
     return params
 
 

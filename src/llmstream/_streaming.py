@@ -34,7 +34,7 @@ from ._session import StreamItem
 if TYPE_CHECKING:
     from ._client import AsyncClient, Client
 
-__all__ = ["StreamBase", "chunk_of", "now", "text_of", "unexpected"]
+__all__ = ["StreamBase", "chunk_of", "item_of", "now", "text_of", "unexpected"]
 
 now = time.perf_counter
 """The clock of every stream: monotonic, and the one the metrics are taken with."""
@@ -43,6 +43,11 @@ now = time.perf_counter
 def text_of(item: StreamItem) -> str | None:
     """The text a stream item adds to choice 0, or None (nothing to yield)."""
     return item[1] or None
+
+
+def item_of(item: StreamItem) -> StreamItem:
+    """The stream item itself (for iterators that look at the whole item)."""
+    return item
 
 
 def chunk_of(item: StreamItem) -> ChatCompletionChunk:

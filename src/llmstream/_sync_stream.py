@@ -29,7 +29,8 @@ from ._http_errors import MAX_ERROR_BODY_BYTES
 from ._result import StreamResult
 from ._retry import RetryPolicy
 from ._session import StreamItem
-from ._streaming import StreamBase, chunk_of, now, text_of, unexpected
+from ._stream_events import StreamEvent, events_of
+from ._streaming import StreamBase, chunk_of, item_of, now, text_of, unexpected
 from ._transport import HeaderTimeout, SyncResponse
 
 if TYPE_CHECKING:
@@ -109,6 +110,21 @@ class ChatStream(StreamBase):
                     print([c.delta.content for c in chunk.choices])
         """
         return self._iterate(chunk_of)
+
+    def events(self) -> Iterator[StreamEvent]:
+        """Iterate typed events: text, reasoning, tool-call pieces and finishes, every choice.
+
+        Example::
+
+            with client.stream("Why is the sky blue?") as stream:
+                for event in stream.events():
+                    if event.type == "reasoning":
+                        print(event.text, end="", file=sys.stderr)  # the model thinking
+                    elif event.type == "text":
+                        print(event.text, end="")
+        """
+        for item in self._iterate(item_of):
+            yield from events_of(item)
 
     def final_result(self) -> StreamResult:
         """Read whatever is left and return the result.
