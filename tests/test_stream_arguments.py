@@ -160,3 +160,28 @@ async def test_awaiting_stream_opens_it_and_iterating_closes_it() -> None:
         text = "".join([t async for t in stream])
     assert text == "one two three"
     assert stream.result.complete
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_complete_returns_the_result_a_stream_ends_with(mode: str) -> None:
+    fake = FakeVLLM("one two three")
+    if mode == "async":
+        async with llmstream.AsyncClient("http://fake/v1", transport=fake.transport()) as client:
+            result = await client.complete("Hi", max_tokens=16)
+    else:
+        with llmstream.Client("http://fake/v1", transport=fake.transport()) as client:
+            result = client.complete(messages=[{"role": "user", "content": "Hi"}])
+    assert result.complete and result.text == "one two three"
+    assert result.metrics.time_to_first_token is not None
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_complete_raises_what_the_stream_would(mode: str, server: respx.Route) -> None:
+    server.mock(return_value=httpx.Response(404, json={"error": {"message": "no such model"}}))
+    with pytest.raises(llmstream.NotFoundError, match="no such model"):
+        if mode == "async":
+            async with llmstream.AsyncClient(URL, model="m") as client:
+                await client.complete("Hi")
+        else:
+            with llmstream.Client(URL, model="m") as client:
+                client.complete("Hi")

@@ -40,6 +40,7 @@ from ._http_errors import status_error
 from ._httpx_transport import HttpxAsyncTransport, HttpxSyncTransport
 from ._params import BODY_PARAMS, StreamParams, check_params
 from ._request import PromptOrMessages, build_body, build_messages
+from ._result import StreamResult
 from ._retry import RetryPolicy
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
 from ._sync_stream import ChatStream
@@ -403,6 +404,27 @@ class AsyncClient(_BaseClient):
             headers=spec.headers,
         )
 
+    async def complete(
+        self,
+        prompt_or_messages: PromptOrMessages | None = None,
+        /,
+        **params: Unpack[StreamParams],
+    ) -> StreamResult:
+        """The whole answer at once, as the :class:`~llmstream.StreamResult` a stream ends with.
+
+        The same arguments as :meth:`stream`. It streams underneath, so the deadlines,
+        retries, resume and budgets all apply, the metrics are taken at the wire, and
+        cancelling the call closes the connection (vLLM frees the request's KV cache).
+        Raises what the stream would.
+
+        Example::
+
+            result = await client.complete("Name three primes.", max_tokens=32)
+            print(result.text, result.finish_reason)
+        """
+        async with self.stream(prompt_or_messages, **params) as stream:
+            return await stream.final_result()
+
     async def models(self) -> list[str]:
         """The ids of the models the server serves (``GET /models``).
 
@@ -580,6 +602,24 @@ class Client(_BaseClient):
             spec.budget,
             headers=spec.headers,
         )
+
+    def complete(
+        self,
+        prompt_or_messages: PromptOrMessages | None = None,
+        /,
+        **params: Unpack[StreamParams],
+    ) -> StreamResult:
+        """The whole answer at once, as the :class:`~llmstream.StreamResult` a stream ends with.
+
+        See :meth:`AsyncClient.complete`.
+
+        Example::
+
+            result = client.complete("Name three primes.", max_tokens=32)
+            print(result.text)
+        """
+        with self.stream(prompt_or_messages, **params) as stream:
+            return stream.final_result()
 
     def models(self) -> list[str]:
         """The ids of the models the server serves (``GET /models``).
