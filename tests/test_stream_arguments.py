@@ -185,3 +185,10 @@ async def test_complete_raises_what_the_stream_would(mode: str, server: respx.Ro
         else:
             with llmstream.Client(URL, model="m") as client:
                 client.complete("Hi")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_none_is_the_same_as_not_passing_a_parameter(mode: str, server: respx.Route) -> None:
+    await _run(mode, "Hi", max_tokens=None, temperature=None, stop=None, timeout=None)
+    body = _bodies(server)[0]
+    assert not {"max_tokens", "temperature", "stop"} & set(body)

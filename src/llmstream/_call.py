@@ -294,7 +294,8 @@ class CallCore:
         if self.result is not None:
             return self.result
         if self.session is None:
-            return StreamResult()
+            # Nothing streamed: failed before a response, or not started yet.
+            return StreamResult(status="error" if self.error is not None else "streaming")
         return self.session.result(now)
 
     def _emit(self, event: CallEvent) -> None:

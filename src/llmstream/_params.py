@@ -45,44 +45,45 @@ class SamplingParams(TypedDict, total=False):
     """What the model is asked to do: the body fields vLLM's chat endpoint accepts.
 
     OpenAI's sampling parameters and the vLLM extensions most used with it; anything
-    else goes in ``extra_body``.
+    else goes in ``extra_body``. ``None`` is the same as not passing one: the server's
+    default applies.
 
     Example::
 
         client.stream("Hi", temperature=0.2, top_p=0.9, seed=7, stop=["END"])
     """
 
-    model: str
-    max_tokens: int
-    max_completion_tokens: int
-    temperature: float
-    top_p: float
-    n: int
-    stop: str | Sequence[str]
-    seed: int
-    presence_penalty: float
-    frequency_penalty: float
-    logit_bias: Mapping[str, float]
-    logprobs: bool
-    top_logprobs: int
-    tools: Sequence[JSONObject]
-    tool_choice: str | JSONObject
-    parallel_tool_calls: bool
-    response_format: JSONObject
-    reasoning_effort: Literal["low", "medium", "high"]
-    user: str
-    stream_options: JSONObject
+    model: str | None
+    max_tokens: int | None
+    max_completion_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    n: int | None
+    stop: str | Sequence[str] | None
+    seed: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    logit_bias: Mapping[str, float] | None
+    logprobs: bool | None
+    top_logprobs: int | None
+    tools: Sequence[JSONObject] | None
+    tool_choice: str | JSONObject | None
+    parallel_tool_calls: bool | None
+    response_format: JSONObject | None
+    reasoning_effort: Literal["low", "medium", "high"] | None
+    user: str | None
+    stream_options: JSONObject | None
     # vLLM's own sampling parameters.
-    top_k: int
-    min_p: float
-    repetition_penalty: float
-    min_tokens: int
-    stop_token_ids: Sequence[int]
-    ignore_eos: bool
-    chat_template_kwargs: JSONObject
-    add_generation_prompt: bool
-    continue_final_message: bool
-    priority: int
+    top_k: int | None
+    min_p: float | None
+    repetition_penalty: float | None
+    min_tokens: int | None
+    stop_token_ids: Sequence[int] | None
+    ignore_eos: bool | None
+    chat_template_kwargs: JSONObject | None
+    add_generation_prompt: bool | None
+    continue_final_message: bool | None
+    priority: int | None
 
 
 class StreamParams(SamplingParams, total=False):
@@ -100,20 +101,20 @@ class StreamParams(SamplingParams, total=False):
                       timeout=llmstream.Timeouts(total=30))
     """
 
-    messages: Sequence[Message]
-    extra_body: JSONObject
-    extra_headers: Mapping[str, str]
-    buffer: int
-    on_full: OnFull
-    max_pause: float
-    max_chunks: int
-    max_bytes: int
-    timeout: float | Timeouts
-    retry: RetryPolicy | int | tenacity.BaseRetrying
-    budget: CallBudget
-    token_budget: TokenBudget
-    budget_wait: bool
-    count_prompt: PromptCounting
+    messages: Sequence[Message] | None
+    extra_body: JSONObject | None
+    extra_headers: Mapping[str, str] | None
+    buffer: int | None
+    on_full: OnFull | None
+    max_pause: float | None
+    max_chunks: int | None
+    max_bytes: int | None
+    timeout: float | Timeouts | None
+    retry: RetryPolicy | int | tenacity.BaseRetrying | None
+    budget: CallBudget | None
+    token_budget: TokenBudget | None
+    budget_wait: bool | None
+    count_prompt: PromptCounting | None
 
 
 BODY_PARAMS = frozenset(SamplingParams.__annotations__)
