@@ -234,3 +234,26 @@ async def test_an_async_stream_cancelled_before_its_headers_has_a_cancelled_resu
     finally:
         listener.close()
         thread.join(5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_server_count_includes_the_tools_and_needs_no_model_list(mode: str) -> None:
+    fake = FakeVLLM("ok", model=MODEL)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    kwargs: dict[str, object] = {
+        "budget": llmstream.CallBudget(total_tokens=1000),
+        "count_prompt": "server",
+        "tools": tools,
+    }
+    if mode == "async":
+        async with llmstream.AsyncClient(
+            "http://f/v1", model=MODEL, transport=fake.transport()
+        ) as c:
+            await c.complete("Hi", **kwargs)  # type: ignore[arg-type]
+    else:
+        with llmstream.Client("http://f/v1", model=MODEL, transport=fake.transport()) as c:
+            c.complete("Hi", **kwargs)  # type: ignore[arg-type]
+    tokenize = [r for r in fake.requests if r.path == "/tokenize"]
+    assert tokenize and tokenize[0].json is not None and tokenize[0].json["tools"] == tools
+    # /tokenize told the context length too: no GET /models was needed for it.
+    assert [r.path for r in fake.requests].count("/v1/models") == 0

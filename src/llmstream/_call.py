@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -76,6 +77,15 @@ __all__ = [
     "Retry",
     "Step",
 ]
+
+# Body fields that change the tokens of the prompt the server builds (vLLM's /tokenize
+# takes the same).
+_TEMPLATE_FIELDS = (
+    "tools",
+    "chat_template_kwargs",
+    "add_generation_prompt",
+    "continue_final_message",
+)
 
 _TIMEOUT_ERRORS: dict[DeadlineKind, type[StreamTimeout]] = {
     "first_token": FirstTokenTimeout,
@@ -153,6 +163,8 @@ class NeedPromptCount:
 
     model: str
     messages: list[Any]
+    template: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """What else shapes the prompt: ``tools``, ``chat_template_kwargs``..., from the body."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +346,8 @@ class CallCore:
             assert isinstance(model, str)
             body["model"] = model
         if count is None:
-            counted = yield NeedPromptCount(model, messages)
+            template = {k: body[k] for k in _TEMPLATE_FIELDS if body.get(k) is not None}
+            counted = yield NeedPromptCount(model, messages, template)
             assert isinstance(counted, int)
             count = PromptCount(counted, "server")
         max_len = yield NeedContextLength(model)

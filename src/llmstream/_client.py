@@ -45,7 +45,11 @@ from ._retry import RetryPolicy
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
 from ._sync_stream import ChatStream
 from ._token_budget import TokenBudget
-from ._tokenize import parse_tokenize_response, tokenize_request_body
+from ._tokenize import (
+    parse_tokenize_max_model_len,
+    parse_tokenize_response,
+    tokenize_request_body,
+)
 from ._transport import AsyncResponse, HTTPRequest, SyncResponse
 from ._version import __version__
 
@@ -231,6 +235,13 @@ class _BaseClient:
         # vLLM serves /tokenize beside /v1, not under it.
         root = self.base_url.removesuffix("/v1")
         return f"{root}/tokenize"
+
+    def _prompt_count(self, model: str, answer: object) -> int:
+        """The count in a ``/tokenize`` answer; vLLM adds the context length, kept too."""
+        length = parse_tokenize_max_model_len(answer)
+        if length is not None:
+            self._context_lengths.setdefault(model, length)
+        return parse_tokenize_response(answer)
 
     def _first_model(self, data: object) -> str:
         self._record_models(data)
@@ -444,10 +455,9 @@ class AsyncClient(_BaseClient):
         if isinstance(need, NeedContextLength):
             return await self._context_length(need.model)
         assert isinstance(need, NeedPromptCount)
-        request = self._json_request(
-            "POST", self._tokenize_url(), tokenize_request_body(need.model, need.messages)
-        )
-        return parse_tokenize_response(await self._get_json(request))
+        body = tokenize_request_body(need.model, need.messages, **need.template)
+        answer = await self._get_json(self._json_request("POST", self._tokenize_url(), body))
+        return self._prompt_count(need.model, answer)
 
     async def _context_length(self, model: str) -> int | None:
         if model not in self._context_lengths:
@@ -640,10 +650,9 @@ class Client(_BaseClient):
         if isinstance(need, NeedContextLength):
             return self._context_length(need.model)
         assert isinstance(need, NeedPromptCount)
-        request = self._json_request(
-            "POST", self._tokenize_url(), tokenize_request_body(need.model, need.messages)
-        )
-        return parse_tokenize_response(self._get_json(request))
+        body = tokenize_request_body(need.model, need.messages, **need.template)
+        answer = self._get_json(self._json_request("POST", self._tokenize_url(), body))
+        return self._prompt_count(need.model, answer)
 
     def _context_length(self, model: str) -> int | None:
         if model not in self._context_lengths:
