@@ -222,8 +222,15 @@ def test_404_for_a_base_url_with_v1_is_about_the_model() -> None:
     body = b'{"error": {"message": "The model `x` does not exist.", "code": 404}}'
     exc = status_error(404, "Not Found", {}, body, method="POST", url=url)
     assert "The model `x` does not exist." in str(exc)
-    assert "Check the model name (client.models() lists them) and the base URL." in str(exc)
+    assert "Check the model name (GET /models lists them) and the base URL." in str(exc)
     assert "try" not in str(exc)
+
+
+def test_404_for_the_model_list_under_v1_is_about_the_host_and_port() -> None:
+    url = "http://h:8888/v1/models"
+    exc = status_error(404, "Not Found", {"content-type": "text/html"}, b"<h1>404</h1>", url=url)
+    assert "No OpenAI-compatible server answers at this base URL" in str(exc)
+    assert "model name" not in str(exc)
 
 
 @pytest.mark.parametrize("status", [404, 405])

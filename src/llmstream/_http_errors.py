@@ -140,8 +140,8 @@ def _url_hint(status_code: int, url: str | None) -> str | None:
     if url is None or status_code not in (404, 405):
         return None
     if url.endswith("/tokenize"):
-        # vLLM serves /tokenize at its root, beside /v1; llama.cpp's server, Ollama and
-        # hosted APIs answer 404 (or 405) there.
+        # vLLM serves /tokenize at its root, beside /v1; servers without one (Ollama,
+        # hosted APIs) answer 404, or 405 when a catch-all route takes only GET.
         return (
             'The server has no tokenize endpoint, which count_prompt="server" needs (vLLM '
             "serves /tokenize beside /v1). Count the prompt locally instead: "
@@ -151,9 +151,12 @@ def _url_hint(status_code: int, url: str | None) -> str | None:
     base = _base_of(url)
     if status_code != 404 or base is None:
         return None
-    if httpx.URL(base).path.rstrip("/").endswith("/v1"):
-        return "Check the model name (client.models() lists them) and the base URL."
-    return f"Check the base URL: it usually ends in /v1; try {_with_v1(base)}"
+    if not httpx.URL(base).path.rstrip("/").endswith("/v1"):
+        return f"Check the base URL: it usually ends in /v1; try {_with_v1(base)}"
+    if url.endswith("/models"):
+        # Every OpenAI-compatible server lists its models: this is another service.
+        return "No OpenAI-compatible server answers at this base URL: check its host and port."
+    return "Check the model name (GET /models lists them) and the base URL."
 
 
 def not_json_error(
