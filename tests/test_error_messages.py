@@ -68,7 +68,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 def _serve(routes: dict[str, Answer]) -> Iterator[_Server]:
     server = _Server(routes)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() is seen at the next poll: 0.5 s by default, at each test's end.
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield server
