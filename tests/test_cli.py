@@ -216,7 +216,11 @@ def test_errors_name_flags_not_python_keywords(capsys: pytest.CaptureFixture[str
     html = _Server(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 6\r\n\r\n<html>")
     assert main(["chat", "--base-url", html.base_url, "Hi"]) == 1  # no model list
     err = capsys.readouterr().err
-    assert "--max-tokens 5000" in err and "Raise --timeout" in err and "pass --model" in err
+    assert (
+        "--max-tokens 5000" in err
+        and "Raise --timeout" in err
+        and "does not speak the OpenAI API" in err
+    )
     for keyword in ("max_tokens=", "model=", "Timeouts.", "first_token="):
         assert keyword not in err
 
@@ -302,7 +306,8 @@ def test_a_failed_turn_is_left_out_of_the_conversation(
     with fake.serve() as server:
         assert main(["chat", "--base-url", server.base_url, "-m", "m", "-i"]) == 1
     assert _chat_bodies(fake)[1]["messages"] == [{"role": "user", "content": "accepted"}]
-    assert "llmstream: error: HTTP 400" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "llmstream: error: POST " in err and "HTTP 400" in err
 
 
 # -- the command line itself ---------------------------------------------------------
@@ -323,7 +328,7 @@ def test_errors_are_one_clear_line_and_exit_1(capsys: pytest.CaptureFixture[str]
     with FakeVLLM().serve() as server:
         assert main(["chat", "--base-url", server.base_url, "--model", "nope", "Hi"]) == 1
     err = capsys.readouterr().err
-    assert "llmstream: error: HTTP 404" in err and "nope" in err
+    assert "llmstream: error: POST " in err and "HTTP 404" in err and "nope" in err
     assert "Traceback" not in err
 
 

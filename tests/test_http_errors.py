@@ -10,6 +10,8 @@ import pytest
 import respx
 
 import llmstream
+from llmstream._config import EnvProxy
+from llmstream._http_errors import connection_error, not_json_error, status_error
 
 from .conftest import DATA
 
@@ -181,3 +183,110 @@ def test_connect_timeout_is_its_own_type() -> None:
     with pytest.raises(llmstream.ConnectTimeout) as info:
         _run_sync()
     assert isinstance(info.value, llmstream.APITimeoutError)
+
+
+# -- the request in the message, and advice that follows from its URL ----------------------
+
+NOT_FOUND = b'{"detail":"Not Found"}'
+
+
+def test_status_error_names_the_method_and_url() -> None:
+    url = "http://gpu-1:8000/v1/chat/completions"
+    exc = status_error(503, "Service Unavailable", {}, b"busy", method="POST", url=url)
+    assert str(exc).startswith(f"POST {url}: HTTP 503 Service Unavailable: busy.")
+    assert (exc.method, exc.url) == ("POST", url)
+
+
+def test_status_error_without_the_request_reads_as_before() -> None:
+    exc = status_error(404, "Not Found", {}, NOT_FOUND)
+    assert str(exc).startswith("HTTP 404 Not Found: Not Found.")
+    assert (exc.method, exc.url) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("url", "suggested"),
+    [
+        ("http://h:8000/chat/completions", "http://h:8000/v1"),
+        ("http://h:8000/models", "http://h:8000/v1"),
+        ("https://h/openai/chat/completions", "https://h/openai/v1"),
+        ("http://h:8000/v1/chat/chat/completions", "http://h:8000/v1"),
+    ],
+)
+def test_404_for_a_base_url_without_v1_suggests_one(url: str, suggested: str) -> None:
+    exc = status_error(404, "Not Found", {}, NOT_FOUND, method="POST", url=url)
+    assert str(exc).endswith(f"Check the base URL: it usually ends in /v1; try {suggested}")
+
+
+def test_404_for_a_base_url_with_v1_is_about_the_model() -> None:
+    url = "http://h:8000/v1/chat/completions"
+    body = b'{"error": {"message": "The model `x` does not exist.", "code": 404}}'
+    exc = status_error(404, "Not Found", {}, body, method="POST", url=url)
+    assert "The model `x` does not exist." in str(exc)
+    assert "Check the model name (GET /models lists them) and the base URL." in str(exc)
+    assert "try" not in str(exc)
+
+
+def test_404_for_the_model_list_under_v1_is_about_the_host_and_port() -> None:
+    url = "http://h:8888/v1/models"
+    exc = status_error(404, "Not Found", {"content-type": "text/html"}, b"<h1>404</h1>", url=url)
+    assert "No OpenAI-compatible server answers at this base URL" in str(exc)
+    assert "model name" not in str(exc)
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_no_tokenize_endpoint_says_how_to_count_instead(status: int) -> None:
+    exc = status_error(status, "", {}, NOT_FOUND, method="POST", url="http://h:8080/tokenize")
+    assert "The server has no tokenize endpoint" in str(exc)
+    assert 'count_prompt="estimate"' in str(exc)
+
+
+def test_not_json_quotes_an_html_title() -> None:
+    page = b"<html><head><title>Grafana</title></head><body>...</body></html>"
+    exc = not_json_error("GET", "http://h:3000/v1/models", 200, "text/html", page)
+    assert "the server at http://h:3000 does not speak the OpenAI API" in str(exc)
+    assert "it answered text/html ('Grafana')" in str(exc)
+
+
+def test_not_json_says_when_the_body_was_empty() -> None:
+    exc = not_json_error("GET", "http://h:3000/v1/models", 204, "", b"")
+    assert "it answered 204 with an empty body" in str(exc)
+
+
+def test_a_connect_error_through_a_proxy_names_the_proxy() -> None:
+    proxy = EnvProxy("http://proxy:3128", "https_proxy")
+    exc = connection_error(httpx.ConnectError("refused"), "https://h/v1/models", proxy=proxy)
+    assert isinstance(exc, llmstream.APIConnectionError)
+    assert "Could not reach the proxy http://proxy:3128 (from https_proxy)" in str(exc)
+
+
+def test_a_connect_timeout_through_a_proxy_is_still_a_connect_timeout() -> None:
+    proxy = EnvProxy("http://proxy:3128", "HTTP_PROXY")
+    exc = connection_error(httpx.ConnectTimeout("slow"), "http://h/v1", 2.0, proxy=proxy)
+    assert isinstance(exc, llmstream.ConnectTimeout)
+    assert "proxy http://proxy:3128 (from HTTP_PROXY) within connect=2 s" in str(exc)
+
+
+def test_a_proxy_that_refuses_the_tunnel_is_named() -> None:
+    proxy = EnvProxy("http://proxy:3128", "HTTPS_PROXY")
+    error = httpx.ProxyError("403 Forbidden")
+    exc = connection_error(error, "https://h/v1/models", proxy=proxy)
+    assert "The proxy http://proxy:3128 (from HTTPS_PROXY) would not forward" in str(exc)
+    assert "403 Forbidden" in str(exc)
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)",
+        "[SSL: RECORD_LAYER_FAILURE] record layer failure (_ssl.c:1029)",
+    ],
+)
+def test_tls_to_a_plain_http_port_says_use_http(said: str) -> None:
+    exc = connection_error(httpx.ConnectError(said), "https://h:8000/v1/chat/completions")
+    assert "The server speaks plain HTTP: use http:// (http://h:8000/v1)" in str(exc)
+
+
+def test_other_tls_failures_get_no_plain_http_hint() -> None:
+    said = "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"
+    exc = connection_error(httpx.ConnectError(said), "https://h:8000/v1/models")
+    assert "plain HTTP" not in str(exc)

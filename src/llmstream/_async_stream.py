@@ -348,7 +348,14 @@ class AsyncChatStream(StreamBase):
             body = await response.read(MAX_ERROR_BODY_BYTES)
             await self._drop_response()
             return core.error_response(
-                attempt, status, response.reason_phrase, response.headers, body, now()
+                attempt,
+                status,
+                response.reason_phrase,
+                response.headers,
+                body,
+                now(),
+                method=request.method,
+                url=request.url,
             )
         if step is None:
             self._reader = response.stream(core.body_read_backstop)

@@ -534,9 +534,16 @@ class CallCore:
         headers: Mapping[str, str],
         body: bytes,
         now: float,
+        *,
+        method: str | None = None,
+        url: str | None = None,
     ) -> Step:
-        """A non-2xx response and its (capped) body: retry, or fail with the status error."""
-        return self._after_failure(attempt, status_error(status, reason, headers, body), now)
+        """A non-2xx response and its (capped) body: retry, or fail with the status error.
+
+        ``method`` and ``url`` name the request in the error's message.
+        """
+        error = status_error(status, reason, headers, body, method=method, url=url)
+        return self._after_failure(attempt, error, now)
 
     def feed(self, attempt: Attempt, data: bytes, now: float) -> list[StreamItem]:
         """One network read of the body: the chunks it completed, to deliver in order.

@@ -24,7 +24,6 @@ from ._async_stream import AsyncChatStream
 from ._budget import CallBudget
 from ._call import Need, NeedContextLength, NeedModel, NeedPromptCount
 from ._config import (
-    DEFAULT_LIMITS,
     Secret,
     resolve_api_key,
     resolve_base_url,
@@ -36,8 +35,13 @@ from ._deadlines import Timeouts
 from ._errors import InvalidRequestError, LLMStreamError, ProtocolError
 from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
 from ._header_wait import watch_pool
-from ._http_errors import status_error
-from ._httpx_transport import HttpxAsyncTransport, HttpxSyncTransport
+from ._http_errors import not_an_openai_answer, not_json_error, status_error
+from ._httpx_transport import (
+    HttpxAsyncTransport,
+    HttpxSyncTransport,
+    own_async_client,
+    own_sync_client,
+)
 from ._params import BODY_PARAMS, StreamParams, check_params
 from ._request import PromptOrMessages, build_body, build_messages
 from ._result import StreamResult
@@ -244,25 +248,17 @@ class _BaseClient:
         return parse_tokenize_response(answer)
 
     def _first_model(self, data: object) -> str:
+        models = _model_list(data, self._models_url())
         self._record_models(data)
-        try:
-            model = data["data"][0]["id"]  # type: ignore[index]
-        except (KeyError, IndexError, TypeError):
+        if not models:
             raise ProtocolError(
-                f"GET {self._models_url()} did not list any model "
-                f"(answer: {json.dumps(data)[:200]!r}); pass model=... or set LLMSTREAM_MODEL."
-            ) from None
-        if not isinstance(model, str) or not model:
-            raise ProtocolError(f"GET {self._models_url()} listed a model without an id")
-        return model
+                f"GET {self._models_url()} lists no model (is the server still loading one?); "
+                "pass model=... or set LLMSTREAM_MODEL."
+            )
+        return models[0]
 
     def _model_ids(self, data: object) -> list[str]:
-        try:
-            return [str(m["id"]) for m in data["data"]]  # type: ignore[index]
-        except (KeyError, TypeError):
-            raise ProtocolError(
-                f"GET {self._models_url()} returned {json.dumps(data)[:200]!r}"
-            ) from None
+        return _model_list(data, self._models_url())
 
 
 class AsyncClient(_BaseClient):
@@ -347,11 +343,18 @@ class AsyncClient(_BaseClient):
             budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
         )
         self._owns_http = http_client is None
-        # Redirects are not followed: one to another host would carry the API key.
-        self._http = http_client or httpx.AsyncClient(
-            follow_redirects=False, transport=transport, limits=DEFAULT_LIMITS
+        self._http = http_client or own_async_client(transport)
+
+        def remake() -> httpx.AsyncClient:
+            self._http = own_async_client(None)
+            return self._http
+
+        # A pool of our own is remade in a new event loop; a transport passed in keeps its.
+        self._transport = HttpxAsyncTransport(
+            self._http,
+            owns_client=self._owns_http,
+            remake=remake if self._owns_http and transport is None else None,
         )
-        self._transport = HttpxAsyncTransport(self._http, owns_client=self._owns_http)
         # One GET /models at a time: concurrent calls wait for its answer, not send more.
         self._model_lock = anyio.Lock()
 
@@ -479,17 +482,15 @@ class AsyncClient(_BaseClient):
             return self._model
         async with self._model_lock:
             if self._model is None:
-                try:
-                    data = await self._get_json(self._json_request("GET", self._models_url()))
-                except ProtocolError as exc:
-                    raise _no_model_list(exc) from None
+                data = await self._get_json(self._json_request("GET", self._models_url()))
                 self._model = self._first_model(data)
             return self._model
 
     async def _get_json(self, request: HTTPRequest) -> object:
         response = await self._transport.send(request)
         try:
-            return _json_of(response, await response.read(_MAX_JSON_BYTES), request.url)
+            content = await response.read(_MAX_JSON_BYTES)
+            return _json_of(response, content, request.url, method=request.method)
         finally:
             await response.aclose()
 
@@ -552,9 +553,7 @@ class Client(_BaseClient):
             budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
         )
         self._owns_http = http_client is None
-        self._http = http_client or httpx.Client(
-            follow_redirects=False, transport=transport, limits=DEFAULT_LIMITS
-        )
+        self._http = http_client or own_sync_client(transport)
         if http_client is None and transport is None:
             # So that cancel() from another thread reaches a request still waiting for
             # its headers (see _header_wait).
@@ -670,34 +669,47 @@ class Client(_BaseClient):
             return self._model  # known: no lock (see AsyncClient._resolve_model)
         with self._model_lock:
             if self._model is None:
-                try:
-                    data = self._get_json(self._json_request("GET", self._models_url()))
-                except ProtocolError as exc:
-                    raise _no_model_list(exc) from None
+                data = self._get_json(self._json_request("GET", self._models_url()))
                 self._model = self._first_model(data)
             return self._model
 
     def _get_json(self, request: HTTPRequest) -> object:
         response = self._transport.send(request)
         try:
-            return _json_of(response, response.read(_MAX_JSON_BYTES), request.url)
+            content = response.read(_MAX_JSON_BYTES)
+            return _json_of(response, content, request.url, method=request.method)
         finally:
             response.close()
 
 
-def _no_model_list(exc: ProtocolError) -> ProtocolError:
-    return ProtocolError(
-        f"{exc} Could not ask the server for its model: pass model=... or set LLMSTREAM_MODEL."
+def _model_list(data: object, url: str) -> list[str]:
+    """The model ids of an OpenAI model list (``{"data": [{"id": ...}, ...]}``)."""
+    listed = data.get("data") if isinstance(data, dict) else None
+    if isinstance(listed, list):
+        ids = [entry.get("id") for entry in listed if isinstance(entry, dict)]
+        if len(ids) == len(listed) and all(isinstance(i, str) and i for i in ids):
+            return [str(i) for i in ids]
+    raise not_an_openai_answer(
+        "GET", url, f"its JSON is not a model list ({json.dumps(data)[:200]})"
     )
 
 
-def _json_of(response: AsyncResponse | SyncResponse, content: bytes, url: str) -> object:
+def _json_of(
+    response: AsyncResponse | SyncResponse, content: bytes, url: str, *, method: str = "GET"
+) -> object:
     """The JSON answer of a non-stream request, or the error its status means."""
     if response.status_code >= 300:
-        raise status_error(response.status_code, response.reason_phrase, response.headers, content)
+        raise status_error(
+            response.status_code,
+            response.reason_phrase,
+            response.headers,
+            content,
+            method=method,
+            url=url,
+        )
     try:
         data: object = json.loads(content)
     except ValueError:
-        text = content[:200].decode("utf-8", errors="replace")
-        raise ProtocolError(f"{url} did not answer JSON: {text!r}") from None
+        content_type = response.headers.get("content-type", "")
+        raise not_json_error(method, url, response.status_code, content_type, content) from None
     return data

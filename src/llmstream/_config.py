@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import httpx
 import tenacity
@@ -14,6 +16,9 @@ from ._retry import RetryPolicy
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "EnvProxy",
+    "env_proxy",
+    "missing_socks_error",
     "resolve_retry",
     "Secret",
     "resolve_api_key",
@@ -164,3 +169,90 @@ def resolve_retry(retry: RetryPolicy | int | tenacity.BaseRetrying | None) -> Re
             f"got {retry!r}"
         )
     return RetryPolicy(max_retries=retry)
+
+
+# The proxy variables httpx reads (its private get_environment_proxies), by the URL
+# scheme they serve; "all" serves any scheme that has none of its own.
+_PROXY_SCHEMES = ("http", "https", "all")
+
+
+@dataclass(frozen=True)
+class EnvProxy:
+    """A proxy set in the environment: its URL and the variable that set it.
+
+    Example::
+
+        env_proxy("http://gpu-1:8000/v1/models")  # EnvProxy("http://proxy:3128", "HTTP_PROXY")
+    """
+
+    url: str
+    variable: str
+
+
+def _variable(scheme: str, value: str) -> str:
+    # urllib prefers the lowercase spelling when both are set, as curl does.
+    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY"):
+        if os.environ.get(name) == value:
+            return name
+    return f"{scheme.upper()}_PROXY"  # from the system's settings (macOS, Windows)
+
+
+def env_proxy(url: str) -> EnvProxy | None:
+    """The proxy an httpx client that trusts the environment uses for ``url``, if any.
+
+    httpx keeps its reading of the environment private, so this reads the same
+    settings through :func:`urllib.request.getproxies` (``HTTP_PROXY``,
+    ``HTTPS_PROXY``, ``ALL_PROXY``) and :func:`urllib.request.proxy_bypass`
+    (``NO_PROXY``), as httpx does.
+
+    Example::
+
+        os.environ["HTTP_PROXY"] = "http://proxy:3128"
+        env_proxy("http://gpu-1:8000/v1")  # EnvProxy("http://proxy:3128", "HTTP_PROXY")
+    """
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL:
+        return None
+    proxies = urllib.request.getproxies()
+    for scheme in (target.scheme, "all"):
+        value = proxies.get(scheme)
+        if value:
+            break
+    else:
+        return None
+    host = target.host if target.port is None else f"{target.host}:{target.port}"
+    if proxies.get("no") == "*" or urllib.request.proxy_bypass(host):
+        return None
+    return EnvProxy(value if "://" in value else f"http://{value}", _variable(scheme, value))
+
+
+def missing_socks_error(exc: ImportError) -> InvalidRequestError:
+    """The error for httpx's ImportError when the environment names a SOCKS proxy.
+
+    httpx makes a transport for every proxy in the environment when a client is
+    built, whatever URL it will be used for, and a SOCKS one needs ``socksio``.
+
+    Example::
+
+        try:
+            http = httpx.AsyncClient()
+        except ImportError as exc:
+            raise missing_socks_error(exc) from exc
+    """
+    proxies = urllib.request.getproxies()
+    found = [
+        (scheme, proxies[scheme])
+        for scheme in _PROXY_SCHEMES
+        if proxies.get(scheme, "").lower().startswith("socks")
+    ]
+    who = (
+        " and ".join(f"{_variable(scheme, value)}={value}" for scheme, value in found)
+        if found
+        else "The system's proxy settings"
+    )
+    return InvalidRequestError(
+        f"{who} names a SOCKS proxy, which httpx can use only with the socksio package: "
+        'pip install "httpx[socks]". Or unset the variable, or pass an http_client made '
+        f"with trust_env=False to ignore the environment's proxies. ({exc})"
+    )

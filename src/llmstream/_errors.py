@@ -91,7 +91,12 @@ class LLMStreamError(Exception):
 
 
 class InvalidRequestError(LLMStreamError, ValueError):
-    """The arguments are invalid; raised before any request is sent.
+    """The arguments are invalid, or the client cannot be used as it is; nothing was sent.
+
+    Also raised for a client used after it was closed, an ``AsyncClient`` whose
+    ``http_client`` still holds connections of an event loop that has ended, a
+    SOCKS proxy in the environment without ``httpx[socks]``, and an optional
+    feature whose extra is not installed.
 
     Example::
 
@@ -136,14 +141,15 @@ class APIStatusError(LLMStreamError):
     ``status_code`` is the HTTP status, ``body`` the raw body text (truncated to
     64 KiB), ``error_type`` and ``error_code`` what the server's JSON error said
     (when it said), ``headers`` the response headers and ``request_id`` the
-    ``X-Request-Id`` header when present. ``str(exc)`` quotes the server's own
-    message.
+    ``X-Request-Id`` header when present, ``method`` and ``url`` the request that
+    got the answer (``None`` when not known). ``str(exc)`` names the request and
+    quotes the server's own message.
 
     Example::
 
         except llmstream.APIStatusError as exc:
             if exc.status_code == 404:
-                print("unknown model:", exc.message)
+                print(exc.method, exc.url, "not found:", exc.message)
     """
 
     def __init__(
@@ -156,6 +162,8 @@ class APIStatusError(LLMStreamError):
         error_type: str | None = None,
         error_code: int | str | None = None,
         request_id: str | None = None,
+        method: str | None = None,
+        url: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -164,6 +172,8 @@ class APIStatusError(LLMStreamError):
         self.error_type = error_type
         self.error_code = error_code
         self.request_id = request_id
+        self.method = method
+        self.url = url
 
 
 class BadRequestError(APIStatusError):

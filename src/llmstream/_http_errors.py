@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import httpx
 
+from ._config import EnvProxy
 from ._errors import (
     APIConnectionError,
     APIStatusError,
@@ -19,12 +20,19 @@ from ._errors import (
     LLMStreamError,
     NotFoundError,
     PermissionDeniedError,
+    ProtocolError,
     RateLimitError,
     UnprocessableEntityError,
 )
 from ._result import StreamResult
 
-__all__ = ["MAX_ERROR_BODY_BYTES", "connection_error", "status_error"]
+__all__ = [
+    "MAX_ERROR_BODY_BYTES",
+    "connection_error",
+    "not_an_openai_answer",
+    "not_json_error",
+    "status_error",
+]
 
 MAX_ERROR_BODY_BYTES = 64 * 1024
 """An error body is read up to this size: a hostile server cannot make us buffer more."""
@@ -56,24 +64,40 @@ _SPACES = re.compile(r"\s+")
 
 
 def status_error(
-    status_code: int, reason: str, headers: Mapping[str, str], body: bytes
+    status_code: int,
+    reason: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    method: str | None = None,
+    url: str | None = None,
 ) -> APIStatusError:
     """Build the error for a non-2xx response from its status, headers and (capped) body.
 
     Understands OpenAI/vLLM ``{"error": {...}}``, ``{"error": "text"}``, the flat
     ``{"object": "error", "message": ...}``, FastAPI's ``{"detail": ...}``, HTML
-    error pages and plain text.
+    error pages and plain text. ``method`` and ``url``, the request that got the
+    answer, start the message and make its advice precise: a 404 for a base URL
+    without ``/v1``, a server without ``/tokenize``.
 
     Example::
 
-        exc = status_error(404, "Not Found", {}, b'{"error": {"message": "no such model"}}')
+        exc = status_error(404, "Not Found", {}, b'{"error": {"message": "no such model"}}',
+                           method="POST", url="http://gpu-1:8000/v1/chat/completions")
         assert isinstance(exc, NotFoundError) and "no such model" in str(exc)
+        assert str(exc).startswith("POST http://gpu-1:8000/v1/chat/completions: HTTP 404")
     """
     text = body[:MAX_ERROR_BODY_BYTES].decode("utf-8", errors="replace")
     said, error_type, error_code = _server_message(text, headers.get("content-type", ""))
     what = f"HTTP {status_code} {reason}".rstrip()
+    if url is not None:
+        what = f"{method} {url}: {what}" if method else f"{url}: {what}"
     message = f"{what}: {said}" if said else f"{what} (empty body)"
-    hint = _HINTS.get(status_code) or ("The server failed; retry." if status_code >= 500 else "")
+    hint = (
+        _url_hint(status_code, url)
+        or _HINTS.get(status_code)
+        or ("The server failed; retry." if status_code >= 500 else "")
+    )
     if hint:
         message = f"{message}. {hint}" if not message.endswith(".") else f"{message} {hint}"
     cls = _STATUS_CLASSES.get(status_code) or (
@@ -87,19 +111,119 @@ def status_error(
         error_type=error_type,
         error_code=error_code,
         request_id=headers.get("x-request-id"),
+        method=method,
+        url=url,
+    )
+
+
+# The paths the client requests under the base URL, longest first.
+_ENDPOINTS = ("/chat/completions", "/completions", "/models")
+
+
+def _base_of(url: str) -> str | None:
+    """The base URL a request URL was made from; None when it is not an API path."""
+    for endpoint in _ENDPOINTS:
+        if url.endswith(endpoint):
+            return url[: -len(endpoint)]
+    return None
+
+
+def _with_v1(base: str) -> str:
+    """What the base URL most likely should be: up to its /v1, or with /v1 added."""
+    parsed = httpx.URL(base)
+    parts = parsed.path.rstrip("/").split("/")
+    path = "/".join(parts[: parts.index("v1") + 1]) if "v1" in parts else "/".join([*parts, "v1"])
+    return str(parsed.copy_with(path=path, query=None, fragment=None))
+
+
+def _url_hint(status_code: int, url: str | None) -> str | None:
+    if url is None or status_code not in (404, 405):
+        return None
+    if url.endswith("/tokenize"):
+        # vLLM serves /tokenize at its root, beside /v1; servers without one (Ollama,
+        # hosted APIs) answer 404, or 405 when a catch-all route takes only GET.
+        return (
+            'The server has no tokenize endpoint, which count_prompt="server" needs (vLLM '
+            "serves /tokenize beside /v1). Count the prompt locally instead: "
+            'count_prompt="estimate", or a tokenizer\'s counter '
+            "(llmstream.counter_from_text_tokenizer)."
+        )
+    base = _base_of(url)
+    if status_code != 404 or base is None:
+        return None
+    if not httpx.URL(base).path.rstrip("/").endswith("/v1"):
+        return f"Check the base URL: it usually ends in /v1; try {_with_v1(base)}"
+    if url.endswith("/models"):
+        # Every OpenAI-compatible server lists its models: this is another service.
+        return "No OpenAI-compatible server answers at this base URL: check its host and port."
+    return "Check the model name (GET /models lists them) and the base URL."
+
+
+def not_json_error(
+    method: str, url: str, status_code: int, content_type: str, body: bytes
+) -> ProtocolError:
+    """The error for a 2xx answer to a JSON request (``GET /models``...) that is not JSON.
+
+    A web app, a notebook server or another service on the port answers HTML or
+    text: the message quotes what it sent (an HTML page's title) and points at the
+    base URL and port.
+
+    Example::
+
+        not_json_error("GET", "http://localhost:8888/v1/models", 200, "text/html",
+                       b"<title>Jupyter Server</title>")
+        # ProtocolError("GET http://localhost:8888/v1/models: the server at
+        #   http://localhost:8888 does not speak the OpenAI API: it answered text/html
+        #   ('Jupyter Server') ...")
+    """
+    text = body[:MAX_ERROR_BODY_BYTES].decode("utf-8", errors="replace").strip()
+    kind = content_type.split(";")[0].strip() or "a body without a content type"
+    if not text:
+        answered = f"it answered {status_code} with an empty body"
+    elif "html" in kind or text[:1] == "<":
+        answered = f"it answered {kind} ({_html_message(text)!r})"
+    else:
+        answered = f"it answered {kind} ({_clip(_SPACES.sub(' ', text), 200)!r})"
+    return not_an_openai_answer(method, url, answered)
+
+
+def not_an_openai_answer(method: str, url: str, answered: str) -> ProtocolError:
+    """The error for an answer no OpenAI-compatible server gives; ``answered`` says what came.
+
+    Example::
+
+        not_an_openai_answer("GET", "http://localhost:8080/v1/models",
+                             "its JSON is not a model list ({'status': 'ok'})")
+    """
+    origin = httpx.URL(url).copy_with(path="/", query=None, fragment=None)
+    return ProtocolError(
+        f"{method} {url}: the server at {str(origin).rstrip('/')} does not speak the "
+        f"OpenAI API: {answered}. Check the base URL and its port (vLLM serves the API "
+        "under /v1, by default at http://localhost:8000/v1)."
     )
 
 
 def connection_error(
-    exc: httpx.HTTPError, url: str, connect_timeout: float | None = None
+    exc: httpx.HTTPError,
+    url: str,
+    connect_timeout: float | None = None,
+    *,
+    proxy: EnvProxy | None = None,
 ) -> LLMStreamError:
     """Map an httpx failure that happened before a response into our error tree.
+
+    ``proxy`` is the environment's proxy for ``url`` when the client uses it: a
+    failure to connect is then the proxy's, and the message names it.
 
     Example::
 
         except httpx.HTTPError as exc:
-            raise connection_error(exc, url) from exc
+            raise connection_error(exc, url, proxy=env_proxy(url)) from exc
     """
+    if proxy is not None and isinstance(
+        exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.ProxyError
+    ):
+        return _proxy_error(exc, url, proxy, connect_timeout)
     if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
         limit = f" within connect={connect_timeout:g} s" if connect_timeout else ""
         return ConnectTimeout(
@@ -115,9 +239,61 @@ def connection_error(
         )
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
         return APIConnectionError(f"Cannot request {url}: {exc}. Check the base URL.")
+    if isinstance(exc, httpx.ConnectError) and url.startswith("https://") and _plain_http(exc):
+        plain = "http://" + url.removeprefix("https://")
+        return APIConnectionError(
+            f"Could not open a TLS connection to {url}: {exc}. The server speaks plain "
+            f"HTTP: use http:// ({_base_of(plain) or plain})."
+        )
     return APIConnectionError(
         f"Could not get a response from {url}: {type(exc).__name__}: {exc or 'connection failed'}. "
         "Is the server running, and is the base URL right?"
+    )
+
+
+# What OpenSSL says when the "TLS" server answered in plain text (an HTTP 400): up to 3.1
+# WRONG_VERSION_NUMBER (or "packet length too long"), from 3.2 "record layer failure";
+# urllib3 reads the first and the last the same way (urllib3#3271).
+_PLAIN_HTTP_SIGNS = (
+    "wrong_version_number",
+    "wrong version number",
+    "record layer failure",
+    "packet length too long",
+)
+
+
+def _plain_http(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen).lower()
+        if any(sign in text for sign in _PLAIN_HTTP_SIGNS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _proxy_error(
+    exc: httpx.HTTPError, url: str, proxy: EnvProxy, connect_timeout: float | None
+) -> LLMStreamError:
+    where = f"the proxy {proxy.url} (from {proxy.variable})"
+    advice = (
+        f"Fix or unset {proxy.variable}, or add the server's host to NO_PROXY to connect "
+        "to it directly."
+    )
+    if isinstance(exc, httpx.ProxyError):
+        return APIConnectionError(
+            f"The proxy {proxy.url} (from {proxy.variable}) would not forward the request "
+            f"to {url}: {exc}. {advice}"
+        )
+    if isinstance(exc, httpx.ConnectTimeout):
+        limit = f" within connect={connect_timeout:g} s" if connect_timeout else ""
+        return ConnectTimeout(
+            f"Could not reach {where}{limit} to request {url}. {advice}",
+            partial=StreamResult(status="interrupted"),
+        )
+    return APIConnectionError(
+        f"Could not reach {where} to request {url}: {type(exc).__name__}: "
+        f"{exc or 'connection failed'}. {advice}"
     )
 
 

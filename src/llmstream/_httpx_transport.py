@@ -7,28 +7,64 @@ fast path where it is on and httpx's public iterators elsewhere. Aborting shuts 
 socket down (``shutdown()`` wakes a blocked read and sends the FIN at once; closing the
 file descriptor does neither).
 
+Misuse that httpx reports with a bare ``RuntimeError`` or ``ImportError`` becomes an
+:class:`~llmstream.InvalidRequestError` that says what to do: a closed client, a client
+carried from one event loop to the next (its pool is remade instead when it is the
+client's own), a SOCKS proxy in the environment without ``socksio``.
+
 Example::
 
-    transport = HttpxAsyncTransport(httpx.AsyncClient(), owns_client=True)
+    transport = HttpxAsyncTransport(own_async_client(None), owns_client=True)
     response = await transport.send(request)
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import anyio
 import httpx
 
 from ._body import aiter_body, iter_body
 from ._call import ReadFailure
-from ._config import KEEP_ALIVE_BELOW
+from ._config import DEFAULT_LIMITS, KEEP_ALIVE_BELOW, env_proxy, missing_socks_error
+from ._errors import InvalidRequestError
 from ._header_wait import HeaderWait, shut_down, waiting_for_headers
 from ._http_errors import connection_error
 from ._transport import HeaderTimeout, HTTPRequest
 
-__all__ = ["HttpxAsyncTransport", "HttpxSyncTransport"]
+__all__ = ["HttpxAsyncTransport", "HttpxSyncTransport", "own_async_client", "own_sync_client"]
+
+
+def own_async_client(transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    """The httpx client an :class:`~llmstream.AsyncClient` makes for itself.
+
+    Redirects are not followed: one to another host would carry the API key.
+
+    Example::
+
+        http = own_async_client(None)
+    """
+    try:
+        return httpx.AsyncClient(follow_redirects=False, transport=transport, limits=DEFAULT_LIMITS)
+    except ImportError as exc:  # a SOCKS proxy in the environment, without socksio
+        raise missing_socks_error(exc) from exc
+
+
+def own_sync_client(transport: httpx.BaseTransport | None) -> httpx.Client:
+    """The httpx client a :class:`~llmstream.Client` makes for itself (as :func:`own_async_client`).
+
+    Example::
+
+        http = own_sync_client(None)
+    """
+    try:
+        return httpx.Client(follow_redirects=False, transport=transport, limits=DEFAULT_LIMITS)
+    except ImportError as exc:
+        raise missing_socks_error(exc) from exc
+
 
 # Sending a chat request's body: small, so a long wait means a dead peer.
 _WRITE_TIMEOUT = 30.0
@@ -67,10 +103,41 @@ def _build(
     )
 
 
-def _send_error(exc: httpx.HTTPError, request: HTTPRequest) -> Exception:
-    if request.stream and isinstance(exc, httpx.ReadTimeout):
-        return HeaderTimeout(str(exc))  # no headers in time: a deadline of the call
-    return connection_error(exc, request.url, request.connect_timeout)
+def _send_error(
+    exc: BaseException, request: HTTPRequest, http: httpx.AsyncClient | httpx.Client, block: str
+) -> BaseException:
+    """What a failed send raises: ``exc`` itself when it is not the transport's to explain."""
+    if isinstance(exc, httpx.HTTPError):
+        if request.stream and isinstance(exc, httpx.ReadTimeout):
+            return HeaderTimeout(str(exc))  # no headers in time: a deadline of the call
+        # httpx takes proxies from the environment unless told not to (trust_env).
+        proxy = env_proxy(request.url) if http.trust_env else None
+        return connection_error(exc, request.url, request.connect_timeout, proxy=proxy)
+    if isinstance(exc, RuntimeError):
+        if http.is_closed:
+            return _closed_error(block)
+        if "Event loop is closed" in str(exc):
+            return InvalidRequestError(
+                "This client's connection pool holds connections of an event loop that has "
+                "ended (each asyncio.run() makes a new one); a client belongs to one event "
+                "loop. Make the client inside the loop that uses it (in the function "
+                "asyncio.run() runs), or use a new http_client in each loop."
+            )
+    return exc
+
+
+def _closed_error(block: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        "The client (or the http_client it was given) was closed: make a new one, or don't "
+        f"use it after its `{block}` block ended."
+    )
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None  # trio: a pool's connections work from one trio.run() to the next
 
 
 def _read_failure(exc: Exception) -> ReadFailure | None:
@@ -211,40 +278,71 @@ class _SyncResponse(_Response):
 class HttpxAsyncTransport:
     """The async transport on an ``httpx.AsyncClient``.
 
+    ``remake`` makes a new client like this one: when the client is used in a new
+    event loop after the one it was used in ended (a second ``asyncio.run()``), its
+    pooled connections belong to the old loop, and a new client replaces it.
+
     Example::
 
         transport = HttpxAsyncTransport(httpx.AsyncClient(), owns_client=True)
     """
 
-    def __init__(self, http: httpx.AsyncClient, *, owns_client: bool) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        owns_client: bool,
+        remake: Callable[[], httpx.AsyncClient] | None = None,
+    ) -> None:
         self.http = http
         self._owns_client = owns_client
+        self._remake = remake
         self._in_flight = _InFlight()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def requests_in_flight(self) -> int:
         """Streams sent and not yet released."""
         return self._in_flight.count
 
+    def _follow_loop(self) -> None:
+        """Remake our own client when the loop its connections belong to has stopped."""
+        loop = _running_loop()
+        previous, self._loop = self._loop, loop
+        if previous is None or loop is None or previous is loop or previous.is_running():
+            return
+        if self._remake is not None:
+            # The old client is left unclosed: closing its connections needs the loop they
+            # were opened in, which is gone (asyncio's own cleanup closes their sockets).
+            self.http = self._remake()
+
     async def send(self, request: HTTPRequest) -> _AsyncResponse:
         """Send ``request``; returns once the response headers arrived."""
-        built = _build(self.http, request, self._in_flight)
+        if self.http.is_closed:
+            raise _closed_error("async with")
+        self._follow_loop()
+        http = self.http
+        built = _build(http, request, self._in_flight)
         counted = self._in_flight if request.stream else None
         if counted is not None:
             counted.add(1)
         try:
-            response = await self.http.send(built, stream=request.stream)
+            response = await http.send(built, stream=request.stream)
         except BaseException as exc:
             if counted is not None:
                 counted.add(-1)
-            if isinstance(exc, httpx.HTTPError):
-                raise _send_error(exc, request) from exc
-            raise
+            error = _send_error(exc, request, http, "async with")
+            if error is exc:
+                raise
+            raise error from exc
         return _AsyncResponse(response, counted)
 
     async def aclose(self) -> None:
         """Close the connection pool (not a client the caller passed in)."""
         if self._owns_client:
+            # In a later event loop (asyncio.run(client.aclose())), the pool's connections
+            # cannot be closed: a new, empty pool is made, and that one closed.
+            self._follow_loop()
             with anyio.CancelScope(shield=True):
                 await self.http.aclose()
 
@@ -269,6 +367,8 @@ class HttpxSyncTransport:
 
     def send(self, request: HTTPRequest, header_wait: HeaderWait | None = None) -> _SyncResponse:
         """Send ``request``; ``header_wait.cut()`` from another thread stops the wait."""
+        if self.http.is_closed:
+            raise _closed_error("with")
         built = _build(self.http, request, self._in_flight)
         counted = self._in_flight if request.stream else None
         if counted is not None:
@@ -282,9 +382,10 @@ class HttpxSyncTransport:
         except BaseException as exc:
             if counted is not None:
                 counted.add(-1)
-            if isinstance(exc, httpx.HTTPError):
-                raise _send_error(exc, request) from exc
-            raise
+            error = _send_error(exc, request, self.http, "with")
+            if error is exc:
+                raise
+            raise error from exc
         return _SyncResponse(response, counted)
 
     def close(self) -> None:

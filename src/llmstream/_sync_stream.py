@@ -307,7 +307,14 @@ class ChatStream(StreamBase):
             self._drop_response()
             with self._lock:
                 return core.error_response(
-                    attempt, status, response.reason_phrase, response.headers, body, now()
+                    attempt,
+                    status,
+                    response.reason_phrase,
+                    response.headers,
+                    body,
+                    now(),
+                    method=request.method,
+                    url=request.url,
                 )
         if step is None:
             self._reader = response.stream(core.body_read_backstop)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._async_stream import AsyncChatStream
-from ._errors import LLMStreamError
+from ._errors import InvalidRequestError, LLMStreamError
 from ._result import StreamResult
 
 if TYPE_CHECKING:
@@ -164,6 +164,7 @@ def relay_response(
     """A Starlette/FastAPI response relaying ``stream`` as SSE (see :class:`SSERelay`).
 
     Needs Starlette (``pip install "llmstream-sdk[relay]"``); imported only here.
+    Without it, raises :class:`~llmstream.InvalidRequestError` saying so.
 
     Example::
 
@@ -171,7 +172,14 @@ def relay_response(
         async def chat(q: str):
             return relay_response(client.stream(q))
     """
-    from starlette.responses import Response
+    try:
+        from starlette.responses import Response
+    except ImportError as exc:
+        raise InvalidRequestError(
+            "relay_response() needs Starlette, which is not installed: "
+            'pip install "llmstream-sdk[relay]" (or use SSERelay, a plain ASGI app that '
+            f"needs no framework). ({exc})"
+        ) from exc
 
     relay = SSERelay(stream, event_format=event_format, headers=headers, on_result=on_result)
 
