@@ -60,6 +60,9 @@ class _Response:
             raise StopIteration
         return self._parts.pop(0)
 
+    def body_ended(self) -> None:
+        self._done = True
+
     def read_failure(self, exc: Exception) -> ReadFailure | None:
         return ReadFailure("broken", str(exc)) if isinstance(exc, _Broken) else None
 

@@ -425,6 +425,7 @@ class AsyncChatStream(StreamBase):
             try:
                 data = await reader.__anext__()
             except StopAsyncIteration:
+                self._response.body_ended()
                 return core.body_ended(attempt, now())
             except Exception as exc:
                 failure = self._response.read_failure(exc)
@@ -504,6 +505,7 @@ class AsyncChatStream(StreamBase):
             try:
                 data = await reader.__anext__()
             except StopAsyncIteration:
+                response.body_ended()
                 return core.body_ended(attempt, now())
             except Exception as exc:
                 if core.stopped is not None:

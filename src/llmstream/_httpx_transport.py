@@ -181,6 +181,9 @@ class _Response:
     def read_failure(self, exc: Exception) -> ReadFailure | None:
         return _read_failure(exc)
 
+    def body_ended(self) -> None:
+        self._ended = True
+
     def _shut_down(self) -> bool:
         """Shut the socket down; False when there is none (an in-process transport)."""
         return shut_down(self._response.extensions.get("network_stream"))

@@ -438,6 +438,7 @@ class ChatStream(StreamBase):
             try:
                 data = next(reader)
             except StopIteration:
+                response.body_ended()
                 with lock:
                     return core.body_ended(attempt, now())
             except Exception as exc:

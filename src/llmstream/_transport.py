@@ -93,6 +93,9 @@ class AsyncResponse(Protocol):
     def read_failure(self, exc: Exception) -> ReadFailure | None:
         """What a failed body read means; None when ``exc`` is not a transport failure."""
 
+    def body_ended(self) -> None:
+        """The body's iterator ended: it was read whole, and the connection may be reused."""
+
     def abort(self) -> None:
         """Cut the connection now, from the event loop's thread; no-op once the body ended."""
 
@@ -141,6 +144,9 @@ class SyncResponse(Protocol):
 
     def read_failure(self, exc: Exception) -> ReadFailure | None:
         """What a failed body read means; None when ``exc`` is not a transport failure."""
+
+    def body_ended(self) -> None:
+        """The body's iterator ended: it was read whole, and the connection may be reused."""
 
     def abort(self) -> None:
         """Cut the connection now, from any thread: a blocked read returns at once."""
