@@ -12,6 +12,7 @@ import collections.abc
 import contextlib
 import gc
 import logging
+import re
 import sys
 import time
 import warnings
@@ -65,7 +66,15 @@ def nothing_escapes() -> Iterator[None]:
         sys.unraisablehook = hook
         logging.getLogger().removeHandler(logged)
     assert unraisable == []
-    assert [str(w.message) for w in warned] == []
+    # With the fast path off, httpx reads a body through nested async generators; when the
+    # response is closed early, trio finalises the inner one itself and says so (the same
+    # warning pyproject.toml lets through). That is httpx's, not a connection left open.
+    httpx_finalised = re.compile(r"Async generator 'http(x|core)\.")
+    assert [
+        str(w.message)
+        for w in warned
+        if not (issubclass(w.category, ResourceWarning) and httpx_finalised.match(str(w.message)))
+    ] == []
     assert [f"{r.name}: {r.getMessage()}" for r in logged.records] == []
 
 
