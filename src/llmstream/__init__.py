@@ -43,6 +43,7 @@ from ._errors import (
     InvalidRequestError,
     LLMStreamError,
     NotFoundError,
+    OutputParseError,
     PauseTimeout,
     PermissionDeniedError,
     ProtocolError,
@@ -74,11 +75,14 @@ from ._result import (
     StreamMetrics,
     StreamResult,
     StreamStatus,
+    TokenLogprob,
     TokenReport,
     ToolCall,
+    TopLogprob,
 )
 from ._retry import RetryEvent, RetryPolicy
 from ._sse import SSEDecoder
+from ._structured import response_format_for
 from ._sync_stream import ChatStream
 from ._token_budget import Reservation, TokenBudget
 from ._version import __version__
@@ -114,6 +118,7 @@ __all__ = [
     "Message",
     "NotFoundError",
     "OnFull",
+    "OutputParseError",
     "PauseTimeout",
     "PermissionDeniedError",
     "PromptCounting",
@@ -138,17 +143,20 @@ __all__ = [
     "Timeouts",
     "TokenBudget",
     "TokenCounter",
+    "TokenLogprob",
     "TokenReport",
     "ToolCall",
     "ToolArgumentsError",
     "ToolCallDelta",
     "ToolMessage",
+    "TopLogprob",
     "TotalTimeout",
     "UnprocessableEntityError",
     "Usage",
     "UserMessage",
     "counter_from_text_tokenizer",
     "estimate_prompt_tokens",
+    "response_format_for",
     "stream_llm_request",
     "stream_llm_request_sync",
     "__version__",
