@@ -207,6 +207,9 @@ class StreamAssembler:
         parts = self._choices.get(choice.index)
         if parts is None:
             parts = self._choices[choice.index] = _ChoiceParts(choice.index)
+        if choice.logprobs is not None:  # only when asked for: vLLM sends null otherwise
+            # First: logprobs that do not parse fail the chunk before any of it is applied.
+            parts.add_logprobs(choice.logprobs)
         delta = choice.delta
         output = False
         if delta.role is not None:
@@ -238,8 +241,6 @@ class StreamAssembler:
                         tool.name.append(call.function.name)
                     if call.function.arguments:
                         tool.arguments.append(call.function.arguments)
-        if choice.logprobs is not None:  # only when asked for: vLLM sends null otherwise
-            parts.add_logprobs(choice.logprobs)
         if choice.finish_reason is not None:
             parts.finish_reason = choice.finish_reason
             parts.stop_reason = choice.stop_reason
