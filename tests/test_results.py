@@ -183,9 +183,9 @@ async def test_round_trip_the_second_call_is_accepted_with_the_tool_answer(mode:
 
 @pytest.mark.parametrize("reads", [1, 3, 40])
 def test_logprobs_are_assembled_per_token_in_order(reads: int) -> None:
-    _, meta = load_vector(CAPTURED / "logprobs.sse")
+    _, meta = load_vector(HAND_BUILT / "logprobs.sse")
     want = meta["expected"]["choices"][0]["logprobs"]
-    result = _assemble(CAPTURED / "logprobs.sse", reads=reads)
+    result = _assemble(HAND_BUILT / "logprobs.sse", reads=reads)
     assert result.logprobs is not None
     assert [t.model_dump() for t in result.logprobs] == want
     assert result.choices[0].logprobs == result.logprobs
@@ -244,7 +244,7 @@ def test_malformed_logprobs_are_a_protocol_error_with_the_partial_answer() -> No
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_logprobs_reach_the_result_through_both_clients(mode: str) -> None:
-    body, meta = load_vector(CAPTURED / "logprobs.sse")
+    body, meta = load_vector(HAND_BUILT / "logprobs.sse")
     outcome = await collect(
         mode, transport=_mock(body), client_kwargs={"model": "m"}, logprobs=True, top_logprobs=2
     )
