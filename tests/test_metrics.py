@@ -34,7 +34,7 @@ def test_server_count_wins() -> None:
 def test_no_tokens() -> None:
     m = MetricsRecorder(started=0.0).summary(completion_tokens=None, ended=1.0)
     assert m.time_to_first_token is None and m.inter_token_latency is None
-    assert m.tokens_per_second is None and m.duration == 1.0
+    assert m.tokens_per_second == 0.0 and m.duration == 1.0
 
 
 def test_long_streams_keep_a_bounded_sample_but_exact_count_mean_max() -> None:

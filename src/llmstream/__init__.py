@@ -41,6 +41,7 @@ from ._errors import (
     InvalidRequestError,
     LLMStreamError,
     NotFoundError,
+    OutputParseError,
     PauseTimeout,
     PermissionDeniedError,
     ProtocolError,
@@ -73,12 +74,15 @@ from ._result import (
     StreamMetrics,
     StreamResult,
     StreamStatus,
+    TokenLogprob,
     TokenReport,
     ToolCall,
+    TopLogprob,
 )
 from ._retry import CallRetries, RetryEvent, RetryPolicy
 from ._sse import ServerSentEvent, SSEDecoder
 from ._stream_events import FinishEvent, ReasoningEvent, StreamEvent, TextEvent, ToolCallEvent
+from ._structured import response_format_for
 from ._sync_stream import ChatStream
 from ._token_budget import Reservation, TokenBudget
 from ._version import __version__
@@ -116,6 +120,7 @@ __all__ = [
     "Message",
     "NotFoundError",
     "OnFull",
+    "OutputParseError",
     "PauseTimeout",
     "PermissionDeniedError",
     "PromptCounting",
@@ -146,18 +151,21 @@ __all__ = [
     "TokenBudget",
     "TokenCounter",
     "TextEvent",
+    "TokenLogprob",
     "TokenReport",
     "ToolCall",
     "ToolCallEvent",
     "ToolArgumentsError",
     "ToolCallDelta",
     "ToolMessage",
+    "TopLogprob",
     "TotalTimeout",
     "UnprocessableEntityError",
     "Usage",
     "UserMessage",
     "counter_from_text_tokenizer",
     "estimate_prompt_tokens",
+    "response_format_for",
     "stream_llm_request",
     "stream_llm_request_sync",
     "__version__",

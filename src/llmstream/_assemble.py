@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+
+from pydantic import TypeAdapter, ValidationError
+
 from ._chunks import ChatCompletionChunk, ChunkChoice, Usage
+from ._errors import ProtocolError
 from ._result import (
     ChoiceResult,
     FunctionCall,
     StreamMetrics,
     StreamResult,
     StreamStatus,
+    TokenLogprob,
     TokenReport,
     ToolCall,
 )
 
-__all__ = ["StreamAssembler"]
+__all__ = ["StreamAssembler", "response_headers"]
+
+# Cookies a gateway sets are credentials of a sort, and a result is often logged whole.
+_LEFT_OUT_HEADERS = frozenset({"set-cookie", "set-cookie2"})
+
+
+def response_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The response headers a result keeps: names lower-cased, ``set-cookie`` left out.
+
+    Example::
+
+        response_headers({"X-Request-Id": "abc", "Set-Cookie": "s=1"})  # {"x-request-id": "abc"}
+    """
+    kept: dict[str, str] = {}
+    for name, value in headers.items():
+        name = name.lower()
+        if name not in _LEFT_OUT_HEADERS:
+            kept[name] = value
+    return kept
 
 
 class _Text:
@@ -62,8 +87,23 @@ class _ToolCallParts:
         )
 
 
+@functools.cache
+def _token_logprobs() -> TypeAdapter[list[TokenLogprob]]:
+    # Built on first use: most streams never ask for logprobs, and import time counts.
+    return TypeAdapter(list[TokenLogprob])
+
+
 class _ChoiceParts:
-    __slots__ = ("finish_reason", "index", "reasoning", "role", "stop_reason", "text", "tools")
+    __slots__ = (
+        "finish_reason",
+        "index",
+        "logprobs",
+        "reasoning",
+        "role",
+        "stop_reason",
+        "text",
+        "tools",
+    )
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -73,6 +113,27 @@ class _ChoiceParts:
         self.tools: dict[int, _ToolCallParts] = {}
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.logprobs: list[TokenLogprob] | None = None
+
+    def add_logprobs(self, logprobs: dict[str, object]) -> None:
+        # {"content": [{"token", "logprob", "bytes", "top_logprobs"}, ...]}: one entry per
+        # token of this delta (vLLM's ChatCompletionLogProbs).
+        content = logprobs.get("content")
+        if not content:
+            return
+        try:
+            tokens = _token_logprobs().validate_python(content)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ProtocolError(
+                f"The server sent logprobs that are not a list of token logprobs "
+                f"(choices[{self.index}].logprobs.content.{where}: {first['msg']})."
+            ) from None
+        if self.logprobs is None:
+            self.logprobs = tokens
+        else:
+            self.logprobs.extend(tokens)
 
     def build(self) -> ChoiceResult:
         return ChoiceResult(
@@ -83,6 +144,7 @@ class _ChoiceParts:
             tool_calls=[self.tools[i].build() for i in sorted(self.tools)],
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
         )
 
 
@@ -145,6 +207,9 @@ class StreamAssembler:
         parts = self._choices.get(choice.index)
         if parts is None:
             parts = self._choices[choice.index] = _ChoiceParts(choice.index)
+        if choice.logprobs is not None:  # only when asked for: vLLM sends null otherwise
+            # First: logprobs that do not parse fail the chunk before any of it is applied.
+            parts.add_logprobs(choice.logprobs)
         delta = choice.delta
         output = False
         if delta.role is not None:
@@ -191,6 +256,7 @@ class StreamAssembler:
         retries: int = 0,
         resumes: int = 0,
         tokens: TokenReport | None = None,
+        headers: dict[str, str] | None = None,
     ) -> StreamResult:
         """Build the result from everything added so far."""
         choices = [self._choices[i].build() for i in sorted(self._choices)]
@@ -207,10 +273,12 @@ class StreamAssembler:
             finish_reason=first.finish_reason if first else None,
             stop_reason=first.stop_reason if first else None,
             choices=choices,
+            logprobs=first.logprobs if first else None,
             usage=usage if usage is not None else self.usage,
             status=status,
             metrics=metrics,
             retries=retries,
             resumes=resumes,
             tokens=tokens or TokenReport(),
+            headers=headers or {},
         )

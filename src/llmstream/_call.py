@@ -500,7 +500,7 @@ class CallCore:
             session = self.session = self._new_session()
             session.retries = self._attempts - 1  # attempts that failed before a response
             session.account = self.account
-        session.headers(now, headers.get("x-request-id"))
+        session.headers(now, headers)
         content_type = headers.get("content-type", "")
         if not content_type.lower().startswith("text/event-stream"):
             error = session.fail(

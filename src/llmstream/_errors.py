@@ -27,7 +27,8 @@ The tree is shallow and each class says when it is raised::
     │   ├── PauseTimeout              the stream stayed paused longer than max_pause
     │   └── StreamLimitExceeded       more chunks or bytes than max_chunks / max_bytes
     ├── BudgetExceeded                a token budget refused the call, or ran out mid-stream
-    └── ToolArgumentsError            a tool call's arguments are not a JSON object (a ValueError)
+    ├── ToolArgumentsError            a tool call's arguments are not a JSON object (a ValueError)
+    └── OutputParseError              the answer does not validate as the asked model (a ValueError)
 
 Errors raised once a stream has started carry ``partial``: the
 :class:`~llmstream.StreamResult` assembled from what arrived before the failure.
@@ -58,6 +59,7 @@ __all__ = [
     "InvalidRequestError",
     "LLMStreamError",
     "NotFoundError",
+    "OutputParseError",
     "PermissionDeniedError",
     "ProtocolError",
     "RateLimitError",
@@ -474,6 +476,28 @@ class ToolArgumentsError(LLMStreamError, ValueError):
         super().__init__(message)
         self.name = name
         self.arguments = arguments
+
+
+class OutputParseError(LLMStreamError, ValueError):
+    """The answer is not valid JSON for the model it was parsed as.
+
+    Raised by :meth:`~llmstream.StreamResult.parse`. ``text`` is the answer as
+    the model wrote it and ``model_name`` the class it was checked against; the
+    pydantic ``ValidationError`` is the ``__cause__``. A ``ValueError``, as
+    pydantic's own error is.
+
+    Example::
+
+        try:
+            weather = result.parse(Weather)
+        except llmstream.OutputParseError as exc:
+            print("not a Weather:", exc.text)
+    """
+
+    def __init__(self, message: str, *, text: str, model_name: str) -> None:
+        super().__init__(message)
+        self.text = text
+        self.model_name = model_name
 
 
 # At run time, not only for type checkers: typing.get_type_hints() on the errors (and

@@ -101,9 +101,6 @@ class MetricsRecorder:
         """The metrics so far; ``completion_tokens`` is the server's count, if it sent one."""
         count = self._tokens
         tokens = completion_tokens if completion_tokens is not None else count
-        decode_time = self._last - self._first if count > 1 else 0.0
-        # The first token's time is TTFT, so decode speed counts the tokens after it.
-        tps = (tokens - 1) / decode_time if decode_time > 0 and tokens > 1 else None
         itl = None
         if count > 1:
             itl = summarize(
@@ -115,12 +112,23 @@ class MetricsRecorder:
             ),
             time_to_first_token=self._first - self._started if count else None,
             inter_token_latency=itl,
-            tokens_per_second=tps,
+            tokens_per_second=self._tokens_per_second(tokens, ended),
             completion_tokens=tokens,
             completion_tokens_source="server" if completion_tokens is not None else "chunks",
             chunks=self._chunks,
             duration=ended - self._started,
         )
+
+    def _tokens_per_second(self, tokens: int, ended: float) -> float:
+        decode_time = self._last - self._first if self._tokens > 1 else 0.0
+        if decode_time > 0 and tokens > 1:
+            # The first token's time is TTFT, so decode speed counts the tokens after it.
+            return (tokens - 1) / decode_time
+        # One output chunk, or all of them in one network read (1-2 tokens, a fast
+        # server): no decode interval to measure. Every token over the whole wait is
+        # a lower bound of the speed, and never undefined once a token arrived.
+        elapsed = (self._last if self._tokens else ended) - self._started
+        return tokens / elapsed if tokens and elapsed > 0 else 0.0
 
 
 def summarize(

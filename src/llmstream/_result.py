@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict
 
 from ._chunks import Usage
 from ._errors import ToolArgumentsError
+from ._request import AssistantMessage, MessageToolCall
+from ._structured import ModelT, parse_output
 
 __all__ = [
     "ChoiceResult",
@@ -17,8 +19,10 @@ __all__ = [
     "StreamMetrics",
     "StreamResult",
     "StreamStatus",
+    "TokenLogprob",
     "TokenReport",
     "ToolCall",
+    "TopLogprob",
 ]
 
 StreamStatus = Literal[
@@ -113,8 +117,45 @@ class ToolCall(_Frozen):
     function: FunctionCall = FunctionCall()
 
 
+class TopLogprob(_Frozen):
+    """One of the most likely tokens at a position, with its log probability.
+
+    ``bytes`` is the token's UTF-8 (a token may hold part of a character), or
+    ``None`` when the server sent none.
+
+    Example::
+
+        TopLogprob(token="Hi", logprob=-4.7, bytes=[72, 105])
+    """
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(_Frozen):
+    """A generated token, its log probability, and the alternatives asked for.
+
+    ``top_logprobs`` holds the ``top_logprobs=k`` most likely tokens at that
+    position (empty unless asked for). vLLM clamps ``logprob`` to ``-9999.0``.
+
+    Example::
+
+        for t in result.logprobs or []:
+            print(t.token, round(math.exp(t.logprob), 3), [a.token for a in t.top_logprobs])
+    """
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = []
+
+
 class ChoiceResult(_Frozen):
     """One assembled choice (``n > 1`` gives several).
+
+    ``logprobs`` has one entry per generated token the server reported, in
+    order, when the request asked for ``logprobs=True``; else ``None``.
 
     Example::
 
@@ -129,6 +170,50 @@ class ChoiceResult(_Frozen):
     tool_calls: list[ToolCall] = []
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+    def to_message(self, *, include_reasoning: bool = False) -> AssistantMessage:
+        """This choice as the assistant message of the conversation's next request.
+
+        See :meth:`StreamResult.to_message`.
+
+        Example::
+
+            messages.append(result.choices[1].to_message())
+        """
+        return _assistant_message(self.text, self.tool_calls, self.reasoning, include_reasoning)
+
+    def parse(self, model: type[ModelT]) -> ModelT:
+        """This choice's text validated as ``model``; see :meth:`StreamResult.parse`.
+
+        Example::
+
+            answers = [choice.parse(Weather) for choice in result.choices]
+        """
+        return parse_output(self.text, model, finish_reason=self.finish_reason, status=None)
+
+
+def _assistant_message(
+    text: str, tool_calls: list[ToolCall], reasoning: str | None, include_reasoning: bool
+) -> AssistantMessage:
+    message: AssistantMessage = {
+        "role": "assistant",
+        # OpenAI's shape: no content (null) for a turn that is only tool calls.
+        "content": text if text or not tool_calls else None,
+    }
+    if tool_calls:
+        message["tool_calls"] = [_message_tool_call(call) for call in tool_calls]
+    if include_reasoning and reasoning is not None:
+        message["reasoning"] = reasoning
+    return message
+
+
+def _message_tool_call(call: ToolCall) -> MessageToolCall:
+    return {
+        "id": call.id or f"call_{call.index}",
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": call.function.arguments},
+    }
 
 
 class LatencySummary(_Frozen):
@@ -155,8 +240,13 @@ class StreamMetrics(_Frozen):
     that carried generated output (text, reasoning or a tool call);
     ``inter_token_latency`` summarises the gaps between such chunks (the finish
     chunk included: it carries the last token, or the end-of-sequence token);
-    ``tokens_per_second`` is completion tokens over the time from the first to
-    the last token (decode speed, excluding the wait for the first token);
+    ``tokens_per_second`` is the decode speed: the completion tokens after the
+    first over the time from the first to the last output chunk (the wait for
+    the first token excluded). When that interval cannot be measured (a single
+    output chunk, or every chunk in one network read, as with 1 or 2 tokens)
+    it is all completion tokens over the time from sending the request to the
+    last output chunk: a lower bound of the decode speed. It is ``0.0`` only
+    while no token has arrived (or none ever did), never ``None``.
     ``completion_tokens`` is the server's count when it sent usage, else the
     number of output chunks (vLLM sends about one token per chunk).
 
@@ -169,7 +259,7 @@ class StreamMetrics(_Frozen):
     time_to_headers: float | None = None
     time_to_first_token: float | None = None
     inter_token_latency: LatencySummary | None = None
-    tokens_per_second: float | None = None
+    tokens_per_second: float = 0.0
     completion_tokens: int = 0
     completion_tokens_source: Literal["server", "chunks"] = "chunks"
     chunks: int = 0
@@ -204,12 +294,17 @@ class StreamResult(_Frozen):
     ``text``, ``reasoning``, ``tool_calls``, ``finish_reason`` follow choice 0;
     ``choices`` keeps every choice. ``reasoning`` merges vLLM's ``reasoning``
     and the older ``reasoning_content`` field, and is ``None`` when the server
-    sent none. ``request_id`` is the server's ``X-Request-Id`` header when it
-    sent one, else the completion id. ``complete`` is ``True`` only when the
-    server finished the answer; on errors the same type is the ``partial``.
-    ``retries`` counts attempts started over before any output, ``resumes``
-    the times a broken stream was continued on a new request; ``usage`` then
-    sums what every request reported.
+    sent none. ``logprobs`` is choice 0's, when the request asked for
+    ``logprobs=True`` (else ``None``). ``request_id`` is the server's
+    ``X-Request-Id`` header when it sent one, else the completion id;
+    ``headers`` are the response's headers (lower-case names; the last
+    request's when there were several; ``set-cookie`` left out). ``usage`` is
+    what the server reported, or ``None`` when it sent none (llama.cpp's
+    servers, ``include_usage=False``): ``tokens`` and ``metrics`` are always
+    there. ``complete`` is ``True`` only when the server finished the answer;
+    on errors the same type is the ``partial``. ``retries`` counts attempts
+    started over before any output, ``resumes`` the times a broken stream was
+    continued on a new request; ``usage`` then sums what every request reported.
 
     Example::
 
@@ -217,7 +312,7 @@ class StreamResult(_Frozen):
             async for _ in stream:
                 pass
         result = stream.result
-        print(result.text, result.finish_reason, result.usage, result.metrics)
+        print(result.text, result.finish_reason, result.tokens.completion_tokens)
     """
 
     id: str = ""
@@ -231,14 +326,53 @@ class StreamResult(_Frozen):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     choices: list[ChoiceResult] = []
+    logprobs: list[TokenLogprob] | None = None
     usage: Usage | None = None
     status: StreamStatus = "streaming"
     metrics: StreamMetrics = StreamMetrics()
     retries: int = 0
     resumes: int = 0
     tokens: TokenReport = TokenReport()
+    headers: dict[str, str] = {}
 
     @property
     def complete(self) -> bool:
         """True when the server finished the answer (``status == "complete"``)."""
         return self.status == "complete"
+
+    def to_message(self, *, include_reasoning: bool = False) -> AssistantMessage:
+        """The answer (choice 0) as the assistant message of the conversation's next request.
+
+        ``content`` is the text, or ``None`` when the answer is only tool calls;
+        ``tool_calls`` are in OpenAI's shape (``id``, ``type``, ``function`` with
+        ``name`` and ``arguments``). The reasoning is left out, as OpenAI and
+        DeepSeek ask and most chat templates drop it from earlier turns;
+        ``include_reasoning=True`` sends it as vLLM's ``reasoning`` field, for a
+        template that renders it (Qwen3's, inside one turn of tool calls).
+
+        Example::
+
+            messages.append(result.to_message())
+            for call in result.tool_calls:
+                output = get_weather(**call.function.parsed())
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
+            async with client.stream(messages, tools=tools) as stream: ...
+        """
+        return _assistant_message(self.text, self.tool_calls, self.reasoning, include_reasoning)
+
+    def parse(self, model: type[ModelT]) -> ModelT:
+        """The answer (choice 0's text) validated as the pydantic ``model``.
+
+        Raises :class:`~llmstream.OutputParseError` (a ``ValueError``) with the
+        text when it is not valid JSON for ``model``, saying why when the answer
+        was cut (``finish_reason`` ``"length"``, a stream that did not finish).
+        Ask for the schema with :func:`~llmstream.response_format_for` so the
+        server constrains the answer to it.
+
+        Example::
+
+            fmt = llmstream.response_format_for(Weather)
+            async with client.stream("Weather in Paris?", response_format=fmt) as stream:
+                weather = (await stream.final_result()).parse(Weather)
+        """
+        return parse_output(self.text, model, finish_reason=self.finish_reason, status=self.status)

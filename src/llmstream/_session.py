@@ -9,13 +9,13 @@ and :meth:`StreamSession.end_of_body`; every protocol decision is made here.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from ._accounting import CallAccount
-from ._assemble import StreamAssembler
+from ._assemble import StreamAssembler, response_headers
 from ._chunks import ChatCompletionChunk, Usage
 from ._errors import (
     BudgetExceeded,
@@ -62,6 +62,7 @@ class StreamSession:
         "_attempt_tokens_from",
         "_bytes",
         "_decoder",
+        "_headers",
         "_limits",
         "_max_bytes",
         "_max_chunks",
@@ -110,6 +111,7 @@ class StreamSession:
         self._assembler = StreamAssembler()
         self._metrics = MetricsRecorder(started)
         self._request_id: str | None = None
+        self._headers: dict[str, str] = {}
         self._status: StreamStatus = "streaming"
         self.done = False
         """True once ``data: [DONE]`` arrived: nothing after it is decoded."""
@@ -170,10 +172,11 @@ class StreamSession:
         before = self._usage_before.completion_tokens if self._usage_before is not None else 0
         return before + this
 
-    def headers(self, now: float, request_id: str | None) -> None:
-        """The response headers arrived; ``request_id`` is the server's ``X-Request-Id``."""
+    def headers(self, now: float, headers: Mapping[str, str]) -> None:
+        """The response headers arrived; the result keeps them, and ``X-Request-Id``."""
         self._metrics.headers(now)
-        self._request_id = request_id
+        self._headers = response_headers(headers)
+        self._request_id = self._headers.get("x-request-id")
 
     def feed(self, data: bytes, now: float) -> list[StreamItem]:
         """Decode one network read; returns the chunks it completed, with their choice-0 text.
@@ -325,6 +328,7 @@ class StreamSession:
             retries=self.retries,
             resumes=self.resumes,
             tokens=self._token_report(usage, metrics.completion_tokens),
+            headers=self._headers,
         )
 
     def _token_report(self, usage: Usage | None, completion: int) -> TokenReport:
