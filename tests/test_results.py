@@ -299,6 +299,16 @@ async def test_parse_returns_the_validated_object(mode: str) -> None:
     assert sent is not None and sent["response_format"] == fmt
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_model_class_as_response_format_sends_its_schema(mode: str) -> None:
+    fake = FakeVLLM('{"city": "Paris", "celsius": 18.5}')
+    outcome = await collect(mode, transport=fake.transport(), response_format=Weather)
+    assert outcome.final.parse(Weather) == Weather(city="Paris", celsius=18.5)
+    sent = fake.requests[-1].json
+    assert sent is not None
+    assert sent["response_format"] == llmstream.response_format_for(Weather)
+
+
 def _result(text: str, finish_reason: str = "stop", **kwargs: Any) -> llmstream.StreamResult:
     return llmstream.StreamResult(
         text=text, finish_reason=finish_reason, status=kwargs.pop("status", "complete"), **kwargs
@@ -312,7 +322,7 @@ def test_parse_of_text_that_is_not_json_names_the_model_and_keeps_the_text() -> 
     assert isinstance(error, llmstream.LLMStreamError) and isinstance(error, ValueError)
     assert error.text == "Sure! The weather is nice." and error.model_name == "Weather"
     assert "not a valid Weather" in str(error) and "not valid JSON" in str(error)
-    assert "response_format_for(Weather)" in str(error)
+    assert "response_format=Weather" in str(error)
     assert isinstance(error.__cause__, pydantic.ValidationError)
 
 

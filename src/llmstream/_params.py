@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import tenacity
+from pydantic import BaseModel
 from typing_extensions import TypedDict
 
 from ._accounting import PromptCounting
@@ -69,7 +70,8 @@ class SamplingParams(TypedDict, total=False):
     tools: Sequence[JSONObject] | None
     tool_choice: str | JSONObject | None
     parallel_tool_calls: bool | None
-    response_format: JSONObject | None
+    # A pydantic model class is sent as its JSON schema (response_format_for).
+    response_format: JSONObject | type[BaseModel] | None
     reasoning_effort: Literal["low", "medium", "high"] | None
     user: str | None
     stream_options: JSONObject | None

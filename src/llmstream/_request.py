@@ -6,11 +6,14 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Literal, Union, cast
 
+from pydantic import BaseModel
+
 # typing_extensions (a dependency of pydantic) rather than typing: NotRequired is 3.11+, and
 # pydantic accepts only typing_extensions.TypedDict before Python 3.12.
 from typing_extensions import NotRequired, TypedDict
 
 from ._errors import InvalidRequestError
+from ._structured import response_format_for
 
 __all__ = [
     "AssistantMessage",
@@ -294,6 +297,9 @@ def build_body(
         )
     body: dict[str, object] = {"messages": messages}
     body.update((k, v) for k, v in params.items() if v is not None)
+    response_format = body.get("response_format")
+    if isinstance(response_format, type) and issubclass(response_format, BaseModel):
+        body["response_format"] = response_format_for(response_format)
     body["stream"] = True
     body.update(extra)
     options = body.get("stream_options")

@@ -366,13 +366,12 @@ class StreamResult(_Frozen):
         Raises :class:`~llmstream.OutputParseError` (a ``ValueError``) with the
         text when it is not valid JSON for ``model``, saying why when the answer
         was cut (``finish_reason`` ``"length"``, a stream that did not finish).
-        Ask for the schema with :func:`~llmstream.response_format_for` so the
-        server constrains the answer to it.
+        Pass the model as ``response_format`` so the server constrains the answer
+        to its schema (:func:`~llmstream.response_format_for`).
 
         Example::
 
-            fmt = llmstream.response_format_for(Weather)
-            async with client.stream("Weather in Paris?", response_format=fmt) as stream:
+            async with client.stream("Weather in Paris?", response_format=Weather) as stream:
                 weather = (await stream.final_result()).parse(Weather)
         """
         return parse_output(self.text, model, finish_reason=self.finish_reason, status=self.status)

@@ -97,7 +97,7 @@ def _advice(model: type[BaseModel], finish_reason: str | None, status: str | Non
         return "The answer was cut at max_tokens (finish_reason 'length'): raise max_tokens."
     return (
         "Ask the server for this schema with "
-        f"response_format=llmstream.response_format_for({model.__name__}), "
+        f"response_format={model.__name__}, "
         "or read result.text yourself."
     )
 
