@@ -287,16 +287,26 @@ class CallRetries:
         retries.state.attempt_number  # 1: the attempt that failed
     """
 
-    __slots__ = ("_deadline", "_policy", "resumes", "state")
+    __slots__ = ("_deadline", "_policy", "_started", "_state", "resumes")
 
     def __init__(self, policy: RetryPolicy, started: float, deadline: float | None = None) -> None:
         self._policy = policy
         self._deadline = deadline
-        self.state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
-        """tenacity's view of the call, as its strategies and hooks receive it."""
-        self.state.start_time = started
+        self._started = started
+        # Made at the first failure: most calls never fail, and building tenacity's
+        # state costs more than the rest of a call's set-up together.
+        self._state: tenacity.RetryCallState | None = None
         self.resumes = 0
         """Resumes granted so far (bounded by ``max_resumes``)."""
+
+    @property
+    def state(self) -> tenacity.RetryCallState:
+        """tenacity's view of the call, as its strategies and hooks receive it."""
+        state = self._state
+        if state is None:
+            state = self._state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+            state.start_time = self._started
+        return state
 
     def retry_delay(self, error: LLMStreamError, now: float) -> float | None:
         """The attempt in progress failed with ``error`` at ``now``: seconds to wait, or None.
