@@ -21,7 +21,7 @@ import pytest
 import llmstream
 from llmstream.testing import FakeVLLM
 
-from .drivers import MODES
+from .drivers import MODES, collect
 
 pytestmark = pytest.mark.anyio
 
@@ -257,3 +257,30 @@ async def test_a_server_count_includes_the_tools_and_needs_no_model_list(mode: s
     assert tokenize and tokenize[0].json is not None and tokenize[0].json["tools"] == tools
     # /tokenize told the context length too: no GET /models was needed for it.
     assert [r.path for r in fake.requests].count("/v1/models") == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("deadline", ["idle", "total"])
+async def test_a_deadline_cuts_a_read_the_transport_would_wait_on(mode: str, deadline: str) -> None:
+    # The transport's own read timeout is max(first_token, idle): 30 s here. Only the
+    # stream's watch of its deadlines (a timer or a watchdog beside the reader) can end
+    # the stalled read at 0.3 s.
+    from llmstream.testing import Fault
+
+    fake = FakeVLLM("one two three four")
+    fake.add_fault(Fault.stall(after_chunks=2, seconds=30))
+    timeouts = (
+        llmstream.Timeouts(first_token=30, idle=0.3)
+        if deadline == "idle"
+        else llmstream.Timeouts(first_token=30, idle=30, total=0.5)
+    )
+    expected = llmstream.IdleTimeout if deadline == "idle" else llmstream.TotalTimeout
+    with fake.serve() as running:
+        started = time.monotonic()
+        with anyio.fail_after(10):
+            outcome = await collect(
+                mode, base_url=running.base_url, timeout=timeouts, retry=0, model=MODEL
+            )
+    assert isinstance(outcome.error, expected), outcome.error
+    assert outcome.text == "one"
+    assert time.monotonic() - started < 5  # the deadline, not the transport's 30 s

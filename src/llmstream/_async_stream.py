@@ -12,6 +12,7 @@ Every decision is the core's (:mod:`llmstream._call`); this module only waits.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
@@ -92,6 +93,10 @@ class AsyncChatStream(StreamBase):
         self._read_scope: anyio.CancelScope | None = None
         self._watch_scope = anyio.CancelScope()
         self._deadline_changed = anyio.Event()  # wakes the watchdog
+        # On asyncio the deadlines are watched by a timer of the event loop instead of a
+        # watchdog task: a task costs about a tenth of a stream's set-up.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch_timer: asyncio.Handle | None = None
         self._resumed = anyio.Event()  # wakes a paused reader
         self._stopped = anyio.Event()  # wakes a retry's backoff
 
@@ -107,7 +112,7 @@ class AsyncChatStream(StreamBase):
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
             self._task_group.start_soon(self._pump)
-            self._task_group.start_soon(self._watchdog)
+            self._start_watch()
         return self
 
     async def __aexit__(
@@ -461,7 +466,7 @@ class AsyncChatStream(StreamBase):
             core.fail(unexpected(exc, self.snapshot()), now())
         finally:
             buffer.end(core.error)
-            self._watch_scope.cancel()
+            self._stop_watch()
             with anyio.CancelScope(shield=True):
                 await self._drop_response()
             self._pump_done.set()
@@ -538,27 +543,56 @@ class AsyncChatStream(StreamBase):
                 await self._resumed.wait()
         return None
 
-    async def _watchdog(self) -> None:
-        """Cut the read in progress when a deadline passes (a sibling of the reader)."""
-        core = self._core
-        if not core.watches_deadlines:
+    def _start_watch(self) -> None:
+        """Watch the deadlines beside the reader: a timer on asyncio, a task elsewhere."""
+        assert self._task_group is not None
+        if not self._core.watches_deadlines:
             return
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): no loop timers to use
+            self._task_group.start_soon(self._watchdog)
+            return
+        self._watch_timer = self._loop.call_soon(self._check_deadlines)
+
+    def _stop_watch(self) -> None:
+        self._watch_scope.cancel()
+        timer, self._watch_timer, self._loop = self._watch_timer, None, None
+        if timer is not None:
+            timer.cancel()
+
+    def _check_deadlines(self) -> float:
+        """Cut the read in progress if a deadline passed; seconds until the next check."""
+        due = self._core.deadline_due(now())
+        if isinstance(due, Attempt):
+            if self._response is not None:
+                self._response.abort()
+            if self._read_scope is not None:
+                self._read_scope.cancel()
+            due = 0.05
+        loop = self._loop
+        if loop is not None:  # the timer's own callback: set the next one
+            self._watch_timer = loop.call_later(due, self._check_deadlines)
+        return due
+
+    async def _watchdog(self) -> None:
+        """The deadlines' watcher as a task, a sibling of the reader (trio)."""
         with self._watch_scope:
             while True:
-                due = core.deadline_due(now())
-                if isinstance(due, Attempt):
-                    if self._response is not None:
-                        self._response.abort()
-                    if self._read_scope is not None:
-                        self._read_scope.cancel()
-                    due = 0.05
+                due = self._check_deadlines()
                 with anyio.move_on_after(due):
                     await self._deadline_changed.wait()
                 if self._deadline_changed.is_set():
                     self._deadline_changed = anyio.Event()
 
     def _deadline_moved(self) -> None:
-        self._deadline_changed.set()
+        loop = self._loop
+        if loop is None:
+            self._deadline_changed.set()
+            return
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+            self._watch_timer = loop.call_soon(self._check_deadlines)
 
     def _wake_all(self) -> None:
         self._resumed.set()
