@@ -91,14 +91,16 @@ class AsyncChatStream(StreamBase):
         # The current attempt's reads, so a deadline can cut the read in progress
         # whatever the transport (no cost per chunk).
         self._read_scope: anyio.CancelScope | None = None
-        self._watch_scope = anyio.CancelScope()
-        self._deadline_changed = anyio.Event()  # wakes the watchdog
+        # Made when first needed: most streams never pause, retry or wait, and each
+        # anyio primitive costs a few microseconds of every stream's set-up.
+        self._watch_scope: anyio.CancelScope | None = None  # the watchdog's (trio)
+        self._deadline_changed: anyio.Event | None = None  # wakes the watchdog
         # On asyncio the deadlines are watched by a timer of the event loop instead of a
         # watchdog task: a task costs about a tenth of a stream's set-up.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watch_timer: asyncio.Handle | None = None
-        self._resumed = anyio.Event()  # wakes a paused reader
-        self._stopped = anyio.Event()  # wakes a retry's backoff
+        self._resumed: anyio.Event | None = None  # wakes a paused reader
+        self._stopped: anyio.Event | None = None  # wakes a retry's backoff
 
     # -- the public surface ----------------------------------------------------------
 
@@ -217,7 +219,8 @@ class AsyncChatStream(StreamBase):
             assert not stream.paused
         """
         self._core.pause_clock.resume()
-        self._resumed.set()
+        if self._resumed is not None:
+            self._resumed.set()
 
     def cancel(self) -> None:
         """Stop now: the connection is shut down at once, iteration ends.
@@ -314,8 +317,7 @@ class AsyncChatStream(StreamBase):
             except StopIteration:
                 return
             if isinstance(need, NeedWait):
-                with anyio.move_on_after(need.seconds):
-                    await self._stopped.wait()
+                await self._sleep_unless_stopped(need.seconds)
                 answer = None
             else:
                 answer = await self._client._answer(need)
@@ -371,8 +373,7 @@ class AsyncChatStream(StreamBase):
         if isinstance(step, Retry):
             await self._drop_response()
             if step.delay > 0:
-                with anyio.move_on_after(step.delay):
-                    await self._stopped.wait()
+                await self._sleep_unless_stopped(step.delay)
             return self._core.stopped is None
         if isinstance(step, Fail):
             raise step.error
@@ -532,6 +533,15 @@ class AsyncChatStream(StreamBase):
                 return core.step
         return None
 
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the stream is stopped meanwhile."""
+        if self._core.stopped is not None:
+            return
+        if self._stopped is None:
+            self._stopped = anyio.Event()
+        with anyio.move_on_after(seconds):
+            await self._stopped.wait()
+
     async def _wait_while_paused(self) -> Fail | None:
         core = self._core
         clock = core.pause_clock
@@ -539,6 +549,8 @@ class AsyncChatStream(StreamBase):
             expired = core.pause_expired(now())
             if expired is not None:
                 return expired
+            if self._resumed is None:
+                self._resumed = anyio.Event()
             with anyio.move_on_after(clock.remaining(now())):
                 await self._resumed.wait()
         return None
@@ -551,12 +563,15 @@ class AsyncChatStream(StreamBase):
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:  # not asyncio (trio): no loop timers to use
+            self._watch_scope = anyio.CancelScope()
+            self._deadline_changed = anyio.Event()
             self._task_group.start_soon(self._watchdog)
             return
         self._watch_timer = self._loop.call_soon(self._check_deadlines)
 
     def _stop_watch(self) -> None:
-        self._watch_scope.cancel()
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
         timer, self._watch_timer, self._loop = self._watch_timer, None, None
         if timer is not None:
             timer.cancel()
@@ -577,6 +592,7 @@ class AsyncChatStream(StreamBase):
 
     async def _watchdog(self) -> None:
         """The deadlines' watcher as a task, a sibling of the reader (trio)."""
+        assert self._watch_scope is not None and self._deadline_changed is not None
         with self._watch_scope:
             while True:
                 due = self._check_deadlines()
@@ -588,15 +604,18 @@ class AsyncChatStream(StreamBase):
     def _deadline_moved(self) -> None:
         loop = self._loop
         if loop is None:
-            self._deadline_changed.set()
+            if self._deadline_changed is not None:
+                self._deadline_changed.set()
             return
         if self._watch_timer is not None:
             self._watch_timer.cancel()
             self._watch_timer = loop.call_soon(self._check_deadlines)
 
     def _wake_all(self) -> None:
-        self._resumed.set()
-        self._stopped.set()
+        if self._resumed is not None:
+            self._resumed.set()
+        if self._stopped is not None:
+            self._stopped.set()
 
     async def _drop_response(self) -> None:
         """Release the current response (cutting it if unread) and forget it."""

@@ -159,8 +159,9 @@ class AsyncReadAhead(_ReadAheadState[_T]):
 
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
-        self._readable = anyio.Event()
-        self._room = anyio.Event()
+        # Made when a side first waits (many streams never fill their buffer).
+        self._readable: anyio.Event | None = None
+        self._room: anyio.Event | None = None
         # Events are set only for a side that waits: setting one costs a few
         # microseconds a chunk, which the hot path does not pay.
         self._room_wanted = False
@@ -169,14 +170,14 @@ class AsyncReadAhead(_ReadAheadState[_T]):
         """Add the items of one network read (never waits)."""
         if items:
             self.items.extend(items)
-            if self.wanted:
+            if self.wanted and self._readable is not None:
                 self._readable.set()
 
     def take_now(self) -> _T:
         """Pop an item known to be there, and let the reader know there is room."""
         item = self.items.popleft()
         self.wanted = False
-        if self._room_wanted and not self.full:
+        if self._room_wanted and not self.full and self._room is not None:
             self._room.set()
         return item
 
@@ -185,16 +186,18 @@ class AsyncReadAhead(_ReadAheadState[_T]):
         self.ended = True
         if error is not None and self.error is None:
             self.error = error
-        self._readable.set()
-        self._room.set()
+        if self._readable is not None:
+            self._readable.set()
+        if self._room is not None:
+            self._room.set()
 
     async def wait_for_room(self) -> None:
         """Wait while the buffer is full (returns at once when it is not)."""
         while self.full and not self.ended:
-            self._room = anyio.Event()
+            self._room = room = anyio.Event()
             self._room_wanted = True
             try:
-                await self._room.wait()
+                await room.wait()
             finally:
                 self._room_wanted = False
 
@@ -207,11 +210,11 @@ class AsyncReadAhead(_ReadAheadState[_T]):
             if self.ended:
                 return None
             del item
-            self._readable = anyio.Event()
+            self._readable = readable = anyio.Event()
             self.wanted = True
-            if self._room_wanted:
+            if self._room_wanted and self._room is not None:
                 self._room.set()  # with limit 0 the reader reads only for a waiting consumer
-            await self._readable.wait()
+            await readable.wait()
 
 
 class ThreadReadAhead(_ReadAheadState[_T]):
