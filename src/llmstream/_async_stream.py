@@ -113,7 +113,7 @@ class AsyncChatStream(StreamBase):
             self._pump_scope = anyio.CancelScope()
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
-            self._task_group.start_soon(self._pump)
+            self._task_group.start_soon(self._pump, name="llmstream reader")
             self._start_watch()
         return self
 
@@ -565,9 +565,9 @@ class AsyncChatStream(StreamBase):
         except RuntimeError:  # not asyncio (trio): no loop timers to use
             self._watch_scope = anyio.CancelScope()
             self._deadline_changed = anyio.Event()
-            self._task_group.start_soon(self._watchdog)
+            self._task_group.start_soon(self._watchdog, name="llmstream deadlines")
             return
-        self._watch_timer = self._loop.call_soon(self._check_deadlines)
+        self._check_deadlines()  # sets the first timer
 
     def _stop_watch(self) -> None:
         if self._watch_scope is not None:
