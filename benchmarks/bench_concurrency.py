@@ -71,6 +71,7 @@ CLIENTS = {
     "llmstream-async": "llmstream AsyncClient.stream, async for text (defaults)",
     "hand-rolled": "httpx.AsyncClient + httpx_sse.aconnect_sse + json.loads",
     "aiohttp": "aiohttp.ClientSession, its body split into events by hand + json.loads",
+    "httpx2": "httpx2.AsyncClient (pydantic's httpx fork), the same as aiohttp's row",
     "openai": "openai AsyncOpenAI chat.completions.create(stream=True)",
     "raw-floor": "asyncio Protocol, one connection per request, finds content (floor)",
 }
@@ -172,23 +173,57 @@ async def _open_aiohttp(url: str, streams: int, pool: str):
     async def stream(i: int, n: int, on_text) -> None:
         body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": n}
         async with sessions[i].post(url + "/chat/completions", json=body) as response:
-            pending = b""
+            pending: bytes | None = b""
             async for data in response.content.iter_any():
-                pending += data
-                *events, pending = pending.split(b"\n\n")
-                for event in events:
-                    for line in event.split(b"\n"):
-                        if not line.startswith(b"data: "):
-                            continue
-                        if line == b"data: [DONE]":
-                            return
-                        choices = json.loads(line[6:])["choices"]
-                        if choices and choices[0]["delta"].get("content"):
-                            on_text(choices[0]["delta"]["content"])
+                pending = _split_events(pending, data, on_text)
+                if pending is None:
+                    return
 
     async def close() -> None:
         for session in {id(s): s for s in sessions}.values():
             await session.close()
+
+    return stream, close
+
+
+def _split_events(pending: bytes, data: bytes, on_text) -> bytes | None:
+    """The recipe rows' SSE handling: complete events out of ``pending + data``;
+    returns what is left, or None at ``[DONE]``."""
+    *events, pending = (pending + data).split(b"\n\n")
+    for event in events:
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data: "):
+                continue
+            if line == b"data: [DONE]":
+                return None
+            choices = json.loads(line[6:])["choices"]
+            if choices and choices[0]["delta"].get("content"):
+                on_text(choices[0]["delta"]["content"])
+    return pending
+
+
+async def _open_httpx2(url: str, streams: int, pool: str):
+    import httpx2
+
+    def make():
+        limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
+        return httpx2.AsyncClient(limits=limits, timeout=60)
+
+    clients = _pools(make, streams, pool)
+
+    async def stream(i: int, n: int, on_text) -> None:
+        body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": n}
+        url_ = url + "/chat/completions"
+        async with clients[i].stream("POST", url_, json=body) as response:
+            pending: bytes | None = b""
+            async for data in response.aiter_raw():
+                pending = _split_events(pending, data, on_text)
+                if pending is None:
+                    return
+
+    async def close() -> None:
+        for client in {id(c): c for c in clients}.values():
+            await client.aclose()
 
     return stream, close
 
@@ -278,6 +313,7 @@ OPENERS = {
     "llmstream-async": _open_llmstream,
     "hand-rolled": _open_hand_rolled,
     "aiohttp": _open_aiohttp,
+    "httpx2": _open_httpx2,
     "openai": _open_openai,
     "raw-floor": _open_raw_floor,
 }
@@ -485,12 +521,12 @@ def _timer_lateness(samples: int = 1000, interval: float = 0.001) -> tuple[float
     return _percentile(late, 0.5), _percentile(late, 0.99), late[-1]
 
 
-def _openai_available() -> bool:
-    try:
-        import openai  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# The rows that need a library of their own, which the comparison does not install.
+NEEDS = {"openai": ["openai", "httpx2"], "aiohttp": ["aiohttp"], "httpx2": ["httpx2"]}
+
+
+def _missing(name: str) -> list[str]:
+    return [module for module in NEEDS.get(name, []) if importlib.util.find_spec(module) is None]
 
 
 def _emulator(args: argparse.Namespace) -> int:
@@ -578,7 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="64 streams x 20 tokens, 1 round")
     parser.add_argument("--emulator", action="store_true", help="measure FakeVLLM instead")
     parser.add_argument(
-        "--find-max", metavar="CLIENT", help="the most streams CLIENT holds at p99 < 20 ms"
+        "--find-max", metavar="CLIENT", help="the most streams CLIENT holds at p99 < --max-delay"
+    )
+    parser.add_argument(
+        "--max-delay", type=float, default=20.0, help="--find-max's limit, in ms (20)"
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -596,9 +635,11 @@ def main(argv: list[str] | None = None) -> int:
         print("--loop uvloop needs uvloop: pip install uvloop")
         return 2
     names = [n.strip() for n in args.clients.split(",") if n.strip()]
-    if "openai" in names and not _openai_available():
-        print("openai is not installed: skipping the openai row (pip install openai).")
-        names.remove("openai")
+    for name in list(names):
+        missing = _missing(name)
+        if missing:
+            print(f"skipping the {name} row: pip install {' '.join(missing)}")
+            names.remove(name)
     target = args.streams / args.delay
     print(
         f"{args.streams} concurrent streams x {args.tokens} tokens, one every "
@@ -612,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{late[1]:.2f} ms at p99, {late[2]:.2f} ms at worst"
     )
     if args.find_max:
-        return _find_max(args.find_max, args)
+        return _find_max(args.find_max, args, args.max_delay)
     with serve_in_subprocess(delay=args.delay) as url:
         results = _interleaved(names, url, args)
     if args.json:

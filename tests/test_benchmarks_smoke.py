@@ -54,6 +54,22 @@ def test_bench_concurrency_quick() -> None:
     )
     assert "llmstream-async" in out
     assert "!!" not in out  # every stream received every chunk
+    assert "TTFT p99" in out and "targets at 8 streams" in out
+
+
+def test_bench_concurrency_find_max() -> None:
+    # A limit no client meets, so the search ends at its first steps.
+    out = run(
+        "bench_concurrency.py",
+        *("--find-max", "llmstream-async", "--max-delay", "0.0001"),
+        *("--tokens", "2", "--delay", "0.005", "--rounds", "1"),
+    )
+    assert "llmstream-async: holds 0 streams with p99 added delay under 0.0001 ms" in out
+
+
+def test_bench_stream_open_quick() -> None:
+    out = run("bench_stream_open.py", "--streams", "16", "--rounds", "2", "--repeat", "1")
+    assert "us of CPU per stream" in out
 
 
 def test_bench_concurrency_options() -> None:
