@@ -74,7 +74,6 @@ class AsyncChatStream(StreamBase):
         owns_client: bool = False,
     ) -> None:
         super().__init__(client, body, options, timeouts, retry, budget, owns_client, headers)
-        self._core.on_deadline_moved = self._deadline_moved
         self._client = client
         self._attempt: Attempt | None = None
         self._response: AsyncResponse | None = None
@@ -558,8 +557,12 @@ class AsyncChatStream(StreamBase):
     def _start_watch(self) -> None:
         """Watch the deadlines beside the reader: a timer on asyncio, a task elsewhere."""
         assert self._task_group is not None
-        if not self._core.watches_deadlines:
+        core = self._core
+        if not core.watches_deadlines:
             return
+        # Unset when the watch stops: the core holding the stream's method is a reference
+        # cycle, which would leave every finished stream to the garbage collector.
+        core.on_deadline_moved = self._deadline_moved
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:  # not asyncio (trio): no loop timers to use
@@ -570,6 +573,7 @@ class AsyncChatStream(StreamBase):
         self._check_deadlines()  # sets the first timer
 
     def _stop_watch(self) -> None:
+        self._core.on_deadline_moved = None
         if self._watch_scope is not None:
             self._watch_scope.cancel()
         timer, self._watch_timer, self._loop = self._watch_timer, None, None

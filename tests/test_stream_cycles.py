@@ -1,0 +1,80 @@
+"""A finished stream leaves no reference cycle of llmstream's objects.
+
+Objects in a cycle outlive the stream until the garbage collector runs, and with hundreds
+of streams in one process its pauses were the largest single cost: every stream object is
+freed by reference counting as soon as the caller drops it. Checked on a transport of the
+seam's protocols alone, so only llmstream's own objects are in play.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+import llmstream
+
+from .test_transport_seam import ANSWERS, RETRY, _AsyncTransport, _event, _SyncTransport
+
+pytestmark = pytest.mark.anyio
+
+WORDS = [(200, [_event("Hello"), _event(" there"), _event(None, "stop"), b"data: [DONE]\n\n"])]
+
+
+@pytest.fixture
+def collector() -> Iterator[None]:
+    """The collector keeps what it finds in ``gc.garbage`` instead of freeing it."""
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def _llmstream_garbage() -> list[str]:
+    gc.collect()
+    return [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("llmstream")]
+
+
+async def _async_stream(how: str) -> None:
+    transport = _AsyncTransport(ANSWERS if how == "retry" else WORDS, blocking=False)
+    async with llmstream.AsyncClient("http://seam/v1", model="m", retry=RETRY) as client:
+        client._transport = transport  # type: ignore[assignment]
+        if how == "pull":
+            stream = await client.stream("Hi")
+            assert "".join([t async for t in stream]) == "Hello there"
+        else:
+            async with client.stream("Hi") as stream:
+                async for _ in stream:
+                    if how == "break":
+                        break
+        assert stream.result.status == ("cancelled" if how == "break" else "complete")
+
+
+@pytest.mark.parametrize("how", ["whole", "break", "retry", "pull"])
+async def test_a_finished_async_stream_leaves_no_cycle(how: str, collector: None) -> None:
+    for _ in range(3):
+        await _async_stream(how)
+    gc.collect()
+    found = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("llmstream")]
+    assert found == []
+
+
+@pytest.mark.parametrize("how", ["whole", "break", "retry"])
+def test_a_finished_sync_stream_leaves_no_cycle(how: str, collector: None) -> None:
+    for _ in range(3):
+        transport = _SyncTransport(ANSWERS if how == "retry" else WORDS, blocking=True)
+        with llmstream.Client("http://seam/v1", model="m", retry=RETRY) as client:
+            client._transport = transport  # type: ignore[assignment]
+            with client.stream("Hi") as stream:
+                for _ in stream:
+                    if how == "break":
+                        break
+    gc.collect()
+    found = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("llmstream")]
+    assert found == []
