@@ -27,7 +27,7 @@ import httpx
 from pydantic import ConfigDict
 
 from ._call_info import CallInfo
-from ._errors import LLMStreamError
+from ._errors import APIStatusError, LLMStreamError
 from ._result import StreamResult, StreamStatus
 from ._retry import RetryEvent
 
@@ -41,6 +41,7 @@ __all__ = [
     "RequestSent",
     "ResponseHeaders",
     "endpoint_of",
+    "error_type",
 ]
 
 
@@ -209,3 +210,19 @@ CallEvent = Union[  # noqa: UP007 (a runtime alias on 3.10)
 ]
 """Any event of a call. More kinds may be added (a fleet's choice of endpoint): a hook
 matches the ones it wants and ignores the rest."""
+
+
+def error_type(error: LLMStreamError) -> str:
+    """A short, low-cardinality name for an error (OpenTelemetry's ``error.type``).
+
+    The HTTP status of a status error, else the error's class.
+
+    Example::
+
+        error_type(llmstream.IdleTimeout("..."))  # "llmstream.IdleTimeout"
+        error_type(llmstream.InternalServerError(...))  # "503"
+    """
+    if isinstance(error, APIStatusError):
+        return str(error.status_code)
+    cls = type(error)
+    return f"llmstream.{cls.__name__}" if cls.__module__.startswith("llmstream") else cls.__name__
