@@ -7,7 +7,9 @@ import importlib.util
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,77 @@ def withheld_headers() -> Iterator[WithheldHeaders]:
             threading.Thread(target=hold, args=(conn,), daemon=True).start()
 
     thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+# -- a server that ignores max_tokens ------------------------------------------------------
+
+
+@dataclass
+class EndlessServer:
+    """A loopback server that ignores max_tokens: one chunk every few ms until cut off."""
+
+    base_url: str
+    sent: list[int] = field(default_factory=list)  # chunks sent before the client left
+    gone: threading.Event = field(default_factory=threading.Event)
+
+
+def _chunk(i: int) -> bytes:
+    body = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}],
+    }
+    data = f"data: {json.dumps(body)}\n\n".encode()
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@pytest.fixture
+def endless() -> Iterator[EndlessServer]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    server = EndlessServer(f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            if data.startswith(b"GET"):  # GET /models: no context length to tell
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                return
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
+            sent = 0
+            try:
+                while sent < 2000:
+                    conn.sendall(_chunk(sent))
+                    sent += 1
+                    time.sleep(0.005)  # the server's pace, not a synchronisation
+            except OSError:
+                pass
+            server.sent.append(sent)
+            server.gone.set()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     yield server
     stop.set()

@@ -113,6 +113,15 @@ def test_bench_micro_quick() -> None:
     assert "StreamSession.feed" in out
 
 
+def test_bench_hooks_quick() -> None:
+    out = run(
+        "bench_hooks.py",
+        *("--chunks", "200", "--calls", "2", "--rounds", "1", "--baseline", "HEAD"),
+    )
+    for row in ("async before", "async none", "async noop", "sync noop", "otel", "prometheus"):
+        assert row in out
+
+
 def test_profile_cprofile_quick() -> None:
     out = run("profile_clients.py", "--cprofile", "--chunks", "500")
     assert "calls per chunk" in out

@@ -403,3 +403,30 @@ def test_no_hedge_once_output_arrived() -> None:
     core.feed(attempt, _chunk("a"), 0.1)
     with pytest.raises(RuntimeError):
         core.begin_attempt(0.2, hedge=True)
+
+
+def test_a_call_ends_with_exactly_one_end_event_whatever_follows() -> None:
+    events: list[object] = []
+    core = _core(events=events)
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("a"), 0.1)
+    core.stop("cancelled", 0.2)
+    core.fail(llmstream.LLMStreamError("late"), 0.3)  # e.g. a reader that died afterwards
+    core.stop("closed", 0.4)
+    ends = [e for e in events if isinstance(e, CallFinished | CallFailed)]
+    assert len(ends) == 1 and isinstance(ends[0], CallFinished)
+    assert ends[0].status == "cancelled" and ends[0].attempt == 1
+    assert all(e.call is ends[0].call for e in events)  # type: ignore[attr-defined]
+
+
+def test_a_failure_then_a_close_ends_once_with_the_failure() -> None:
+    events: list[object] = []
+    core = _core(events=events)
+    attempt = core.begin_attempt(0.0)
+    core.response(attempt, 404, {}, 0.01)
+    step = core.error_response(attempt, 404, "Not Found", {}, b"no", 0.02)
+    assert isinstance(step, Fail)
+    core.stop("closed", 0.03)
+    ends = [e for e in events if isinstance(e, CallFinished | CallFailed)]
+    assert len(ends) == 1 and isinstance(ends[0], CallFailed)
+    assert ends[0].error is step.error and ends[0].result.status == "error"

@@ -105,6 +105,25 @@ EXPECTED: dict[str, list[str]] = {
         "client CPU ",
         " us per chunk (",
     ],
+    "observability.py": [
+        "1. a call retried once, then complete:\n"
+        "  [call 1] request 1 to localhost\n"
+        "  [call 1] HTTP 503\n"
+        "  [call 1] retry after InternalServerError\n"
+        "  [call 1] request 2 to localhost\n"
+        "  [call 1] HTTP 200\n"
+        "  [call 1] finished: complete, 17 tokens, retries=1\n",
+        "  [call 2] finished: cancelled, ",
+        "first tokens queued by the async hook: 2",
+        "  chat llmstream/fake-model: UNSET, error.type=-, events: request, response_headers, "
+        "retry, request, response_headers, first_token",
+        "  chat llmstream/fake-model: ERROR, error.type=cancelled,",
+        "OpenTelemetry metrics: gen_ai.client.operation.duration, "
+        "gen_ai.client.operation.time_per_output_chunk, "
+        "gen_ai.client.operation.time_to_first_chunk, gen_ai.client.token.usage",
+        'finish_reason="stop",model="llmstream/fake-model",status="complete"} 1.0',
+        'finish_reason="",model="llmstream/fake-model",status="cancelled"} 1.0',
+    ],
     "fastapi_relay.py": [
         "[browser] 'word0 '",
         "[browser] closing the tab",

@@ -14,6 +14,7 @@ Example::
 from ._accounting import PromptCounting
 from ._async_stream import AsyncChatStream
 from ._budget import CallBudget
+from ._call_info import CallInfo
 from ._chunks import (
     ChatCompletionChunk,
     ChunkChoice,
@@ -55,7 +56,16 @@ from ._errors import (
     TotalTimeout,
     UnprocessableEntityError,
 )
+from ._events import (
+    CallEvent,
+    CallFailed,
+    CallFinished,
+    FirstToken,
+    RequestSent,
+    ResponseHeaders,
+)
 from ._flow import OnFull, StreamOptions
+from ._hooks import Hook
 from ._oneshot import stream_llm_request, stream_llm_request_sync
 from ._params import SamplingParams, StreamParams
 from ._prompt_count import TokenCounter, counter_from_text_tokenizer, estimate_prompt_tokens
@@ -99,6 +109,10 @@ __all__ = [
     "BudgetExceeded",
     "BufferOverflow",
     "CallBudget",
+    "CallEvent",
+    "CallFailed",
+    "CallFinished",
+    "CallInfo",
     "CallRetries",
     "ChatCompletionChunk",
     "ChatStream",
@@ -109,9 +123,11 @@ __all__ = [
     "CompletionTokensDetails",
     "ConnectTimeout",
     "FinishEvent",
+    "FirstToken",
     "FirstTokenTimeout",
     "FunctionCall",
     "FunctionCallDelta",
+    "Hook",
     "IdleTimeout",
     "InternalServerError",
     "InvalidRequestError",
@@ -129,7 +145,9 @@ __all__ = [
     "ProtocolError",
     "RateLimitError",
     "ReasoningEvent",
+    "RequestSent",
     "Reservation",
+    "ResponseHeaders",
     "RetryEvent",
     "RetryPolicy",
     "SamplingParams",

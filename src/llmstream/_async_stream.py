@@ -27,6 +27,7 @@ from ._chunks import ChatCompletionChunk
 from ._deadlines import Timeouts
 from ._errors import LLMStreamError
 from ._flow import AsyncReadAhead, StreamOptions
+from ._hooks import Hook
 from ._http_errors import MAX_ERROR_BODY_BYTES
 from ._result import StreamResult
 from ._retry import RetryPolicy
@@ -72,8 +73,11 @@ class AsyncChatStream(StreamBase):
         *,
         headers: Mapping[str, str] | None = None,
         owns_client: bool = False,
+        hooks: tuple[Hook, ...] = (),
     ) -> None:
-        super().__init__(client, body, options, timeouts, retry, budget, owns_client, headers)
+        super().__init__(
+            client, body, options, timeouts, retry, budget, owns_client, headers, hooks
+        )
         self._client = client
         self._attempt: Attempt | None = None
         self._response: AsyncResponse | None = None
@@ -281,6 +285,7 @@ class AsyncChatStream(StreamBase):
                 self._pump_scope.cancel()
                 await self._pump_done.wait()  # the reader closes the response on its way out
             await self._drop_response()
+            await self._tell_hooks()
             if self._owns_client:
                 await self._client.aclose()
 
@@ -305,6 +310,7 @@ class AsyncChatStream(StreamBase):
             core.stop("cancelled", now())
             with anyio.CancelScope(shield=True):
                 await self._drop_response()
+                await self._tell_hooks()
             raise
 
     async def _plan(self) -> None:
@@ -327,6 +333,7 @@ class AsyncChatStream(StreamBase):
         if "model" not in core.body:
             core.body["model"] = await self._client._resolve_model()
         attempt = self._attempt = core.begin_attempt(now())
+        await self._tell_hooks()
         found = attempt.header_deadline
         wait = found[0] - now() if found is not None else None
         request = self._client._stream_request(attempt.body, wait, attempt.headers)
@@ -350,6 +357,7 @@ class AsyncChatStream(StreamBase):
             return None
         status = response.status_code
         step = core.response(attempt, status, response.headers, now())
+        await self._tell_hooks()
         if status >= 300:
             body = await response.read(MAX_ERROR_BODY_BYTES)
             await self._drop_response()
@@ -369,6 +377,7 @@ class AsyncChatStream(StreamBase):
 
     async def _follow(self, step: Step) -> bool:
         """Act on how an attempt ended; True: send another request."""
+        await self._tell_hooks()
         if isinstance(step, Retry):
             await self._drop_response()
             if step.delay > 0:
@@ -440,6 +449,9 @@ class AsyncChatStream(StreamBase):
         if scope.cancelled_caught:
             return core.read_failed(attempt, None, now())
         self._pending.extend(core.feed(attempt, data, now()))
+        hooks = self._hooks
+        if hooks is not None and hooks.pending:
+            await hooks.adeliver()
         return core.step
 
     async def _pump(self) -> None:
@@ -465,6 +477,8 @@ class AsyncChatStream(StreamBase):
         except Exception as exc:  # a reader that dies must not take the caller's block down
             core.fail(unexpected(exc, self.snapshot()), now())
         finally:
+            with anyio.CancelScope(shield=True):
+                await self._tell_hooks()  # the end of the call, before the consumer sees it
             buffer.end(core.error)
             self._stop_watch()
             with anyio.CancelScope(shield=True):
@@ -491,6 +505,7 @@ class AsyncChatStream(StreamBase):
         pause = core.pause_clock
         wait_for_room = core.waits_for_room
         feed = core.feed
+        hooks = self._hooks
         while not buffer.ended:
             # Checked inline: awaiting a no-op coroutine per chunk costs measurable CPU.
             held = False
@@ -522,6 +537,8 @@ class AsyncChatStream(StreamBase):
             finally:
                 attempt.reading = False
             items = feed(attempt, data, now())
+            if hooks is not None and hooks.pending:
+                await hooks.adeliver()  # the first token, or a budget's end
             if items:
                 buffer.put(items)
                 if not wait_for_room:
@@ -604,6 +621,12 @@ class AsyncChatStream(StreamBase):
                     await self._deadline_changed.wait()
                 if self._deadline_changed.is_set():
                     self._deadline_changed = anyio.Event()
+
+    async def _tell_hooks(self) -> None:
+        """Deliver the events the core emitted since the last step (no hooks: nothing)."""
+        hooks = self._hooks
+        if hooks is not None and hooks.pending:
+            await hooks.adeliver()
 
     def _deadline_moved(self) -> None:
         loop = self._loop

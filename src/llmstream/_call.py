@@ -26,12 +26,16 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import types
+import uuid
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._accounting import BudgetOptions, CallAccount
+from ._assemble import response_headers
 from ._budget import CallPlan, plan_call
+from ._call_info import CallInfo
 from ._chunks import ChatCompletionChunk
 from ._deadlines import DeadlineKind, Timeouts, next_deadline
 from ._errors import (
@@ -46,9 +50,11 @@ from ._errors import (
     TotalTimeout,
 )
 from ._events import (
+    NO_ENDPOINT,
     CallEvent,
     CallFailed,
     CallFinished,
+    Endpoint,
     FirstToken,
     RequestSent,
     ResponseHeaders,
@@ -256,6 +262,7 @@ class CallCore:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         observer: Callable[[CallEvent], object] | None = None,
         headers: Mapping[str, str] | None = None,
+        endpoint: Endpoint = NO_ENDPOINT,
     ) -> None:
         self.body = body
         self.headers: Mapping[str, str] = headers or {}
@@ -266,6 +273,9 @@ class CallCore:
         self.budget = budget or BudgetOptions()
         self._limits = (max_line_bytes, max_event_bytes)
         self._observer = observer
+        self._endpoint = endpoint
+        self._info: CallInfo | None = None
+        self._ended_told = False  # the one CallFinished or CallFailed was emitted
         self.pause_clock = PauseClock(options.max_pause)
         self.account: CallAccount | None = None
         self.session: StreamSession | None = None
@@ -310,10 +320,40 @@ class CallCore:
             return StreamResult(status="error" if self.error is not None else "streaming")
         return self.session.result(now)
 
+    @property
+    def info(self) -> CallInfo:
+        """Which call this is, for events: made on first use (the model is known by then)."""
+        info = self._info
+        if info is None:
+            model = self.body.get("model")
+            endpoint = self._endpoint
+            info = self._info = CallInfo(
+                uuid.uuid4().hex,
+                model if isinstance(model, str) else None,
+                endpoint.url,
+                endpoint.address,
+                endpoint.port,
+            )
+        return info
+
     def _emit(self, event: CallEvent) -> None:
         observer = self._observer
         if observer is not None:
             observer(event)
+
+    def _emit_end(self, now: float, error: LLMStreamError | None) -> None:
+        """The call's one CallFinished or CallFailed, whatever path ends it."""
+        if self._ended_told or self._observer is None:
+            return
+        self._ended_told = True
+        session = self.session
+        gaps = session.chunk_gaps() if session is not None else ()
+        if error is None:
+            assert self.result is not None
+            self._emit(CallFinished(self.info, now, self._attempts, self.result, gaps))
+        else:
+            partial = error.partial or StreamResult(status="error")
+            self._emit(CallFailed(self.info, now, self._attempts, error, partial, gaps))
 
     # -- planning a budgeted call --------------------------------------------------
 
@@ -440,7 +480,9 @@ class CallCore:
             own = (now + self.timeouts.first_token, "first_token")
             found = own if found is None or own[0] < found[0] else found  # type: ignore[assignment]
         attempt.header_deadline = found
-        self._emit(RequestSent(now, attempt.number, attempt.body, endpoint, hedge))
+        if self._observer is not None:
+            body = types.MappingProxyType(attempt.body)
+            self._emit(RequestSent(self.info, now, attempt.number, body, endpoint, hedge))
         return attempt
 
     def _has_output(self) -> bool:
@@ -487,7 +529,9 @@ class CallCore:
         For a status of 300 and up the shell reads the (capped) error body and calls
         :meth:`error_response`.
         """
-        self._emit(ResponseHeaders(now, attempt.number, status))
+        if self._observer is not None:
+            shown = response_headers(headers)
+            self._emit(ResponseHeaders(self.info, now, attempt.number, status, shown))
         if status >= 300:
             return None
         if attempt.hedge and attempt is not self.current:
@@ -563,7 +607,8 @@ class CallCore:
             # The first-token deadline is over and the idle one starts: once per request.
             if self.on_deadline_moved is not None:
                 self.on_deadline_moved()
-            self._emit(FirstToken(now, attempt.number))
+            if self._observer is not None:
+                self._emit(FirstToken(self.info, now, attempt.number))
         if session.error is not None:
             error, session.error = session.error, None
             self.step = self._after_failure(attempt, error, now)
@@ -589,7 +634,8 @@ class CallCore:
                 account.observe(chunk, bool(text) or _carries_output(chunk))
         if self.on_deadline_moved is not None:
             self.on_deadline_moved()
-        self._emit(FirstToken(now, attempt.number))
+        if self._observer is not None:
+            self._emit(FirstToken(self.info, now, attempt.number))
         if session.error is not None:
             error, session.error = session.error, None
             self.step = self._after_failure(attempt, error, now)
@@ -682,13 +728,13 @@ class CallCore:
             delay = retries.resume_delay(error, now)
             if delay is None:
                 return None
-            event = RetryEvent("resume", self._attempts + 1, delay, error)
+            event = RetryEvent("resume", self._attempts + 1, delay, error, self.info, now)
         else:
             delay = retries.retry_delay(error, now)
             if delay is None:
                 return None
             body = self.body
-            event = RetryEvent("retry", self._attempts + 1, delay, error)
+            event = RetryEvent("retry", self._attempts + 1, delay, error, self.info, now)
         self._next_body = body
         if session is not None:
             session.new_attempt(resume=event.kind == "resume")
@@ -701,7 +747,7 @@ class CallCore:
     def _finish(self, result: StreamResult, now: float) -> Finish:
         if self.result is None:
             self.result = result
-            self._emit(CallFinished(now, result))
+            self._emit_end(now, None)
         return Finish(self.result)
 
     def fail(self, error: LLMStreamError, now: float) -> Fail:
@@ -712,7 +758,7 @@ class CallCore:
             self.error = error
             if self.result is None and error.partial is not None:
                 self.result = error.partial
-            self._emit(CallFailed(now, error))
+            self._emit_end(now, error)
         return Fail(self.error)
 
     def stop(self, how: Literal["closed", "cancelled"], now: float) -> bool:
@@ -727,8 +773,10 @@ class CallCore:
         elif self.result is None and self.error is None:
             # Stopped before any response arrived: an empty result, not a missing one.
             self.result = StreamResult(status="cancelled", retries=max(self._attempts - 1, 0))
-        if self.result is not None and self.result.status == "cancelled":
-            self._emit(CallFinished(now, self.result))
+        if self.error is not None:
+            self._emit_end(now, self.error)
+        elif self.result is not None:
+            self._emit_end(now, None)
         return True
 
     def settle(self) -> None:

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import NamedTuple
 
@@ -33,8 +33,10 @@ from ._config import (
 )
 from ._deadlines import Timeouts
 from ._errors import InvalidRequestError, LLMStreamError, ProtocolError
+from ._events import endpoint_of
 from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
 from ._header_wait import watch_pool
+from ._hooks import Hook, check_hooks
 from ._http_errors import not_an_openai_answer, not_json_error, status_error
 from ._httpx_transport import (
     HttpxAsyncTransport,
@@ -72,6 +74,7 @@ class _CallSpec(NamedTuple):
     retry: RetryPolicy
     budget: BudgetOptions
     headers: dict[str, str]
+    hooks: tuple[Hook, ...]
 
 
 def _merge_headers(headers: dict[str, str], extra: Mapping[str, str]) -> None:
@@ -108,12 +111,16 @@ class _BaseClient:
         max_event_bytes: int,
         options: StreamOptions,
         budget: BudgetOptions,
+        hooks: Sequence[Hook] | None,
     ) -> None:
         self.options = options
         self.budget = budget
+        self.hooks = check_hooks(hooks, sync=self._sync_hooks)
+        """The hooks every call of this client tells its events to (see ``hooks=``)."""
         # Context lengths (vLLM's max_model_len) from GET /models, by model id.
         self._context_lengths: dict[str, int | None] = {}
         self.base_url = resolve_base_url(base_url)
+        self._endpoint = endpoint_of(self.base_url)
         self._model = resolve_model(model)
         self._api_key: Secret | None = resolve_api_key(api_key)
         self.timeouts = resolve_timeout(timeout)
@@ -124,6 +131,8 @@ class _BaseClient:
             raise InvalidRequestError("max_line_bytes and max_event_bytes must be positive")
         self._max_line_bytes = max_line_bytes
         self._max_event_bytes = max_event_bytes
+
+    _sync_hooks = False  # the sync client refuses async hooks
 
     @property
     def model(self) -> str | None:
@@ -160,6 +169,7 @@ class _BaseClient:
         )
         timeout = params.get("timeout")
         retry = params.get("retry")
+        hooks = self.hooks + check_hooks(params.get("hooks"), sync=self._sync_hooks)  # type: ignore[arg-type]
         return _CallSpec(
             body,
             self._call_options(params),
@@ -167,6 +177,7 @@ class _BaseClient:
             resolve_retry(retry) if retry is not None else self.retry,  # type: ignore[arg-type]
             self._call_budget(params),
             {str(k): str(v) for k, v in _mapping(params, "extra_headers").items()},
+            hooks,
         )
 
     def _call_options(self, params: Mapping[str, object]) -> StreamOptions:
@@ -282,7 +293,12 @@ class AsyncClient(_BaseClient):
     ``llmstream.testing.FakeVLLM().transport()``. ``include_usage`` asks the
     server for exact token counts (``stream_options.include_usage``).
     ``max_line_bytes``/``max_event_bytes`` bound what one SSE line or event may
-    hold (1 MiB by default).
+    hold (1 MiB by default). ``hooks`` are callables told every event of every
+    call (:data:`~llmstream.CallEvent`: request sent, response headers, first
+    token, retry or resume, and one :class:`~llmstream.CallFinished` or
+    :class:`~llmstream.CallFailed`), e.g. :class:`llmstream.otel.OpenTelemetryHook`;
+    ``async def`` hooks are awaited in order at the stream's next step (see
+    :data:`~llmstream.Hook`). ``stream(..., hooks=[...])`` adds hooks for one call.
 
     Flow control, per client and per call: ``buffer`` is how many chunks a
     background reader may run ahead of the consumer (``0``: read only when
@@ -322,6 +338,7 @@ class AsyncClient(_BaseClient):
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        hooks: Sequence[Hook] | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -341,6 +358,7 @@ class AsyncClient(_BaseClient):
                 max_bytes=max_bytes,
             ),
             budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
+            hooks=hooks,
         )
         self._owns_http = http_client is None
         self._http = http_client or own_async_client(transport)
@@ -397,7 +415,8 @@ class AsyncClient(_BaseClient):
         :class:`~llmstream.SamplingParams`); anything else the server understands goes
         in ``extra_body``, per-call headers in ``extra_headers``. ``buffer``, ``on_full``,
         ``max_pause``, ``max_chunks``, ``max_bytes``, ``timeout``, ``retry`` and the budget
-        settings override the client's for this call. Arguments are checked here,
+        settings override the client's for this call; ``hooks`` are added to the
+        client's for this call. Arguments are checked here,
         before any request: an unknown keyword raises
         :class:`~llmstream.InvalidRequestError` naming the closest one.
 
@@ -416,6 +435,7 @@ class AsyncClient(_BaseClient):
             spec.retry,
             spec.budget,
             headers=spec.headers,
+            hooks=spec.hooks,
         )
 
     async def complete(
@@ -499,7 +519,8 @@ class Client(_BaseClient):
     """Streams chat completions from vLLM or any OpenAI-compatible server (sync).
 
     The same arguments and behaviour as :class:`AsyncClient`; safe to share
-    between threads.
+    between threads. Hooks are called synchronously: an ``async def`` hook is
+    refused with :class:`~llmstream.InvalidRequestError`.
 
     Example::
 
@@ -508,6 +529,8 @@ class Client(_BaseClient):
                 for text in stream:
                     print(text, end="", flush=True)
     """
+
+    _sync_hooks = True
 
     def __init__(
         self,
@@ -532,6 +555,7 @@ class Client(_BaseClient):
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         http_client: httpx.Client | None = None,
         transport: httpx.BaseTransport | None = None,
+        hooks: Sequence[Hook] | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -551,6 +575,7 @@ class Client(_BaseClient):
                 max_bytes=max_bytes,
             ),
             budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
+            hooks=hooks,
         )
         self._owns_http = http_client is None
         self._http = http_client or own_sync_client(transport)
@@ -610,6 +635,7 @@ class Client(_BaseClient):
             spec.retry,
             spec.budget,
             headers=spec.headers,
+            hooks=spec.hooks,
         )
 
     def complete(

@@ -92,6 +92,10 @@ class MetricsRecorder:
         """How many chunks arrived so far."""
         return self._chunks
 
+    def gaps(self) -> tuple[float, ...]:
+        """The gaps between output chunks: all of them up to RESERVOIR_SIZE, a sample beyond."""
+        return tuple(self._gaps)
+
     @property
     def output_chunks(self) -> int:
         """How many chunks carried generated output so far."""

@@ -27,6 +27,7 @@ from ._budget import CallBudget
 from ._deadlines import Timeouts
 from ._errors import InvalidRequestError
 from ._flow import OnFull
+from ._hooks import Hook
 from ._request import Message
 from ._retry import RetryPolicy
 from ._token_budget import TokenBudget
@@ -94,7 +95,8 @@ class StreamParams(SamplingParams, total=False):
     Besides the sampling parameters: ``messages`` (instead of the positional prompt),
     ``extra_body`` (merged into the JSON body), ``extra_headers`` (sent with this call;
     an ``Authorization`` here replaces the client's for this call only), and the call's
-    own settings, which override the client's for this call.
+    own settings, which override the client's for this call, and ``hooks``, which
+    are added to the client's for this call (never sent).
 
     Example::
 
@@ -117,6 +119,7 @@ class StreamParams(SamplingParams, total=False):
     token_budget: TokenBudget | None
     budget_wait: bool | None
     count_prompt: PromptCounting | None
+    hooks: Sequence[Hook] | None
 
 
 BODY_PARAMS = frozenset(SamplingParams.__annotations__)

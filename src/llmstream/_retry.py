@@ -29,6 +29,7 @@ from typing import Literal
 import tenacity
 from pydantic import ConfigDict
 
+from ._call_info import CallInfo
 from ._errors import (
     APIConnectionError,
     APIStatusError,
@@ -66,10 +67,13 @@ NEVER_RETRY_STATUSES = frozenset({400, 401, 403, 404, 422})
 
 @dataclass(frozen=True)
 class RetryEvent:
-    """One retry or resume, as passed to ``on_retry`` hooks and logged.
+    """One retry or resume, as passed to ``on_retry`` and to a client's hooks, and logged.
 
-    ``attempt`` is the number of the attempt about to start (2 for the first
-    retry), ``delay`` the seconds waited before it, ``error`` what failed.
+    ``kind`` is ``"retry"`` (the request starts over: nothing had arrived) or
+    ``"resume"`` (a new request continues an answer that broke off). ``attempt``
+    is the number of the attempt about to start (2 for the first retry),
+    ``delay`` the seconds waited before it, ``error`` what failed; ``call`` names
+    the call and ``at`` is when it was decided (``time.perf_counter()``).
 
     Example::
 
@@ -85,6 +89,8 @@ class RetryEvent:
     attempt: int
     delay: float
     error: LLMStreamError
+    call: CallInfo
+    at: float
 
 
 @dataclass(frozen=True)

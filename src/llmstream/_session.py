@@ -158,6 +158,10 @@ class StreamSession:
         self.error = None
         self.last_event_at = None
 
+    def chunk_gaps(self) -> tuple[float, ...]:
+        """Seconds between consecutive output chunks (see :meth:`MetricsRecorder.gaps`)."""
+        return self._metrics.gaps()
+
     def completion_tokens(self) -> int:
         """Completion tokens generated so far, all requests of the call.
 

@@ -27,6 +27,7 @@ from ._chunks import ChatCompletionChunk
 from ._deadlines import Timeouts
 from ._errors import LLMStreamError
 from ._flow import StreamOptions
+from ._hooks import Hook, HookRunner
 from ._result import StreamResult
 from ._retry import RetryPolicy
 from ._session import StreamItem
@@ -74,7 +75,10 @@ class StreamBase:
         budget: BudgetOptions | None,
         owns_client: bool,
         headers: Mapping[str, str] | None = None,
+        hooks: tuple[Hook, ...] = (),
     ) -> None:
+        # No hooks, no runner: the shells test `self._hooks is not None` and do nothing else.
+        self._hooks = HookRunner(hooks) if hooks else None
         self._core = CallCore(
             body,
             options or StreamOptions(),
@@ -84,6 +88,8 @@ class StreamBase:
             max_line_bytes=client._max_line_bytes,
             max_event_bytes=client._max_event_bytes,
             headers=headers,
+            observer=self._hooks.queue if self._hooks is not None else None,
+            endpoint=client._endpoint,
         )
         self._owns_client = owns_client
         self._entered = False

@@ -25,6 +25,7 @@ from ._deadlines import Timeouts
 from ._errors import LLMStreamError
 from ._flow import StreamOptions, ThreadReadAhead
 from ._header_wait import HeaderWait
+from ._hooks import Hook
 from ._http_errors import MAX_ERROR_BODY_BYTES
 from ._result import StreamResult
 from ._retry import RetryPolicy
@@ -66,8 +67,11 @@ class ChatStream(StreamBase):
         *,
         headers: Mapping[str, str] | None = None,
         owns_client: bool = False,
+        hooks: tuple[Hook, ...] = (),
     ) -> None:
-        super().__init__(client, body, options, timeouts, retry, budget, owns_client, headers)
+        super().__init__(
+            client, body, options, timeouts, retry, budget, owns_client, headers, hooks
+        )
         self._client = client
         self._attempt: Attempt | None = None
         self._response: SyncResponse | None = None
@@ -187,6 +191,7 @@ class ChatStream(StreamBase):
             stopped = self._core.stop("cancelled", now())
         if not stopped:
             return
+        self._tell_hooks()
         self._cut_connection()
         if self._buffer is not None:
             self._buffer.items.clear()
@@ -217,6 +222,7 @@ class ChatStream(StreamBase):
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._drop_response()
+        self._tell_hooks()
         if self._owns_client:
             self._client.close()
 
@@ -244,6 +250,7 @@ class ChatStream(StreamBase):
             with self._lock:
                 core.stop("cancelled", now())
             self._drop_response()
+            self._tell_hooks()
             raise
         if self._reader is None or core.stopped is not None:
             return
@@ -273,6 +280,7 @@ class ChatStream(StreamBase):
             core.body["model"] = client._resolve_model()
         with self._lock:
             attempt = self._attempt = core.begin_attempt(now())
+        self._tell_hooks()
         found = attempt.header_deadline
         request = client._stream_request(
             attempt.body, found[0] - now() if found else None, attempt.headers
@@ -302,6 +310,7 @@ class ChatStream(StreamBase):
         status = response.status_code
         with self._lock:
             step = core.response(attempt, status, response.headers, now())
+        self._tell_hooks()
         if status >= 300:
             body = response.read(MAX_ERROR_BODY_BYTES)
             self._drop_response()
@@ -322,6 +331,7 @@ class ChatStream(StreamBase):
 
     def _follow(self, step: Step) -> bool:
         """Act on how an attempt ended; True: send another request."""
+        self._tell_hooks()
         if isinstance(step, Retry):
             self._drop_response()
             if step.delay > 0:
@@ -408,6 +418,7 @@ class ChatStream(StreamBase):
             # Released at once, however the call ended: an unread body is cut, so the
             # server stops generating (a budget stop, an error).
             self._drop_response()
+            self._tell_hooks()  # the end of the call, before the consumer sees it
             buffer.end(core.error)
 
     def _read_body(self, buffer: ThreadReadAhead[StreamItem]) -> Step | None:
@@ -420,6 +431,7 @@ class ChatStream(StreamBase):
         pause = core.pause_clock
         wait_for_room = core.waits_for_room
         feed = core.feed
+        hooks = self._hooks
         while not buffer.ended:
             held = pause.paused or (wait_for_room and buffer.full)
             if wait_for_room:
@@ -453,6 +465,8 @@ class ChatStream(StreamBase):
                 attempt.reading = False
             with lock:
                 items = feed(attempt, data, now())
+            if hooks is not None and hooks.pending:
+                hooks.deliver()  # the first token, or a budget's end
             if items:
                 buffer.put(items)
                 if not wait_for_room:
@@ -474,6 +488,12 @@ class ChatStream(StreamBase):
                 return expired
             self._resumed.wait(clock.remaining(now()))
         return None
+
+    def _tell_hooks(self) -> None:
+        """Deliver the events the core emitted since the last step (no hooks: nothing)."""
+        hooks = self._hooks
+        if hooks is not None and hooks.pending:
+            hooks.deliver()
 
     def _wake_all(self) -> None:
         self._stopping.set()
