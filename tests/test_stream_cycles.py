@@ -41,9 +41,16 @@ def _llmstream_garbage() -> list[str]:
     return [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("llmstream")]
 
 
+def _noop(event: llmstream.CallEvent) -> None:
+    pass
+
+
 async def _async_stream(how: str) -> None:
     transport = _AsyncTransport(ANSWERS if how == "retry" else WORDS, blocking=False)
-    async with llmstream.AsyncClient("http://seam/v1", model="m", retry=RETRY) as client:
+    hooks = [_noop] if how == "hooked" else []
+    async with llmstream.AsyncClient(
+        "http://seam/v1", model="m", retry=RETRY, hooks=hooks
+    ) as client:
         client._transport = transport  # type: ignore[assignment]
         if how == "pull":
             stream = await client.stream("Hi")
@@ -56,7 +63,7 @@ async def _async_stream(how: str) -> None:
         assert stream.result.status == ("cancelled" if how == "break" else "complete")
 
 
-@pytest.mark.parametrize("how", ["whole", "break", "retry", "pull"])
+@pytest.mark.parametrize("how", ["whole", "break", "retry", "pull", "hooked"])
 async def test_a_finished_async_stream_leaves_no_cycle(how: str, collector: None) -> None:
     for _ in range(3):
         await _async_stream(how)
@@ -65,11 +72,12 @@ async def test_a_finished_async_stream_leaves_no_cycle(how: str, collector: None
     assert found == []
 
 
-@pytest.mark.parametrize("how", ["whole", "break", "retry"])
+@pytest.mark.parametrize("how", ["whole", "break", "retry", "hooked"])
 def test_a_finished_sync_stream_leaves_no_cycle(how: str, collector: None) -> None:
     for _ in range(3):
         transport = _SyncTransport(ANSWERS if how == "retry" else WORDS, blocking=True)
-        with llmstream.Client("http://seam/v1", model="m", retry=RETRY) as client:
+        hooks = [_noop] if how == "hooked" else []
+        with llmstream.Client("http://seam/v1", model="m", retry=RETRY, hooks=hooks) as client:
             client._transport = transport  # type: ignore[assignment]
             with client.stream("Hi") as stream:
                 for _ in stream:
