@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import httpx
@@ -21,7 +22,7 @@ import pytest
 import llmstream
 from llmstream.testing import FakeVLLM
 
-from .drivers import MODES
+from .drivers import SOCKET_MODES, async_client_kwargs, reach
 
 pytestmark = pytest.mark.anyio
 
@@ -96,13 +97,14 @@ def endless() -> Iterator[EndlessServer]:
     listener.close()
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_a_budget_stop_cuts_the_connection_before_the_block_ends(
     mode: str, endless: EndlessServer
 ) -> None:
     budget = llmstream.CallBudget(completion_tokens=5)
-    kwargs = {"model": "m", "include_usage": False}
-    if mode == "async":
+    kwargs: dict[str, Any] = {"model": "m", "include_usage": False}
+    if mode != "sync":
+        kwargs.update(async_client_kwargs(mode))
         async with llmstream.AsyncClient(endless.base_url, **kwargs) as client:
             async with client.stream("Hi", budget=budget) as stream:
                 pieces = [p async for p in stream]
@@ -117,14 +119,14 @@ async def test_a_budget_stop_cuts_the_connection_before_the_block_ends(
                     return pieces, endless.gone.wait(2.0), stream.result.status
 
         pieces, gone, status = await anyio.to_thread.run_sync(run)
-    if mode == "async":
+    if mode != "sync":
         status = stream.result.status
     assert len(pieces) == 5 and status == "budget"
     assert gone, "the server kept streaming until the with block ended"
     assert endless.sent[0] < 400  # cut within a couple of seconds, not after all 2,000
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_concurrent_budgeted_calls_ask_for_the_models_once(mode: str) -> None:
     fake = FakeVLLM("ok", model=MODEL)  # the model is known: only the context length is asked
     budget = llmstream.CallBudget(total_tokens=1000)
@@ -138,8 +140,9 @@ async def test_concurrent_budgeted_calls_ask_for_the_models_once(mode: str) -> N
             stream.final_result()
 
     with fake.serve() as server:
-        if mode == "async":
-            async with llmstream.AsyncClient(server.base_url, model=MODEL) as client:
+        if mode != "sync":
+            kwargs = async_client_kwargs(mode)
+            async with llmstream.AsyncClient(server.base_url, model=MODEL, **kwargs) as client:
                 async with anyio.create_task_group() as tg:
                     for _ in range(50):
                         tg.start_soon(one_async, client)
@@ -156,19 +159,20 @@ async def test_concurrent_budgeted_calls_ask_for_the_models_once(mode: str) -> N
             await anyio.to_thread.run_sync(run)
     paths = [r.path for r in fake.requests]
     assert paths.count("/v1/models") == 1
-    assert paths.count("/v1/chat/completions") == (50 if mode == "async" else 20)
+    assert paths.count("/v1/chat/completions") == (20 if mode == "sync" else 50)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_a_prompt_the_budget_refuses_sends_no_request_at_all(mode: str) -> None:
     fake = FakeVLLM("ok")
     budget = llmstream.CallBudget(prompt_tokens=10)
     prompt = "word " * 200
-    if mode == "async":
-        async with llmstream.AsyncClient("http://fake/v1", transport=fake.transport()) as client:
-            with pytest.raises(llmstream.BudgetExceeded):
-                async with client.stream(prompt, budget=budget):
-                    pass
+    if mode != "sync":
+        with reach(mode, fake) as (url, kwargs):
+            async with llmstream.AsyncClient(url, **kwargs) as client:
+                with pytest.raises(llmstream.BudgetExceeded):
+                    async with client.stream(prompt, budget=budget):
+                        pass
     else:
         with llmstream.Client("http://fake/v1", transport=fake.transport()) as client:
             with pytest.raises(llmstream.BudgetExceeded):
@@ -201,6 +205,7 @@ def test_a_sync_stream_interrupted_before_its_headers_has_a_cancelled_result() -
     assert stream.snapshot().status == "cancelled"
 
 
+@pytest.mark.usefixtures("async_http_backend")
 async def test_an_async_stream_cancelled_before_its_headers_has_a_cancelled_result() -> None:
     # vLLM sends its headers at once, but a proxy may hold them until the first token.
     listener = socket.create_server(("127.0.0.1", 0))
@@ -236,7 +241,7 @@ async def test_an_async_stream_cancelled_before_its_headers_has_a_cancelled_resu
         thread.join(5)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_a_server_count_includes_the_tools_and_needs_no_model_list(mode: str) -> None:
     fake = FakeVLLM("ok", model=MODEL)
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
@@ -245,11 +250,10 @@ async def test_a_server_count_includes_the_tools_and_needs_no_model_list(mode: s
         "count_prompt": "server",
         "tools": tools,
     }
-    if mode == "async":
-        async with llmstream.AsyncClient(
-            "http://f/v1", model=MODEL, transport=fake.transport()
-        ) as c:
-            await c.complete("Hi", **kwargs)  # type: ignore[arg-type]
+    if mode != "sync":
+        with reach(mode, fake) as (url, client_kwargs):
+            async with llmstream.AsyncClient(url, model=MODEL, **client_kwargs) as c:
+                await c.complete("Hi", **kwargs)  # type: ignore[arg-type]
     else:
         with llmstream.Client("http://f/v1", model=MODEL, transport=fake.transport()) as c:
             c.complete("Hi", **kwargs)  # type: ignore[arg-type]
