@@ -39,9 +39,11 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 CLIENTS = {
     "llmstream-async": "llmstream AsyncClient.stream, async for text (defaults)",
     "llmstream-sync": "llmstream Client.stream, for text (defaults)",
+    "llmstream-aiohttp": "llmstream AsyncClient on transport=AiohttpTransport()",
     "hand-rolled": "httpx.AsyncClient + httpx_sse.aconnect_sse + json.loads",
     "openai": "openai AsyncOpenAI chat.completions.create(stream=True)",
     "httpx-bytes": "httpx aiter_bytes, no parsing (reference)",
+    "aiohttp-bytes": "aiohttp content.iter_any, no parsing (reference)",
     "raw-floor": "asyncio socket, counts \\n\\n (floor)",
 }
 
@@ -49,10 +51,10 @@ CLIENTS = {
 # --- the clients: each sets itself up once and returns a coroutine/function per round ---
 
 
-async def _setup_llmstream_async(url: str):
+async def _setup_llmstream_async(url: str, **kwargs: object):
     import llmstream
 
-    client = llmstream.AsyncClient(url, model=MODEL, api_key="bench")
+    client = llmstream.AsyncClient(url, model=MODEL, api_key="bench", **kwargs)
 
     async def run(n: int) -> int:
         count = 0
@@ -62,6 +64,12 @@ async def _setup_llmstream_async(url: str):
         return count
 
     return run, client.aclose
+
+
+async def _setup_llmstream_aiohttp(url: str):
+    import llmstream
+
+    return await _setup_llmstream_async(url, transport=llmstream.AiohttpTransport())
 
 
 def _setup_llmstream_sync(url: str):
@@ -138,6 +146,24 @@ async def _setup_httpx_bytes(url: str):
     return run, client.aclose
 
 
+async def _setup_aiohttp_bytes(url: str):
+    import aiohttp
+
+    session = aiohttp.ClientSession()
+
+    async def run(n: int) -> int:
+        events = 0
+        last = b""
+        body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": n}
+        async with session.post(url + "/chat/completions", json=body) as response:
+            async for data in response.content.iter_any():
+                events += (last + data[:1]).count(b"\n\n") + data.count(b"\n\n")
+                last = data[-1:]
+        return events - 3  # role, finish and [DONE] are not content
+
+    return run, session.close
+
+
 class _FloorProtocol(asyncio.Protocol):
     """Counts ``\\n\\n`` in what arrives; the body ends with the chunk ``0\\r\\n\\r\\n``."""
 
@@ -190,6 +216,8 @@ SETUPS = {
     "hand-rolled": _setup_hand_rolled,
     "openai": _setup_openai,
     "httpx-bytes": _setup_httpx_bytes,
+    "aiohttp-bytes": _setup_aiohttp_bytes,
+    "llmstream-aiohttp": _setup_llmstream_aiohttp,
     "raw-floor": _setup_raw_floor,
 }
 
@@ -268,9 +296,9 @@ class Worker:
             self.proc.wait()
 
 
-def _openai_available() -> bool:
+def _available(module: str) -> bool:
     try:
-        import openai  # noqa: F401
+        __import__(module)
     except ImportError:
         return False
     return True
@@ -300,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(CLIENTS)
     if unknown:
         parser.error(f"unknown clients: {', '.join(sorted(unknown))}")
-    if "openai" in names and not _openai_available():
+    if "openai" in names and not _available("openai"):
         print("openai is not installed: skipping the openai row (pip install openai).")
         names.remove("openai")
+    if not _available("aiohttp"):
+        print('aiohttp is not installed: skipping its rows (pip install "llmstream-sdk[aiohttp]").')
+        names = [name for name in names if "aiohttp" not in name]
 
     n = args.chunks
     print(
@@ -332,14 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     floor = cpu.get("raw-floor")
     print()
     print(
-        f"{'client':<16} {'CPU us/chunk':>13} {'(spread)':>9} {'wall us/chunk':>14} "
+        f"{'client':<18} {'CPU us/chunk':>13} {'(spread)':>9} {'wall us/chunk':>14} "
         f"{'CPU x floor':>12}  what"
     )
-    print("-" * 110)
+    print("-" * 112)
     for name in names:
         ratio = f"{cpu[name] / floor:11.1f}x" if floor else f"{'-':>12}"
         print(
-            f"{name:<16} {cpu[name]:13.2f} {spread[name]:9.2f} {wall[name]:14.2f} "
+            f"{name:<18} {cpu[name]:13.2f} {spread[name]:9.2f} {wall[name]:14.2f} "
             f"{ratio}  {CLIENTS[name]}"
         )
     print()
@@ -354,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         if "llmstream-sync" in cpu:
             r = cpu["llmstream-sync"] / a
             print("llmstream-sync / llmstream-async: ", _fmt_ratio(r, "<= 1.15", r <= 1.15))
+        if "llmstream-aiohttp" in cpu:
+            print(f"llmstream-aiohttp / llmstream-async CPU: {cpu['llmstream-aiohttp'] / a:.2f}x")
     print("(spread: max - min CPU us/chunk over rounds; the server's CPU is not counted)")
     if args.json:
         args.json.write_text(json.dumps({"chunks": n, "cpu_us": cpu, "wall_us": wall}, indent=2))

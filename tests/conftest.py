@@ -1,4 +1,5 @@
-"""Shared fixtures: both anyio backends (and asyncio on uvloop), the recorded vLLM vectors."""
+"""Shared fixtures: both anyio backends (and asyncio on uvloop), both HTTP libraries of the
+async client, the recorded vLLM vectors."""
 
 from __future__ import annotations
 
@@ -28,6 +29,34 @@ if importlib.util.find_spec("uvloop") is not None:
 @pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> object:
     return request.param
+
+
+# The HTTP libraries an AsyncClient can send with. aiohttp is asyncio-only: the tests that
+# would run it under trio are deselected (test_aiohttp_transport.py checks the error).
+HTTP_BACKENDS = ["httpx", "aiohttp"] if importlib.util.find_spec("aiohttp") else ["httpx"]
+
+
+@pytest.fixture(params=HTTP_BACKENDS)
+def async_http_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every ``AsyncClient`` the test makes (without a transport) sends with this library."""
+    backend: str = request.param
+    monkeypatch.setenv("LLMSTREAM_HTTP_BACKEND", backend)
+    return backend
+
+
+def _impossible(item: pytest.Item) -> bool:
+    """aiohttp under trio, or aiohttp with an in-process transport (a socket is all it has)."""
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    aiohttp = params.get("async_http_backend") == "aiohttp" or params.get("mode") == "async-aiohttp"
+    return aiohttp and (params.get("anyio_backend") == "trio" or params.get("where") == "transport")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    dropped = [item for item in items if _impossible(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not _impossible(item)]
 
 
 def load_vector(path: Path) -> tuple[bytes, dict[str, Any]]:

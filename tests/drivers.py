@@ -6,6 +6,8 @@ thread, as it would in a threaded application.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +21,42 @@ import llmstream
 from llmstream.testing import FakeVLLM
 from llmstream.testing._fake import Exchange
 from llmstream.testing._script import Action, HttpRequest, Send, is_chat_request
+from llmstream.testing._transport import FakeTransport
 
 MODES = ["async", "sync"]
+# The async client on aiohttp, over loopback sockets (asyncio and uvloop; not trio, which
+# conftest deselects). For tests whose server is real, or an emulator that collect()
+# can serve over a socket instead of in process.
+AIOHTTP = "async-aiohttp"
+SOCKET_MODES = [*MODES, AIOHTTP] if importlib.util.find_spec("aiohttp") else MODES
+
+
+@contextlib.contextmanager
+def reach(mode: str, fake: FakeVLLM) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The base URL and client arguments that reach ``fake`` in ``mode``.
+
+    In process for httpx; over a loopback socket for aiohttp, which has no other way.
+
+    Example::
+
+        with reach(mode, fake) as (url, kwargs):
+            client = llmstream.AsyncClient(url, **kwargs)
+    """
+    if mode == AIOHTTP:
+        with fake.serve() as server:
+            yield server.base_url, async_client_kwargs(mode)
+    else:
+        yield "http://fake-vllm.test/v1", {"transport": fake.transport()}
+
+
+def async_client_kwargs(mode: str) -> dict[str, Any]:
+    """What an ``AsyncClient`` needs for ``mode``: the aiohttp transport, or nothing.
+
+    Example::
+
+        llmstream.AsyncClient(url, **async_client_kwargs("async-aiohttp"))
+    """
+    return {"transport": llmstream.AiohttpTransport()} if mode == AIOHTTP else {}
 
 
 @dataclass
@@ -61,15 +97,20 @@ async def collect(
     the stream's reader runs on (the async consumer awaits, the sync one sleeps).
     """
     kwargs = dict(client_kwargs or {})
-    if transport is not None:
-        kwargs["transport"] = transport
     outcome = Outcome()
-    if mode == "async":
+    if mode.startswith("async"):
         try:
-            async with (
-                llmstream.AsyncClient(base_url, **kwargs) as client,
-                client.stream(prompt, **stream_kwargs) as stream,
-            ):
+            async with contextlib.AsyncExitStack() as stack:
+                if mode == AIOHTTP and isinstance(transport, FakeTransport):
+                    # aiohttp sends over sockets only: the emulator is served on loopback.
+                    base_url = stack.enter_context(transport.fake.serve()).base_url
+                    transport = None
+                assert transport is None or mode != AIOHTTP, "aiohttp takes no httpx transport"
+                kwargs.update(async_client_kwargs(mode))
+                if transport is not None:
+                    kwargs["transport"] = transport
+                client = await stack.enter_async_context(llmstream.AsyncClient(base_url, **kwargs))
+                stream = await stack.enter_async_context(client.stream(prompt, **stream_kwargs))
                 async for piece in stream:
                     outcome.pieces.append(piece)
                     if busy and len(outcome.pieces) == 1:
@@ -80,6 +121,8 @@ async def collect(
         except llmstream.LLMStreamError as exc:
             outcome.error = exc
         return outcome
+    if transport is not None:
+        kwargs["transport"] = transport
 
     def run_sync() -> None:
         try:
@@ -102,7 +145,12 @@ async def collect(
 
 
 def no_raw_httpx(exc: BaseException | None) -> bool:
-    """True when no httpx exception escapes (it may be the cause, never the error)."""
+    """True when no httpx (or aiohttp) exception escapes: it may be the cause, never the error."""
+    if importlib.util.find_spec("aiohttp") is not None:
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientError):
+            return False
     return not isinstance(exc, httpx.HTTPError)
 
 

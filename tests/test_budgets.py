@@ -14,7 +14,7 @@ import llmstream
 from llmstream.testing import FakeVLLM
 
 from .conftest import DATA
-from .drivers import MODES, collect
+from .drivers import MODES, SOCKET_MODES, collect
 
 pytestmark = pytest.mark.anyio
 
@@ -25,7 +25,7 @@ def _chats(fake: FakeVLLM) -> list[dict[str, Any]]:
     return [r.json for r in fake.requests if r.path.endswith("/chat/completions") and r.json]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_prompt_over_budget_fails_without_a_request(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     budget = llmstream.CallBudget(prompt_tokens=10)
@@ -37,7 +37,7 @@ async def test_prompt_over_budget_fails_without_a_request(mode: str) -> None:
     assert _chats(fake) == []
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_max_tokens_is_clamped_to_what_the_budget_leaves(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     budget = llmstream.CallBudget(total_tokens=40)
@@ -106,7 +106,7 @@ async def test_budget_can_raise_instead(mode: str) -> None:
     assert error.partial.text == outcome.text and len(outcome.pieces) == 5
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_context_length_known_from_models_fails_before_sending(mode: str) -> None:
     fake = FakeVLLM(ANSWER, max_model_len=64)
     outcome = await collect(
@@ -122,7 +122,7 @@ async def test_context_length_known_from_models_fails_before_sending(mode: str) 
     assert _chats(fake) == []
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_prompt_counted_by_a_tokenizer(mode: str) -> None:
     fake = FakeVLLM("ok")
     calls: list[int] = []
@@ -143,7 +143,7 @@ async def test_prompt_counted_by_a_tokenizer(mode: str) -> None:
     assert (report.prompt_tokens, report.prompt_source) == (7, "tokenizer")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_result_reports_where_each_count_came_from(mode: str) -> None:
     outcome = await collect(mode, transport=FakeVLLM("a b c").transport())
     report = outcome.final.tokens
@@ -157,6 +157,7 @@ async def test_result_reports_where_each_count_came_from(mode: str) -> None:
     )
 
 
+@pytest.mark.usefixtures("async_http_backend")
 async def test_shared_budget_books_match_server_usage_over_200_concurrent_calls() -> None:
     fake = FakeVLLM(None, token_delay=0.001)  # echoes each prompt
     shared = llmstream.TokenBudget(1_000_000)
@@ -181,6 +182,7 @@ async def test_shared_budget_books_match_server_usage_over_200_concurrent_calls(
     assert shared.balance == 1_000_000 - sum(usages)
 
 
+@pytest.mark.usefixtures("async_http_backend")
 async def test_shared_budget_stops_each_call_at_its_allowance_with_at_most_one_chunk_over() -> None:
     fake = FakeVLLM(ANSWER)
     shared = llmstream.TokenBudget(2_000)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Any
 
 import anyio
 import httpx
@@ -19,20 +20,21 @@ import llmstream
 from llmstream.testing import FakeVLLM
 
 from .conftest import EndlessServer
-from .drivers import MODES, collect
+from .drivers import SOCKET_MODES, async_client_kwargs, collect, reach
 
 pytestmark = pytest.mark.anyio
 
 MODEL = "llmstream/fake-model"
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_a_budget_stop_cuts_the_connection_before_the_block_ends(
     mode: str, endless: EndlessServer
 ) -> None:
     budget = llmstream.CallBudget(completion_tokens=5)
-    kwargs = {"model": "m", "include_usage": False}
-    if mode == "async":
+    kwargs: dict[str, Any] = {"model": "m", "include_usage": False}
+    if mode != "sync":
+        kwargs.update(async_client_kwargs(mode))
         async with llmstream.AsyncClient(endless.base_url, **kwargs) as client:
             async with client.stream("Hi", budget=budget) as stream:
                 pieces = [p async for p in stream]
@@ -47,14 +49,14 @@ async def test_a_budget_stop_cuts_the_connection_before_the_block_ends(
                     return pieces, endless.gone.wait(2.0), stream.result.status
 
         pieces, gone, status = await anyio.to_thread.run_sync(run)
-    if mode == "async":
+    if mode != "sync":
         status = stream.result.status
     assert len(pieces) == 5 and status == "budget"
     assert gone, "the server kept streaming until the with block ended"
     assert endless.sent[0] < 400  # cut within a couple of seconds, not after all 2,000
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_concurrent_budgeted_calls_ask_for_the_models_once(mode: str) -> None:
     fake = FakeVLLM("ok", model=MODEL)  # the model is known: only the context length is asked
     budget = llmstream.CallBudget(total_tokens=1000)
@@ -68,8 +70,9 @@ async def test_concurrent_budgeted_calls_ask_for_the_models_once(mode: str) -> N
             stream.final_result()
 
     with fake.serve() as server:
-        if mode == "async":
-            async with llmstream.AsyncClient(server.base_url, model=MODEL) as client:
+        if mode != "sync":
+            kwargs = async_client_kwargs(mode)
+            async with llmstream.AsyncClient(server.base_url, model=MODEL, **kwargs) as client:
                 async with anyio.create_task_group() as tg:
                     for _ in range(50):
                         tg.start_soon(one_async, client)
@@ -86,19 +89,20 @@ async def test_concurrent_budgeted_calls_ask_for_the_models_once(mode: str) -> N
             await anyio.to_thread.run_sync(run)
     paths = [r.path for r in fake.requests]
     assert paths.count("/v1/models") == 1
-    assert paths.count("/v1/chat/completions") == (50 if mode == "async" else 20)
+    assert paths.count("/v1/chat/completions") == (20 if mode == "sync" else 50)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_a_prompt_the_budget_refuses_sends_no_request_at_all(mode: str) -> None:
     fake = FakeVLLM("ok")
     budget = llmstream.CallBudget(prompt_tokens=10)
     prompt = "word " * 200
-    if mode == "async":
-        async with llmstream.AsyncClient("http://fake/v1", transport=fake.transport()) as client:
-            with pytest.raises(llmstream.BudgetExceeded):
-                async with client.stream(prompt, budget=budget):
-                    pass
+    if mode != "sync":
+        with reach(mode, fake) as (url, kwargs):
+            async with llmstream.AsyncClient(url, **kwargs) as client:
+                with pytest.raises(llmstream.BudgetExceeded):
+                    async with client.stream(prompt, budget=budget):
+                        pass
     else:
         with llmstream.Client("http://fake/v1", transport=fake.transport()) as client:
             with pytest.raises(llmstream.BudgetExceeded):
@@ -131,6 +135,7 @@ def test_a_sync_stream_interrupted_before_its_headers_has_a_cancelled_result() -
     assert stream.snapshot().status == "cancelled"
 
 
+@pytest.mark.usefixtures("async_http_backend")
 async def test_an_async_stream_cancelled_before_its_headers_has_a_cancelled_result() -> None:
     # vLLM sends its headers at once, but a proxy may hold them until the first token.
     listener = socket.create_server(("127.0.0.1", 0))
@@ -166,7 +171,7 @@ async def test_an_async_stream_cancelled_before_its_headers_has_a_cancelled_resu
         thread.join(5)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_a_server_count_includes_the_tools_and_needs_no_model_list(mode: str) -> None:
     fake = FakeVLLM("ok", model=MODEL)
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
@@ -175,11 +180,10 @@ async def test_a_server_count_includes_the_tools_and_needs_no_model_list(mode: s
         "count_prompt": "server",
         "tools": tools,
     }
-    if mode == "async":
-        async with llmstream.AsyncClient(
-            "http://f/v1", model=MODEL, transport=fake.transport()
-        ) as c:
-            await c.complete("Hi", **kwargs)  # type: ignore[arg-type]
+    if mode != "sync":
+        with reach(mode, fake) as (url, client_kwargs):
+            async with llmstream.AsyncClient(url, model=MODEL, **client_kwargs) as c:
+                await c.complete("Hi", **kwargs)  # type: ignore[arg-type]
     else:
         with llmstream.Client("http://f/v1", model=MODEL, transport=fake.transport()) as c:
             c.complete("Hi", **kwargs)  # type: ignore[arg-type]
@@ -189,7 +193,7 @@ async def test_a_server_count_includes_the_tools_and_needs_no_model_list(mode: s
     assert [r.path for r in fake.requests].count("/v1/models") == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 @pytest.mark.parametrize("deadline", ["idle", "total"])
 async def test_a_deadline_cuts_a_read_the_transport_would_wait_on(mode: str, deadline: str) -> None:
     # The transport's own read timeout is max(first_token, idle): 30 s here. Only the

@@ -229,6 +229,7 @@ PUBLIC_NAMES = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "AiohttpTransport",
     "AssistantMessage",
     "AsyncChatStream",
     "AsyncClient",
@@ -348,8 +349,9 @@ def test_pydantic_validates_public_dataclasses(cls: type) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.usefixtures("async_http_backend")
 async def test_more_than_a_hundred_streams_run_at_once_on_the_default_pool() -> None:
-    # httpx's own default pool holds 100 connections: stream 101 would wait for one.
+    # httpx's and aiohttp's own default pools hold 100 connections: stream 101 would wait.
     streams = 110
     started = 0
     all_started = anyio.Event()

@@ -1,7 +1,8 @@
 """Leaving a stream for any reason closes the connection at once: the server sees it.
 
 Real loopback sockets: the emulator's server reads the socket while it waits
-between tokens, like vLLM's, and records when each client went away.
+between tokens, like vLLM's, and records when each client went away. The async client's
+tests run on httpx and on aiohttp (the ``async_http_backend`` fixture).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import httpx
@@ -42,6 +44,7 @@ def _seen_after(fake: FakeVLLM, t0: float) -> float:
     return disconnect.time - t0
 
 
+@pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 async def test_break_closes_connection_within_100ms_async(
     fake: FakeVLLM, server: FakeServer
@@ -66,6 +69,7 @@ def test_break_closes_connection_within_100ms_sync(fake: FakeVLLM, server: FakeS
     assert _seen_after(fake, t0) < LIMIT
 
 
+@pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 async def test_exception_in_block_closes_connection_async(
     fake: FakeVLLM, server: FakeServer
@@ -90,6 +94,7 @@ def test_exception_in_block_closes_connection_sync(fake: FakeVLLM, server: FakeS
     assert _seen_after(fake, t0) < LIMIT
 
 
+@pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 async def test_cancelling_the_task_from_outside_closes_connection(
     fake: FakeVLLM, server: FakeServer
@@ -114,6 +119,7 @@ async def test_cancelling_the_task_from_outside_closes_connection(
     assert _seen_after(fake, t0) < LIMIT
 
 
+@pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 async def test_deadline_of_an_enclosing_cancel_scope_closes_connection(
     fake: FakeVLLM, server: FakeServer
@@ -133,6 +139,7 @@ async def test_deadline_of_an_enclosing_cancel_scope_closes_connection(
     del t0
 
 
+@pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 async def test_aclose_while_streaming_closes_connection(fake: FakeVLLM, server: FakeServer) -> None:
     async with llmstream.AsyncClient(server.base_url) as client:
@@ -176,6 +183,14 @@ def _pool_size(http: object) -> int:
     return len(http._transport._pool.connections)  # type: ignore[attr-defined]
 
 
+def _async_pool_size(client: llmstream.AsyncClient) -> int:
+    transport: Any = client._transport
+    if isinstance(transport, llmstream.AiohttpTransport):
+        # aiohttp's connector keeps its idle connections by host.
+        return sum(len(idle) for idle in transport._session.connector._conns.values())
+    return _pool_size(transport.http)
+
+
 def test_connection_is_reused_after_a_complete_stream() -> None:
     fake = FakeVLLM("short answer")
     with fake.serve() as server, llmstream.Client(server.base_url) as client:
@@ -186,6 +201,7 @@ def test_connection_is_reused_after_a_complete_stream() -> None:
     assert fake.disconnects == []
 
 
+@pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 async def test_connection_is_reused_after_a_complete_stream_async() -> None:
     fake = FakeVLLM("short answer")
@@ -194,7 +210,7 @@ async def test_connection_is_reused_after_a_complete_stream_async() -> None:
             for _ in range(3):
                 async with client.stream("Hi") as stream:
                     assert "".join([t async for t in stream]) == "short answer"
-            assert _pool_size(client._http) == 1
+            assert _async_pool_size(client) == 1
     assert fake.disconnects == []
 
 
@@ -212,6 +228,7 @@ async def _until_sent(fake: FakeVLLM) -> None:
         await anyio.sleep(0.005)
 
 
+@pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
 async def test_stopping_while_headers_are_awaited_cuts_the_request(how: str) -> None:
@@ -282,6 +299,7 @@ def test_sync_stop_from_another_thread_cuts_the_header_wait(
         assert client._requests_in_flight == 0
 
 
+@pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
 async def test_async_stop_cuts_the_header_wait(how: str, withheld_headers: WithheldHeaders) -> None:
@@ -357,6 +375,7 @@ def error_then_stall() -> Iterator[str]:
     listener.close()
 
 
+@pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 async def test_cancelled_while_reading_an_error_body_releases_the_request(
     error_then_stall: str,
@@ -371,6 +390,7 @@ async def test_cancelled_while_reading_an_error_body_releases_the_request(
         assert client._requests_in_flight == 0
 
 
+@pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 @pytest.mark.parametrize("entered", [True, False], ids=["async-with", "iterated"])
 async def test_cancel_shuts_the_socket_down_before_anything_is_awaited(

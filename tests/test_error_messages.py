@@ -2,8 +2,8 @@
 
 Each case is a mistake a user makes against a real server on loopback (a small
 ``http.server`` that answers as the wrong service would, or the emulator), through the
-sync and the async client alike. The message must say what happened and what to do;
-no httpx or Python exception escapes.
+sync and the async client alike (the async one on httpx and on aiohttp). The message must
+say what happened and what to do; no httpx, aiohttp or Python exception escapes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import http.server
+import importlib.util
 import socket
 import sys
 import threading
@@ -25,7 +26,11 @@ import llmstream
 from llmstream.relay import relay_response
 from llmstream.testing import FakeVLLM
 
+from .drivers import AIOHTTP, async_client_kwargs
+
 MODES = ["async", "sync"]
+# The server is real in every test here: the async client on aiohttp too.
+SOCKET_MODES = [*MODES, AIOHTTP] if importlib.util.find_spec("aiohttp") else MODES
 PROXY_VARIABLES = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
 
 # What vLLM (FastAPI) answers for a path it does not serve.
@@ -115,7 +120,7 @@ def _run(mode: str, base_url: str, action: str, **client_kwargs: Any) -> object:
                 return "".join(stream)
 
     async def main() -> object:
-        async with llmstream.AsyncClient(base_url, **kwargs) as client:
+        async with llmstream.AsyncClient(base_url, **kwargs, **async_client_kwargs(mode)) as client:
             if action == "models":
                 return await client.models()
             async with client.stream("Hi") as stream:
@@ -135,7 +140,7 @@ def _failure(mode: str, base_url: str, action: str, **client_kwargs: Any) -> str
 
 
 @pytest.mark.parametrize("action", ["models", "stream"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 def test_404_for_a_base_url_without_v1_names_the_request_and_suggests_v1(
     mode: str, action: str, server: _Server
 ) -> None:
@@ -149,7 +154,7 @@ def test_404_for_a_base_url_without_v1_names_the_request_and_suggests_v1(
     assert "model name" not in str(exc)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 def test_404_on_the_chat_request_names_it_and_suggests_v1(mode: str, server: _Server) -> None:
     with pytest.raises(llmstream.NotFoundError) as info:
         _run(mode, server.url, "stream", model="m")
@@ -174,7 +179,7 @@ NOT_OPENAI = {
 
 @pytest.mark.parametrize("kind", NOT_OPENAI)
 @pytest.mark.parametrize("action", ["models", "stream"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 def test_a_port_that_is_not_an_openai_server_is_named_as_such(
     mode: str, action: str, kind: str, routes: dict[str, Answer], server: _Server
 ) -> None:
@@ -190,7 +195,7 @@ def test_a_port_that_is_not_an_openai_server_is_named_as_such(
     assert "model=" not in message  # naming a model would not help
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 def test_a_server_that_lists_no_model_asks_for_one(
     mode: str, routes: dict[str, Answer], server: _Server
 ) -> None:
@@ -208,7 +213,7 @@ def test_a_server_that_lists_no_model_asks_for_one(
     [FASTAPI_404, (405, "application/json", b'{"detail":"Method Not Allowed"}')],
     ids=["404", "405"],
 )
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 def test_a_server_without_tokenize_says_so_and_how_to_count_instead(
     mode: str, answer: Answer, routes: dict[str, Answer], server: _Server
 ) -> None:
@@ -235,7 +240,7 @@ def test_a_server_without_tokenize_says_so_and_how_to_count_instead(
     ],
 )
 @pytest.mark.parametrize("action", ["models", "stream"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 def test_a_dead_proxy_is_named_not_the_server(
     mode: str, action: str, variable: str, scheme: str, server: _Server, no_proxies: Any
 ) -> None:
@@ -250,7 +255,7 @@ def test_a_dead_proxy_is_named_not_the_server(
     assert "Is the server running" not in message
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 def test_a_proxy_that_no_proxy_bypasses_is_not_blamed(mode: str, no_proxies: Any) -> None:
     no_proxies.setenv("HTTP_PROXY", f"http://127.0.0.1:{_dead_port()}")
     no_proxies.setenv("NO_PROXY", "127.0.0.1")
@@ -263,7 +268,7 @@ def test_a_proxy_that_no_proxy_bypasses_is_not_blamed(mode: str, no_proxies: Any
 
 
 @pytest.mark.parametrize("action", ["models", "stream"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 def test_https_to_a_plain_http_port_says_use_http(
     mode: str, action: str, server: _Server, no_proxies: Any
 ) -> None:
@@ -279,7 +284,7 @@ def test_https_to_a_plain_http_port_says_use_http(
 
 
 @pytest.mark.parametrize("action", ["models", "stream"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 def test_a_closed_client_says_so(mode: str, action: str, server: _Server) -> None:
     base_url = f"{server.url}/v1"
     if mode == "sync":
@@ -290,7 +295,8 @@ def test_a_closed_client_says_so(mode: str, action: str, server: _Server) -> Non
         return
 
     async def main() -> None:
-        async with llmstream.AsyncClient(base_url, model="m") as client:
+        client = llmstream.AsyncClient(base_url, model="m", **async_client_kwargs(mode))
+        async with client:
             pass
         with pytest.raises(llmstream.InvalidRequestError, match="async with` block ended"):
             if action == "models":
@@ -302,7 +308,7 @@ def test_a_closed_client_says_so(mode: str, action: str, server: _Server) -> Non
     anyio.run(main)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES)  # an httpx client of the caller's own
 def test_a_closed_http_client_of_the_callers_says_so(mode: str, server: _Server) -> None:
     if mode == "sync":
         http = httpx.Client()
@@ -344,10 +350,11 @@ def _stream_in_a_new_loop(client: llmstream.AsyncClient) -> str:
 # The connections of the first loop cannot be closed without it: asyncio closes their
 # sockets when they are collected, and says so.
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
-def test_an_async_client_works_across_two_asyncio_runs() -> None:
+@pytest.mark.parametrize("mode", ["async", AIOHTTP])
+def test_an_async_client_works_across_two_asyncio_runs(mode: str) -> None:
     fake = FakeVLLM("Hello there")
     with fake.serve() as server:
-        client = llmstream.AsyncClient(server.base_url, retry=0)
+        client = llmstream.AsyncClient(server.base_url, retry=0, **async_client_kwargs(mode))
         assert _stream_in_a_new_loop(client) == "Hello there"
         assert _stream_in_a_new_loop(client) == "Hello there"
         asyncio.run(client.aclose())

@@ -1,4 +1,5 @@
-"""Every fault the emulator can inject, against both clients, with resume off and on.
+"""Every fault the emulator can inject, against both clients (the async one on httpx and on
+aiohttp), with resume off and on.
 
 Each row names the fault, what the caller must see (the answer, or an error type)
 and how many requests it takes. Nothing may be lost or repeated: on success the
@@ -21,7 +22,7 @@ import pytest
 import llmstream
 from llmstream.testing import FakeVLLM, Fault
 
-from .drivers import MODES, Outcome, collect
+from .drivers import MODES, SOCKET_MODES, Outcome, collect
 
 ANSWER = "Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune — 八 ✨."
 # Each case is decided by its fault, not by the clock: deadlines stay far above any delay
@@ -160,7 +161,7 @@ def lost_and_repeated(outcome: Outcome) -> tuple[int, int]:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("resume", [False, True], ids=["resume-off", "resume-on"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 async def test_fault_matrix(case: Case, mode: str, resume: bool) -> None:
     outcome, requests = await run_case(case, mode, resume)

@@ -1,4 +1,7 @@
-"""Flow control on real sockets: read-ahead, backpressure, pause, cancel, limits, threads."""
+"""Flow control on real sockets: read-ahead, backpressure, pause, cancel, limits, threads.
+
+The async client's tests run on httpx and on aiohttp.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import llmstream
 from llmstream._body import READ_SIZE
 from llmstream.testing import Disconnect, FakeServer, FakeVLLM
 
-from .drivers import MODES, WatchedVLLM, collect
+from .drivers import MODES, SOCKET_MODES, WatchedVLLM, async_client_kwargs, collect
 
 pytestmark = pytest.mark.anyio
 
@@ -43,6 +46,7 @@ async def _until(condition: object, timeout: float = 10.0) -> None:
             await anyio.sleep(0.005)
 
 
+@pytest.mark.usefixtures("async_http_backend")
 async def test_full_buffer_stops_reading_and_holds_the_server_back(
     endless: WatchedVLLM, server: FakeServer
 ) -> None:
@@ -77,7 +81,7 @@ def test_full_buffer_stops_reading_sync(endless: WatchedVLLM, server: FakeServer
     assert endless.wait_for_disconnect().chunks_sent < MANY
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_on_full_error_fails_fast_and_closes_upstream(
     mode: str, endless: WatchedVLLM, server: FakeServer
 ) -> None:
@@ -91,9 +95,9 @@ async def test_on_full_error_fails_fast_and_closes_upstream(
             seen.append(endless.wait_for_disconnect())
         return False
 
-    if mode == "async":
+    if mode != "sync":
         pieces: list[str] = []
-        async with llmstream.AsyncClient(server.base_url) as client:
+        async with llmstream.AsyncClient(server.base_url, **async_client_kwargs(mode)) as client:
             with pytest.raises(llmstream.BufferOverflow) as info:
                 async with client.stream("Hi", buffer=4, on_full="error") as stream:
                     async for piece in stream:
@@ -117,6 +121,7 @@ async def test_on_full_error_fails_fast_and_closes_upstream(
     assert seen[0].chunks_sent < MANY
 
 
+@pytest.mark.usefixtures("async_http_backend")
 async def test_buffer_zero_reads_nothing_until_asked() -> None:
     fake = WatchedVLLM(tokens=["tok "] * 2 * UNREAD)
     with fake.serve() as server:
@@ -184,6 +189,7 @@ async def test_read_ahead_measures_at_the_wire_not_at_the_consumer(mode: str) ->
     assert itl.max < hold
 
 
+@pytest.mark.usefixtures("async_http_backend")
 async def test_pause_stops_reading_and_resume_continues() -> None:
     fake = WatchedVLLM(tokens=[f"{i} " for i in range(40)], token_delay=0.005)
     with fake.serve() as server:
@@ -211,12 +217,14 @@ async def test_pause_stops_reading_and_resume_continues() -> None:
     assert stream.result.complete
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_pause_longer_than_max_pause_cancels_the_request(mode: str) -> None:
     fake = FakeVLLM(tokens=["x "] * 1000, token_delay=0.01)
     with fake.serve() as server:
-        if mode == "async":
-            async with llmstream.AsyncClient(server.base_url) as client:
+        if mode != "sync":
+            async with llmstream.AsyncClient(
+                server.base_url, **async_client_kwargs(mode)
+            ) as client:
                 with pytest.raises(llmstream.PauseTimeout) as info:
                     async with client.stream("Hi", max_pause=0.2) as stream:
                         async for _ in stream:
@@ -235,6 +243,7 @@ async def test_pause_longer_than_max_pause_cancels_the_request(mode: str) -> Non
     assert disconnect.chunks_sent < 1000
 
 
+@pytest.mark.usefixtures("async_http_backend")
 async def test_cancel_from_another_task_reaches_the_server_within_100ms() -> None:
     fake = FakeVLLM(tokens=["x "] * 100, token_delay=2.0)
     with fake.serve() as server:
@@ -284,7 +293,7 @@ def test_cancel_from_another_thread_reaches_the_server_within_100ms() -> None:
     assert pieces == ["x "]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 @pytest.mark.parametrize("buffer", [0, 16])
 @pytest.mark.parametrize("limit", [{"max_chunks": 10}, {"max_bytes": 2000}])
 async def test_chunk_and_byte_caps_stop_a_runaway_generation(
@@ -325,6 +334,7 @@ def test_many_sync_streams_in_many_threads() -> None:
     assert results == {i: f"stream number {i} says hello" for i in range(12)}
 
 
+@pytest.mark.usefixtures("async_http_backend")
 async def test_many_async_streams_on_one_loop() -> None:
     fake = FakeVLLM(None, token_delay=0.001)
     results: dict[int, str] = {}

@@ -14,6 +14,7 @@ from llmstream._config import EnvProxy
 from llmstream._http_errors import connection_error, not_json_error, status_error
 
 from .conftest import DATA
+from .drivers import SOCKET_MODES, collect, no_raw_httpx
 
 ERRORS: dict[str, dict[str, Any]] = json.loads((DATA / "vllm" / "http_errors.json").read_text())
 CASES = [
@@ -156,17 +157,20 @@ async def test_transport_failures_before_the_response_are_typed_async(
             await _run_async()
 
 
-def test_connection_refused_on_a_real_port() -> None:
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", SOCKET_MODES)
+async def test_connection_refused_on_a_real_port(mode: str) -> None:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # Nothing listens on the port now.
-    with pytest.raises(llmstream.APIConnectionError, match="Is the server running"):
-        with llmstream.Client(f"http://127.0.0.1:{port}/v1", model="m") as client:
-            with client.stream("Hi") as stream:
-                list(stream)
+    url = f"http://127.0.0.1:{port}/v1"
+    outcome = await collect(mode, base_url=url, client_kwargs={"model": "m", "retry": 0})
+    assert isinstance(outcome.error, llmstream.APIConnectionError)
+    assert "Is the server running" in str(outcome.error) and url in str(outcome.error)
+    assert no_raw_httpx(outcome.error)
 
 
 @respx.mock

@@ -3,7 +3,7 @@
 Set ``LLMSTREAM_PEER_VLLM_URL`` to a server started without parsers, and
 ``LLMSTREAM_PEER_VLLM_PARSERS_URL`` to one started with
 ``--reasoning-parser qwen3 --tool-call-parser hermes``. Skipped otherwise:
-users' clones and CI have no such server.
+users' clones and CI have no such server. The async client runs on httpx and on aiohttp.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 import llmstream
 
-from .drivers import MODES, collect
+from .drivers import SOCKET_MODES, collect
 
 PLAIN = os.environ.get("LLMSTREAM_PEER_VLLM_URL")
 PARSERS = os.environ.get("LLMSTREAM_PEER_VLLM_PARSERS_URL")
@@ -41,7 +41,7 @@ def _non_streamed(base_url: str, body: dict[str, object]) -> dict[str, object]:
 
 
 @needs_plain
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_streamed_text_equals_the_servers_own_answer(mode: str) -> None:
     assert PLAIN
     outcome = await collect(mode, base_url=PLAIN, max_tokens=24)
@@ -60,7 +60,7 @@ async def test_streamed_text_equals_the_servers_own_answer(mode: str) -> None:
 
 
 @needs_plain
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_engine_death_is_a_server_stream_error(mode: str) -> None:
     assert PLAIN
     outcome = await collect(mode, base_url=PLAIN, max_tokens=20, extra_body={"x_die_after": 3})
@@ -70,7 +70,7 @@ async def test_engine_death_is_a_server_stream_error(mode: str) -> None:
 
 
 @needs_plain
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_unknown_model_and_validation_errors(mode: str) -> None:
     assert PLAIN
     outcome = await collect(mode, base_url=PLAIN, client_kwargs={"model": "nope"})
@@ -84,7 +84,7 @@ async def test_unknown_model_and_validation_errors(mode: str) -> None:
 
 
 @needs_plain
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_break_aborts_the_request_in_vllm_within_100ms(mode: str) -> None:
     assert PLAIN
     root = _root(PLAIN)
@@ -113,7 +113,7 @@ async def test_break_aborts_the_request_in_vllm_within_100ms(mode: str) -> None:
 
 
 @needs_parsers
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_reasoning_and_tool_call_through_vllm_parsers(mode: str) -> None:
     assert PARSERS
     outcome = await collect(mode, base_url=PARSERS, max_tokens=40, extra_body={"x_think_tokens": 5})
@@ -144,6 +144,7 @@ async def test_reasoning_and_tool_call_through_vllm_parsers(mode: str) -> None:
 
 
 @needs_parsers
+@pytest.mark.usefixtures("async_http_backend")
 async def test_events_show_vllms_reasoning_before_the_answer() -> None:
     assert PARSERS
     async with llmstream.AsyncClient(PARSERS) as client:

@@ -1,4 +1,8 @@
-"""Retries, deadlines and resume, for both clients, against the emulator."""
+"""Retries, deadlines and resume, for both clients, against the emulator.
+
+The async client runs on httpx and on aiohttp; on aiohttp the emulator is served over a
+loopback socket (drivers.collect), on httpx mostly in process.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import llmstream
 from llmstream._retry import retry_after_seconds
 from llmstream.testing import FakeVLLM, Fault
 
-from .drivers import MODES, collect
+from .drivers import SOCKET_MODES, collect
 
 pytestmark = pytest.mark.anyio
 
@@ -32,7 +36,7 @@ def _client(fake: FakeVLLM, **kwargs: Any) -> dict[str, Any]:
 # -- retries ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_503_503_200_is_retried_with_events_and_a_count(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.http_status(503))
@@ -48,7 +52,7 @@ async def test_503_503_200_is_retried_with_events_and_a_count(mode: str) -> None
     assert len([r for r in fake.requests if r.path.endswith("/chat/completions")]) == 3
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_retries_stop_after_max_retries(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     for _ in range(5):
@@ -60,7 +64,7 @@ async def test_retries_stop_after_max_retries(mode: str) -> None:
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_client_errors_are_never_retried(mode: str, status: int) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.http_status(status))
@@ -73,7 +77,7 @@ async def test_client_errors_are_never_retried(mode: str, status: int) -> None:
     assert len([r for r in fake.requests if r.path.endswith("/chat/completions")]) == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_retry_after_is_honoured(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.http_status(429, headers={"retry-after-ms": "150"}))
@@ -86,7 +90,7 @@ async def test_retry_after_is_honoured(mode: str) -> None:
     assert time.perf_counter() - started >= 0.15
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_retry_after_above_the_cap_is_not_waited_for(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.http_status(503, retry_after=3600))
@@ -107,7 +111,7 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds({}, now=now) is None
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_connection_failures_before_the_response_are_retried(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.disconnect_before_headers())
@@ -117,7 +121,7 @@ async def test_connection_failures_before_the_response_are_retried(mode: str) ->
     assert outcome.text == ANSWER and outcome.final.retries == 2
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_a_break_before_any_output_is_retried_transparently(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.disconnect(after_chunks=1))  # the role chunk only
@@ -126,7 +130,7 @@ async def test_a_break_before_any_output_is_retried_transparently(mode: str) -> 
     assert outcome.final.retries == 1 and outcome.final.complete
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_tenacity_strategies_can_be_passed(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     for _ in range(3):
@@ -136,7 +140,7 @@ async def test_tenacity_strategies_can_be_passed(mode: str) -> None:
     assert outcome.text == ANSWER and outcome.final.retries == 3
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_every_retry_is_logged_without_the_api_key(
     mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -153,7 +157,7 @@ async def test_every_retry_is_logged_without_the_api_key(
 # -- deadlines ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_first_token_deadline(mode: str) -> None:
     fake = FakeVLLM(ANSWER, ttft=5.0)
     timeouts = llmstream.Timeouts(first_token=0.2)
@@ -165,7 +169,7 @@ async def test_first_token_deadline(mode: str) -> None:
     assert time.perf_counter() - started < 2.0
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_keep_alive_comments_do_not_reset_the_first_token_deadline(mode: str) -> None:
     fake = FakeVLLM(ANSWER, ttft=5.0, keep_alive=0.02)
     with fake.serve() as server:
@@ -177,7 +181,7 @@ async def test_keep_alive_comments_do_not_reset_the_first_token_deadline(mode: s
     assert isinstance(outcome.error, llmstream.FirstTokenTimeout)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_idle_deadline_ignores_keep_alive_comments(mode: str) -> None:
     fake = FakeVLLM(ANSWER, keep_alive=0.02)
     fake.add_fault(Fault.stall(after_chunks=4))
@@ -192,7 +196,7 @@ async def test_idle_deadline_ignores_keep_alive_comments(mode: str) -> None:
     assert fake.wait_for_disconnect().chunks_sent == 4  # the stalled request was cancelled
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_total_deadline_covers_the_whole_call(mode: str) -> None:
     fake = FakeVLLM(ANSWER, token_delay=0.05)
     timeouts = llmstream.Timeouts(total=0.4)
@@ -202,7 +206,7 @@ async def test_total_deadline_covers_the_whole_call(mode: str) -> None:
     assert outcome.final.metrics.duration < 1.0
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_a_slow_consumer_is_not_an_idle_server(mode: str) -> None:
     fake = FakeVLLM("a b c d e f g h")
     # The reader holds "b" in the full buffer while the consumer works on "a". In
@@ -222,7 +226,7 @@ async def test_a_slow_consumer_is_not_an_idle_server(mode: str) -> None:
 
 
 @pytest.mark.parametrize("after", [3, 5, 9])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_resume_continues_a_broken_stream_with_nothing_lost_or_repeated(
     mode: str, after: int
 ) -> None:
@@ -241,7 +245,7 @@ async def test_resume_continues_a_broken_stream_with_nothing_lost_or_repeated(
     assert second["max_tokens"] < 200
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_resume_after_an_in_band_error(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.inband_error(after_chunks=6, code=503))
@@ -249,7 +253,7 @@ async def test_resume_after_an_in_band_error(mode: str) -> None:
     assert outcome.text == ANSWER and outcome.final.resumes == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_resume_counts_usage_across_requests(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.disconnect(after_chunks=5))
@@ -263,7 +267,7 @@ async def test_resume_counts_usage_across_requests(mode: str) -> None:
     assert usage.completion_tokens >= plain.final.usage.completion_tokens
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_without_resume_a_break_after_text_raises_with_the_partial(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.disconnect(after_chunks=5))
@@ -273,7 +277,7 @@ async def test_without_resume_a_break_after_text_raises_with_the_partial(mode: s
     assert len([r for r in fake.requests if r.path.endswith("/chat/completions")]) == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_resume_gives_up_after_max_resumes(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     for after in (4, 3, 3):
@@ -303,7 +307,7 @@ def test_bad_retry_settings_fail_before_any_request() -> None:
         llmstream.Client("http://x.test/v1", retry="twice")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_each_resume_shrinks_max_tokens_by_what_was_generated(mode: str) -> None:
     fake = FakeVLLM(tokens=[f"t{i} " for i in range(40)])
     fake.add_fault(Fault.disconnect(after_chunks=4))
@@ -315,7 +319,7 @@ async def test_each_resume_shrinks_max_tokens_by_what_was_generated(mode: str) -
     assert outcome.final.finish_reason == "length" and outcome.final.resumes == 2
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_first_token_and_total_deadlines_bound_the_wait_for_headers(mode: str) -> None:
     import socket
 
@@ -338,7 +342,7 @@ async def test_first_token_and_total_deadlines_bound_the_wait_for_headers(mode: 
         silent.close()
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_a_tenacity_exception_type_predicate_is_kept(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.http_status(503))
@@ -350,7 +354,7 @@ async def test_a_tenacity_exception_type_predicate_is_kept(mode: str) -> None:
     assert isinstance(outcome.error, llmstream.InternalServerError)  # 503 is not a 429
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_resume_honours_retry_after_and_its_cap(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     fake.add_fault(Fault.disconnect(after_chunks=5))
@@ -371,7 +375,7 @@ def test_retryable_tells_what_another_try_could_fix() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_no_first_token_limit_means_a_long_prefill_is_waited_out(mode: str) -> None:
     # first_token=None: no limit before the first token, whatever idle says after it.
     fake = FakeVLLM("one two three", ttft=0.8)

@@ -1,4 +1,7 @@
-"""Stream behaviour against the emulator, in-process and on loopback, sync and async."""
+"""Stream behaviour against the emulator, in-process and on loopback, sync and async.
+
+The async client runs on aiohttp too, on loopback only (conftest deselects the rest).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import llmstream
 from llmstream.testing import FakeVLLM, Fault
 from llmstream.testing._tokenize import split_text
 
-from .drivers import MODES, collect, no_raw_httpx
+from .drivers import SOCKET_MODES, collect, no_raw_httpx
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +42,7 @@ def target(fake: FakeVLLM, where: str) -> Iterator[dict[str, Any]]:
             yield {"base_url": server.base_url}
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_streams_the_whole_answer(mode: str, fake: FakeVLLM, target: dict[str, Any]) -> None:
     outcome = await collect(mode, **target)
     assert outcome.error is None
@@ -58,7 +61,7 @@ async def test_streams_the_whole_answer(mode: str, fake: FakeVLLM, target: dict[
     assert fake.requests[-1].json["model"] == "llmstream/fake-model"  # asked via /models
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_max_tokens_ends_with_length(mode: str, target: dict[str, Any]) -> None:
     outcome = await collect(mode, max_tokens=3, **target)
     assert outcome.final.finish_reason == "length"
@@ -66,7 +69,7 @@ async def test_max_tokens_ends_with_length(mode: str, target: dict[str, Any]) ->
     assert outcome.final.complete
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_n2_iterates_choice_zero_and_keeps_both(mode: str) -> None:
     fake = FakeVLLM("one two three")
     outcome = await collect(mode, transport=fake.transport(), n=2)
@@ -77,7 +80,7 @@ async def test_n2_iterates_choice_zero_and_keeps_both(mode: str) -> None:
     )
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_reasoning_is_kept_apart_from_text(mode: str) -> None:
     fake = FakeVLLM("The answer.", reasoning="Let me think.")
     outcome = await collect(mode, transport=fake.transport())
@@ -85,7 +88,7 @@ async def test_reasoning_is_kept_apart_from_text(mode: str) -> None:
     assert outcome.final.reasoning == "Let me think."
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_tool_calls_are_assembled(mode: str) -> None:
     fake = FakeVLLM(tool_calls=[{"name": "get_weather", "arguments": {"city": "東京"}}])
     outcome = await collect(mode, transport=fake.transport(), tools=[])
@@ -98,7 +101,7 @@ async def test_tool_calls_are_assembled(mode: str) -> None:
     assert call.id and call.type == "function"
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_disconnect_mid_stream_raises_interrupted_with_partial(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
@@ -113,7 +116,7 @@ async def test_disconnect_mid_stream_raises_interrupted_with_partial(
     assert ANSWER.startswith(partial.text)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_truncated_body_is_not_a_success(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
@@ -124,7 +127,7 @@ async def test_truncated_body_is_not_a_success(
     assert ANSWER.startswith(outcome.final.text) and outcome.final.text
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_finished_stream_without_done_is_complete(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
@@ -134,7 +137,7 @@ async def test_finished_stream_without_done_is_complete(
     assert outcome.final.complete and outcome.text == ANSWER
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_inband_error_raises_with_code_and_partial(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
@@ -147,7 +150,7 @@ async def test_inband_error_raises_with_code_and_partial(
     assert outcome.final.text == outcome.text and outcome.text  # tokens before it were yielded
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_malformed_chunk_is_a_protocol_error(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
@@ -158,7 +161,7 @@ async def test_malformed_chunk_is_a_protocol_error(
     assert outcome.final.status == "error"
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_http_status_fault_gives_typed_error_with_retry_after(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
@@ -169,7 +172,7 @@ async def test_http_status_fault_gives_typed_error_with_retry_after(
     assert error.status_code == 503 and error.headers["retry-after"] == "2"
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_stall_hits_the_read_timeout_as_stream_timeout(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
@@ -179,7 +182,7 @@ async def test_stall_hits_the_read_timeout_as_stream_timeout(
     assert outcome.final.text == outcome.text and outcome.text
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_disconnect_before_headers_is_a_connection_error(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
@@ -189,14 +192,14 @@ async def test_disconnect_before_headers_is_a_connection_error(
     assert no_raw_httpx(outcome.error)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_unknown_model_is_not_found(mode: str, target: dict[str, Any]) -> None:
     outcome = await collect(mode, client_kwargs={"model": "gpt-4o"}, **target)
     assert isinstance(outcome.error, llmstream.NotFoundError)
     assert "gpt-4o" in str(outcome.error)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_wrong_api_key_is_authentication_error(mode: str) -> None:
     fake = FakeVLLM("x", api_key="right")
     outcome = await collect(mode, transport=fake.transport(), client_kwargs={"api_key": "wrong"})
@@ -206,7 +209,7 @@ async def test_wrong_api_key_is_authentication_error(mode: str) -> None:
     assert good.text == "x"
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_break_gives_cancelled_partial_result(
     mode: str, fake: FakeVLLM, target: dict[str, Any]
 ) -> None:
@@ -222,7 +225,7 @@ async def test_break_gives_cancelled_partial_result(
     assert fake.wait_for_disconnect().chunks_sent <= 3  # the break closed the connection
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_break_with_read_ahead_keeps_what_was_received(mode: str) -> None:
     fake = FakeVLLM(ANSWER)
     # The role chunk and five tokens, then nothing until the client goes.
@@ -238,14 +241,14 @@ async def test_break_with_read_ahead_keeps_what_was_received(mode: str) -> None:
     assert fake.wait_for_disconnect().chunks_sent == 6
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_keep_alive_comments_are_ignored(mode: str) -> None:
     fake = FakeVLLM("slow answer", ttft=0.2, keep_alive=0.02)
     outcome = await collect(mode, transport=fake.transport())
     assert outcome.text == "slow answer" and outcome.final.complete
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_request_id_header_is_reported(mode: str) -> None:
     fake = FakeVLLM("x", request_id_headers=True)
     outcome = await collect(mode, transport=fake.transport())
@@ -295,7 +298,7 @@ async def test_stream_llm_request_port(monkeypatch: pytest.MonkeyPatch) -> None:
     assert body["max_tokens"] == 16 and body["temperature"] == 0.7 and body["stream"] is True
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_tokens_per_second_counts_the_end_of_sequence_token_once(mode: str) -> None:
     fake = FakeVLLM("a b c", token_delay=0.1)
     outcome = await collect(mode, transport=fake.transport())

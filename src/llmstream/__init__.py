@@ -12,6 +12,7 @@ Example::
 """
 
 from ._accounting import PromptCounting
+from ._aiohttp_transport import AiohttpTransport
 from ._async_stream import AsyncChatStream
 from ._budget import CallBudget
 from ._call_info import CallInfo
@@ -101,6 +102,7 @@ __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "AiohttpTransport",
     "AssistantMessage",
     "AsyncChatStream",
     "AsyncClient",

@@ -20,6 +20,7 @@ import tenacity
 from typing_extensions import Unpack
 
 from ._accounting import BudgetOptions, PromptCounting
+from ._aiohttp_transport import AiohttpTransport
 from ._async_stream import AsyncChatStream
 from ._budget import CallBudget
 from ._call import Need, NeedContextLength, NeedModel, NeedPromptCount
@@ -37,13 +38,9 @@ from ._events import endpoint_of
 from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
 from ._header_wait import watch_pool
 from ._hooks import Hook, check_hooks
+from ._http_backend import async_transport, check_sync_transport
 from ._http_errors import not_an_openai_answer, not_json_error, status_error
-from ._httpx_transport import (
-    HttpxAsyncTransport,
-    HttpxSyncTransport,
-    own_async_client,
-    own_sync_client,
-)
+from ._httpx_transport import HttpxSyncTransport, own_sync_client
 from ._params import BODY_PARAMS, StreamParams, check_params
 from ._request import PromptOrMessages, build_body, build_messages
 from ._result import StreamResult
@@ -290,7 +287,9 @@ class AsyncClient(_BaseClient):
     then yours to close. Without one, the client's own pool opens up to 1,000
     connections, so hundreds of streams run at once, and keeps 20 idle.
     ``transport`` plugs an httpx transport in, e.g.
-    ``llmstream.testing.FakeVLLM().transport()``. ``include_usage`` asks the
+    ``llmstream.testing.FakeVLLM().transport()``, or sends with aiohttp:
+    ``transport=llmstream.AiohttpTransport()`` (asyncio only; also chosen by
+    ``LLMSTREAM_HTTP_BACKEND=aiohttp`` when neither is given). ``include_usage`` asks the
     server for exact token counts (``stream_options.include_usage``).
     ``max_line_bytes``/``max_event_bytes`` bound what one SSE line or event may
     hold (1 MiB by default). ``hooks`` are callables told every event of every
@@ -337,7 +336,7 @@ class AsyncClient(_BaseClient):
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         http_client: httpx.AsyncClient | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | AiohttpTransport | None = None,
         hooks: Sequence[Hook] | None = None,
     ) -> None:
         super().__init__(
@@ -360,19 +359,8 @@ class AsyncClient(_BaseClient):
             budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
             hooks=hooks,
         )
-        self._owns_http = http_client is None
-        self._http = http_client or own_async_client(transport)
-
-        def remake() -> httpx.AsyncClient:
-            self._http = own_async_client(None)
-            return self._http
-
-        # A pool of our own is remade in a new event loop; a transport passed in keeps its.
-        self._transport = HttpxAsyncTransport(
-            self._http,
-            owns_client=self._owns_http,
-            remake=remake if self._owns_http and transport is None else None,
-        )
+        # httpx, or aiohttp when given an AiohttpTransport or LLMSTREAM_HTTP_BACKEND=aiohttp.
+        self._transport = async_transport(http_client, transport)
         # One GET /models at a time: concurrent calls wait for its answer, not send more.
         self._model_lock = anyio.Lock()
 
@@ -577,6 +565,7 @@ class Client(_BaseClient):
             budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
             hooks=hooks,
         )
+        check_sync_transport(transport)
         self._owns_http = http_client is None
         self._http = http_client or own_sync_client(transport)
         if http_client is None and transport is None:

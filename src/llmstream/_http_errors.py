@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from typing import Literal
 
 import httpx
 
@@ -28,7 +29,9 @@ from ._result import StreamResult
 
 __all__ = [
     "MAX_ERROR_BODY_BYTES",
+    "SendFailure",
     "connection_error",
+    "send_failure_error",
     "not_an_openai_answer",
     "not_json_error",
     "status_error",
@@ -203,6 +206,11 @@ def not_an_openai_answer(method: str, url: str, answered: str) -> ProtocolError:
     )
 
 
+# What a failure before any response was, whatever the HTTP library: each transport sorts
+# its own exceptions into these (the httpx one below, the aiohttp one in its module).
+SendFailure = Literal["connect", "connect_timeout", "timeout", "proxy", "bad_url", "other"]
+
+
 def connection_error(
     exc: httpx.HTTPError,
     url: str,
@@ -220,26 +228,58 @@ def connection_error(
         except httpx.HTTPError as exc:
             raise connection_error(exc, url, proxy=env_proxy(url)) from exc
     """
-    if proxy is not None and isinstance(
-        exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.ProxyError
-    ):
-        return _proxy_error(exc, url, proxy, connect_timeout)
+    return send_failure_error(_httpx_failure(exc), exc, url, connect_timeout, proxy=proxy)
+
+
+def _httpx_failure(exc: httpx.HTTPError) -> SendFailure:
+    if isinstance(exc, httpx.ProxyError):
+        return "proxy"
     if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return "connect_timeout"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return "bad_url"
+    if isinstance(exc, httpx.ConnectError):
+        return "connect"
+    return "other"
+
+
+def send_failure_error(
+    kind: SendFailure,
+    exc: BaseException,
+    url: str,
+    connect_timeout: float | None = None,
+    *,
+    proxy: EnvProxy | None = None,
+) -> LLMStreamError:
+    """The error for a request that got no response, ``exc`` being the library's own.
+
+    ``kind`` is what the transport found the failure to be; ``exc`` gives the words
+    (its type's name and text, and its causes for the TLS hint).
+
+    Example::
+
+        except aiohttp.ClientConnectorError as exc:
+            raise send_failure_error("connect", exc, url) from exc
+    """
+    if proxy is not None and kind in ("connect", "connect_timeout", "proxy"):
+        return _proxy_error(kind, exc, url, proxy, connect_timeout)
+    if kind == "connect_timeout":
         limit = f" within connect={connect_timeout:g} s" if connect_timeout else ""
         return ConnectTimeout(
             f"Could not connect to {url}{limit} ({type(exc).__name__}). The server may be "
             "down or unreachable; check the base URL, or raise Timeouts.connect.",
             partial=StreamResult(status="interrupted"),
         )
-    if isinstance(exc, httpx.TimeoutException):
-        kind = type(exc).__name__
+    if kind == "timeout":
         return APITimeoutError(
-            f"Timed out ({kind}) talking to {url}. The server may be overloaded or "
+            f"Timed out ({type(exc).__name__}) talking to {url}. The server may be overloaded or "
             "unreachable; raise the timeout or retry."
         )
-    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+    if kind == "bad_url":
         return APIConnectionError(f"Cannot request {url}: {exc}. Check the base URL.")
-    if isinstance(exc, httpx.ConnectError) and url.startswith("https://") and _plain_http(exc):
+    if kind == "connect" and url.startswith("https://") and _plain_http(exc):
         plain = "http://" + url.removeprefix("https://")
         return APIConnectionError(
             f"Could not open a TLS connection to {url}: {exc}. The server speaks plain "
@@ -273,19 +313,23 @@ def _plain_http(exc: BaseException) -> bool:
 
 
 def _proxy_error(
-    exc: httpx.HTTPError, url: str, proxy: EnvProxy, connect_timeout: float | None
+    kind: SendFailure,
+    exc: BaseException,
+    url: str,
+    proxy: EnvProxy,
+    connect_timeout: float | None,
 ) -> LLMStreamError:
     where = f"the proxy {proxy.url} (from {proxy.variable})"
     advice = (
         f"Fix or unset {proxy.variable}, or add the server's host to NO_PROXY to connect "
         "to it directly."
     )
-    if isinstance(exc, httpx.ProxyError):
+    if kind == "proxy":
         return APIConnectionError(
             f"The proxy {proxy.url} (from {proxy.variable}) would not forward the request "
             f"to {url}: {exc}. {advice}"
         )
-    if isinstance(exc, httpx.ConnectTimeout):
+    if kind == "connect_timeout":
         limit = f" within connect={connect_timeout:g} s" if connect_timeout else ""
         return ConnectTimeout(
             f"Could not reach {where}{limit} to request {url}. {advice}",

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import anyio
@@ -29,13 +28,20 @@ import httpx
 
 from ._body import aiter_body, iter_body
 from ._call import ReadFailure
-from ._config import DEFAULT_LIMITS, KEEP_ALIVE_BELOW, env_proxy, missing_socks_error
+from ._config import DEFAULT_LIMITS, env_proxy, missing_socks_error
 from ._errors import InvalidRequestError
 from ._header_wait import HeaderWait, shut_down, waiting_for_headers
 from ._http_errors import connection_error
-from ._transport import HeaderTimeout, HTTPRequest
+from ._transport import HeaderTimeout, HTTPRequest, InFlight, request_headers
 
-__all__ = ["HttpxAsyncTransport", "HttpxSyncTransport", "own_async_client", "own_sync_client"]
+__all__ = [
+    "HttpxAsyncTransport",
+    "HttpxSyncTransport",
+    "closed_error",
+    "own_async_client",
+    "own_async_transport",
+    "own_sync_client",
+]
 
 
 def own_async_client(transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
@@ -51,6 +57,27 @@ def own_async_client(transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncC
         return httpx.AsyncClient(follow_redirects=False, transport=transport, limits=DEFAULT_LIMITS)
     except ImportError as exc:  # a SOCKS proxy in the environment, without socksio
         raise missing_socks_error(exc) from exc
+
+
+def own_async_transport(
+    http_client: httpx.AsyncClient | None, transport: httpx.AsyncBaseTransport | None
+) -> HttpxAsyncTransport:
+    """An :class:`~llmstream.AsyncClient`'s httpx transport: on the caller's client, or its own.
+
+    A pool of its own is remade in a new event loop; a client or transport passed in
+    keeps its own.
+
+    Example::
+
+        transport = own_async_transport(None, None)
+    """
+    if http_client is not None:
+        return HttpxAsyncTransport(http_client, owns_client=False)
+    if transport is not None:
+        return HttpxAsyncTransport(own_async_client(transport), owns_client=True)
+    return HttpxAsyncTransport(
+        own_async_client(None), owns_client=True, remake=lambda: own_async_client(None)
+    )
 
 
 def own_sync_client(transport: httpx.BaseTransport | None) -> httpx.Client:
@@ -70,30 +97,10 @@ def own_sync_client(transport: httpx.BaseTransport | None) -> httpx.Client:
 _WRITE_TIMEOUT = 30.0
 
 
-class _InFlight:
-    """Streams sent and not yet released; a lock because sync streams end on many threads."""
-
-    __slots__ = ("_lock", "count")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.count += n
-
-
 def _build(
-    http: httpx.AsyncClient | httpx.Client, request: HTTPRequest, in_flight: _InFlight
+    http: httpx.AsyncClient | httpx.Client, request: HTTPRequest, in_flight: InFlight
 ) -> httpx.Request:
-    headers = dict(request.headers)
-    if request.stream and in_flight.count >= KEEP_ALIVE_BELOW:
-        # Many streams at once: this connection is not kept for reuse. httpcore's pool
-        # scans all its connections for each idle one on every request it opens or
-        # closes; hundreds of pooled connections made opening a stream take seconds
-        # under load (benchmarks/PROFILE.md). A quiet client keeps its connections.
-        headers["Connection"] = "close"
+    headers = request_headers(request, in_flight)
     connect = request.connect_timeout
     timeout = httpx.Timeout(
         connect=connect, read=request.read_timeout, write=_WRITE_TIMEOUT, pool=connect
@@ -115,7 +122,7 @@ def _send_error(
         return connection_error(exc, request.url, request.connect_timeout, proxy=proxy)
     if isinstance(exc, RuntimeError):
         if http.is_closed:
-            return _closed_error(block)
+            return closed_error(block)
         if "Event loop is closed" in str(exc):
             return InvalidRequestError(
                 "This client's connection pool holds connections of an event loop that has "
@@ -126,7 +133,13 @@ def _send_error(
     return exc
 
 
-def _closed_error(block: str) -> InvalidRequestError:
+def closed_error(block: str) -> InvalidRequestError:
+    """The error for a request sent through a client that was closed.
+
+    Example::
+
+        raise closed_error("async with")
+    """
     return InvalidRequestError(
         "The client (or the http_client it was given) was closed: make a new one, or don't "
         f"use it after its `{block}` block ended."
@@ -155,7 +168,7 @@ class _Response:
 
     __slots__ = ("_ended", "_in_flight", "_reader", "_released", "_response")
 
-    def __init__(self, response: httpx.Response, in_flight: _InFlight | None) -> None:
+    def __init__(self, response: httpx.Response, in_flight: InFlight | None) -> None:
         self._response = response
         self._in_flight = in_flight  # None: not counted (a request that is not a stream)
         self._reader: object = None
@@ -300,7 +313,7 @@ class HttpxAsyncTransport:
         self.http = http
         self._owns_client = owns_client
         self._remake = remake
-        self._in_flight = _InFlight()
+        self._in_flight = InFlight()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -322,7 +335,7 @@ class HttpxAsyncTransport:
     async def send(self, request: HTTPRequest) -> _AsyncResponse:
         """Send ``request``; returns once the response headers arrived."""
         if self.http.is_closed:
-            raise _closed_error("async with")
+            raise closed_error("async with")
         self._follow_loop()
         http = self.http
         built = _build(http, request, self._in_flight)
@@ -361,7 +374,7 @@ class HttpxSyncTransport:
     def __init__(self, http: httpx.Client, *, owns_client: bool) -> None:
         self.http = http
         self._owns_client = owns_client
-        self._in_flight = _InFlight()
+        self._in_flight = InFlight()
 
     @property
     def requests_in_flight(self) -> int:
@@ -371,7 +384,7 @@ class HttpxSyncTransport:
     def send(self, request: HTTPRequest, header_wait: HeaderWait | None = None) -> _SyncResponse:
         """Send ``request``; ``header_wait.cut()`` from another thread stops the wait."""
         if self.http.is_closed:
-            raise _closed_error("with")
+            raise closed_error("with")
         built = _build(self.http, request, self._in_flight)
         counted = self._in_flight if request.stream else None
         if counted is not None:

@@ -23,11 +23,13 @@ Example::
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from ._call import ReadFailure
+from ._config import KEEP_ALIVE_BELOW
 from ._header_wait import HeaderWait
 
 __all__ = [
@@ -35,8 +37,10 @@ __all__ = [
     "AsyncTransport",
     "HTTPRequest",
     "HeaderTimeout",
+    "InFlight",
     "SyncResponse",
     "SyncTransport",
+    "request_headers",
 ]
 
 
@@ -167,3 +171,44 @@ class SyncTransport(Protocol):
 
     def close(self) -> None:
         """Close the connection pool, if the transport owns it."""
+
+
+# -- what every transport does alike ----------------------------------------------------
+
+
+class InFlight:
+    """Streams sent and not yet released; a lock because sync streams end on many threads.
+
+    Example::
+
+        in_flight = InFlight()
+        in_flight.add(1)
+    """
+
+    __slots__ = ("_lock", "count")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` more streams (negative: released)."""
+        with self._lock:
+            self.count += n
+
+
+def request_headers(request: HTTPRequest, in_flight: InFlight) -> dict[str, str]:
+    """The headers to send for ``request``, with the client's keep-alive rule applied.
+
+    Example::
+
+        headers = request_headers(request, in_flight)
+    """
+    headers = dict(request.headers)
+    if request.stream and in_flight.count >= KEEP_ALIVE_BELOW:
+        # Many streams at once: this connection is not kept for reuse. httpcore's pool
+        # scans all its connections for each idle one on every request it opens or
+        # closes; hundreds of pooled connections made opening a stream take seconds
+        # under load (benchmarks/PROFILE.md). A quiet client keeps its connections.
+        headers["Connection"] = "close"
+    return headers
