@@ -68,7 +68,8 @@ from vllm_sse_server import serve_in_subprocess  # noqa: E402
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 CLIENTS = {
-    "llmstream-async": "llmstream AsyncClient.stream, async for text (defaults)",
+    "llmstream-async": "llmstream AsyncClient.stream, async for text (defaults: httpx)",
+    "llmstream-aiohttp": "the same, with transport=llmstream.AiohttpTransport()",
     "hand-rolled": "httpx.AsyncClient + httpx_sse.aconnect_sse + json.loads",
     "aiohttp": "aiohttp.ClientSession, its body split into events by hand + json.loads",
     "httpx2": "httpx2.AsyncClient (pydantic's httpx fork), the same as aiohttp's row",
@@ -109,8 +110,14 @@ def _pools(factory, streams: int, pool: str) -> list:
     return [factory() for _ in range(streams)]
 
 
-# llmstream's rows: the client's keyword arguments for each transport.
-LLMSTREAM_TRANSPORTS: dict[str, dict[str, object]] = {"llmstream-async": {}}
+def _aiohttp_transport() -> dict[str, object]:
+    import llmstream
+
+    return {"transport": llmstream.AiohttpTransport()}
+
+
+# llmstream's rows: the client's keyword arguments for each transport (made per client).
+LLMSTREAM_TRANSPORTS = {"llmstream-async": dict, "llmstream-aiohttp": _aiohttp_transport}
 
 
 async def _open_llmstream(
@@ -120,7 +127,7 @@ async def _open_llmstream(
 
     def make():
         # llmstream's own connection pool, as a user gets it (DEFAULT_LIMITS).
-        options = dict(LLMSTREAM_TRANSPORTS.get(backend, {}))
+        options = LLMSTREAM_TRANSPORTS[backend]()
         if buffer is not None:
             options["buffer"] = buffer
         return llmstream.AsyncClient(url, model=MODEL, api_key="bench", **options)
@@ -311,6 +318,7 @@ async def _open_raw_floor(url: str, streams: int, pool: str):
 
 OPENERS = {
     "llmstream-async": _open_llmstream,
+    "llmstream-aiohttp": _open_llmstream,
     "hand-rolled": _open_hand_rolled,
     "aiohttp": _open_aiohttp,
     "httpx2": _open_httpx2,
@@ -522,7 +530,12 @@ def _timer_lateness(samples: int = 1000, interval: float = 0.001) -> tuple[float
 
 
 # The rows that need a library of their own, which the comparison does not install.
-NEEDS = {"openai": ["openai", "httpx2"], "aiohttp": ["aiohttp"], "httpx2": ["httpx2"]}
+NEEDS = {
+    "openai": ["openai", "httpx2"],
+    "aiohttp": ["aiohttp"],
+    "llmstream-aiohttp": ["aiohttp"],
+    "httpx2": ["httpx2"],
+}
 
 
 def _missing(name: str) -> list[str]:
