@@ -105,6 +105,12 @@ EXPECTED: dict[str, list[str]] = {
         "client CPU ",
         " us per chunk (",
     ],
+    "locustfile.py": [
+        "type    name      requests  failures  median ms  p99 ms\n",
+        "\nITL     short ",
+        "\nSTREAM  short ",
+        "\nTTFT    short ",
+    ],
     "fastapi_relay.py": [
         "[browser] 'word0 '",
         "[browser] closing the tab",
