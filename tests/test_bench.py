@@ -175,6 +175,9 @@ def test_late_dispatch_is_reported() -> None:
     s = summarize_run(late, duration=1.0)
     warnings = generator_warnings(s, GeneratorLoad(cpu=(0.1,), wall=(1.0,), cores=2))
     assert any("could not keep the requested rate" in w for w in warnings)
+    # Every request due at once: dispatching them takes time, and is no one's fault.
+    at_once = generator_warnings(s, GeneratorLoad(cpu=(0.1,), wall=(1.0,), cores=2), paced=False)
+    assert at_once == []
 
 
 # -- arrivals ------------------------------------------------------------------------------

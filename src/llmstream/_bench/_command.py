@@ -277,7 +277,8 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         cores=os.cpu_count() or 1,
         emulator_cpu=emulator_cpu,
     )
-    warnings = generator_warnings(summary, load)
+    paced = not math.isinf(args.request_rate) or args.ramp_up_strategy is not None
+    warnings = generator_warnings(summary, load, paced=paced)
     print(
         format_table(
             summary,

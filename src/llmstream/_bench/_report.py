@@ -40,8 +40,14 @@ class GeneratorLoad:
         return tuple(c / w if w > 0 else 0.0 for c, w in zip(self.cpu, self.wall, strict=True))
 
 
-def generator_warnings(summary: RunSummary, load: GeneratorLoad) -> list[str]:
-    """Why the numbers may describe the load generator rather than the server."""
+def generator_warnings(
+    summary: RunSummary, load: GeneratorLoad, *, paced: bool = True
+) -> list[str]:
+    """Why the numbers may describe the load generator rather than the server.
+
+    ``paced``: the requests had arrival times to keep (a request rate or a ramp-up), so a
+    late dispatch is the generator's fault; with every request due at once it is not.
+    """
     warnings = []
     busiest = max(load.shares, default=0.0)
     if busiest >= BUSY_SHARE:
@@ -61,7 +67,7 @@ def generator_warnings(summary: RunSummary, load: GeneratorLoad) -> list[str]:
             + ": run the generator on another machine than the server, or lower the load."
         )
     lag = summary.dispatch_lag
-    if lag is not None and lag.p99 > LATE_DISPATCH_MS:
+    if paced and lag is not None and lag.p99 > LATE_DISPATCH_MS:
         warnings.append(
             f"requests were sent up to {lag.p99:.0f} ms (p99) after their arrival time: "
             "the generator could not keep the requested rate."
