@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .._client import Client
+from .._config import resolve_base_url
 from ._emulator import EmulatorProcess, emulator_process
 from ._errors import BenchUsageError
 from ._prompts import BenchPrompt, custom_prompts, random_prompts, sharegpt_prompts
@@ -159,13 +160,7 @@ def _server(
     args: argparse.Namespace, plan: Sequence[PlannedRequest]
 ) -> Iterator[tuple[str, EmulatorProcess | None]]:
     if not args.fake:
-        base_url = (
-            args.base_url
-            or os.environ.get("LLMSTREAM_BASE_URL")
-            or os.environ.get("OPENAI_BASE_URL")
-            or "http://localhost:8000/v1"
-        )
-        yield base_url, None
+        yield resolve_base_url(args.base_url), None
         return
     longest = max((r.prompt.output_len for r in plan), default=1)
     with emulator_process(

@@ -260,7 +260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--presence-penalty", float),
         ("--repetition-penalty", float),
     ):
-        request.add_argument(flag, type=kind, help="sampling parameter (default: the server's)")
+        request.add_argument(
+            flag, type=kind, metavar="X", help="sampling parameter (default: the server's)"
+        )
     request.add_argument(
         "--extra-body",
         type=_json_object,
