@@ -1,5 +1,10 @@
 """Measure your own setup: concurrent streams, their latencies, throughput and client CPU.
 
+For a load test of a server, use the command instead: ``llmstream bench`` sends requests at a
+fixed concurrency or request rate and reports TTFT, TPOT, ITL and end-to-end latency with
+vLLM's definitions (docs/load-testing.md). This program shows how to do the same sums in your
+own code, from each result's ``metrics``.
+
 Shows: what ``result.metrics`` (a ``StreamMetrics``) carries for each stream, time to first
 token, inter-token latency (a ``LatencySummary``), completion tokens and chunks, summed up
 over N concurrent streams; and ``time.process_time()`` around the run, for the CPU the client

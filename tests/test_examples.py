@@ -124,6 +124,12 @@ EXPECTED: dict[str, list[str]] = {
         'finish_reason="stop",model="llmstream/fake-model",status="complete"} 1.0',
         'finish_reason="",model="llmstream/fake-model",status="cancelled"} 1.0',
     ],
+    "locustfile.py": [
+        "type    name      requests  failures  median ms  p99 ms\n",
+        "\nITL     short ",
+        "\nSTREAM  short ",
+        "\nTTFT    short ",
+    ],
     "fastapi_relay.py": [
         "[browser] 'word0 '",
         "[browser] closing the tab",

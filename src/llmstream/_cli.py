@@ -5,6 +5,7 @@ echo "Summarise this." | llmstream chat -m Qwen/Qwen3-8B
 llmstream chat -i                        # a conversation, one turn per line
 llmstream chat --fake "Hello"            # against the built-in vLLM emulator
 llmstream models
+llmstream bench --fake --num-prompts 20  # a load test (docs/load-testing.md)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from . import _bench
 from ._client import Client
 from ._errors import LLMStreamError, StreamInterrupted
 from ._result import StreamResult
@@ -164,6 +166,16 @@ def _parser() -> argparse.ArgumentParser:
         description="List the ids of the models the server serves (GET /v1/models).",
     )
     _server_options(models)
+
+    bench = commands.add_parser(
+        "bench",
+        help="load-test a server: latency and throughput under load, as vllm bench serve",
+        description="Send --num-prompts streamed requests at a fixed concurrency or request "
+        "rate and report TTFT, TPOT, ITL and end-to-end latency (vLLM's definitions), "
+        "throughput and goodput.",
+    )
+    _server_options(bench)
+    _bench.add_arguments(bench)
     return parser
 
 
@@ -251,6 +263,8 @@ def _run(argv: Sequence[str] | None, term: _Terminal) -> int:
     try:
         if args.command == "models":
             return _models(args, term)
+        if args.command == "bench":
+            return _bench.run(args, term.out, term.err)
         return _chat(args, term)
     except _UsageError as exc:
         print(f"llmstream {args.command}: error: {exc}", file=term.err)
