@@ -477,11 +477,10 @@ class AsyncChatStream(StreamBase):
         except Exception as exc:  # a reader that dies must not take the caller's block down
             core.fail(unexpected(exc, self.snapshot()), now())
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):  # one scope: each costs every stream
                 await self._tell_hooks()  # the end of the call, before the consumer sees it
-            buffer.end(core.error)
-            self._stop_watch()
-            with anyio.CancelScope(shield=True):
+                buffer.end(core.error)
+                self._stop_watch()
                 await self._drop_response()
             self._pump_done.set()
 
