@@ -486,3 +486,31 @@ async def test_an_async_hook_that_hangs_is_cut_and_the_stream_ends(
             assert cut == ["RequestSent", "ResponseHeaders", "FirstToken", "CallFinished"]
     assert text == ANSWER
     assert caplog.text.count("took longer than 0.05 s") == 4
+
+
+async def test_an_async_stream_dropped_after_a_break_ends_its_call_and_its_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # `async for ... : break` without `async with` and without aclose(): the stream is
+    # dropped unclosed. Its call still ends (cancelled) for the hooks that need no
+    # awaiting, an async hook is logged as not run, and the server sees the connection go.
+    events: list[llmstream.CallEvent] = []
+
+    async def async_hook(event: llmstream.CallEvent) -> None:
+        pass
+
+    fake = FakeVLLM(tokens=[f"w{i} " for i in range(500)], token_delay=0.01)
+    with fake.serve() as running:
+        async with llmstream.AsyncClient(
+            running.base_url, hooks=[events.append, async_hook]
+        ) as client:
+            with caplog.at_level(logging.ERROR, logger="llmstream"):
+                async for _ in client.stream("Hi"):
+                    break
+            ends = [
+                e for e in events if isinstance(e, llmstream.CallFinished | llmstream.CallFailed)
+            ]
+            assert [e.status for e in ends] == ["cancelled"]
+            assert "a stream dropped without aclose() cannot await" in caplog.text
+            disconnect = await fake.await_disconnect(timeout=5)
+    assert disconnect.chunks_sent < 500

@@ -289,6 +289,26 @@ class AsyncChatStream(StreamBase):
             if self._owns_client:
                 await self._client.aclose()
 
+    def __del__(self) -> None:
+        # Dropped unclosed: a `break` out of `async for` without `async with` (the docs
+        # ask for aclose() then). Nothing can be awaited here: cut the connection, so the
+        # server aborts the generation, and end the call for the hooks that need no
+        # awaiting, so that no span or in-progress gauge stays open. A stream never
+        # opened has no call to end.
+        try:
+            core = self._core
+            if self._closed or core.attempts == 0 or core.ended:
+                return
+            core.stop("cancelled", now())
+            response = self._response
+            if response is not None:
+                response.abort()
+            hooks = self._hooks
+            if hooks is not None and hooks.pending:
+                hooks.deliver("a stream dropped without aclose() cannot await")
+        except Exception:  # a finaliser must not raise (half made, or the loop is gone)
+            pass
+
     # -- opening ---------------------------------------------------------------------
 
     async def _open(self) -> None:

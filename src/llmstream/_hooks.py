@@ -126,8 +126,11 @@ class HookRunner:
         self._lock = threading.Lock()  # held by the thread delivering (sync client)
         self._delivering = False  # a task is delivering (async client)
 
-    def deliver(self) -> None:
-        """Call the hooks with every pending event, in order (sync hooks only)."""
+    def deliver(self, cannot_await: str = "the sync client cannot await") -> None:
+        """Call the hooks with every pending event, in order (sync hooks only).
+
+        An async hook's coroutine is closed unrun and logged, saying why (``cannot_await``).
+        """
         pending = self.pending
         while pending:
             if not self._lock.acquire(blocking=False):
@@ -141,10 +144,11 @@ class HookRunner:
                             outcome.close()
                             logger.error(
                                 "llmstream: hook %s returned a coroutine on %s of call %s, "
-                                "which the sync client cannot await; it was not run",
+                                "which %s; it was not run",
                                 _name(hook),
                                 type(event).__name__,
                                 event.call.call_id,
+                                cannot_await,
                             )
             finally:
                 self._lock.release()
