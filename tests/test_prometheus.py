@@ -5,6 +5,7 @@ Both clients, real loopback sockets; every value is read back from the registry.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -137,3 +138,12 @@ def test_without_prometheus_client_the_error_names_the_extra(
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(llmstream.InvalidRequestError, match=r"llmstream-sdk\[prometheus\]"):
         PrometheusHook()
+
+
+def test_importing_llmstream_or_its_prometheus_module_imports_no_prometheus_client() -> None:
+    code = (
+        "import sys, llmstream, llmstream.prometheus\n"
+        "assert not [m for m in sys.modules if m.startswith('prometheus_client')], 'imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
