@@ -496,7 +496,8 @@ async def test_vllm_accepts_the_round_trip_message(mode: str) -> None:
         prompt=question,
         tools=[WEATHER_TOOL],
         max_tokens=64,
-        x_tool_call={"name": "get_weather", "arguments": {"city": "Paris"}},
+        # The scripted engine's own field: it answers with this tool call.
+        extra_body={"x_tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}},
     )
     result = first.final
     assert first.error is None and result.finish_reason == "tool_calls", result
