@@ -514,6 +514,9 @@ def test_workers_merge_raw_samples_into_exact_percentiles(tmp_path: Path) -> Non
         (["--ramp-up-strategy", "linear"], "needs --ramp-up-start-rps and --ramp-up-end-rps"),
         (["--save-detailed"], "--save-detailed adds to --json"),
         (["--workers", "3", "--max-concurrency", "2"], "--max-concurrency 2 is below --workers 3"),
+        (["--extra-body", '{"stream": false}'], "stream cannot be passed in extra_body"),
+        (["--extra-body", '{"messages": []}', "--workers", "2"], "messages cannot be passed"),
+        (["--temperature", "nan"], "a value JSON cannot send"),
     ],
 )
 def test_bad_command_lines_exit_2_before_sending(

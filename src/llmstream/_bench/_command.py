@@ -15,6 +15,7 @@ from typing import TextIO
 
 from .._client import Client
 from .._config import resolve_base_url
+from .._errors import InvalidRequestError
 from ._emulator import EmulatorProcess, emulator_process
 from ._errors import BenchUsageError
 from ._prompts import BenchPrompt, custom_prompts, random_prompts, sharegpt_prompts
@@ -133,6 +134,32 @@ def _body(args: argparse.Namespace) -> dict[str, object]:
     return body
 
 
+def _check_body(args: argparse.Namespace, plan: Sequence[PlannedRequest]) -> None:
+    """Refuse a request body the client would refuse, before the run sends anything.
+
+    Building a stream checks its arguments and sends nothing; the model and address are
+    placeholders, as neither is known yet (nor needed for the check).
+    """
+    body = _body(args)
+    try:
+        json.dumps(body, allow_nan=False)
+    except ValueError:
+        raise BenchUsageError(
+            "the request body holds a value JSON cannot send (nan or infinity): "
+            "check --extra-body and the sampling flags."
+        ) from None
+    prompt = plan[0].prompt if plan else None
+    with Client("http://127.0.0.1", model=args.model or "check") as client:
+        try:
+            client.stream(
+                prompt.text if prompt else "",
+                max_tokens=prompt.output_len if prompt else 1,
+                extra_body=body,
+            )
+        except InvalidRequestError as exc:
+            raise BenchUsageError(str(exc)) from None
+
+
 def _config(args: argparse.Namespace, base_url: str, model: str) -> dict[str, object]:
     """The run's settings for the JSON document: no API key, no header values."""
     skip = {"api_key", "header", "command", "json", "plot", "no_progress", "save_detailed"}
@@ -235,6 +262,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
         check_plotting()
     plan = plan_requests(args)
+    _check_body(args, plan)
     with _server(args, plan) as (base_url, emulator):
         model = _resolve_model(args, base_url)
         target = Target(
