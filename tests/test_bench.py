@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,14 +45,18 @@ def _bench_args(*argv: str) -> argparse.Namespace:
     return _cli._parser().parse_args(["bench", *argv])
 
 
-def _run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMSTREAM_", "OPENAI_"))}
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "llmstream", "bench", *argv],
         capture_output=True,
         text=True,
-        env=env,
+        env=_cli_env(),
         timeout=timeout,
     )
 
@@ -503,6 +508,43 @@ def test_workers_merge_raw_samples_into_exact_percentiles(tmp_path: Path) -> Non
     assert pooled is not None
     for key in ("mean", "p50", "p90", "p99", "max", "count"):
         assert result["itl_ms"][key] == pytest.approx(getattr(pooled, key))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_stops_the_run_quietly(workers: str) -> None:
+    # A run of about 4 s (40 requests of 20 tokens at 10 ms, 2 at a time), stopped as a
+    # terminal stops it, once the first tenth has ended (the workers are sending): SIGINT
+    # to the whole process group, children included.
+    argv = ["--fake", "--fake-token-delay", "0.01", "--num-prompts", "40", "--workers", workers]
+    argv += ["--max-concurrency", "2", "--random-input-len", "4"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmstream", "bench", *argv, "--random-output-len", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_cli_env(),
+        start_new_session=True,
+    )
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:  # wait for the first progress line
+            seen.append(line)
+            if line.startswith("[") and "/40] " in line:
+                break
+        else:
+            pytest.fail("".join(seen))
+        os.killpg(process.pid, signal.SIGINT)
+        _, rest = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    err = "".join(seen) + rest
+    assert process.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert "[stopped]" in err
 
 
 @pytest.mark.parametrize(
