@@ -605,6 +605,33 @@ def test_against_a_server_with_a_key_that_never_shows(tmp_path: Path) -> None:
     assert len(chats) == 3 and all(r.headers.get("x-team") == "sk-header-secret" for r in chats)
 
 
+@pytest.mark.parametrize(
+    ("argv", "arrivals"),
+    [
+        (
+            ["--ramp-up-strategy", "linear", "--ramp-up-start-rps", "50"],
+            "linear ramp-up from 50 to 400 req/s, burstiness 1",
+        ),
+        (["--request-rate", "200", "--burstiness", "0.5"], "200 req/s, burstiness 0.5"),
+        ([], "inf (all at once)"),
+    ],
+)
+def test_header_and_table_say_how_requests_arrive(
+    argv: list[str], arrivals: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if "--ramp-up-strategy" in argv:
+        argv = [*argv, "--ramp-up-end-rps", "400"]
+    fake = FakeVLLM(tokens=["tok "] * 2)
+    with fake.serve() as server:
+        code = _cli.main(
+            ["bench", "--base-url", server.base_url, "--num-prompts", "3", "--no-progress", *argv]
+        )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"request rate {arrivals}, 1 worker(s)" in captured.err
+    assert f"{'Request arrivals:':<44}{arrivals}\n" in captured.out
+
+
 def test_every_request_failing_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     fake = FakeVLLM()
     for _ in range(2):

@@ -19,7 +19,14 @@ from .._errors import InvalidRequestError
 from ._emulator import EmulatorProcess, emulator_process
 from ._errors import BenchUsageError
 from ._prompts import BenchPrompt, custom_prompts, random_prompts, sharegpt_prompts
-from ._report import GeneratorLoad, ProgressDisplay, format_table, generator_warnings, to_json
+from ._report import (
+    GeneratorLoad,
+    ProgressDisplay,
+    describe_arrivals,
+    format_table,
+    generator_warnings,
+    to_json,
+)
 from ._runner import LoadResult, PlannedRequest, Progress, Target, run_load
 from ._schedule import RampUp, arrival_times
 from ._stats import RequestSample, summarize_run
@@ -277,7 +284,8 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(
             f"llmstream bench: {len(plan)} requests to {where}, model {model}, "
             f"max concurrency {args.max_concurrency or 'unlimited'}, request rate "
-            f"{args.request_rate}, {args.workers} worker(s)",
+            f"{describe_arrivals(args.request_rate, args.burstiness, _ramp_up(args))}, "
+            f"{args.workers} worker(s)",
             file=err,
         )
         display = ProgressDisplay(err, enabled=not args.no_progress)
@@ -308,6 +316,8 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             load,
             max_concurrency=args.max_concurrency,
             request_rate=args.request_rate,
+            burstiness=args.burstiness,
+            ramp_up=_ramp_up(args),
             warnings=warnings,
         ),
         file=outputs.table,
