@@ -572,6 +572,12 @@ def test_bad_command_lines_exit_2_before_sending(
     assert not [r for r in fake.requests if r.path.endswith("/chat/completions")]
 
 
+def test_repeated_goodput_flags_add_up() -> None:
+    args = _bench_args("--goodput", "ttft:500", "--goodput", "tpot:50", "e2el:900")
+    assert dict(args.goodput) == {"ttft": 500, "tpot": 50, "e2el": 900}
+    assert _bench_args().goodput == []
+
+
 def test_goodput_keys_are_checked_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli.main(["bench", "--fake", "--goodput", "latency:5"]) == 2
     assert "KEY one of ttft, tpot, e2el" in capsys.readouterr().err

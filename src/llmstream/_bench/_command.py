@@ -300,7 +300,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     summary = summarize_run(
         samples,
         duration=max(r.wall for r in results),
-        slos_ms=dict(args.goodput or []),
+        slos_ms=dict(args.goodput),
     )
     load = GeneratorLoad(
         cpu=tuple(r.cpu for r in results),

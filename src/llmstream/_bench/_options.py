@@ -285,6 +285,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--goodput",
         type=_slo,
         nargs="+",
+        action="extend",
+        default=[],
         metavar="KEY:MS",
         help="service level objectives in ms, e.g. ttft:500 tpot:50 (keys ttft, tpot, e2el): "
         "goodput counts the completed requests within all of them",
