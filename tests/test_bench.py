@@ -659,3 +659,17 @@ def test_every_request_failing_exits_1(capsys: pytest.CaptureFixture[str]) -> No
     assert code == 1
     assert "no request completed" in captured.err
     assert "Failed requests:                            2" in captured.out
+
+
+def test_every_request_cancelled_on_purpose_exits_0_and_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake = FakeVLLM(tokens=["tok "] * 8)
+    with fake.serve() as server:
+        argv = ["--base-url", server.base_url, "--num-prompts", "2", "--no-progress"]
+        code = _cli.main(["bench", *argv, "--random-output-len", "8", "--cancel-fraction", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "every request was cancelled on purpose (--cancel-fraction 1)" in captured.err
+    assert "the errors above say why" not in captured.err
+    assert "Cancelled on purpose (--cancel-fraction):   2" in captured.out
