@@ -559,6 +559,9 @@ def test_ctrl_c_stops_the_run_quietly(workers: str) -> None:
         (["--extra-body", '{"stream": false}'], "stream cannot be passed in extra_body"),
         (["--extra-body", '{"messages": []}', "--workers", "2"], "messages cannot be passed"),
         (["--temperature", "nan"], "a value JSON cannot send"),
+        (["--timeout", "0"], "--timeout must be above 0 seconds, got 0."),
+        (["--json", "/nonexistent-dir/run.json"], "cannot write --json /nonexistent-dir/run.json"),
+        (["--plot", "/nonexistent-dir/run.png"], "cannot write --plot /nonexistent-dir/run.png"),
     ],
 )
 def test_bad_command_lines_exit_2_before_sending(

@@ -17,7 +17,7 @@ from .._client import Client
 from .._config import resolve_base_url
 from .._errors import InvalidRequestError
 from ._emulator import EmulatorProcess, emulator_process
-from ._errors import BenchUsageError
+from ._errors import BenchError, BenchUsageError
 from ._prompts import BenchPrompt, custom_prompts, random_prompts, sharegpt_prompts
 from ._report import (
     GeneratorLoad,
@@ -242,9 +242,28 @@ class _Outputs:
     json_path: str | None
 
 
+def _check_writable(flag: str, path: str) -> None:
+    """Fail now, not after the whole run, when an output file cannot be written."""
+    target = Path(path)
+    existed = target.exists()
+    try:
+        with target.open("a"):  # appending truncates nothing
+            pass
+    except OSError as exc:
+        raise BenchUsageError(f"cannot write {flag} {path}: {exc.strerror or exc}.") from None
+    if not existed:
+        target.unlink(missing_ok=True)
+
+
 def _outputs(args: argparse.Namespace, out: TextIO, err: TextIO) -> _Outputs:
     if args.save_detailed and not args.json:
         raise BenchUsageError("--save-detailed adds to --json: give --json FILE (or -) too.")
+    if args.timeout is not None and not args.timeout > 0:
+        raise BenchUsageError(f"--timeout must be above 0 seconds, got {args.timeout:g}.")
+    if args.json is not None and args.json != "-":
+        _check_writable("--json", args.json)
+    if args.plot:
+        _check_writable("--plot", args.plot)
     return _Outputs(table=err if args.json == "-" else out, json_path=args.json)
 
 
@@ -371,4 +390,5 @@ def _write_json(document: dict[str, object], path: str, out: TextIO) -> None:
     try:
         Path(path).write_text(text + "\n", "utf-8")
     except OSError as exc:
-        raise BenchUsageError(f"cannot write --json {path}: {exc.strerror or exc}.") from None
+        # After the run, so no usage error (exit 2 says nothing was sent).
+        raise BenchError(f"cannot write --json {path}: {exc.strerror or exc}.") from None

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._errors import BenchUsageError
+from ._errors import BenchError, BenchUsageError
 from ._stats import RequestSample
 
 __all__ = ["check_plotting", "plot_run"]
@@ -91,6 +91,7 @@ def plot_run(samples: Sequence[RequestSample], path: Path, *, title: str) -> Non
     try:
         figure.savefig(path, dpi=100)
     except OSError as exc:
-        raise BenchUsageError(f"cannot write --plot {path}: {exc.strerror or exc}.") from None
+        # After the run, so no usage error (exit 2 says nothing was sent).
+        raise BenchError(f"cannot write --plot {path}: {exc.strerror or exc}.") from None
     finally:
         plt.close(figure)
