@@ -425,6 +425,15 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize(("gaps", "steps"), [(24, [0, 1, 2]), (27, [0, 1, 2, 2.75])])
+def test_the_plot_rate_has_no_false_drop_at_the_end(gaps: int, steps: list[float]) -> None:
+    # 10 chunks a second, from 0.05 s to 2.45 s (a tail too short to count: left out) or
+    # to 2.75 s (its 8 chunks over 0.75 s: about 10 a second, not 8).
+    seconds, rates = _plot.chunk_rates([_ok(0, 0.05, [0.1] * gaps)])
+    assert seconds == pytest.approx(steps)
+    assert all(9.5 <= r <= 11 for r in rates), rates
+
+
 def test_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(BenchUsageError, match=r'pip install "llmstream-sdk\[plot\]"'):
