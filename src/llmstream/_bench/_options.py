@@ -139,7 +139,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--disable-shuffle", action="store_true", help="take the file's prompts in order"
     )
-    data.add_argument("--input-len", type=_count, metavar="N", help="sets --random-input-len")
+    data.add_argument(
+        "--input-len",
+        type=_count,
+        metavar="N",
+        help="sets --random-input-len (random only: custom and sharegpt prompts are sent "
+        "as the file has them)",
+    )
     data.add_argument(
         "--output-len",
         type=_count,
