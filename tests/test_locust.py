@@ -66,6 +66,34 @@ print(json.dumps([str(e.error) for e in env.stats.errors.values()]))
 """
 
 
+ONE_STREAM = """
+import json, sys, time
+from locust.env import Environment
+from llmstream._client import Client
+
+# A server slow to list its models (300 ms), as a cold one can be.
+get_json = Client._get_json
+def slow_models(self, request):
+    if request.url.endswith("/models"):
+        time.sleep(0.3)
+    return get_json(self, request)
+Client._get_json = slow_models
+
+from locustfile import ChatUser
+
+ChatUser.host = sys.argv[1]  # as Locust's runner sets it
+env = Environment(user_classes=[ChatUser], host=sys.argv[1])
+events = []
+env.events.request.add_listener(
+    lambda request_type, response_time, **_: events.append([request_type, response_time])
+)
+user = ChatUser(env)
+user.ask()
+user.on_stop()
+print(json.dumps(events))
+"""
+
+
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMSTREAM_", "OPENAI_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
@@ -106,6 +134,25 @@ def test_ttft_itl_and_streams_are_locust_metrics(tmp_path: Path) -> None:
     assert 100 <= ttft["median"] <= 140, ttft
     assert 20 <= itl["median"] <= 26, itl
     assert 240 <= stream["median"] <= 300, stream  # 100 ms + 7 x 20 ms
+
+
+def test_ttft_counts_from_the_chat_request_not_the_model_lookup(tmp_path: Path) -> None:
+    (_files(tmp_path) / "one_stream.py").write_text(ONE_STREAM)
+    fake = FakeVLLM(tokens=[" t"] * 16, ttft=0.1, token_delay=0.01)
+    with fake.serve() as server:
+        done = subprocess.run(
+            [sys.executable, "one_stream.py", server.base_url],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        paths = [r.path for r in fake.requests]
+    assert done.returncode == 0, done.stderr
+    assert paths == ["/v1/models", "/v1/chat/completions"]  # the model was looked up
+    times = dict(json.loads(done.stdout.strip().splitlines()[-1])[:1])
+    assert 100 <= times["TTFT"] < 300, times  # 100 ms to the first token, not 400
 
 
 def test_a_failed_stream_is_a_locust_failure(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ raises :class:`~llmstream.InvalidRequestError` (also an ``ImportError``) saying 
 Each streamed answer fires Locust request events, so Locust's statistics, charts, CSV
 files and its master/worker cluster show them like any HTTP request:
 
-* type ``TTFT``: the time to the first chunk carrying output, one per stream;
+* type ``TTFT``: from sending the chat request to the first chunk carrying output, one
+  per stream (with ``model`` unset, the lookup of the model, once per user, comes first
+  and is not counted);
 * type ``ITL``: every gap between two output chunks (one event per gap: Locust pools them,
   as ``vllm bench serve`` pools its ITL);
 * type ``STREAM``: the whole stream, sent to its end, with its output tokens as the
@@ -120,6 +122,11 @@ class LLMStreamUser(User):
         last = sent
         chunks = 0
         try:
+            if "model" not in params:
+                # The model (GET /models, once per user) before the clock starts: TTFT
+                # counts from sending the chat request, as in vLLM's benchmark.
+                self.client._resolve_model()
+                sent = last = time.perf_counter()
             with self.client.stream(prompt_or_messages, **params) as stream:
                 for chunk in stream.chunks():
                     now = time.perf_counter()

@@ -15,10 +15,18 @@ from typing import TextIO
 
 from .._client import Client
 from .._config import resolve_base_url
+from .._errors import InvalidRequestError
 from ._emulator import EmulatorProcess, emulator_process
-from ._errors import BenchUsageError
+from ._errors import BenchError, BenchUsageError
 from ._prompts import BenchPrompt, custom_prompts, random_prompts, sharegpt_prompts
-from ._report import GeneratorLoad, ProgressDisplay, format_table, generator_warnings, to_json
+from ._report import (
+    GeneratorLoad,
+    ProgressDisplay,
+    describe_arrivals,
+    format_table,
+    generator_warnings,
+    to_json,
+)
 from ._runner import LoadResult, PlannedRequest, Progress, Target, run_load
 from ._schedule import RampUp, arrival_times
 from ._stats import RequestSample, summarize_run
@@ -133,6 +141,32 @@ def _body(args: argparse.Namespace) -> dict[str, object]:
     return body
 
 
+def _check_body(args: argparse.Namespace, plan: Sequence[PlannedRequest]) -> None:
+    """Refuse a request body the client would refuse, before the run sends anything.
+
+    Building a stream checks its arguments and sends nothing; the model and address are
+    placeholders, as neither is known yet (nor needed for the check).
+    """
+    body = _body(args)
+    try:
+        json.dumps(body, allow_nan=False)
+    except ValueError:
+        raise BenchUsageError(
+            "the request body holds a value JSON cannot send (nan or infinity): "
+            "check --extra-body and the sampling flags."
+        ) from None
+    prompt = plan[0].prompt if plan else None
+    with Client("http://127.0.0.1", model=args.model or "check") as client:
+        try:
+            client.stream(
+                prompt.text if prompt else "",
+                max_tokens=prompt.output_len if prompt else 1,
+                extra_body=body,
+            )
+        except InvalidRequestError as exc:
+            raise BenchUsageError(str(exc)) from None
+
+
 def _config(args: argparse.Namespace, base_url: str, model: str) -> dict[str, object]:
     """The run's settings for the JSON document: no API key, no header values."""
     skip = {"api_key", "header", "command", "json", "plot", "no_progress", "save_detailed"}
@@ -208,9 +242,28 @@ class _Outputs:
     json_path: str | None
 
 
+def _check_writable(flag: str, path: str) -> None:
+    """Fail now, not after the whole run, when an output file cannot be written."""
+    target = Path(path)
+    existed = target.exists()
+    try:
+        with target.open("a"):  # appending truncates nothing
+            pass
+    except OSError as exc:
+        raise BenchUsageError(f"cannot write {flag} {path}: {exc.strerror or exc}.") from None
+    if not existed:
+        target.unlink(missing_ok=True)
+
+
 def _outputs(args: argparse.Namespace, out: TextIO, err: TextIO) -> _Outputs:
     if args.save_detailed and not args.json:
         raise BenchUsageError("--save-detailed adds to --json: give --json FILE (or -) too.")
+    if args.timeout is not None and not args.timeout > 0:
+        raise BenchUsageError(f"--timeout must be above 0 seconds, got {args.timeout:g}.")
+    if args.json is not None and args.json != "-":
+        _check_writable("--json", args.json)
+    if args.plot:
+        _check_writable("--plot", args.plot)
     return _Outputs(table=err if args.json == "-" else out, json_path=args.json)
 
 
@@ -235,6 +288,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
         check_plotting()
     plan = plan_requests(args)
+    _check_body(args, plan)
     with _server(args, plan) as (base_url, emulator):
         model = _resolve_model(args, base_url)
         target = Target(
@@ -249,7 +303,8 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(
             f"llmstream bench: {len(plan)} requests to {where}, model {model}, "
             f"max concurrency {args.max_concurrency or 'unlimited'}, request rate "
-            f"{args.request_rate}, {args.workers} worker(s)",
+            f"{describe_arrivals(args.request_rate, args.burstiness, _ramp_up(args))}, "
+            f"{args.workers} worker(s)",
             file=err,
         )
         display = ProgressDisplay(err, enabled=not args.no_progress)
@@ -264,7 +319,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     summary = summarize_run(
         samples,
         duration=max(r.wall for r in results),
-        slos_ms=dict(args.goodput or []),
+        slos_ms=dict(args.goodput),
     )
     load = GeneratorLoad(
         cpu=tuple(r.cpu for r in results),
@@ -280,6 +335,8 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             load,
             max_concurrency=args.max_concurrency,
             request_rate=args.request_rate,
+            burstiness=args.burstiness,
+            ramp_up=_ramp_up(args),
             warnings=warnings,
         ),
         file=outputs.table,
@@ -297,6 +354,15 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         from ._plot import plot_run
 
         plot_run(samples, Path(args.plot), title=f"llmstream bench: {model} at {where}")
+    if summary.completed == 0 and summary.failed == 0 and summary.cancelled:
+        # Every request was cancelled, as --cancel-fraction 1 asks: the run did what it
+        # was told, so this is no failure; but there are no latencies to read.
+        print(
+            f"llmstream bench: every request was cancelled on purpose (--cancel-fraction "
+            f"{args.cancel_fraction:g}): no request completed, so the table has no latencies.",
+            file=err,
+        )
+        return EXIT_OK
     if summary.completed == 0:
         print(
             "llmstream bench: error: no request completed; the errors above say why.",
@@ -324,4 +390,5 @@ def _write_json(document: dict[str, object], path: str, out: TextIO) -> None:
     try:
         Path(path).write_text(text + "\n", "utf-8")
     except OSError as exc:
-        raise BenchUsageError(f"cannot write --json {path}: {exc.strerror or exc}.") from None
+        # After the run, so no usage error (exit 2 says nothing was sent).
+        raise BenchError(f"cannot write --json {path}: {exc.strerror or exc}.") from None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from ._errors import BenchError
+from ._signals import ignore_sigint, sigint_blocked
 
 __all__ = ["EmulatorProcess", "emulator_process"]
 
@@ -22,6 +23,7 @@ _START_TIMEOUT = 60.0
 
 def _serve(parent: Connection, tokens: int, ttft: float, token_delay: float) -> None:
     """The child: serve until the parent says stop; answer CPU-time questions meanwhile."""
+    ignore_sigint()
     import time
 
     from ..testing import FakeVLLM
@@ -64,7 +66,8 @@ def emulator_process(*, tokens: int, ttft: float, token_delay: float) -> Iterato
     process = spawn.Process(
         target=_serve, args=(there, max(tokens, 1), ttft, token_delay), daemon=True
     )
-    process.start()
+    with sigint_blocked():
+        process.start()
     there.close()
     try:
         if not here.poll(_START_TIMEOUT):

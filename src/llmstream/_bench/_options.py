@@ -139,7 +139,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--disable-shuffle", action="store_true", help="take the file's prompts in order"
     )
-    data.add_argument("--input-len", type=_count, metavar="N", help="sets --random-input-len")
+    data.add_argument(
+        "--input-len",
+        type=_count,
+        metavar="N",
+        help="sets --random-input-len (random only: custom and sharegpt prompts are sent "
+        "as the file has them)",
+    )
     data.add_argument(
         "--output-len",
         type=_count,
@@ -285,6 +291,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--goodput",
         type=_slo,
         nargs="+",
+        action="extend",
+        default=[],
         metavar="KEY:MS",
         help="service level objectives in ms, e.g. ttft:500 tpot:50 (keys ttft, tpot, e2el): "
         "goodput counts the completed requests within all of them",

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._errors import BenchUsageError
+from ._errors import BenchError, BenchUsageError
 from ._stats import RequestSample
 
-__all__ = ["check_plotting", "plot_run"]
+__all__ = ["check_plotting", "chunk_rates", "plot_run"]
 
 _MISSING = (
     '--plot needs matplotlib: pip install "llmstream-sdk[plot]" (or run without --plot; '
@@ -32,6 +31,48 @@ def _pyplot() -> Any:
 def check_plotting() -> None:
     """Fail before the run, not after it, when matplotlib is missing."""
     _pyplot()
+
+
+_SHORTEST_TAIL = 0.5
+"""A last, partial second shorter than this is left out: too few chunks to make a rate."""
+
+
+def chunk_rates(samples: Sequence[RequestSample]) -> tuple[list[float], list[float]]:
+    """Output chunks per second over the run, in one-second buckets, with the step's end.
+
+    Returns the buckets' starts (then where the last one ends) and their rates (the last
+    repeated, for a step chart). The run rarely ends on a whole second: its last bucket,
+    only partly covered, is counted over the time it covers, else it would show a drop
+    that never happened; left out if under half a second.
+
+    Example::
+
+        seconds, rates = chunk_rates(samples)
+    """
+    times = []
+    for s in samples:
+        if s.ttft is None:
+            continue
+        at = s.sent + s.ttft
+        times.append(at)
+        for gap in s.itl:
+            at += gap
+            times.append(at)
+    if not times:
+        return [], []
+    end = max(times)
+    whole = int(end)  # complete one-second buckets
+    counts = [0] * (whole + 1)
+    for at in times:
+        counts[min(int(at), whole)] += 1
+    rates = [float(c) for c in counts[:whole]]
+    tail = end - whole
+    if tail >= _SHORTEST_TAIL or not whole:
+        rates.append(counts[whole] / tail if tail > 0 else float(counts[whole]))
+    else:
+        end = float(whole)
+    seconds = [float(i) for i in range(len(rates))] + [end]
+    return seconds, [*rates, rates[-1]]
 
 
 def plot_run(samples: Sequence[RequestSample], path: Path, *, title: str) -> None:
@@ -70,18 +111,8 @@ def plot_run(samples: Sequence[RequestSample], path: Path, *, title: str) -> Non
     decode.legend(loc="upper left")
     decode.grid(alpha=0.3)
 
-    # Output chunks per second of the run, placed where each one arrived.
-    end = max((s.sent + (s.e2e or 0) for s in done), default=0.0)
-    buckets = [0] * (math.ceil(end) + 1)
-    for s in done:
-        if s.ttft is None:
-            continue
-        at = s.sent + s.ttft
-        buckets[int(at)] += 1
-        for gap in s.itl:
-            at += gap
-            buckets[min(int(at), len(buckets) - 1)] += 1
-    throughput.step(range(len(buckets)), buckets, where="post", label="output chunks/s")
+    seconds, rates = chunk_rates(done)
+    throughput.step(seconds, rates, where="post", label="output chunks/s")
     throughput.set_ylabel("chunks per second")
     throughput.set_xlabel("seconds since the run started (when each request was sent)")
     throughput.legend(loc="upper left")
@@ -91,6 +122,7 @@ def plot_run(samples: Sequence[RequestSample], path: Path, *, title: str) -> Non
     try:
         figure.savefig(path, dpi=100)
     except OSError as exc:
-        raise BenchUsageError(f"cannot write --plot {path}: {exc.strerror or exc}.") from None
+        # After the run, so no usage error (exit 2 says nothing was sent).
+        raise BenchError(f"cannot write --plot {path}: {exc.strerror or exc}.") from None
     finally:
         plt.close(figure)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -10,9 +11,17 @@ from typing import TextIO
 
 from .._version import __version__
 from ._runner import Progress
+from ._schedule import RampUp
 from ._stats import DEFINITIONS, Distribution, RequestSample, RunSummary
 
-__all__ = ["GeneratorLoad", "ProgressDisplay", "format_table", "generator_warnings", "to_json"]
+__all__ = [
+    "GeneratorLoad",
+    "ProgressDisplay",
+    "describe_arrivals",
+    "format_table",
+    "generator_warnings",
+    "to_json",
+]
 
 BUSY_SHARE = 0.8
 """A generator process above this share of one core may be what limits the run."""
@@ -75,6 +84,27 @@ def generator_warnings(
     return warnings
 
 
+def describe_arrivals(
+    request_rate: float, burstiness: float = 1.0, ramp_up: RampUp | None = None
+) -> str:
+    """How the requests arrive, in words: all at once, at a rate, or ramping up.
+
+    The burstiness shows whenever there is a rate to draw gaps from, as vLLM shows it.
+
+    Example::
+
+        describe_arrivals(math.inf, ramp_up=RampUp("linear", 2, 20))
+        # 'linear ramp-up from 2 to 20 req/s, burstiness 1'
+    """
+    if ramp_up is not None:
+        rate = f"{ramp_up.strategy} ramp-up from {ramp_up.start_rps:g} to {ramp_up.end_rps:g} req/s"
+    elif math.isinf(request_rate):
+        return "inf (all at once)"
+    else:
+        rate = f"{request_rate:g} req/s"
+    return f"{rate}, burstiness {burstiness:g}"
+
+
 def _ms(value: float) -> str:
     return f"{value:10.2f}"
 
@@ -92,6 +122,8 @@ def format_table(
     *,
     max_concurrency: int | None,
     request_rate: float,
+    burstiness: float = 1.0,
+    ramp_up: RampUp | None = None,
     warnings: Sequence[str] = (),
 ) -> str:
     """The closing report as text: counts, throughputs, latencies, errors, the generator.
@@ -112,10 +144,7 @@ def format_table(
     if s.cancelled:
         item("Cancelled on purpose (--cancel-fraction):", s.cancelled)
     item("Maximum request concurrency:", max_concurrency or "unlimited")
-    item(
-        "Request rate (req/s):",
-        "inf (all at once)" if request_rate == float("inf") else request_rate,
-    )
+    item("Request arrivals:", describe_arrivals(request_rate, burstiness, ramp_up))
     item("Benchmark duration (s):", f"{s.duration:.2f}")
     item("Total input tokens:", s.total_input_tokens)
     item("Total generated tokens:", s.total_output_tokens)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
-import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import anyio.to_thread
 
 from ._errors import BenchError
 from ._runner import LoadResult, PlannedRequest, Progress, Target, run_load
+from ._signals import ignore_sigint, sigint_blocked
 
 __all__ = ["WorkerJob", "run_async", "run_workers", "split"]
 
@@ -82,7 +82,7 @@ def run_async(function: Callable[[], Awaitable[T]]) -> T:
 
 def _worker_main(conn: Connection, job: WorkerJob) -> None:
     # Ctrl-C reaches the whole process group: the parent decides, and stops the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_sigint()
 
     async def ready() -> float:
         conn.send(("ready", job.worker))
@@ -105,11 +105,15 @@ def _worker_main(conn: Connection, job: WorkerJob) -> None:
         )
 
     try:
-        result = run_async(main)
-    except Exception as exc:  # reported to the parent, which raises it as a BenchError
-        conn.send(("error", job.worker, f"{type(exc).__name__}: {exc}"))
+        try:
+            result = run_async(main)
+        except Exception as exc:  # reported to the parent, which raises it as a BenchError
+            conn.send(("error", job.worker, f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send(("done", job.worker, result))
+    except (OSError, EOFError):
+        # The parent is gone (stopped with Ctrl-C, say): there is no one left to tell.
         return
-    conn.send(("done", job.worker, result))
 
 
 def _total(snapshots: dict[int, Progress], total: int) -> Progress:
@@ -140,7 +144,8 @@ def run_workers(
         for job in jobs:
             here, there = spawn.Pipe()
             process = spawn.Process(target=_worker_main, args=(there, job), daemon=True)
-            process.start()
+            with sigint_blocked():
+                process.start()
             there.close()
             processes.append(process)
             conns[job.worker] = here
@@ -157,6 +162,11 @@ def run_workers(
             _receive(conns, set(), snapshots, results, None)
             on_progress(_total(snapshots, total))
         return [results[w] for w in sorted(results)]
+    except BaseException:
+        # Stopped (Ctrl-C) or failed: the workers' results are of no use any more.
+        for process in processes:
+            process.terminate()
+        raise
     finally:
         for conn in conns.values():
             conn.close()
