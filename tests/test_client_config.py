@@ -149,6 +149,19 @@ def test_malformed_base_url_fails_at_construction(url: str) -> None:
         llmstream.Client(url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["http://host:8000/v1?key=sk-secret-1", "http://host:8000/v1#sk-secret-1", "http://host/v1?"],
+)
+def test_a_base_url_with_a_query_string_is_refused_without_echoing_it(url: str) -> None:
+    # Paths are appended to the base URL, so its query would land mid-path; the query may
+    # hold a key, so the message does not repeat the URL.
+    for make in (llmstream.Client, llmstream.AsyncClient):
+        with pytest.raises(llmstream.InvalidRequestError, match="query string") as caught:
+            make(url)  # type: ignore[operator]
+        assert "sk-secret" not in str(caught.value)
+
+
 def test_invalid_request_error_is_also_a_value_error() -> None:
     assert issubclass(llmstream.InvalidRequestError, ValueError)
     assert issubclass(llmstream.InvalidRequestError, llmstream.LLMStreamError)

@@ -102,6 +102,14 @@ def resolve_base_url(base_url: str | None, environ: Mapping[str, str] = os.envir
         raise InvalidRequestError(
             "base_url must not carry credentials; pass api_key=... (or LLMSTREAM_API_KEY)"
         )
+    if url.query or url.fragment or "?" in raw or "#" in raw:
+        # Not echoed: a query string is where some servers take a key.
+        raise InvalidRequestError(
+            "base_url must not have a query string or a fragment (?... or #...): paths such "
+            "as /chat/completions are appended to it, so every request would go to a wrong "
+            "path. Pass the API key as api_key=... (sent as a Bearer header), and other "
+            "request fields in extra_body=... or headers in extra_headers=..."
+        )
     return raw.rstrip("/")
 
 
