@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import _bench
+from ._argtypes import at_least, seconds
 from ._client import Client
 from ._errors import LLMStreamError, StreamInterrupted
 from ._result import StreamResult
@@ -109,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "-t",
         "--max-tokens",
-        type=_positive_int,
+        type=at_least(1),
         default=512,
         metavar="N",
         help="the most tokens to generate (default: 512)",
@@ -147,14 +148,14 @@ def _parser() -> argparse.ArgumentParser:
     _server_options(chat)
     chat.add_argument(
         "--fake-token-delay",
-        type=_seconds,
+        type=seconds,
         default=0.02,
         metavar="SECONDS",
         help="with --fake: seconds between the emulator's tokens (default: 0.02)",
     )
     chat.add_argument(
         "--fake-ttft",
-        type=_seconds,
+        type=seconds,
         default=0.0,
         metavar="SECONDS",
         help="with --fake: seconds before the emulator's first token (default: 0)",
@@ -199,31 +200,11 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         default=None,
         metavar="SECONDS",
         help="the connect, first-token and idle deadlines (default: 10, 300 and 60 s)",
     )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def _option(text: str) -> tuple[str, object]:

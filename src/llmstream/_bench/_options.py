@@ -9,57 +9,12 @@ import argparse
 import json
 import math
 
+from .._argtypes import at_least, finite_seconds, fraction, positive
+
 __all__ = ["add_arguments"]
 
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def _natural(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+_COUNT = at_least(1)
+_NATURAL = at_least(0)
 
 
 def _json_object(text: str) -> dict[str, object]:
@@ -104,14 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fake-token-delay",
-        type=_seconds,
+        type=finite_seconds,
         default=0.02,
         metavar="SECONDS",
         help="with --fake: seconds between the emulator's tokens (default: 0.02)",
     )
     parser.add_argument(
         "--fake-ttft",
-        type=_seconds,
+        type=finite_seconds,
         default=0.0,
         metavar="SECONDS",
         help="with --fake: seconds before the emulator's first token (default: 0)",
@@ -128,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--dataset-path", metavar="PATH", help="the file, for custom and sharegpt")
     data.add_argument(
-        "--num-prompts", type=_count, default=1000, metavar="N", help="requests (default: 1000)"
+        "--num-prompts", type=_COUNT, default=1000, metavar="N", help="requests (default: 1000)"
     )
     data.add_argument(
         "--seed",
@@ -141,48 +96,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--input-len",
-        type=_count,
+        type=_COUNT,
         metavar="N",
         help="sets --random-input-len (random only: custom and sharegpt prompts are sent "
         "as the file has them)",
     )
     data.add_argument(
         "--output-len",
-        type=_count,
+        type=_COUNT,
         metavar="N",
         help="sets --random-output-len, --sharegpt-output-len and --custom-output-len",
     )
     data.add_argument(
         "--random-input-len",
-        type=_count,
+        type=_COUNT,
         default=1024,
         metavar="N",
         help="prompt length in words, about one token each (default: 1024)",
     )
     data.add_argument(
         "--random-output-len",
-        type=_count,
+        type=_COUNT,
         default=128,
         metavar="N",
         help="output tokens asked (max_tokens, with ignore_eos) (default: 128)",
     )
     data.add_argument(
         "--random-range-ratio",
-        type=_fraction,
+        type=fraction,
         default=0.0,
         metavar="R",
         help="draw each length uniformly within +-R of it (default: 0)",
     )
     data.add_argument(
         "--random-prefix-len",
-        type=_natural,
+        type=_NATURAL,
         default=0,
         metavar="N",
         help="words every prompt starts with, for prefix caching (default: 0)",
     )
     data.add_argument(
         "--sharegpt-output-len",
-        type=_count,
+        type=_COUNT,
         metavar="N",
         help="output tokens of every sharegpt request (default: the answer's length, "
         "estimated at 4 characters per token)",
@@ -199,21 +154,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load = parser.add_argument_group("load")
     load.add_argument(
         "--max-concurrency",
-        type=_count,
+        type=_COUNT,
         metavar="N",
         help="at most N requests in flight; an arriving request waits for a slot "
         "(default: unlimited)",
     )
     load.add_argument(
         "--request-rate",
-        type=_positive,
+        type=positive,
         default=math.inf,
         metavar="R",
         help="requests per second, Poisson arrivals (default: inf, all at once)",
     )
     load.add_argument(
         "--burstiness",
-        type=_positive,
+        type=positive,
         default=1.0,
         metavar="B",
         help="gamma arrivals of shape B: 1 Poisson, below 1 burstier, above 1 more even "
@@ -224,18 +179,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("linear", "exponential"),
         help="grow the request rate from --ramp-up-start-rps to --ramp-up-end-rps over the run",
     )
-    load.add_argument("--ramp-up-start-rps", type=_positive, metavar="R")
-    load.add_argument("--ramp-up-end-rps", type=_positive, metavar="R")
+    load.add_argument("--ramp-up-start-rps", type=positive, metavar="R")
+    load.add_argument("--ramp-up-end-rps", type=positive, metavar="R")
     load.add_argument(
         "--num-warmups",
-        type=_natural,
+        type=_NATURAL,
         default=0,
         metavar="N",
         help="unmeasured requests first, to open connections (default: 0)",
     )
     load.add_argument(
         "--cancel-fraction",
-        type=_fraction,
+        type=fraction,
         default=0.0,
         metavar="F",
         help="cancel this share of the requests mid-stream (the connection is closed, so "
@@ -243,7 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument(
         "--workers",
-        type=_count,
+        type=_COUNT,
         default=1,
         metavar="N",
         help="spread the load over N processes (default: 1)",
