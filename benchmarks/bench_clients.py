@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(HERE))
 sys.path.append(str(HERE.parent / "src"))  # after PYTHONPATH, which wins
 
 from vllm_sse_server import serve_in_subprocess  # noqa: E402
+from worker_process import WorkerProcess  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -252,48 +252,20 @@ def worker(name: str, url: str) -> None:
 # --- the parent: starts the server and the workers, interleaves rounds, prints the table ---
 
 
-class Worker:
+class Worker(WorkerProcess):
     def __init__(self, name: str, url: str) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [*filter(None, [env.get("PYTHONPATH")]), str(HERE.parent / "src")]
         )
-        self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--url", url],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        ready = self._readline()
-        if ready != "READY":
-            raise RuntimeError(f"worker {name} did not start: {ready!r}")
-
-    def _readline(self) -> str:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.readline().strip()
+        argv = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--url", url]
+        super().__init__(name, argv, env)
 
     def run(self, n: int) -> dict[str, float]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
-        line = self._readline()
-        if not line:
-            raise RuntimeError(f"worker {self.name} died (exit code {self.proc.wait()})")
-        result = json.loads(line)
+        result = self.ask(f"{n}")
         if result["count"] != n:
             raise RuntimeError(f"{self.name} saw {result['count']} chunks, expected {n}")
         return result
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _available(module: str) -> bool:

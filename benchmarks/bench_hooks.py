@@ -45,6 +45,7 @@ SRC = HERE.parent / "src"
 sys.path.insert(0, str(HERE))
 
 from vllm_sse_server import serve_in_subprocess  # noqa: E402
+from worker_process import WorkerProcess  # noqa: E402
 
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -144,40 +145,18 @@ def worker(variant: str, mode: str, url: str) -> None:
 # --- the parent ------------------------------------------------------------------------
 
 
-class Worker:
+class Worker(WorkerProcess):
     def __init__(self, variant: str, mode: str, url: str, src: Path) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(src), str(HERE)])
-        self.name = f"{mode} {variant}"
         argv = [sys.executable, __file__, "--worker", variant, "--mode", mode, "--url", url]
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
-        assert self.proc.stdout is not None
-        ready = self.proc.stdout.readline().strip()
-        if ready != "READY":
-            raise RuntimeError(f"worker {self.name} did not start: {ready!r}")
+        super().__init__(f"{mode} {variant}", argv, env)
 
     def run(self, n: int, calls: int, short: int) -> dict[str, float]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{n} {calls} {short}\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.name} died (exit code {self.proc.wait()})")
-        result: dict[str, float] = json.loads(line)
+        result: dict[str, float] = self.ask(f"{n} {calls} {short}")
         if not result["ok"]:
             raise RuntimeError(f"{self.name} did not see every chunk")
         return result
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _baseline_src(rev: str, into: Path) -> Path:
