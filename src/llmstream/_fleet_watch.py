@@ -48,9 +48,10 @@ logger = logging.getLogger("llmstream")
 # A /metrics page of a large vLLM deployment is a few hundred kB; anything far bigger is
 # not one, and must not be buffered.
 MAX_PAGE_BYTES = 8 * 1024 * 1024
-# Requests are sequential on one thread: a slow endpoint must not hold up the others (or
-# close()) for long. Shorter intervals shorten it further.
-MAX_REQUEST_TIMEOUT = 1.0
+# Requests are sequential on one thread: a slow endpoint must not hold up the others for
+# long, and a request in progress when close() is called must end within its join. Shorter
+# intervals shorten it further.
+MAX_REQUEST_TIMEOUT = 0.75
 CLOSE_JOIN_TIMEOUT = 1.0
 
 
@@ -262,8 +263,8 @@ class FleetWatcher(Generic[E]):
             self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            # A request in progress ends within its timeout (<= 1 s); a DNS lookup cannot
-            # be interrupted, and a daemon thread does not keep the process alive.
+            # A request in progress ends within its timeout (< the join's); a DNS lookup
+            # cannot be interrupted, and a daemon thread does not keep the process alive.
             thread.join(CLOSE_JOIN_TIMEOUT)
 
     def discover_now(self) -> bool:
@@ -362,6 +363,10 @@ class FleetWatcher(Generic[E]):
         url = _root(endpoint) + path
         key = endpoint.endpoint.api_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if key and not _sendable(key):
+            # The HTTP library would refuse it, and its own debug log quotes refused values.
+            logger.debug("%s not asked: the API key is not a valid header value", url)
+            return None
         try:
             with http.stream("GET", url, headers=headers, timeout=timeout) as response:
                 if response.status_code != 200:
@@ -412,3 +417,8 @@ class FleetWatcher(Generic[E]):
 
 def _root(endpoint: WatchedEndpoint) -> str:
     return service_root(endpoint.url)
+
+
+def _sendable(key: str) -> bool:
+    """Whether ``key`` is a valid header value: visible ASCII, inner spaces only."""
+    return key.isascii() and key.isprintable() and key == key.strip()
