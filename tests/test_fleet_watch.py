@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 
 from llmstream import _fleet_watch
@@ -492,6 +493,27 @@ def test_close_during_a_hung_request_returns_within_a_second(server: Recorder) -
         assert not thread.is_alive()
     finally:
         release.set()
+
+
+def test_requests_go_through_the_given_transport() -> None:
+    seen: list[httpx.Request] = []
+    fleet = FakeFleet(FakeEndpoint("https://gpu-1.internal:8443/v1", FakeKey(KEY)))
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=METRICS)
+
+    watcher = FleetWatcher(
+        fleet, scrape_interval=0.05, probe_interval=0.05, transport=httpx.MockTransport(answer)
+    )
+    try:
+        watcher.wake()
+        fleet.wait_for(lambda: len(fleet.loads) >= 1)
+    finally:
+        watcher.close()
+    assert str(seen[0].url) == "https://gpu-1.internal:8443/metrics"
+    assert seen[0].headers["Authorization"] == f"Bearer {KEY}"
+    assert fleet.loads[0][1] == REPORT
 
 
 def test_a_closed_watcher_is_not_started_again(server: Recorder) -> None:

@@ -296,6 +296,9 @@ class FleetWatcher(Generic[E]):
                 self._loop(http)
         except Exception as exc:  # the loop catches per task; this is a last resort
             logger.debug("fleet watcher stopped by %s", type(exc).__name__)
+        finally:
+            with self._cond:
+                self._thread = None  # the next wake() starts a new one, unless closed
 
     def _loop(self, http: httpx.Client) -> None:
         next_scrape = next_probe = next_dns = -math.inf
@@ -308,8 +311,8 @@ class FleetWatcher(Generic[E]):
                     while not self._closed and self._idle(self._clock()):
                         self._cond.wait()
                     self._sleeping = False
-                    # Figures aged while asleep: read them again at once.
-                    next_scrape = next_probe = -math.inf
+                    # Asleep only after two intervals without a call: the scrape and
+                    # the probes are overdue, so the next round runs at once.
                     continue
             now = self._clock()
             if self._scrape_interval is not None and now >= next_scrape:
