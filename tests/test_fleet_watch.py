@@ -446,7 +446,7 @@ def test_discover_now_resolves_on_the_calling_thread(monkeypatch: pytest.MonkeyP
     )
     assert watcher.discover_now() is True
     assert fleet.discovered == [["http://10.0.0.9:8000/v1"]]
-    dns.answers = [socket.gaierror(socket.EAI_NONAME, "Name or service not known")]
+    dns.answers[:] = [socket.gaierror(socket.EAI_NONAME, "Name or service not known")]
     assert watcher.discover_now() is False
     assert fleet.discovered == [["http://10.0.0.9:8000/v1"]]
     assert FleetWatcher(fleet, scrape_interval=1.0, probe_interval=1.0).discover_now() is False

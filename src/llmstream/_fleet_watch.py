@@ -66,6 +66,7 @@ class WatchedKey(Protocol):
     @property
     def api_key(self) -> str | None:
         """Sent as ``Authorization: Bearer ...``; ``None``: no header."""
+        ...
 
 
 class WatchedBreaker(Protocol):
@@ -78,6 +79,7 @@ class WatchedBreaker(Protocol):
 
     def state(self, now: float) -> str:
         """``"closed"``, ``"open"`` or ``"half_open"`` at ``now``."""
+        ...
 
 
 class WatchedEndpoint(Protocol):
@@ -93,14 +95,17 @@ class WatchedEndpoint(Protocol):
     @property
     def url(self) -> str:
         """The base URL (``/metrics`` and ``/health`` are beside its trailing ``/v1``)."""
+        ...
 
     @property
     def endpoint(self) -> WatchedKey:
         """The endpoint's settings."""
+        ...
 
     @property
     def breaker(self) -> WatchedBreaker:
         """The endpoint's circuit breaker."""
+        ...
 
 
 E = TypeVar("E", bound=WatchedEndpoint)
@@ -126,19 +131,24 @@ class WatchedFleet(Protocol[E]):
     @property
     def endpoints(self) -> Sequence[E]:
         """The endpoints to watch, now."""
+        ...
 
     @property
     def last_call_at(self) -> float | None:
         """When the last call started (``None``: never)."""
+        ...
 
     def record_load(self, endpoint: E, report: LoadReport | None, now: float) -> None:
         """``/metrics`` was read at ``now``: its figures, or ``None`` (no usable answer)."""
+        ...
 
     def record_probe(self, endpoint: E, ok: bool, now: float) -> None:
         """``/health`` was asked at ``now``: ``ok`` when it answered 200."""
+        ...
 
     def replace_discovered(self, urls: Sequence[str], now: float) -> None:
         """DNS answered at ``now``: the base URLs of the addresses it gave."""
+        ...
 
 
 class WatchedDiscovery(Protocol):
@@ -154,17 +164,21 @@ class WatchedDiscovery(Protocol):
     @property
     def host(self) -> str:
         """The name to resolve."""
+        ...
 
     @property
     def port(self) -> int:
         """The port the servers listen on."""
+        ...
 
     @property
     def interval(self) -> float:
         """Seconds between resolutions."""
+        ...
 
     def url_for(self, address: str) -> str:
         """The base URL of the server at ``address``."""
+        ...
 
 
 def service_root(base_url: str) -> str:
