@@ -257,6 +257,32 @@ def test_sleeps_while_idle_and_wakes_on_the_next_call(server: Recorder, watchers
     assert server.requests("/metrics")[count].at - woken < 0.5
 
 
+@pytest.mark.parametrize("scrape", [0.05, None], ids=["scrape", "probe-only"])
+def test_waits_between_rounds_without_spinning(server: Recorder, scrape: float | None) -> None:
+    server.routes["/metrics"] = (200, METRICS)
+    server.routes["/health"] = (503, b"")
+    ticks = 0
+
+    def clock() -> float:
+        nonlocal ticks
+        ticks += 1
+        return time.monotonic()
+
+    breaker = FakeBreaker("closed" if scrape else "open")
+    watcher = FleetWatcher(
+        FakeFleet(FakeEndpoint(server.base(), breaker=breaker)),
+        scrape_interval=scrape,
+        probe_interval=0.05,
+        clock=clock,
+    )
+    try:
+        watcher.wake()
+        assert server.wait_for("/metrics" if scrape else "/health", 6)
+    finally:
+        watcher.close()
+    assert ticks < 100  # under ten a round; a loop that does not wait asks thousands
+
+
 def test_a_call_recorded_by_the_state_keeps_it_awake(server: Recorder, watchers: Any) -> None:
     server.routes["/metrics"] = (200, METRICS)
     fleet = FakeFleet(FakeEndpoint(server.base()), busy=True)

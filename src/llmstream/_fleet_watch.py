@@ -315,7 +315,10 @@ class FleetWatcher(Generic[E]):
                 self._thread = None  # the next wake() starts a new one, unless closed
 
     def _loop(self, http: httpx.Client) -> None:
-        next_scrape = next_probe = next_dns = -math.inf
+        # -inf: due at once; +inf: never (a task that is off must not make the wait 0).
+        next_scrape = -math.inf if self._scrape_interval is not None else math.inf
+        next_dns = -math.inf if self._discovery is not None else math.inf
+        next_probe = -math.inf
         while True:
             with self._cond:
                 if self._closed:
