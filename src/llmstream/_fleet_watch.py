@@ -1,0 +1,444 @@
+"""The fleet's watcher: one daemon thread per client that keeps the fleet's picture fresh.
+
+While calls are being made it reads every endpoint's ``/metrics`` each
+``scrape_interval``, asks ``/health`` of endpoints whose circuit is open or half-open each
+``probe_interval``, and re-resolves the discovery DNS name each ``interval``. When no
+call has started for two intervals it sleeps until the next call wakes it, so an idle
+client costs nothing. Sync and async clients share it: the event loop never waits on a
+scrape.
+
+It depends on the fleet's state only through :class:`WatchedFleet` (what it reads and
+what it reports), so it can be driven by any object with those members.
+
+Example::
+
+    watcher = FleetWatcher(state, scrape_interval=1.0, probe_interval=1.0,
+                           discovery=fleet.discovery)
+    watcher.wake()     # on every call start: starts the thread, or wakes it
+    ...
+    watcher.close()    # stops and joins it
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+import httpx
+
+from ._vllm_metrics import LoadReport, parse_vllm_load
+
+__all__ = [
+    "FleetWatcher",
+    "WatchedBreaker",
+    "WatchedDiscovery",
+    "WatchedEndpoint",
+    "WatchedFleet",
+    "WatchedKey",
+]
+
+logger = logging.getLogger("llmstream")
+
+# A /metrics page of a large vLLM deployment is a few hundred kB; anything far bigger is
+# not one, and must not be buffered.
+MAX_PAGE_BYTES = 8 * 1024 * 1024
+# Requests are sequential on one thread: a slow endpoint must not hold up the others for
+# long, and a request in progress when close() is called must end within its join. Shorter
+# intervals shorten it further.
+MAX_REQUEST_TIMEOUT = 0.75
+CLOSE_JOIN_TIMEOUT = 1.0
+
+
+class WatchedKey(Protocol):
+    """The part of an endpoint's settings the watcher reads: its API key.
+
+    Example::
+
+        llmstream.Endpoint("http://gpu-1:8000/v1", api_key="sk-1")   # a WatchedKey
+    """
+
+    @property
+    def api_key(self) -> str | None:
+        """Sent as ``Authorization: Bearer ...``; ``None``: no header."""
+        ...
+
+
+class WatchedBreaker(Protocol):
+    """The part of an endpoint's circuit breaker the watcher reads: its state.
+
+    Example::
+
+        breaker.state(time.monotonic())   # "closed", "open" or "half_open"
+    """
+
+    def state(self, now: float) -> str:
+        """``"closed"``, ``"open"`` or ``"half_open"`` at ``now``."""
+        ...
+
+
+class WatchedEndpoint(Protocol):
+    """One endpoint as the watcher sees it: base URL, settings, circuit breaker.
+
+    Example::
+
+        endpoint.url                      # "http://gpu-1:8000/v1"
+        endpoint.endpoint.api_key         # "sk-1" or None
+        endpoint.breaker.state(now)       # "closed"
+    """
+
+    @property
+    def url(self) -> str:
+        """The base URL (``/metrics`` and ``/health`` are beside its trailing ``/v1``)."""
+        ...
+
+    @property
+    def endpoint(self) -> WatchedKey:
+        """The endpoint's settings."""
+        ...
+
+    @property
+    def breaker(self) -> WatchedBreaker:
+        """The endpoint's circuit breaker."""
+        ...
+
+
+E = TypeVar("E", bound=WatchedEndpoint)
+
+
+class WatchedFleet(Protocol[E]):
+    """What the watcher needs of the fleet's live state: the contract between the two.
+
+    ``endpoints`` is read each round (a snapshot), ``last_call_at`` tells whether calls
+    are being made (same clock as the watcher's), and the three ``record``/``replace``
+    methods take what was learnt. They are called from the watcher's thread.
+
+    Example::
+
+        class Fleet:
+            endpoints: list[Endpoint]
+            last_call_at: float | None
+            def record_load(self, endpoint, report, now): ...
+            def record_probe(self, endpoint, ok, now): ...
+            def replace_discovered(self, urls, now): ...
+    """
+
+    @property
+    def endpoints(self) -> Sequence[E]:
+        """The endpoints to watch, now."""
+        ...
+
+    @property
+    def last_call_at(self) -> float | None:
+        """When the last call started (``None``: never)."""
+        ...
+
+    def record_load(self, endpoint: E, report: LoadReport | None, now: float) -> None:
+        """``/metrics`` was read at ``now``: its figures, or ``None`` (no usable answer)."""
+        ...
+
+    def record_probe(self, endpoint: E, ok: bool, now: float) -> None:
+        """``/health`` was asked at ``now``: ``ok`` when it answered 200."""
+        ...
+
+    def replace_discovered(self, urls: Sequence[str], now: float) -> None:
+        """DNS answered at ``now``: the base URLs of the addresses it gave."""
+        ...
+
+
+class WatchedDiscovery(Protocol):
+    """A DNS name to re-resolve, and how its addresses become base URLs.
+
+    ``llmstream.DNSDiscovery`` is one.
+
+    Example::
+
+        llmstream.DNSDiscovery("vllm.ns.svc.cluster.local", port=8000, interval=10.0)
+    """
+
+    @property
+    def host(self) -> str:
+        """The name to resolve."""
+        ...
+
+    @property
+    def port(self) -> int:
+        """The port the servers listen on."""
+        ...
+
+    @property
+    def interval(self) -> float:
+        """Seconds between resolutions."""
+        ...
+
+    def url_for(self, address: str) -> str:
+        """The base URL of the server at ``address``."""
+        ...
+
+
+def service_root(base_url: str) -> str:
+    """Where ``/metrics`` and ``/health`` are: the base URL without its ``/v1``.
+
+    Example::
+
+        service_root("http://gpu-1:8000/v1")   # "http://gpu-1:8000"
+    """
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+class FleetWatcher(Generic[E]):
+    """Scrapes ``/metrics``, probes ``/health`` and re-resolves DNS for one fleet state.
+
+    ``scrape_interval``: seconds between ``/metrics`` rounds (``None``: never read
+    them). ``probe_interval``: seconds between ``/health`` probes of an endpoint whose
+    circuit is open or half-open (closed ones are not probed; open ones are not
+    scraped). ``discovery``: the DNS name to re-resolve, or ``None``. ``transport``,
+    ``verify``: for its own small HTTP client. ``clock`` must be the clock of the
+    state's timestamps.
+
+    The thread starts on the first :meth:`wake` and sleeps when no call has started
+    for two intervals. It never raises: an endpoint that does not answer, answers
+    4xx/5xx or answers something else than vLLM metrics is reported as
+    ``record_load(endpoint, None, now)``. API keys are sent as ``Bearer`` headers and
+    never logged.
+
+    Example::
+
+        watcher = FleetWatcher(state, scrape_interval=1.0, probe_interval=1.0)
+        watcher.wake()
+        watcher.close()
+    """
+
+    def __init__(
+        self,
+        state: WatchedFleet[E],
+        *,
+        scrape_interval: float | None,
+        probe_interval: float,
+        discovery: WatchedDiscovery | None = None,
+        transport: httpx.BaseTransport | None = None,
+        verify: ssl.SSLContext | str | bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._state = state
+        self._scrape_interval = scrape_interval
+        self._probe_interval = probe_interval
+        self._discovery = discovery
+        self._transport = transport
+        self._verify = verify
+        self._clock = clock
+        # Two rounds without a call: the client is idle, the thread sleeps.
+        self._idle_after = 2.0 * (scrape_interval if scrape_interval else probe_interval)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._sleeping = False
+        self._woken_at = -math.inf
+
+    def wake(self) -> None:
+        """A call is starting: start the thread if it is not running, wake it if asleep.
+
+        Cheap enough to call on every call: an attribute write and a test, unless the
+        thread must be started or woken.
+
+        Example::
+
+            watcher.wake()
+        """
+        self._woken_at = self._clock()
+        # The thread sets _sleeping before it reads _woken_at for the last time, and
+        # this reads _sleeping after writing _woken_at: one of the two sees the other.
+        if self._thread is None or self._sleeping:
+            with self._cond:
+                if self._closed:
+                    return
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="llmstream-fleet-watch", daemon=True
+                    )
+                    self._thread.start()
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (at most about a second). Idempotent.
+
+        Example::
+
+            watcher.close()
+        """
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            # A request in progress ends within its timeout (< the join's); a DNS lookup
+            # cannot be interrupted, and a daemon thread does not keep the process alive.
+            thread.join(CLOSE_JOIN_TIMEOUT)
+
+    def discover_now(self) -> bool:
+        """Resolve the discovery name now, on the calling thread; ``False`` if it failed.
+
+        For a fleet known only from DNS, before its first call.
+
+        Example::
+
+            watcher.discover_now()   # True: the state has the endpoints DNS gave
+        """
+        return self._discover(self._clock())
+
+    # -- the thread --------------------------------------------------------------------
+
+    def _idle(self, now: float) -> bool:
+        last_call = self._state.last_call_at
+        last = self._woken_at if last_call is None else max(last_call, self._woken_at)
+        return now - last > self._idle_after
+
+    def _run(self) -> None:
+        try:
+            with httpx.Client(
+                transport=self._transport,
+                verify=self._verify,
+                follow_redirects=False,
+                timeout=MAX_REQUEST_TIMEOUT,
+            ) as http:
+                self._loop(http)
+        except Exception as exc:  # the loop catches per task; this is a last resort
+            logger.debug("fleet watcher stopped by %s", type(exc).__name__)
+        finally:
+            with self._cond:
+                self._thread = None  # the next wake() starts a new one, unless closed
+
+    def _loop(self, http: httpx.Client) -> None:
+        # -inf: due at once; +inf: never (a task that is off must not make the wait 0).
+        next_scrape = -math.inf if self._scrape_interval is not None else math.inf
+        next_dns = -math.inf if self._discovery is not None else math.inf
+        next_probe = -math.inf
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                if self._idle(self._clock()):
+                    self._sleeping = True
+                    while not self._closed and self._idle(self._clock()):
+                        self._cond.wait()
+                    self._sleeping = False
+                    # Asleep only after two intervals without a call: the scrape and
+                    # the probes are overdue, so the next round runs at once.
+                    continue
+            now = self._clock()
+            if self._scrape_interval is not None and now >= next_scrape:
+                next_scrape = now + self._scrape_interval
+                self._scrape_all(http)
+            now = self._clock()
+            if now >= next_probe:
+                next_probe = now + self._probe_interval
+                self._probe_all(http)
+            now = self._clock()
+            if self._discovery is not None and now >= next_dns:
+                next_dns = now + self._discovery.interval
+                self._discover(now)
+            with self._cond:
+                if not self._closed:
+                    due = min(next_scrape, next_probe, next_dns)
+                    self._cond.wait(max(0.0, due - self._clock()))
+
+    def _scrape_all(self, http: httpx.Client) -> None:
+        assert self._scrape_interval is not None
+        timeout = min(self._scrape_interval, MAX_REQUEST_TIMEOUT)
+        for endpoint in self._state.endpoints:
+            if self._closed:
+                return
+            try:
+                if endpoint.breaker.state(self._clock()) == "open":
+                    continue  # probed instead; scraped again once half-open
+                page = self._get(http, endpoint, "/metrics", timeout)
+                report = parse_vllm_load(page) if page is not None else None
+                if page is not None and report is None:
+                    logger.debug("%s/metrics has no vLLM load figures", _root(endpoint))
+                self._state.record_load(endpoint, report, self._clock())
+            except Exception as exc:
+                logger.debug("fleet watcher: scraping failed (%s)", type(exc).__name__)
+
+    def _probe_all(self, http: httpx.Client) -> None:
+        timeout = min(self._probe_interval, MAX_REQUEST_TIMEOUT)
+        for endpoint in self._state.endpoints:
+            if self._closed:
+                return
+            try:
+                if endpoint.breaker.state(self._clock()) == "closed":
+                    continue
+                ok = self._get(http, endpoint, "/health", timeout) is not None
+                self._state.record_probe(endpoint, ok, self._clock())
+            except Exception as exc:
+                logger.debug("fleet watcher: probing failed (%s)", type(exc).__name__)
+
+    def _get(self, http: httpx.Client, endpoint: E, path: str, timeout: float) -> str | None:
+        """The body of a 200 answer to GET ``path``, or ``None``."""
+        url = _root(endpoint) + path
+        key = endpoint.endpoint.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if key and not _sendable(key):
+            # The HTTP library would refuse it, and its own debug log quotes refused values.
+            logger.debug("%s not asked: the API key is not a valid header value", url)
+            return None
+        try:
+            with http.stream("GET", url, headers=headers, timeout=timeout) as response:
+                if response.status_code != 200:
+                    logger.debug("%s answered %d", url, response.status_code)
+                    return None
+                # The timeout bounds each read, not the whole body: a server that
+                # trickles must not hold the thread (or close()) either.
+                deadline = time.monotonic() + timeout
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_PAGE_BYTES or time.monotonic() > deadline:
+                        logger.debug("%s: too large or too slow, not read", url)
+                        return None
+        except httpx.HTTPError as exc:
+            # Only the type: a refused header's error message may quote the key.
+            logger.debug("%s did not answer (%s)", url, type(exc).__name__)
+            return None
+        return body.decode("utf-8", errors="replace")
+
+    def _discover(self, now: float) -> bool:
+        discovery = self._discovery
+        if discovery is None:
+            return False
+        try:
+            answers = socket.getaddrinfo(discovery.host, discovery.port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            # Keep the endpoints known so far: a DNS hiccup must not empty the fleet.
+            logger.debug("resolving %s failed (%s)", discovery.host, type(exc).__name__)
+            return False
+        urls: list[str] = []
+        for family, _type, _proto, _name, sockaddr in answers:
+            address = sockaddr[0]
+            if family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, str):
+                url = discovery.url_for(address)
+                if url not in urls:
+                    urls.append(url)
+        if not urls:
+            logger.debug("%s resolved to no addresses", discovery.host)
+            return False
+        try:
+            self._state.replace_discovered(urls, now)
+        except Exception as exc:
+            logger.debug("fleet watcher: discovery failed (%s)", type(exc).__name__)
+            return False
+        return True
+
+
+def _root(endpoint: WatchedEndpoint) -> str:
+    return service_root(endpoint.url)
+
+
+def _sendable(key: str) -> bool:
+    """Whether ``key`` is a valid header value: visible ASCII, inner spaces only."""
+    return key.isascii() and key.isprintable() and key == key.strip()
