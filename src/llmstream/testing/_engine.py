@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from ._metrics import FINISH_REASONS, MetricsSnapshot
-from ._script import Action, Admit, Cut, Refuse, Send, Wait
+from ._script import Action, Admit, Cut, Head, Refuse, Send, Wait
 
 __all__ = ["Engine", "Ticket"]
 
@@ -43,6 +43,7 @@ class Ticket:
         self._engine = engine
         self.admit: Admit | None = None
         self.state = "new"  # new, waiting, running, ended
+        self.events = 0
         self.generated = 0
 
     def end(self, reason: str | None) -> None:
@@ -121,33 +122,44 @@ class Engine:
         )
 
     def track(self, ticket: Ticket, actions: Iterator[Action]) -> Iterator[Action]:
-        """Pass ``actions`` on, turning the script's :class:`Admit` into queueing and load."""
+        """Pass ``actions`` on, turning the script's :class:`Admit` into queueing and load.
+
+        The request joins the engine at its ``Admit``, at once; when it has to wait for a
+        slot, it waits after the response headers (which vLLM sends at once) and before
+        anything else, so before its TTFT starts.
+        """
+        queued = False
         try:
             for action in actions:
                 if isinstance(action, Admit):
-                    yield from self._admit(ticket, action)
+                    queued = not self._join(ticket, action)
                     continue
+                if queued and not isinstance(action, Head):
+                    queued = False
+                    while not self._try_start(ticket):
+                        yield Wait(_QUEUE_POLL)
                 if isinstance(action, Cut | Refuse):
                     # The connection is about to go: the request ends with it.
                     ticket.end("abort")
+                elif isinstance(action, Send) and action.event:
+                    # Counted before it leaves, so a client that has read it sees it counted.
+                    self._sent(ticket)
                 yield action
-                if isinstance(action, Send) and action.event:
-                    self._generated(ticket)
             ticket.end(ticket.admit.finish_reason if ticket.admit else None)
         finally:
             # Closed early (the shell dropped the answer): nothing is counted.
             ticket.end(None)
 
-    def _admit(self, ticket: Ticket, admit: Admit) -> Iterator[Action]:
+    def _join(self, ticket: Ticket, admit: Admit) -> bool:
+        """Put ``ticket`` in line; whether it got a slot at once."""
         with self._lock:
             if ticket.state != "new":
-                return
+                return True
             ticket.admit = admit
             ticket.state = "waiting"
             self._waiting.append(ticket)
             self._lock.notify_all()
-        while not self._try_start(ticket):
-            yield Wait(_QUEUE_POLL)
+        return self._try_start(ticket)
 
     def _try_start(self, ticket: Ticket) -> bool:
         with self._lock:
@@ -164,12 +176,15 @@ class Engine:
             self._lock.notify_all()
             return True
 
-    def _generated(self, ticket: Ticket) -> None:
-        # One token per event sent is close enough for a load signal; the end of the
-        # answer settles the count exactly.
+    def _sent(self, ticket: Ticket) -> None:
+        # Each event after the first (the role chunk) stands for one generated token: close
+        # enough for a load signal. The end of a whole answer settles the count exactly.
         with self._lock:
             admit = ticket.admit
-            if ticket.state == "running" and admit and ticket.generated < admit.completion_tokens:
+            ticket.events += 1
+            if ticket.state != "running" or admit is None or ticket.events == 1:
+                return
+            if ticket.generated < admit.completion_tokens:
                 ticket.generated += 1
                 self._generation_tokens += 1
 

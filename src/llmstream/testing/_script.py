@@ -638,9 +638,9 @@ def _streaming(
         ("transfer-encoding", "chunked"),
         *extra,
     )
-    yield Head(200, headers, chunked=True)
-    # vLLM sends the headers at once; a queued request then waits before its prefill.
+    # The engine gets the request as the headers go out; one queued waits after them.
     yield admit
+    yield Head(200, headers, chunked=True)
     kind = fault.kind if fault is not None else None
     at = fault.after_chunks if fault is not None else -1
     if kind == "no_done":
