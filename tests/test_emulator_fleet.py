@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import httpx
@@ -425,3 +426,16 @@ def test_die_mid_stream_cuts_the_next_streams_only(fleet: FakeFleet) -> None:
         whole = client.post("/v1/chat/completions", json=CHAT)
     assert whole.content.endswith(b"data: [DONE]\n\n")
     assert replica.is_up and replica.chat_requests == 3
+
+
+def test_testing_page_fleet_example_passes() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text("utf-8")
+    blocks = [
+        b for b in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M) if "FakeFleet(" in b
+    ]
+    assert len(blocks) == 1
+    namespace: dict[str, object] = {"__name__": "docs_testing_fleet_example"}
+    exec(compile(blocks[0], "docs/testing.md", "exec"), namespace)
+    test = namespace["test_ask_moves_on_from_dead_and_dying_replicas"]
+    assert callable(test)
+    test()
