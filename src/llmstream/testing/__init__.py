@@ -10,11 +10,31 @@ transport) or over a real loopback socket, and can misbehave on demand (:class:`
     with fake.serve() as server:
         ...  # point a client at server.base_url
     assert fake.requests[0].json["stream"] is True
+
+:class:`FakeFleet` serves several replicas on loopback, to test code that spreads calls
+over them; each replica can die, come back on its port, slow down, fail its health
+check, and report any load on ``GET /metrics``::
+
+    from llmstream.testing import FakeFleet
+
+    with FakeFleet(3, text="Hi!") as fleet:
+        fleet[0].down()
+        ...  # point the code under test at fleet.base_urls
 """
 
 from ._config import Disconnect, Fault, RecordedRequest
 from ._fake import FakeVLLM
+from ._fleet import FakeFleet, FakeReplica
 from ._server import FakeServer
 from ._transport import FakeTransport
 
-__all__ = ["Disconnect", "FakeServer", "FakeTransport", "FakeVLLM", "Fault", "RecordedRequest"]
+__all__ = [
+    "Disconnect",
+    "FakeFleet",
+    "FakeReplica",
+    "FakeServer",
+    "FakeTransport",
+    "FakeVLLM",
+    "Fault",
+    "RecordedRequest",
+]

@@ -42,6 +42,7 @@ class Config:
     keep_alive: float | None = None
     prompt_tokens: int | None = None
     system_fingerprint: str = "vllm-0.33.0-llmstrm0"
+    healthy: bool = True
 
 
 @dataclass(frozen=True)

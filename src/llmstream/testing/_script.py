@@ -41,6 +41,7 @@ from ._wire import (
 __all__ = [
     "CHAT_PATH",
     "Action",
+    "Admit",
     "Cut",
     "Hang",
     "Head",
@@ -173,7 +174,25 @@ class Refuse:
     """
 
 
-Action = Head | Send | Wait | Hang | Cut | Refuse
+@dataclass(frozen=True)
+class Admit:
+    """The engine takes a chat request: what it will cost, and how it will finish.
+
+    A marker, not an action for the shells: :class:`~llmstream.testing.FakeVLLM` consumes
+    it (queueing the request behind ``max_num_seqs`` and counting it in ``/metrics``) and
+    never passes it on. ``finish_reason`` is vLLM's engine-side reason (``stop``,
+    ``length`` or ``error``), which ``vllm:request_success_total`` is labelled with.
+
+    >>> Admit(prompt_tokens=12, completion_tokens=5, finish_reason="stop").finish_reason
+    'stop'
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+Action = Head | Send | Wait | Hang | Cut | Refuse | Admit
 
 
 def is_chat_request(method: str, path: str) -> bool:
@@ -228,7 +247,10 @@ def respond(
         return iter(_json_response(401, {"error": "Unauthorized"}))
     route = (request.method, request.path)
     if route == ("GET", "/health"):
-        return iter([Head(200, (("content-length", "0"),), chunked=False), Send(b"", event=False)])
+        # vLLM answers 503 with an empty body once its engine is dead.
+        status = 200 if config.healthy else 503
+        head = Head(status, (("content-length", "0"),), chunked=False)
+        return iter([head, Send(b"", event=False)])
     if route == ("GET", "/v1/models"):
         now = int(time.time())
         perm = f"modelperm-{_hex(ids_seed, 'perm')}"
@@ -501,8 +523,13 @@ def _chat(
     extra: list[tuple[str, str]] = []
     if config.request_id_headers:
         extra.append(("x-request-id", request_id or _hex(ids_seed, "rid") + _hex(ids_seed, "r2")))
+    # The engine sees tool-call finishes as plain stops; an in-band error is its "error".
+    engine_reason = "length" if plan.finish_reason == "length" else "stop"
+    if fault is not None and fault.kind == "inband_error":
+        engine_reason = "error"
+    admit = Admit(prompt_tokens, len(plan.steps) * n, engine_reason)
     if not stream:
-        return _non_streaming(config, plan, ids, prompt_tokens, n, role, fault, extra)
+        return _non_streaming(config, plan, ids, prompt_tokens, n, role, fault, extra, admit)
     options = body.get("stream_options")
     include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
     continuous = (
@@ -511,7 +538,7 @@ def _chat(
         and (options.get("continuous_usage_stats") is True)
     )
     events = _stream_events(config, plan, ids, prompt_tokens, n, role, include_usage, continuous)
-    return _streaming(config, events, fault, extra)
+    return _streaming(config, events, fault, extra, admit)
 
 
 def _stream_events(
@@ -604,12 +631,15 @@ def _streaming(
     events: list[tuple[float, bytes]],
     fault: Fault | None,
     extra: list[tuple[str, str]],
+    admit: Admit,
 ) -> Iterator[Action]:
     headers = (
         ("content-type", "text/event-stream; charset=utf-8"),
         ("transfer-encoding", "chunked"),
         *extra,
     )
+    # The engine gets the request as the headers go out; one queued waits after them.
+    yield admit
     yield Head(200, headers, chunked=True)
     kind = fault.kind if fault is not None else None
     at = fault.after_chunks if fault is not None else -1
@@ -655,7 +685,9 @@ def _non_streaming(
     role: str,
     fault: Fault | None,
     extra: list[tuple[str, str]],
+    admit: Admit,
 ) -> Iterator[Action]:
+    yield admit
     message: JSON = {
         "role": role,
         "content": plan.content if plan.content or not plan.tool_calls else None,

@@ -62,14 +62,18 @@ class _Parsed:
 class FakeServer:
     """The emulator served over TCP on ``127.0.0.1``, from a background thread.
 
+    ``port`` 0 picks a free port at the first start; a stopped server starts again on
+    the port it had (the listener sets ``SO_REUSEADDR``, so connections it closed do not
+    hold the port).
+
     >>> with FakeVLLM("Hi").serve() as server:
     ...     server.base_url == f"http://127.0.0.1:{server.port}/v1"
     True
     """
 
-    def __init__(self, fake: FakeVLLM) -> None:
+    def __init__(self, fake: FakeVLLM, port: int = 0) -> None:
         self.fake = fake
-        self.port = 0
+        self.port = port
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -85,24 +89,44 @@ class FakeServer:
         """
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def serving(self) -> bool:
+        """Whether the server is started (accepting connections).
+
+        >>> FakeVLLM().serve().serving
+        False
+        """
+        return self._thread is not None
+
     def start(self) -> FakeServer:
-        """Bind an ephemeral port and start serving; returns once it accepts connections.
+        """Bind the port and start serving; returns once it accepts connections.
 
         >>> server = FakeVLLM().serve().start(); server.stop()
+        >>> server.start().stop()  # again, on the same port
         """
         if self._thread is not None:
             raise RuntimeError("server already started")
+        self._ready = threading.Event()
+        self._error = None
+        self._portal = self._scope = None
         self._thread = threading.Thread(
             target=anyio.run, args=(self._main,), name="llmstream-fake-vllm", daemon=True
         )
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
-            raise RuntimeError("fake vLLM server failed to start") from self._error
+            self._thread.join(timeout=10)
+            self._thread = None
+            raise RuntimeError(
+                f"fake vLLM server failed to start on 127.0.0.1:{self.port}"
+            ) from self._error
         return self
 
     def stop(self) -> None:
         """Close the listener and every connection, and join the server thread.
+
+        Streams under way end abruptly, as when a server process dies: the client sees
+        the connection close in the middle of the body.
 
         >>> FakeVLLM().serve().stop()
         """
@@ -129,7 +153,9 @@ class FakeServer:
     async def _main(self) -> None:
         try:
             async with anyio.from_thread.BlockingPortal() as portal:
-                listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+                listener = await anyio.create_tcp_listener(
+                    local_host="127.0.0.1", local_port=self.port
+                )
                 self.port = int(listener.extra(SocketAttribute.local_port))
                 with anyio.CancelScope() as scope:
                     self._portal, self._scope = portal, scope
@@ -198,6 +224,9 @@ class FakeServer:
                 await _perform(stream, exchange, progress, keep_alive)
             except _CLIENT_GONE:
                 client_left()
+            finally:
+                # Also when the server stops mid-answer: the request leaves the load.
+                exchange.end()
             tg.cancel_scope.cancel()
         return progress
 

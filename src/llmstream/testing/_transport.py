@@ -154,26 +154,34 @@ class FakeTransport(httpx.AsyncBaseTransport, httpx.BaseTransport):
         """Answer ``request`` synchronously (``httpx.Client``)."""
         exchange = self.fake.exchange(_to_http(request, request.read()))
         timeout = _read_timeout(request)
-        for action in exchange.actions:
-            if isinstance(action, Head):
-                body = _SyncBody(exchange, exchange.actions, request)
-                return _response(action, body, request)
-            if isinstance(action, Wait | Hang):
-                _sync_wait(action, timeout, request)
-            elif isinstance(action, Refuse | Cut):
-                break
+        try:
+            for action in exchange.actions:
+                if isinstance(action, Head):
+                    body = _SyncBody(exchange, exchange.actions, request)
+                    return _response(action, body, request)
+                if isinstance(action, Wait | Hang):
+                    _sync_wait(action, timeout, request)
+                elif isinstance(action, Refuse | Cut):
+                    break
+        except BaseException:
+            exchange.end()  # a timeout before the headers: the request leaves the load
+            raise
         raise httpx.RemoteProtocolError(_NO_RESPONSE, request=request)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Answer ``request`` asynchronously (``httpx.AsyncClient``)."""
         exchange = self.fake.exchange(_to_http(request, await request.aread()))
         timeout = _read_timeout(request)
-        for action in exchange.actions:
-            if isinstance(action, Head):
-                body = _AsyncBody(exchange, exchange.actions, request)
-                return _response(action, body, request)
-            if isinstance(action, Wait | Hang):
-                await _async_wait(action, timeout, request)
-            elif isinstance(action, Refuse | Cut):
-                break
+        try:
+            for action in exchange.actions:
+                if isinstance(action, Head):
+                    body = _AsyncBody(exchange, exchange.actions, request)
+                    return _response(action, body, request)
+                if isinstance(action, Wait | Hang):
+                    await _async_wait(action, timeout, request)
+                elif isinstance(action, Refuse | Cut):
+                    break
+        except BaseException:
+            exchange.end()  # a timeout or a cancellation before the headers
+            raise
         raise httpx.RemoteProtocolError(_NO_RESPONSE, request=request)
