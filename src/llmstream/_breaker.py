@@ -34,13 +34,14 @@ class Breaker:
             ...  # send; then breaker.succeeded(now) or breaker.failed(now)
     """
 
-    __slots__ = ("_config", "_failures", "_opens", "_trial_out", "reopens_at")
+    __slots__ = ("_config", "_failures", "_opens", "_trial_out", "_trials", "reopens_at")
 
     def __init__(self, config: CircuitBreaker) -> None:
         self._config = config
         self._failures = 0  # consecutive, while closed
         self._opens = 0  # consecutive openings without a success between
         self._trial_out = False
+        self._trials = 0  # trial slots handed out so far: names the one outstanding
         self.reopens_at: float | None = None
         """When the cool-down ends (``None`` while closed)."""
 
@@ -78,16 +79,30 @@ class Breaker:
         if state == "open" or self._trial_out:
             return False
         self._trial_out = True
+        self._trials += 1
         return True
 
-    def release_trial(self) -> None:
-        """Free the trial slot of a call that ended with no verdict (cancelled, caller's 4xx).
+    @property
+    def trial(self) -> int | None:
+        """The number of the trial slot taken by the last :meth:`admit`, while it is out.
 
         Example::
 
-            breaker.release_trial()  # another call may now try the endpoint
+            slot = breaker.trial if breaker.admit(now) else None
         """
-        self._trial_out = False
+        return self._trials if self._trial_out else None
+
+    def release_trial(self, trial: int) -> None:
+        """Free trial slot ``trial`` when its call ended with no verdict (cancelled, a 4xx).
+
+        A slot already decided (and perhaps handed out again since) is left alone.
+
+        Example::
+
+            breaker.release_trial(slot)  # another call may now try the endpoint
+        """
+        if self._trial_out and trial == self._trials:
+            self._trial_out = False
 
     def succeeded(self, now: float) -> None:
         """The endpoint served a call (first token, or a complete answer): close.
