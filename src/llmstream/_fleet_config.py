@@ -98,8 +98,8 @@ class Endpoint:
 
     ``model`` is the model it serves (``None``: the fleet's ``model``), ``weight``
     its relative share of the calls when load is equal, ``api_key`` the key sent to
-    it (never shown in a repr or an error), ``name`` the label in results and
-    :meth:`~llmstream.AsyncClient` load reports (``None``: ``host:port``).
+    it (never shown in a repr or an error), ``name`` its label in load reports
+    (``None``: ``host:port``).
 
     Example::
 

@@ -57,8 +57,10 @@ class EndpointLoad:
 
     Example::
 
-        for load in client.fleet_loads():
-            print(load.name, load.in_flight, load.waiting, load.state)
+        load = EndpointLoad("gpu-1:8000", "http://gpu-1:8000/v1", "Qwen/Qwen3-8B",
+                            in_flight=3, running=12, waiting=0, kv_cache=0.41,
+                            state="closed", fresh=True)
+        print(load.name, load.in_flight, load.waiting, load.state)
     """
 
     name: str
