@@ -44,6 +44,7 @@ from ._errors import (
     LLMStreamError,
     NotFoundError,
     OutputParseError,
+    OverloadedError,
     PauseTimeout,
     PermissionDeniedError,
     ProtocolError,
@@ -65,6 +66,16 @@ from ._events import (
     RequestSent,
     ResponseHeaders,
 )
+from ._fleet_config import (
+    Admission,
+    CircuitBreaker,
+    DNSDiscovery,
+    Endpoint,
+    Fleet,
+    Hedging,
+    Routing,
+)
+from ._fleet_state import EndpointLoad
 from ._flow import OnFull, StreamOptions
 from ._hooks import Hook
 from ._oneshot import stream_llm_request, stream_llm_request_sync
@@ -139,6 +150,7 @@ __all__ = [
     "NotFoundError",
     "OnFull",
     "OutputParseError",
+    "OverloadedError",
     "PauseTimeout",
     "PermissionDeniedError",
     "PromptCounting",
@@ -183,6 +195,14 @@ __all__ = [
     "UnprocessableEntityError",
     "Usage",
     "UserMessage",
+    "Fleet",
+    "Endpoint",
+    "DNSDiscovery",
+    "Routing",
+    "CircuitBreaker",
+    "Admission",
+    "Hedging",
+    "EndpointLoad",
     "counter_from_text_tokenizer",
     "estimate_prompt_tokens",
     "response_format_for",

@@ -27,6 +27,7 @@ The tree is shallow and each class says when it is raised::
     │   ├── PauseTimeout              the stream stayed paused longer than max_pause
     │   └── StreamLimitExceeded       more chunks or bytes than max_chunks / max_bytes
     ├── BudgetExceeded                a token budget refused the call, or ran out mid-stream
+    ├── OverloadedError               every endpoint of a fleet is saturated or down; nothing sent
     ├── ToolArgumentsError            a tool call's arguments are not a JSON object (a ValueError)
     └── OutputParseError              the answer does not validate as the asked model (a ValueError)
 
@@ -60,6 +61,7 @@ __all__ = [
     "LLMStreamError",
     "NotFoundError",
     "OutputParseError",
+    "OverloadedError",
     "PermissionDeniedError",
     "ProtocolError",
     "RateLimitError",
@@ -453,6 +455,37 @@ class BudgetExceeded(LLMStreamError):
         self.allowed = allowed
         self.requested = requested
         self.prompt_tokens = prompt_tokens
+        self.retry_after = retry_after
+
+
+class OverloadedError(LLMStreamError):
+    """Every endpoint of a fleet that could take the call is saturated or down.
+
+    Raised by a client with ``fleet=...`` before sending, when admission control
+    finds no endpoint with room (``vllm:num_requests_waiting`` at
+    ``Admission.queue_limit``, KV cache at ``Admission.kv_limit``, load figures gone
+    stale, or circuit open) and ``Admission.wait`` ran out. ``retry_after`` is the
+    seconds until an endpoint may have room (``None``: no endpoint will, e.g. none
+    serves the model); ``partial`` is set when the call had already streamed part of
+    an answer (a resume found no endpoint).
+
+    Example::
+
+        try:
+            async with client.stream("Hi") as stream:
+                ...
+        except llmstream.OverloadedError as exc:
+            await anyio.sleep(exc.retry_after or 1.0)  # then try again, or shed the load
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        partial: StreamResult | None = None,
+    ) -> None:
+        super().__init__(message, partial=partial)
         self.retry_after = retry_after
 
 
