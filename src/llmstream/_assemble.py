@@ -257,6 +257,8 @@ class StreamAssembler:
         resumes: int = 0,
         tokens: TokenReport | None = None,
         headers: dict[str, str] | None = None,
+        endpoint: str | None = None,
+        hedged: bool = False,
     ) -> StreamResult:
         """Build the result from everything added so far."""
         choices = [self._choices[i].build() for i in sorted(self._choices)]
@@ -281,4 +283,6 @@ class StreamAssembler:
             resumes=resumes,
             tokens=tokens or TokenReport(),
             headers=headers or {},
+            endpoint=endpoint,
+            hedged=hedged,
         )

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from ._accounting import BudgetOptions
-from ._call import Attempt, Fail, NeedWait, Retry, Step
+from ._call import Attempt, CallCore, Drop, Fail, NeedWait, Retry, Step
+from ._call_route import CallRoute
 from ._chunks import ChatCompletionChunk
 from ._deadlines import Timeouts
 from ._errors import LLMStreamError
@@ -34,7 +35,7 @@ from ._retry import RetryPolicy
 from ._session import StreamItem
 from ._stream_events import StreamEvent, events_of
 from ._streaming import StreamBase, chunk_of, item_of, now, text_of, unexpected
-from ._transport import AsyncResponse, HeaderTimeout
+from ._transport import AsyncResponse, HeaderTimeout, HTTPRequest
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -74,9 +75,10 @@ class AsyncChatStream(StreamBase):
         headers: Mapping[str, str] | None = None,
         owns_client: bool = False,
         hooks: tuple[Hook, ...] = (),
+        route: CallRoute | None = None,
     ) -> None:
         super().__init__(
-            client, body, options, timeouts, retry, budget, owns_client, headers, hooks
+            client, body, options, timeouts, retry, budget, owns_client, headers, hooks, route
         )
         self._client = client
         self._attempt: Attempt | None = None
@@ -112,6 +114,9 @@ class AsyncChatStream(StreamBase):
         await self._open()
         if self._reader is not None and self._core.stopped is None:
             self._buffer = AsyncReadAhead(self._core.options.buffer)
+            if self._pending:  # read while a hedge raced the request: first in line
+                self._buffer.put(list(self._pending))
+                self._pending.clear()
             self._pump_done = anyio.Event()
             self._pump_scope = anyio.CancelScope()
             self._task_group = anyio.create_task_group()
@@ -352,25 +357,16 @@ class AsyncChatStream(StreamBase):
         core = self._core
         if "model" not in core.body:
             core.body["model"] = await self._client._resolve_model()
+        while (room := core.admit(now())) is not None:
+            await self._sleep_unless_stopped(room)
+            if core.stopped is not None:
+                return None
         attempt = self._attempt = core.begin_attempt(now())
         await self._tell_hooks()
-        found = attempt.header_deadline
-        wait = found[0] - now() if found is not None else None
-        request = self._client._stream_request(attempt.body, wait, attempt.headers)
-        try:
-            with anyio.move_on_after(wait if wait is not None else math.inf) as scope:
-                self._send_scope = scope
-                response = await self._client._transport.send(request)
-        except HeaderTimeout:
-            return core.send_failed(attempt, None, now())
-        except LLMStreamError as exc:
-            return core.send_failed(attempt, exc, now())
-        finally:
-            self._send_scope = None
-        if scope.cancelled_caught:
-            if core.stopped is not None:
-                return None  # cut short by cancel() or aclose(): no error, nothing to retry
-            return core.send_failed(attempt, None, now())
+        sent = await self._send(attempt)
+        if not isinstance(sent, tuple):
+            return sent
+        response, request = sent
         self._response = response
         if core.stopped is not None:  # stopped by another task while we waited
             await self._drop_response()
@@ -379,21 +375,169 @@ class AsyncChatStream(StreamBase):
         step = core.response(attempt, status, response.headers, now())
         await self._tell_hooks()
         if status >= 300:
-            body = await response.read(MAX_ERROR_BODY_BYTES)
-            await self._drop_response()
-            return core.error_response(
-                attempt,
-                status,
-                response.reason_phrase,
-                response.headers,
-                body,
-                now(),
-                method=request.method,
-                url=request.url,
-            )
+            self._response = None  # _refused() releases it
+            return await self._refused(attempt, response, request)
         if step is None:
             self._reader = response.stream(core.body_read_backstop)
+            if core.hedge_due(now()) is not None:
+                return await self._race()
         return step
+
+    async def _send(self, attempt: Attempt) -> tuple[AsyncResponse, HTTPRequest] | Step | None:
+        """Send ``attempt``'s request and wait for its headers, within its header deadline.
+
+        The response and its request; or what the core says of a request that got no
+        response; None when the call was stopped meanwhile.
+        """
+        core = self._core
+        found = attempt.header_deadline
+        wait = found[0] - now() if found is not None else None
+        request = self._client._stream_request(attempt.body, wait, attempt.headers, attempt.target)
+        # A hedge is sent inside a race, whose scope cancel() and aclose() cut instead.
+        owns_scope = self._send_scope is None
+        try:
+            with anyio.move_on_after(wait if wait is not None else math.inf) as scope:
+                if owns_scope:
+                    self._send_scope = scope
+                response = await self._client._transport.send(request)
+        except HeaderTimeout:
+            return core.send_failed(attempt, None, now())
+        except LLMStreamError as exc:
+            return core.send_failed(attempt, exc, now())
+        finally:
+            if owns_scope:
+                self._send_scope = None
+        if scope.cancelled_caught:
+            if core.stopped is not None:
+                return None  # cut short by cancel() or aclose(): no error, nothing to retry
+            return core.send_failed(attempt, None, now())
+        return response, request
+
+    async def _refused(
+        self, attempt: Attempt, response: AsyncResponse, request: HTTPRequest
+    ) -> Step:
+        """A response of 300 and up: read its (capped) body, then ask the core."""
+        try:
+            body = await response.read(MAX_ERROR_BODY_BYTES)
+        finally:
+            await response.aclose()
+        return self._core.error_response(
+            attempt,
+            status=response.status_code,
+            reason=response.reason_phrase,
+            headers=response.headers,
+            body=body,
+            now=now(),
+            method=request.method,
+            url=request.url,
+        )
+
+    # -- hedging ---------------------------------------------------------------------
+
+    async def _race(self) -> Step | None:
+        """Read the request until its first event, racing a hedge against it if it is late.
+
+        Over a fleet with hedging on: when no event came ``Hedging`` seconds after the
+        request was sent, the same request goes to another endpoint. Whichever brings
+        an event first carries the call on; the other is cut at once, so its server
+        aborts it. None: streaming (the winner is the current attempt), else a step.
+        """
+        core = self._core
+        first = self._attempt
+        response, reader = self._response, self._reader
+        assert first is not None and response is not None and reader is not None
+        # The race owns the responses until a winner is known.
+        self._response = self._reader = None
+        race = _Race()
+        race.running[first] = (response, reader)
+        found = core.deadline()  # the first-token deadline (or the total) bounds the race
+        with anyio.move_on_after(found[0] - now() if found is not None else math.inf):
+            async with anyio.create_task_group() as group:
+                race.scope = group.cancel_scope
+                # cancel(), aclose() and the deadlines' watch stop the whole race.
+                self._send_scope = self._read_scope = group.cancel_scope
+                group.start_soon(self._run_racer, race, first, response, reader)
+                group.start_soon(self._hedge, race, group)
+        self._send_scope = self._read_scope = None
+        for attempt, (loser, _) in race.running.items():
+            if attempt is not race.winner:
+                await loser.aclose()
+        await self._tell_hooks()
+        if race.winner is not None and core.stopped is None:
+            self._attempt = race.winner
+            self._response, self._reader = race.running[race.winner]
+            return None
+        if core.stopped is not None:
+            return None
+        if race.step is not None:
+            return race.step
+        current = core.current
+        assert current is not None
+        return core.read_failed(current, None, now())  # a deadline cut the race
+
+    async def _hedge(self, race: _Race, group: TaskGroup) -> None:
+        """Send the hedge once it is due, then read it as a racer."""
+        core = self._core
+        due = core.hedge_due(now())
+        if due is None:
+            return
+        await anyio.sleep(max(due, 0.0))
+        hedge = core.begin_hedge(now())
+        if hedge is None:
+            return
+        sent = await self._send(hedge)
+        if not isinstance(sent, tuple):
+            race.ended(hedge, sent, core)
+            return
+        response, request = sent
+        step = core.response(hedge, response.status_code, response.headers, now())
+        if response.status_code >= 300:
+            race.ended(hedge, await self._refused(hedge, response, request), core)
+            return
+        if step is not None or hedge.lost:
+            await response.aclose()
+            race.ended(hedge, step, core)
+            return
+        reader = response.stream(core.body_read_backstop)
+        race.running[hedge] = (response, reader)  # released after the race, whatever happens
+        group.start_soon(self._run_racer, race, hedge, response, reader)
+
+    async def _run_racer(
+        self, race: _Race, attempt: Attempt, response: AsyncResponse, reader: AsyncIterator[bytes]
+    ) -> None:
+        """Read one racing request until the call's first event (or its own end)."""
+        core = self._core
+        while not attempt.lost:
+            attempt.reading = True
+            try:
+                data = await reader.__anext__()
+            except StopAsyncIteration:
+                response.body_ended()
+                race.ended(attempt, core.body_ended(attempt, now()), core)
+                return
+            except Exception as exc:
+                failure = response.read_failure(exc)
+                if failure is None:
+                    raise
+                race.ended(attempt, core.read_failed(attempt, failure, now()), core)
+                return
+            finally:
+                attempt.reading = False
+            items = core.feed(attempt, data, now())
+            if attempt.lost:
+                break
+            if items:
+                if self._buffer is not None:
+                    self._buffer.put(items)
+                else:
+                    self._pending.extend(items)
+            if core.step is not None:
+                race.ended(attempt, core.step, core)
+                return
+            if core.answering(attempt):
+                race.won(attempt)
+                return
+        response.abort()  # lost: its server aborts the request now
 
     async def _follow(self, step: Step) -> bool:
         """Act on how an attempt ended; True: send another request."""
@@ -669,6 +813,34 @@ class AsyncChatStream(StreamBase):
         self._reader = None
         if response is not None:
             await response.aclose()
+
+
+class _Race:
+    """The requests of one call racing to its first event, and how the race ended."""
+
+    __slots__ = ("running", "scope", "step", "winner")
+
+    def __init__(self) -> None:
+        self.running: dict[Attempt, tuple[AsyncResponse, AsyncIterator[bytes]]] = {}
+        self.scope: anyio.CancelScope | None = None
+        self.winner: Attempt | None = None
+        self.step: Step | None = None
+
+    def won(self, attempt: Attempt) -> None:
+        self.winner = attempt
+        assert self.scope is not None
+        self.scope.cancel()  # the other racer and a hedge not sent yet
+
+    def ended(self, attempt: Attempt, step: Step | None, core: CallCore) -> None:
+        """A racer ended without winning: out of the race, or the end of the call's try."""
+        if isinstance(step, Drop) or attempt.lost:
+            if core.current is not None and core.current in self.running:
+                return  # the other racer carries the call on
+            if core.current is not None and core.current is not attempt:
+                return  # a hedge on its way carries it on
+        self.step = step
+        assert self.scope is not None
+        self.scope.cancel()
 
 
 class _AsyncEvents(AsyncIterator[StreamEvent]):

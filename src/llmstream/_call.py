@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import uuid
 from collections.abc import Callable, Generator, Mapping
@@ -36,6 +37,7 @@ from ._accounting import BudgetOptions, CallAccount
 from ._assemble import response_headers
 from ._budget import CallPlan, plan_call
 from ._call_info import CallInfo
+from ._call_route import CallRoute, endpoint_fault
 from ._chunks import ChatCompletionChunk
 from ._deadlines import DeadlineKind, Timeouts, next_deadline
 from ._errors import (
@@ -44,6 +46,7 @@ from ._errors import (
     FirstTokenTimeout,
     IdleTimeout,
     LLMStreamError,
+    OverloadedError,
     PauseTimeout,
     ProtocolError,
     StreamTimeout,
@@ -59,6 +62,7 @@ from ._events import (
     RequestSent,
     ResponseHeaders,
 )
+from ._fleet_state import AttemptTicket, EndpointState, Pick
 from ._flow import PauseClock, StreamOptions
 from ._http_errors import status_error
 from ._prompt_count import PromptCount, count_prompt_tokens
@@ -207,6 +211,8 @@ class Attempt:
         "reading",
         "session",
         "started",
+        "target",
+        "ticket",
     )
 
     def __init__(
@@ -239,6 +245,10 @@ class Attempt:
         """True once another attempt won the call: the shell cuts and releases this one."""
         self.session: StreamSession | None = None
         """A racing attempt's own session, until it wins (then it is the call's)."""
+        self.target: EndpointState | None = None
+        """The fleet endpoint it goes to (None: the client's one base URL)."""
+        self.ticket: AttemptTicket | None = None
+        """Its place in the fleet's in-flight count and health (released once)."""
 
 
 class CallCore:
@@ -263,6 +273,7 @@ class CallCore:
         observer: Callable[[CallEvent], object] | None = None,
         headers: Mapping[str, str] | None = None,
         endpoint: Endpoint = NO_ENDPOINT,
+        route: CallRoute | None = None,
     ) -> None:
         self.body = body
         self.headers: Mapping[str, str] = headers or {}
@@ -297,6 +308,10 @@ class CallCore:
         self._deadline_hit: DeadlineKind | None = None
         self._planned = False
         self._racing: list[Attempt] = []  # hedges sent beside the current attempt
+        self.route = route
+        """Over a fleet: where each request goes (None: the client's one base URL)."""
+        self._pick: Pick | None = None  # the endpoint admit() chose for the next request
+        self._admit_since: float | None = None  # when admission started waiting for room
         self._retries = self.retry.start_call(0.0)  # replaced when the first attempt begins
 
     # -- state ---------------------------------------------------------------------
@@ -443,6 +458,69 @@ class CallCore:
 
     # -- attempts ------------------------------------------------------------------
 
+    def admit(self, now: float) -> float | None:
+        """Over a fleet, before each request: choose its endpoint. None: go on.
+
+        A float is the seconds to wait before asking again: every candidate endpoint is
+        saturated or down and :class:`~llmstream.Admission` allows waiting. Past that
+        wait (at once, by default) the call fails with :class:`~llmstream.OverloadedError`
+        instead of piling onto a backlog. Without a fleet: always None.
+        """
+        route = self.route
+        if route is None or self._pick is not None:
+            return None
+        chosen = route.pick(now)
+        if not isinstance(chosen, float):
+            self._pick = chosen
+            self._admit_since = None
+            return None
+        if self._admit_since is None:
+            self._admit_since = now
+        left = route.state.fleet.admission.wait - (now - self._admit_since)
+        total = self.timeouts.total
+        if total is not None and self._attempts:
+            left = min(left, self._started + total - now)
+        if math.isinf(chosen) or left <= 0:
+            retry_after = None if math.isinf(chosen) else chosen
+            raise OverloadedError(
+                "Every endpoint that could take this call is saturated (its waiting queue "
+                "or KV cache at the admission limits) or down"
+                + (f"; one may have room in about {chosen:.2f} s" if retry_after else "")
+                + ". Retry later, add replicas, or let calls wait with "
+                "Fleet(admission=Admission(wait=...)).",
+                retry_after=retry_after,
+                partial=self.snapshot(now),
+            )
+        return min(chosen, left)
+
+    def hedge_due(self, now: float) -> float | None:
+        """Seconds until a hedge of the current request is due (None: no hedge for it).
+
+        Only over a fleet with hedging on, before any output, once per call.
+        """
+        route = self.route
+        current = self.current
+        if route is None or current is None or self._racing or self._has_output():
+            return None
+        delay = route.hedge_delay(now)
+        if delay is None:
+            return None
+        return current.started + delay - now
+
+    def begin_hedge(self, now: float) -> Attempt | None:
+        """The hedge to send now beside the current request, if the fleet allows one."""
+        route = self.route
+        current = self.current
+        if route is None or current is None or self._racing or self._has_output():
+            return None
+        pick = route.hedge(now, current.target)
+        if pick is None:
+            return None
+        if self.session is not None:
+            self.session.hedged = True  # also when the current request wins after all
+        self._pick = pick
+        return self.begin_attempt(now, hedge=True)
+
     def begin_attempt(
         self, now: float, *, endpoint: str | None = None, hedge: bool = False
     ) -> Attempt:
@@ -465,7 +543,20 @@ class CallCore:
                 now, deadline=now + total if total is not None else None
             )
         self._attempts += 1
-        attempt = Attempt(self._attempts, self._next_body, now, self.headers, endpoint, hedge)
+        body = self._next_body
+        pick, self._pick = self._pick, None
+        ticket = None
+        if pick is not None:
+            assert self.route is not None
+            target = pick.endpoint
+            endpoint = target.url
+            ticket = self.route.started(pick, now)
+            if body.get("model") != target.model:
+                body = {**body, "model": target.model}  # a fallback model, or the replica's
+        attempt = Attempt(self._attempts, body, now, self.headers, endpoint, hedge)
+        if pick is not None:
+            attempt.target = pick.endpoint
+            attempt.ticket = ticket
         if hedge:
             self._racing.append(attempt)
         else:
@@ -481,9 +572,14 @@ class CallCore:
             found = own if found is None or own[0] < found[0] else found  # type: ignore[assignment]
         attempt.header_deadline = found
         if self._observer is not None:
-            body = types.MappingProxyType(attempt.body)
-            self._emit(RequestSent(self.info, now, attempt.number, body, endpoint, hedge))
+            shown = types.MappingProxyType(attempt.body)
+            self._emit(RequestSent(self.info, now, attempt.number, shown, endpoint, hedge))
         return attempt
+
+    def answering(self, attempt: Attempt) -> bool:
+        """Whether ``attempt`` is the call's and has brought an event (it won any race)."""
+        session = self.session
+        return attempt is self.current and session is not None and session.last_event_at is not None
 
     def _has_output(self) -> bool:
         session = self.session
@@ -492,13 +588,29 @@ class CallCore:
     def _lose_racers(self) -> None:
         for racer in self._racing:
             racer.lost = True
+            _release(racer)
         self._racing.clear()
+
+    def _answered(self, attempt: Attempt, now: float) -> None:
+        """The attempt's first event arrived: its endpoint answers (health, TTFT, resume)."""
+        ticket = attempt.ticket
+        if ticket is not None and self.route is not None:
+            ticket.first_token(now)
+            self.route.answering(ticket)
+
+    def _release_all(self) -> None:
+        """The call ended: no attempt of it is in flight any more (fleet counts)."""
+        if self.current is not None:
+            _release(self.current)
+        for racer in self._racing:
+            _release(racer)
 
     def _take_over(self, winner: Attempt, now: float) -> None:
         """A racing attempt brought the call's first event: it becomes the call's attempt."""
         loser = self.current
         if loser is not None:
             loser.lost = True
+            _release(loser)
         self._racing.remove(winner)
         self._lose_racers()
         session = winner.session
@@ -545,6 +657,8 @@ class CallCore:
             session.retries = self._attempts - 1  # attempts that failed before a response
             session.account = self.account
         session.headers(now, headers)
+        session.endpoint = attempt.endpoint or self._endpoint.url or None
+        session.hedged = self.route is not None and self.route.hedged
         content_type = headers.get("content-type", "")
         if not content_type.lower().startswith("text/event-stream"):
             error = session.fail(
@@ -604,6 +718,7 @@ class CallCore:
         items = session.feed(data, now)
         if waiting_for_first and session.last_event_at is not None:
             self._lose_racers()  # the current attempt answered first
+            self._answered(attempt, now)
             # The first-token deadline is over and the idle one starts: once per request.
             if self.on_deadline_moved is not None:
                 self.on_deadline_moved()
@@ -627,6 +742,7 @@ class CallCore:
         if session.last_event_at is None and session.error is None:
             return items  # no event yet: the race goes on
         self._take_over(attempt, now)
+        self._answered(attempt, now)
         account = self.account
         if account is not None:
             # Metered from here on; what this read brought is counted now.
@@ -681,6 +797,11 @@ class CallCore:
 
     def _after_failure(self, attempt: Attempt, error: LLMStreamError, now: float) -> Step:
         """Retry, resume or fail after ``error`` ended ``attempt``."""
+        ticket = attempt.ticket
+        if ticket is not None:
+            if self.stopped is None:
+                ticket.failed(now, counts=endpoint_fault(error))
+            ticket.release()
         if self.stopped is not None:
             # Stopped by the caller, who is not told of what failed afterwards.
             return Finish(self.snapshot(now))
@@ -730,9 +851,15 @@ class CallCore:
                 return None
             event = RetryEvent("resume", self._attempts + 1, delay, error, self.info, now)
         else:
-            delay = retries.retry_delay(error, now)
-            if delay is None:
-                return None
+            route = self.route
+            if route is not None and self.retry.retryable(error) and route.has_untried(now):
+                delay = 0.0  # another endpoint: no backoff, and no retry of the policy spent
+            else:
+                delay = retries.retry_delay(error, now)
+                if delay is None:
+                    return None
+                if route is not None:
+                    route.new_round()
             body = self.body
             event = RetryEvent("retry", self._attempts + 1, delay, error, self.info, now)
         self._next_body = body
@@ -745,6 +872,10 @@ class CallCore:
     # -- endings -------------------------------------------------------------------
 
     def _finish(self, result: StreamResult, now: float) -> Finish:
+        current = self.current
+        if current is not None and current.ticket is not None:
+            current.ticket.succeeded(now)
+        self._release_all()
         if self.result is None:
             self.result = result
             self._emit_end(now, None)
@@ -754,6 +885,7 @@ class CallCore:
         """End the call with ``error`` (the first error wins); it carries the partial result."""
         if error.partial is None and self.session is not None:
             self.session.fail(error, now)
+        self._release_all()
         if self.error is None:
             self.error = error
             if self.result is None and error.partial is not None:
@@ -768,6 +900,7 @@ class CallCore:
                 self.stopped = how
             return False
         self.stopped = how
+        self._release_all()
         if self.result is None and self.session is not None:
             self.result = self.session.cancel(now)
         elif self.result is None and self.error is None:
@@ -903,6 +1036,12 @@ class CallCore:
     def _abort(self, error: LLMStreamError, now: float) -> Fail:
         assert self.session is not None
         return self.fail(self.session.fail(error, now, "aborted"), now)
+
+
+def _release(attempt: Attempt) -> None:
+    ticket = attempt.ticket
+    if ticket is not None:
+        ticket.release()
 
 
 def _carries_output(chunk: ChatCompletionChunk) -> bool:

@@ -24,6 +24,7 @@ from ._aiohttp_transport import AiohttpTransport
 from ._async_stream import AsyncChatStream
 from ._budget import CallBudget
 from ._call import Need, NeedContextLength, NeedModel, NeedPromptCount
+from ._call_route import CallRoute
 from ._config import (
     Secret,
     resolve_api_key,
@@ -35,6 +36,9 @@ from ._config import (
 from ._deadlines import Timeouts
 from ._errors import InvalidRequestError, LLMStreamError, ProtocolError
 from ._events import endpoint_of
+from ._fleet_config import Fleet
+from ._fleet_state import EndpointLoad, EndpointState, FleetState
+from ._fleet_watch import FleetWatcher
 from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
 from ._header_wait import watch_pool
 from ._hooks import Hook, check_hooks
@@ -72,6 +76,7 @@ class _CallSpec(NamedTuple):
     budget: BudgetOptions
     headers: dict[str, str]
     hooks: tuple[Hook, ...]
+    route: CallRoute | None
 
 
 def _merge_headers(headers: dict[str, str], extra: Mapping[str, str]) -> None:
@@ -109,6 +114,7 @@ class _BaseClient:
         options: StreamOptions,
         budget: BudgetOptions,
         hooks: Sequence[Hook] | None,
+        fleet: Fleet | None = None,
     ) -> None:
         self.options = options
         self.budget = budget
@@ -116,6 +122,23 @@ class _BaseClient:
         """The hooks every call of this client tells its events to (see ``hooks=``)."""
         # Context lengths (vLLM's max_model_len) from GET /models, by model id.
         self._context_lengths: dict[str, int | None] = {}
+        self.fleet = fleet
+        """The replicas this client spreads its calls over (None: one base URL)."""
+        self._fleet_state: FleetState | None = None
+        self._watcher: FleetWatcher[EndpointState] | None = None
+        if fleet is not None:
+            if base_url is not None:
+                raise InvalidRequestError(
+                    "Pass base_url or fleet=, not both: a fleet lists its endpoints' URLs."
+                )
+            base_url, model = _fleet_defaults(fleet, model)
+            self._fleet_state = FleetState(fleet)
+            self._watcher = FleetWatcher(
+                self._fleet_state,
+                scrape_interval=fleet.scrape_interval,
+                probe_interval=fleet.breaker.probe_interval,
+                discovery=fleet.discovery,
+            )
         self.base_url = resolve_base_url(base_url)
         self._endpoint = endpoint_of(self.base_url)
         self._model = resolve_model(model)
@@ -138,7 +161,47 @@ class _BaseClient:
 
     def __repr__(self) -> str:
         # The API key is deliberately left out.
+        if self.fleet is not None:
+            return f"{type(self).__name__}(fleet={self.fleet!r})"
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self._model!r})"
+
+    def endpoint_loads(self) -> list[EndpointLoad]:
+        """Over a fleet: each endpoint's load and health as this client sees them now.
+
+        Empty without a fleet.
+
+        Example::
+
+            for load in client.endpoint_loads():
+                print(load.name, load.in_flight, load.waiting, load.kv_cache, load.state)
+        """
+        state = self._fleet_state
+        return state.loads() if state is not None else []
+
+    def _route(self, params: Mapping[str, object], headers: Mapping[str, str]) -> CallRoute | None:
+        """A new call's routing over the fleet (None without one); wakes the watcher."""
+        state = self._fleet_state
+        if state is None or self.fleet is None:
+            return None
+        watcher = self._watcher
+        assert watcher is not None
+        if self.fleet.discovery is not None and not state.endpoints:
+            # The first call of a discovered fleet: nothing to choose from until the
+            # name is resolved (once; the watcher re-resolves in the background).
+            watcher.discover_now()
+        session = params.get("session")
+        if session is None and self.fleet.session_header is not None:
+            wanted = self.fleet.session_header.lower()
+            session = next((v for k, v in headers.items() if k.lower() == wanted), None)
+        if session is not None and not isinstance(session, str):
+            raise InvalidRequestError(f"session must be a str, got {type(session).__name__}.")
+        state.note_call(state.clock())
+        watcher.wake()
+        return CallRoute(state, session=session)
+
+    def _close_fleet(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
 
     def _default_headers(self) -> dict[str, str]:
         headers = {"User-Agent": f"llmstream/{__version__}", **self._headers}
@@ -167,14 +230,16 @@ class _BaseClient:
         timeout = params.get("timeout")
         retry = params.get("retry")
         hooks = self.hooks + check_hooks(params.get("hooks"), sync=self._sync_hooks)  # type: ignore[arg-type]
+        headers = {str(k): str(v) for k, v in _mapping(params, "extra_headers").items()}
         return _CallSpec(
             body,
             self._call_options(params),
             resolve_timeout(timeout) if timeout is not None else self.timeouts,  # type: ignore[arg-type]
             resolve_retry(retry) if retry is not None else self.retry,  # type: ignore[arg-type]
             self._call_budget(params),
-            {str(k): str(v) for k, v in _mapping(params, "extra_headers").items()},
+            headers,
             hooks,
+            self._route(params, headers),
         )
 
     def _call_options(self, params: Mapping[str, object]) -> StreamOptions:
@@ -196,17 +261,29 @@ class _BaseClient:
         return dataclasses.replace(base, **given) if given else base  # type: ignore[arg-type]
 
     def _stream_request(
-        self, body: dict[str, object], wait: float | None, extra_headers: Mapping[str, str]
+        self,
+        body: dict[str, object],
+        wait: float | None,
+        extra_headers: Mapping[str, str],
+        target: EndpointState | None = None,
     ) -> HTTPRequest:
-        """The request for one attempt; ``wait`` bounds the wait for its headers."""
+        """The request for one attempt; ``wait`` bounds the wait for its headers.
+
+        ``target`` is the fleet endpoint it goes to (its own key, if it has one).
+        """
         headers = self._default_headers()
+        base_url = self.base_url
+        if target is not None:
+            base_url = target.url
+            if target.api_key is not None:
+                headers["Authorization"] = f"Bearer {target.api_key.get_secret()}"
         _merge_headers(headers, extra_headers)
         headers["Accept"] = "text/event-stream"
         # identity: a compressing proxy would hold tokens back to fill its buffers.
         headers["Accept-Encoding"] = "identity"
         return HTTPRequest(
             "POST",
-            f"{self.base_url}/chat/completions",
+            f"{base_url}/chat/completions",
             headers,
             body,
             self.timeouts.connect,
@@ -338,6 +415,7 @@ class AsyncClient(_BaseClient):
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | AiohttpTransport | None = None,
         hooks: Sequence[Hook] | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -358,6 +436,7 @@ class AsyncClient(_BaseClient):
             ),
             budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
             hooks=hooks,
+            fleet=fleet,
         )
         # httpx, or aiohttp when given an AiohttpTransport or LLMSTREAM_HTTP_BACKEND=aiohttp.
         self._transport = async_transport(http_client, transport)
@@ -386,6 +465,7 @@ class AsyncClient(_BaseClient):
             finally:
                 await client.aclose()
         """
+        self._close_fleet()
         await self._transport.aclose()
 
     def stream(
@@ -424,6 +504,7 @@ class AsyncClient(_BaseClient):
             spec.budget,
             headers=spec.headers,
             hooks=spec.hooks,
+            route=spec.route,
         )
 
     async def complete(
@@ -544,6 +625,7 @@ class Client(_BaseClient):
         http_client: httpx.Client | None = None,
         transport: httpx.BaseTransport | None = None,
         hooks: Sequence[Hook] | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -564,6 +646,7 @@ class Client(_BaseClient):
             ),
             budget=BudgetOptions(budget, token_budget, budget_wait, count_prompt),
             hooks=hooks,
+            fleet=fleet,
         )
         check_sync_transport(transport)
         self._owns_http = http_client is None
@@ -597,6 +680,7 @@ class Client(_BaseClient):
             finally:
                 client.close()
         """
+        self._close_fleet()
         self._transport.close()
 
     def stream(
@@ -625,6 +709,7 @@ class Client(_BaseClient):
             spec.budget,
             headers=spec.headers,
             hooks=spec.hooks,
+            route=spec.route,
         )
 
     def complete(
@@ -728,3 +813,18 @@ def _json_of(
         content_type = response.headers.get("content-type", "")
         raise not_json_error(method, url, response.status_code, content_type, content) from None
     return data
+
+
+def _fleet_defaults(fleet: Fleet, model: str | None) -> tuple[str, str | None]:
+    """The base URL of a fleet's model list and token counts, and its primary model."""
+    first = fleet.endpoints[0] if fleet.endpoints else None
+    if first is not None:
+        url = first.base_url
+    else:
+        assert fleet.discovery is not None  # a fleet has endpoints or discovery
+        url = fleet.discovery.url_for(fleet.discovery.host)
+    if model is None:
+        model = fleet.model or (fleet.model_of(first) if first is not None else None)
+        if model is None and fleet.discovery is not None:
+            model = fleet.discovery.model
+    return url, model

@@ -96,7 +96,9 @@ class StreamParams(SamplingParams, total=False):
     ``extra_body`` (merged into the JSON body), ``extra_headers`` (sent with this call;
     an ``Authorization`` here replaces the client's for this call only), and the call's
     own settings, which override the client's for this call, and ``hooks``, which
-    are added to the client's for this call (never sent).
+    are added to the client's for this call (never sent). ``session`` is the
+    conversation's key over a :class:`~llmstream.Fleet`: its calls stay on the replica
+    that has its prefix cached (never sent; without a fleet it is ignored).
 
     Example::
 
@@ -120,6 +122,7 @@ class StreamParams(SamplingParams, total=False):
     budget_wait: bool | None
     count_prompt: PromptCounting | None
     hooks: Sequence[Hook] | None
+    session: str | None
 
 
 BODY_PARAMS = frozenset(SamplingParams.__annotations__)

@@ -305,6 +305,9 @@ class StreamResult(_Frozen):
     on errors the same type is the ``partial``. ``retries`` counts attempts
     started over before any output, ``resumes`` the times a broken stream was
     continued on a new request; ``usage`` then sums what every request reported.
+    ``endpoint`` is the base URL of the server that sent the answer (the last request's;
+    over a :class:`~llmstream.Fleet`, the replica that answered), and ``hedged`` is
+    ``True`` when a hedge request was sent beside it.
 
     Example::
 
@@ -334,6 +337,8 @@ class StreamResult(_Frozen):
     resumes: int = 0
     tokens: TokenReport = TokenReport()
     headers: dict[str, str] = {}
+    endpoint: str | None = None
+    hedged: bool = False
 
     @property
     def complete(self) -> bool:

@@ -73,8 +73,10 @@ class StreamSession:
         "account",
         "budget_stopped",
         "done",
+        "endpoint",
         "error",
         "first_token_at",
+        "hedged",
         "last_event_at",
         "resumes",
         "retries",
@@ -117,6 +119,10 @@ class StreamSession:
         """True once ``data: [DONE]`` arrived: nothing after it is decoded."""
         self.error: LLMStreamError | None = None
         """Set when the stream failed (an error event, bad bytes); carries the partial result."""
+        self.endpoint: str | None = None
+        """The base URL of the endpoint whose response feeds the session now."""
+        self.hedged = False
+        """True once the call sent a hedge beside its request."""
 
     @property
     def status(self) -> StreamStatus:
@@ -333,6 +339,8 @@ class StreamSession:
             resumes=self.resumes,
             tokens=self._token_report(usage, metrics.completion_tokens),
             headers=self._headers,
+            endpoint=self.endpoint,
+            hedged=self.hedged,
         )
 
     def _token_report(self, usage: Usage | None, completion: int) -> TokenReport:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from ._accounting import BudgetOptions
 from ._call import CallCore
+from ._call_route import CallRoute
 from ._chunks import ChatCompletionChunk
 from ._deadlines import Timeouts
 from ._errors import LLMStreamError
@@ -76,6 +77,7 @@ class StreamBase:
         owns_client: bool,
         headers: Mapping[str, str] | None = None,
         hooks: tuple[Hook, ...] = (),
+        route: CallRoute | None = None,
     ) -> None:
         # No hooks, no runner: the shells test `self._hooks is not None` and do nothing else.
         self._hooks = HookRunner(hooks) if hooks else None
@@ -90,6 +92,7 @@ class StreamBase:
             headers=headers,
             observer=self._hooks.queue if self._hooks is not None else None,
             endpoint=client._endpoint,
+            route=route,
         )
         self._owns_client = owns_client
         self._entered = False

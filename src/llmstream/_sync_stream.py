@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ._accounting import BudgetOptions
 from ._call import Attempt, Fail, NeedWait, Retry, Step
+from ._call_route import CallRoute
 from ._chunks import ChatCompletionChunk
 from ._deadlines import Timeouts
 from ._errors import LLMStreamError
@@ -68,9 +69,10 @@ class ChatStream(StreamBase):
         headers: Mapping[str, str] | None = None,
         owns_client: bool = False,
         hooks: tuple[Hook, ...] = (),
+        route: CallRoute | None = None,
     ) -> None:
         super().__init__(
-            client, body, options, timeouts, retry, budget, owns_client, headers, hooks
+            client, body, options, timeouts, retry, budget, owns_client, headers, hooks, route
         )
         self._client = client
         self._attempt: Attempt | None = None
