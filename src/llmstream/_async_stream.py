@@ -421,16 +421,7 @@ class AsyncChatStream(StreamBase):
             body = await response.read(MAX_ERROR_BODY_BYTES)
         finally:
             await response.aclose()
-        return self._core.error_response(
-            attempt,
-            status=response.status_code,
-            reason=response.reason_phrase,
-            headers=response.headers,
-            body=body,
-            now=now(),
-            method=request.method,
-            url=request.url,
-        )
+        return self._core.refused(attempt, response, body, request, now())
 
     # -- hedging ---------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import types
 import uuid
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._accounting import BudgetOptions, CallAccount
 from ._assemble import response_headers
@@ -72,6 +72,9 @@ from ._retry import RetryEvent, RetryPolicy
 from ._session import StreamItem, StreamSession
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES
 from ._token_budget import Reservation
+
+if TYPE_CHECKING:  # the transport's protocols name this module's ReadFailure
+    from ._transport import AsyncResponse, HTTPRequest, SyncResponse
 
 __all__ = [
     "Attempt",
@@ -682,6 +685,26 @@ class CallCore:
             max_event_bytes=max_event,
             max_chunks=options.max_chunks,
             max_bytes=options.max_bytes,
+        )
+
+    def refused(
+        self,
+        attempt: Attempt,
+        response: AsyncResponse | SyncResponse,
+        body: bytes,
+        request: HTTPRequest,
+        now: float,
+    ) -> Step:
+        """:meth:`error_response` for a transport's response to ``request``."""
+        return self.error_response(
+            attempt,
+            response.status_code,
+            response.reason_phrase,
+            response.headers,
+            body,
+            now,
+            method=request.method,
+            url=request.url,
         )
 
     def error_response(

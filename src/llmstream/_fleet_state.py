@@ -406,9 +406,10 @@ class FleetState:
         # Calls sent since the figures were read are not in them: count them as queued,
         # so that a burst between two reads spreads instead of piling on one endpoint.
         since = max(0, e.in_flight - e.in_flight_at_load)
-        kv = load.kv_cache
-        if kv is None:
-            kv = ttft_term(e.ttft_ewma, medians.get(e.model))
+        # A replica answering far slower than its peers is penalised even when its
+        # figures look idle: a slow GPU, a noisy neighbour, or a network in between.
+        slow = ttft_term(e.ttft_ewma, medians.get(e.model))
+        kv = max(load.kv_cache, slow) if load.kv_cache is not None else slow
         return load_score(self.fleet.routing, (load.waiting + since) / limit, kv)
 
     def _ttft_medians(self, tier: int) -> dict[str, float]:

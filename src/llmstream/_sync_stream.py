@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 from ._accounting import BudgetOptions
-from ._call import Attempt, Fail, NeedWait, Retry, Step
+from ._call import Attempt, CallCore, Drop, Fail, NeedWait, Retry, Step
 from ._call_route import CallRoute
 from ._chunks import ChatCompletionChunk
 from ._deadlines import Timeouts
@@ -33,7 +33,7 @@ from ._retry import RetryPolicy
 from ._session import StreamItem
 from ._stream_events import StreamEvent, events_of
 from ._streaming import StreamBase, chunk_of, item_of, now, text_of, unexpected
-from ._transport import HeaderTimeout, SyncResponse
+from ._transport import HeaderTimeout, HTTPRequest, SyncResponse
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -87,6 +87,8 @@ class ChatStream(StreamBase):
         self._resumed = threading.Event()  # wakes a paused reader
         self._resumed.set()
         self._stopping = threading.Event()  # wakes a retry's backoff
+        self._race: _ThreadRace | None = None  # a hedge racing the request, while it does
+        self._early: list[StreamItem] = []  # read during a race before the buffer exists
 
     # -- the public surface ----------------------------------------------------------
 
@@ -257,6 +259,9 @@ class ChatStream(StreamBase):
         if self._reader is None or core.stopped is not None:
             return
         self._buffer = ThreadReadAhead(core.options.buffer)
+        if self._early:  # read while a hedge raced the request: first in line
+            self._buffer.put(self._early)
+            self._early = []
         self._thread = threading.Thread(target=self._pump, name="llmstream-reader", daemon=True)
         self._thread.start()
 
@@ -280,30 +285,27 @@ class ChatStream(StreamBase):
         client = self._client
         if "model" not in core.body:
             core.body["model"] = client._resolve_model()
+        while True:
+            with self._lock:
+                room = core.admit(now())
+            if room is None:
+                break
+            self._stopping.wait(room)
+            if core.stopped is not None:
+                return None
         with self._lock:
             attempt = self._attempt = core.begin_attempt(now())
         self._tell_hooks()
-        found = attempt.header_deadline
-        request = client._stream_request(
-            attempt.body, found[0] - now() if found else None, attempt.headers
-        )
         self._header_wait = wait = HeaderWait()
         if core.stopped is not None:
             wait.cut()  # stopped before the wait was there to be cut
         try:
-            response = client._transport.send(request, wait)
-        except HeaderTimeout:
-            with self._lock:
-                return core.send_failed(attempt, None, now())
-        except LLMStreamError as exc:
-            with self._lock:
-                return core.send_failed(attempt, exc, now())
-        except Exception:
-            if core.stopped is not None:
-                return None  # cut short by cancel() or close(): no error, nothing to retry
-            raise
+            sent = self._send(attempt, wait)
         finally:
             self._header_wait = None
+        if not isinstance(sent, tuple):
+            return sent
+        response, request = sent
         with self._response_lock:
             self._response = response
         if core.stopped is not None:
@@ -314,22 +316,192 @@ class ChatStream(StreamBase):
             step = core.response(attempt, status, response.headers, now())
         self._tell_hooks()
         if status >= 300:
-            body = response.read(MAX_ERROR_BODY_BYTES)
-            self._drop_response()
-            with self._lock:
-                return core.error_response(
-                    attempt,
-                    status,
-                    response.reason_phrase,
-                    response.headers,
-                    body,
-                    now(),
-                    method=request.method,
-                    url=request.url,
-                )
+            with self._response_lock:
+                self._response = None  # _refused() releases it
+            return self._refused(attempt, response, request)
         if step is None:
             self._reader = response.stream(core.body_read_backstop)
+            with self._lock:
+                hedging = core.hedge_due(now()) is not None
+            if hedging:
+                return self._race_first_event()
         return step
+
+    def _send(
+        self, attempt: Attempt, wait: HeaderWait
+    ) -> tuple[SyncResponse, HTTPRequest] | Step | None:
+        """Send ``attempt``'s request and wait for its headers (``wait`` cuts that short).
+
+        The response and its request; or what the core says of a request that got no
+        response; None when the call was stopped meanwhile.
+        """
+        core = self._core
+        found = attempt.header_deadline
+        request = self._client._stream_request(
+            attempt.body, found[0] - now() if found else None, attempt.headers, attempt.target
+        )
+        try:
+            return self._client._transport.send(request, wait), request
+        except HeaderTimeout:
+            with self._lock:
+                return core.send_failed(attempt, None, now())
+        except LLMStreamError as exc:
+            with self._lock:
+                return core.send_failed(attempt, exc, now())
+        except Exception:
+            if core.stopped is not None or attempt.lost:
+                return None  # cut short by cancel(), close() or a race: nothing to retry
+            raise
+
+    def _refused(self, attempt: Attempt, response: SyncResponse, request: HTTPRequest) -> Step:
+        """A response of 300 and up: read its (capped) body, then ask the core."""
+        try:
+            body = response.read(MAX_ERROR_BODY_BYTES)
+        finally:
+            response.close()
+        with self._lock:
+            return self._core.refused(attempt, response, body, request, now())
+
+    # -- hedging ---------------------------------------------------------------------
+
+    def _race_first_event(self) -> Step | None:
+        """Read the request until its first event, racing a hedge against it if it is late.
+
+        The async stream's race (see ``AsyncChatStream._race``) on threads: this thread
+        reads the first request, another sends the hedge when due and reads it, and a
+        timer stands for the first-token deadline. The first to bring an event cuts the
+        others' connections, so their servers abort them.
+        """
+        core = self._core
+        first, response, reader = self._attempt, self._response, self._reader
+        assert first is not None and response is not None and reader is not None
+        race = self._race = _ThreadRace(self._lock)
+        race.running[first] = (response, reader)
+        with self._lock:
+            due = core.hedge_due(now())
+            found = core.deadline()
+        timer = None
+        if found is not None:
+            timer = threading.Timer(max(found[0] - now(), 0.0), race.time_out)
+            timer.daemon = True
+            timer.start()
+        hedger = threading.Thread(
+            target=self._hedge, args=(race, due or 0.0), name="llmstream-hedge", daemon=True
+        )
+        hedger.start()
+        try:
+            self._read_racer(race, first, response, reader)
+            race.over.wait()
+            hedger.join()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            race.cut_all(keep=race.winner)
+            self._race = None
+        for attempt, (loser, _) in race.running.items():
+            if attempt is not race.winner and attempt is not first:
+                loser.close()  # the first is the current response: released as it always is
+        self._tell_hooks()
+        if core.stopped is not None:
+            return None
+        if race.winner is not None:
+            won, won_reader = race.running[race.winner]
+            with self._response_lock:
+                old, self._response = self._response, won
+                self._attempt = race.winner
+                self._reader = won_reader
+            if old is not None and old is not won:
+                old.close()
+            return None
+        if race.step is not None:
+            return race.step
+        current = core.current
+        assert current is not None
+        with self._lock:
+            return core.read_failed(current, None, now())  # the deadline cut the race
+
+    def _hedge(self, race: _ThreadRace, due: float) -> None:
+        """The hedge's thread: send it once due, then read it as a racer."""
+        core = self._core
+        try:
+            if race.over.wait(due):
+                return
+            with self._lock:
+                hedge = core.begin_hedge(now())
+            if hedge is None:
+                return
+            race.hedge = hedge
+            wait = race.hedge_wait = HeaderWait()
+            if race.over.is_set():
+                wait.cut()
+            sent = self._send(hedge, wait)
+            if not isinstance(sent, tuple):
+                race.ended(hedge, sent, core)
+                return
+            response, request = sent
+            with self._lock:
+                step = core.response(hedge, response.status_code, response.headers, now())
+            if response.status_code >= 300:
+                race.ended(hedge, self._refused(hedge, response, request), core)
+                return
+            reader = response.stream(core.body_read_backstop)
+            if not race.enter(hedge, response, reader) or step is not None:
+                response.close()
+                race.ended(hedge, step, core)
+                return
+            self._read_racer(race, hedge, response, reader)
+        except BaseException as exc:  # never leave the race waiting for this thread
+            if isinstance(exc, LLMStreamError):
+                race.fail(exc)
+            else:
+                race.fail(unexpected(exc, None) if isinstance(exc, Exception) else None)
+            raise
+
+    def _read_racer(
+        self, race: _ThreadRace, attempt: Attempt, response: SyncResponse, reader: Iterator[bytes]
+    ) -> None:
+        """Read one racing request until the call's first event (or its own end)."""
+        core = self._core
+        lock = self._lock
+        while not race.over.is_set() and not attempt.lost:
+            attempt.reading = True
+            try:
+                data = next(reader)
+            except StopIteration:
+                response.body_ended()
+                with lock:
+                    step = core.body_ended(attempt, now())
+                race.ended(attempt, step, core)
+                return
+            except Exception as exc:
+                if race.over.is_set() or attempt.lost or core.stopped is not None:
+                    return  # cut: another racer won, the deadline passed, or the caller
+                failure = response.read_failure(exc)
+                if failure is None:
+                    raise
+                with lock:
+                    step = core.read_failed(attempt, failure, now())
+                race.ended(attempt, step, core)
+                return
+            finally:
+                attempt.reading = False
+            with lock:
+                items = core.feed(attempt, data, now())
+                answering = core.answering(attempt)
+                ended = core.step
+            if attempt.lost:
+                return
+            if items:
+                if self._buffer is not None:
+                    self._buffer.put(items)
+                else:
+                    self._early.extend(items)
+            if ended is not None:
+                race.ended(attempt, ended, core)
+                return
+            if answering:
+                race.won(attempt)
+                return
 
     def _follow(self, step: Step) -> bool:
         """Act on how an attempt ended; True: send another request."""
@@ -345,6 +517,10 @@ class ChatStream(StreamBase):
 
     def _cut_connection(self) -> None:
         """Cut the request in flight, whether it waits for its headers or reads its body."""
+        race = self._race
+        if race is not None:
+            race.cut_all(keep=None)
+            race.over.set()
         wait = self._header_wait
         if wait is not None:
             wait.cut()
@@ -507,3 +683,63 @@ class ChatStream(StreamBase):
             self._reader = None
         if response is not None:
             response.close()
+
+
+class _ThreadRace:
+    """The requests of one call racing to its first event, on threads, and how it ended."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock  # the stream's lock around its core
+        self.running: dict[Attempt, tuple[SyncResponse, Iterator[bytes]]] = {}
+        self.hedge_wait: HeaderWait | None = None
+        self.hedge: Attempt | None = None
+        self.over = threading.Event()
+        self.winner: Attempt | None = None
+        self.step: Step | None = None
+
+    def enter(self, attempt: Attempt, response: SyncResponse, reader: Iterator[bytes]) -> bool:
+        """Register a racer's response; False when the race is already over."""
+        with self._lock:
+            if self.over.is_set():
+                return False
+            self.running[attempt] = (response, reader)
+            return True
+
+    def won(self, attempt: Attempt) -> None:
+        self.winner = attempt
+        self.cut_all(keep=attempt)
+        self.over.set()
+
+    def ended(self, attempt: Attempt, step: Step | None, core: CallCore) -> None:
+        """A racer ended without winning: out of the race, or the end of the call's try."""
+        with self._lock:
+            current = core.current
+            if (isinstance(step, Drop) or attempt.lost) and (
+                current is not None and current is not attempt and not current.lost
+            ):
+                return  # the other racer (or a hedge on its way) carries the call on
+            self.step = step
+        self.cut_all(keep=None)
+        self.over.set()
+
+    def fail(self, error: LLMStreamError | None) -> None:
+        """The hedge's thread died: end the race with its error."""
+        if error is not None and self.step is None:
+            self.step = Fail(error)
+        self.cut_all(keep=None)
+        self.over.set()
+
+    def time_out(self) -> None:
+        """The deadline passed during the race: cut every request."""
+        self.cut_all(keep=None)
+        self.over.set()
+
+    def cut_all(self, *, keep: Attempt | None) -> None:
+        """Cut every racing request but ``keep`` (their servers abort them)."""
+        wait = self.hedge_wait
+        if wait is not None and (keep is None or keep is not self.hedge):
+            wait.cut()  # the hedge, still waiting for its headers
+        with self._lock:
+            racers = [r for a, (r, _) in self.running.items() if a is not keep]
+        for response in racers:
+            response.abort()
