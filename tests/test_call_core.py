@@ -362,6 +362,25 @@ def test_a_hedge_that_answers_first_takes_the_call_and_the_first_attempt_is_lost
     assert [(e.endpoint, e.hedge) for e in sent] == [("http://a/v1", False), ("http://b/v1", True)]
 
 
+@pytest.mark.parametrize("winner", ["hedge", "first"])
+def test_a_shared_budget_is_charged_for_the_prompt_of_the_request_that_lost(winner: str) -> None:
+    shared = llmstream.TokenBudget(1_000)
+    budget = BudgetOptions(shared=shared, count_prompt="server")
+    core = _core(budget=budget)
+    _planned(core, {NeedPromptCount: 30, NeedContextLength: 4096})
+    primary = core.begin_attempt(0.0)
+    hedge = core.begin_attempt(0.5, hedge=True)
+    core.response(primary, 200, SSE, 0.6)
+    core.response(hedge, 200, SSE, 0.6)
+    answering = hedge if winner == "hedge" else primary
+    core.feed(answering, _chunk("ab"), 0.7)
+    core.feed(answering, _chunk(finish="stop") + DONE, 0.8)
+    assert isinstance(core.body_ended(answering, 0.9), Finish)
+    core.settle()
+    # Both servers prefilled the 30-token prompt; the winner's two chunks count a token each.
+    assert shared.spent == 30 + 30 + 2
+
+
 def test_a_first_attempt_that_answers_first_makes_the_hedge_lost() -> None:
     core = _core()
     primary = core.begin_attempt(0.0)

@@ -607,6 +607,22 @@ def test_when_all_are_saturated_choose_says_when_to_look_again() -> None:
     assert state.choose(0.75) == pytest.approx(0.25)  # a's next read of /metrics
 
 
+def test_a_call_told_to_wait_keeps_the_watcher_awake() -> None:
+    # The watcher sleeps two intervals after the last call started; a call waiting for room
+    # needs its next reads of /metrics, so each answer to wait counts as activity.
+    state = _state(_fleet(2, scrape_interval=1.0))
+    woken: list[float] = []
+    state.on_wait = lambda: woken.append(state.last_call_at or -1.0)
+    for endpoint in state.endpoints:
+        state.record_load(endpoint, LoadReport(running=0, waiting=100, kv_cache=0.1), 0.0)
+    assert isinstance(state.choose(0.5), float)
+    assert isinstance(state.choose(3.5), float)
+    assert state.last_call_at == 3.5 and woken == [0.5, 3.5]
+    # Waiting cannot help (every endpoint tried): no call waits, the watcher may sleep.
+    assert state.choose(4.0, tried=set(state.endpoints)) == math.inf
+    assert state.last_call_at == 3.5 and len(woken) == 2
+
+
 def test_metrics_that_stop_answering_count_as_saturated() -> None:
     state = _state(_fleet(2, scrape_interval=1.0, stale_after=5.0))
     a, b = state.endpoints

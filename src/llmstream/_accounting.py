@@ -167,6 +167,15 @@ class CallAccount:
         self._charge_before += self._meter.tokens_to_charge(self.plan.prompt_tokens)
         self._meter = CompletionMeter()
 
+    def lost_request(self) -> None:
+        """A request of the call was cut before any output (a hedge race's loser).
+
+        Its server had read the prompt: its prompt tokens are charged, as vLLM prefilled
+        them. What it generated after its last byte reached us is unknown, and was nothing
+        the caller received.
+        """
+        self._charge_before += self.plan.prompt_tokens
+
     def tokens_to_charge(self) -> int:
         """Prompt and completion tokens of every request of the call."""
         return self._charge_before + self._meter.tokens_to_charge(self.plan.prompt_tokens)

@@ -590,9 +590,16 @@ class CallCore:
 
     def _lose_racers(self) -> None:
         for racer in self._racing:
-            racer.lost = True
-            _release(racer)
+            self._lose(racer)
         self._racing.clear()
+
+    def _lose(self, attempt: Attempt) -> None:
+        """``attempt`` lost a race to another one of this call: it is cut, and charged."""
+        attempt.lost = True
+        _release(attempt)
+        if self.account is not None:
+            # Its server read and prefilled the prompt before the cut.
+            self.account.lost_request()
 
     def _answered(self, attempt: Attempt, now: float) -> None:
         """The attempt's first event arrived: its endpoint answers (health, TTFT, resume)."""
@@ -612,8 +619,7 @@ class CallCore:
         """A racing attempt brought the call's first event: it becomes the call's attempt."""
         loser = self.current
         if loser is not None:
-            loser.lost = True
-            _release(loser)
+            self._lose(loser)
         self._racing.remove(winner)
         self._lose_racers()
         session = winner.session

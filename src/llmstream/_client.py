@@ -139,6 +139,7 @@ class _BaseClient:
                 probe_interval=fleet.breaker.probe_interval,
                 discovery=fleet.discovery,
             )
+            self._fleet_state.on_wait = self._watcher.wake
         self.base_url = resolve_base_url(base_url)
         self._endpoint = endpoint_of(self.base_url)
         self._model = resolve_model(model)

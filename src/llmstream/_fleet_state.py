@@ -314,7 +314,10 @@ class FleetState:
         budget = fleet.hedging.budget if fleet.hedging is not None else 0.0
         self._hedge_tokens = 1.0 if budget > 0 else 0.0
         self.last_call_at: float | None = None
-        """When :meth:`note_call` was last called (``None``: never)."""
+        """When a call last started or waited for room (``None``: never)."""
+        self.on_wait: Callable[[], None] | None = None
+        """Called when :meth:`choose` tells a call to wait: the client wakes its watcher,
+        whose fresh figures are what can give the waiting call room."""
         self.calls = 0
 
     def _state_of(
@@ -376,7 +379,12 @@ class FleetState:
                 if candidates:
                     chosen = self._best(candidates, now, session)
                     return Pick(chosen, chosen.breaker.state(now) == "half_open")
-            return self._wait(live, now)
+            wait = self._wait(live, now)
+            if not math.isinf(wait):
+                self.last_call_at = now  # a waiting call keeps the watcher awake
+        if not math.isinf(wait) and self.on_wait is not None:
+            self.on_wait()
+        return wait
 
     def _best(
         self, candidates: list[EndpointState], now: float, session: str | None
