@@ -754,6 +754,48 @@ def test_hedge_delay_is_the_percentile_of_recent_first_token_times() -> None:
     assert state.hedge_delay(MODEL, 0.0) == pytest.approx(0.095)
 
 
+def test_a_degraded_endpoint_does_not_set_the_hedge_delay() -> None:
+    # The delay is the median of each endpoint's own percentile: the slow replica that
+    # hedging is for would otherwise push a pooled p95 up to its own first-token time.
+    state = _state(_fleet(3, hedging=llmstream.Hedging(percentile=0.95, min_delay=0.01)))
+    fast_a, fast_b, slow = state.endpoints
+    for i in range(60):
+        endpoint, ttft = [(fast_a, 0.020), (fast_b, 0.030), (slow, 1.0)][i % 3]
+        with state.started(Pick(endpoint, False), 0.0) as ticket:
+            ticket.first_token(ttft)
+    assert state.hedge_delay(MODEL, 0.0) == pytest.approx(0.030)
+
+
+def test_a_request_cut_without_a_first_token_makes_its_endpoint_look_slower() -> None:
+    state = _state(_fleet(2, hedging=llmstream.Hedging(percentile=0.5)))
+    slow, fast = state.endpoints
+    for endpoint in (slow, fast):
+        with state.started(Pick(endpoint, False), 0.0) as ticket:
+            ticket.first_token(0.1)
+    with state.started(Pick(slow, False), 1.0) as ticket:
+        ticket.lost(3.0)  # two seconds without a first token, then cut
+    assert slow.ttft_ewma is not None and slow.ttft_ewma > 0.6
+    assert fast.ttft_ewma == pytest.approx(0.1)
+    before = slow.ttft_ewma
+    with state.started(Pick(slow, False), 10.0) as ticket:
+        ticket.lost(10.05)  # cut sooner than it usually answers: says nothing
+    assert slow.ttft_ewma == before
+    assert slow.breaker.state(11.0) == "closed"  # losing a race is no failure
+    for _ in range(18):
+        with state.started(Pick(fast, False), 0.0) as ticket:
+            ticket.first_token(0.1)
+    # Only real first-token times are samples of the window (20 of them here, all 0.1).
+    assert state.hedge_delay(MODEL, 0.0) == pytest.approx(0.1)
+
+
+def test_a_burst_of_slow_calls_may_spend_a_window_of_the_hedge_budget_at_once() -> None:
+    state = _state(_fleet(2, hedging=llmstream.Hedging(delay=0.5, budget=0.1, window=200)))
+    for i in range(400):
+        state.note_call(float(i))
+    hedges = sum(state.take_hedge(400.0) for _ in range(50))
+    assert hedges == 20  # 0.1 of a 200-call window
+
+
 def test_hedge_delay_floor_fixed_and_off() -> None:
     state = _state(_fleet(1, hedging=llmstream.Hedging(min_delay=0.2)))
     (endpoint,) = state.endpoints

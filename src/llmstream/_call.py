@@ -563,7 +563,7 @@ class CallCore:
         if hedge:
             self._racing.append(attempt)
         else:
-            self._lose_racers()
+            self._lose_racers(now)
             self.current = attempt
             self._read_started = now
             self._deadline_hit = None
@@ -588,14 +588,16 @@ class CallCore:
         session = self.session
         return session is not None and session.has_output
 
-    def _lose_racers(self) -> None:
+    def _lose_racers(self, now: float) -> None:
         for racer in self._racing:
-            self._lose(racer)
+            self._lose(racer, now)
         self._racing.clear()
 
-    def _lose(self, attempt: Attempt) -> None:
+    def _lose(self, attempt: Attempt, now: float) -> None:
         """``attempt`` lost a race to another one of this call: it is cut, and charged."""
         attempt.lost = True
+        if attempt.ticket is not None:
+            attempt.ticket.lost(now)
         _release(attempt)
         if self.account is not None:
             # Its server read and prefilled the prompt before the cut.
@@ -619,9 +621,9 @@ class CallCore:
         """A racing attempt brought the call's first event: it becomes the call's attempt."""
         loser = self.current
         if loser is not None:
-            self._lose(loser)
+            self._lose(loser, now)
         self._racing.remove(winner)
-        self._lose_racers()
+        self._lose_racers(now)
         session = winner.session
         assert session is not None
         session.retries = self.session.retries if self.session is not None else 0
@@ -746,7 +748,7 @@ class CallCore:
         waiting_for_first = session.last_event_at is None
         items = session.feed(data, now)
         if waiting_for_first and session.last_event_at is not None:
-            self._lose_racers()  # the current attempt answered first
+            self._lose_racers(now)  # the current attempt answered first
             self._answered(attempt, now)
             # The first-token deadline is over and the idle one starts: once per request.
             if self.on_deadline_moved is not None:

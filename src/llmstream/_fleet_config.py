@@ -315,10 +315,12 @@ class Hedging:
     """Send a second request to another endpoint when the first token is late.
 
     The hedge goes out after ``delay`` seconds, or (``delay=None``) after the
-    ``percentile`` of the model's last ``window`` first-token times (at least
+    ``percentile`` of the model's last ``window`` first-token times, taken per endpoint
+    and the median of those, so that one degraded replica does not set it (at least
     ``min_delay``; no hedging until 20 are known). The first to answer wins; the
     other is cancelled. Hedges are at most ``budget`` of the calls (a token bucket
-    with a burst of a few), so a slow fleet is not sent twice the load.
+    whose burst is ``budget * window``, at least 3), so a slow fleet is not sent twice
+    the load.
 
     Example::
 

@@ -42,6 +42,8 @@ __all__ = ["AttemptTicket", "EndpointLoad", "EndpointState", "FleetState", "Pick
 _TTFT_ALPHA = 0.3
 # The hedge budget's bucket: a few hedges may go at once after a quiet spell, no more.
 _HEDGE_BURST = 3.0
+# An endpoint's own first-token percentile counts toward the hedge delay from this many.
+_MIN_ENDPOINT_SAMPLES = 5
 # The shortest wait choose() suggests, so that a caller polling it does not spin.
 _MIN_WAIT = 0.05
 
@@ -237,6 +239,23 @@ class AttemptTicket:
         with self._state._lock:
             self._decide(now, success=True)
 
+    def lost(self, now: float) -> None:
+        """The attempt was cut by the call (another won a hedge race); no verdict on health.
+
+        Without a first token by ``now``, the endpoint's first-token time is at least
+        the time it was given: routing learns that it is slow even when hedges rescue
+        every call sent to it.
+
+        Example::
+
+            ticket.lost(time.monotonic())
+            ticket.release()
+        """
+        with self._state._lock:
+            if self._first_token_at is None and not self._decided:
+                self._decided = True
+                self._state._record_no_first_token(self.endpoint, now - self.started_at)
+
     def release(self) -> None:
         """The attempt is over, whatever happened: in flight goes down, exactly once.
 
@@ -309,10 +328,15 @@ class FleetState:
         fallback = [self._state_of(e, fleet.model_of(e), 1) for e in fleet.fallback]
         self._endpoints: list[EndpointState] = primary + fallback
         window = fleet.hedging.window if fleet.hedging is not None else 0
-        self._ttfts: dict[str, deque[float]] = {}
+        # Per model, the last `window` first-token times, each with its endpoint.
+        self._ttfts: dict[str, deque[tuple[EndpointState, float]]] = {}
         self._window = window
         budget = fleet.hedging.budget if fleet.hedging is not None else 0.0
         self._hedge_tokens = 1.0 if budget > 0 else 0.0
+        # Calls come in bursts and so do slow first tokens: a window's worth of the
+        # budget may be spent at once, and over any run hedges stay within budget * calls
+        # plus that burst.
+        self._hedge_burst = max(_HEDGE_BURST, budget * window)
         self.last_call_at: float | None = None
         """When a call last started or waited for room (``None``: never)."""
         self.on_wait: Callable[[], None] | None = None
@@ -492,11 +516,23 @@ class FleetState:
             return AttemptTicket(self, endpoint, trial, now)
 
     def _record_ttft(self, e: EndpointState, ttft: float) -> None:
+        self._record_ttft_average(e, ttft)
+        if self._window:
+            self._ttfts.setdefault(e.model, deque(maxlen=self._window)).append((e, ttft))
+
+    def _record_no_first_token(self, e: EndpointState, waited: float) -> None:
+        # Cut after `waited` seconds without a first token (it lost a hedge race): its
+        # first-token time is at least that. Only ever raises the average, so that an
+        # endpoint whose calls are always rescued by hedges is still seen to be slow; not
+        # a sample of the window, whose percentile must not learn from cut requests.
+        if e.ttft_ewma is None or waited > e.ttft_ewma:
+            self._record_ttft_average(e, waited)
+
+    @staticmethod
+    def _record_ttft_average(e: EndpointState, ttft: float) -> None:
         e.ttft_ewma = (
             ttft if e.ttft_ewma is None else e.ttft_ewma + _TTFT_ALPHA * (ttft - e.ttft_ewma)
         )
-        if self._window:
-            self._ttfts.setdefault(e.model, deque(maxlen=self._window)).append(ttft)
 
     def _drop(self, e: EndpointState) -> None:
         if e in self._endpoints:
@@ -581,7 +617,7 @@ class FleetState:
             self.calls += 1
             hedging = self.fleet.hedging
             if hedging is not None:
-                self._hedge_tokens = min(_HEDGE_BURST, self._hedge_tokens + hedging.budget)
+                self._hedge_tokens = min(self._hedge_burst, self._hedge_tokens + hedging.budget)
 
     def take_hedge(self, now: float) -> bool:
         """Whether a hedge may be sent now; if so, it is counted against the budget.
@@ -602,7 +638,9 @@ class FleetState:
 
         ``Hedging.delay`` when set; else the ``percentile`` of the model's recent
         first-token times (at least ``min_delay``); ``None`` when hedging is off or
-        fewer than 20 first-token times are known.
+        fewer than 20 first-token times are known. The percentile is taken per endpoint
+        and the delay is the median of those (the lower one of two): a degraded replica,
+        whose slow first tokens are what hedging is for, must not set the delay.
 
         Example::
 
@@ -614,11 +652,18 @@ class FleetState:
         if hedging.delay is not None:
             return hedging.delay
         with self._lock:
-            samples = sorted(self._ttfts.get(model, ()))
-        if len(samples) < MIN_TTFT_SAMPLES:
+            recent = list(self._ttfts.get(model, ()))
+        if len(recent) < MIN_TTFT_SAMPLES:
             return None
-        rank = max(0, math.ceil(hedging.percentile * len(samples)) - 1)  # nearest rank
-        return max(samples[rank], hedging.min_delay)
+        by_endpoint: dict[EndpointState, list[float]] = {}
+        for endpoint, ttft in recent:
+            by_endpoint.setdefault(endpoint, []).append(ttft)
+        # An endpoint with a handful of samples says little; all together still do.
+        groups = [g for g in by_endpoint.values() if len(g) >= _MIN_ENDPOINT_SAMPLES]
+        percentiles = [
+            _percentile(g, hedging.percentile) for g in groups or [[t for _, t in recent]]
+        ]
+        return max(statistics.median_low(percentiles), hedging.min_delay)
 
     def loads(self, now: float | None = None) -> list[EndpointLoad]:
         """A snapshot of every endpoint's load and circuit state (``now``: ``clock()``).
@@ -643,3 +688,9 @@ class FleetState:
                 )
                 for e in self._endpoints
             ]
+
+
+def _percentile(samples: list[float], fraction: float) -> float:
+    """The nearest-rank percentile: a value that was seen, never an interpolation."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
