@@ -208,8 +208,9 @@ def test_load_score_weighs_queue_and_kv() -> None:
     assert load_score(llmstream.Routing(queue_weight=1, kv_weight=0), 0.25, 0.5) == 0.25
 
 
-def test_ttft_term_is_the_slowdown_over_the_median_clipped() -> None:
-    assert ttft_term(0.3, 0.2) == pytest.approx(0.5)
+def test_ttft_term_is_the_slowdown_over_the_median_past_the_noise_clipped() -> None:
+    assert ttft_term(0.5, 0.2) == pytest.approx(0.4)
+    assert ttft_term(0.3, 0.2) == 0.0  # one and a half times: noise
     assert ttft_term(0.1, 0.2) == 0.0
     assert ttft_term(5.0, 0.2) == 1.0
     assert ttft_term(None, 0.2) == ttft_term(0.3, None) == 0.0
@@ -287,6 +288,20 @@ def test_without_metrics_in_flight_and_first_token_times_decide() -> None:
         with state.started(Pick(endpoint, False), 0.0) as ticket:
             ticket.first_token(ttft)
     assert c.name not in _counts(state, 50)  # five times slower to the first token
+
+
+def test_without_metrics_first_token_noise_does_not_outweigh_in_flight_counts() -> None:
+    # Two healthy replicas whose first tokens differ by 20 %: the one with fewer calls in
+    # flight takes the next, or held streams would all pile onto the faster one.
+    state = _state(_fleet(2, routing=llmstream.Routing(choices=0)))
+    a, b = state.endpoints
+    for endpoint, ttft in ((a, 0.010), (b, 0.012)):
+        with state.started(Pick(endpoint, False), 0.0) as ticket:
+            ticket.first_token(ttft)
+    held = [state.started(Pick(a, False), 0.0) for _ in range(2)]
+    assert _counts(state, 20) == {b.name: 20}
+    for ticket in held:
+        ticket.release()
 
 
 # -- rendezvous hashing ------------------------------------------------------------------------

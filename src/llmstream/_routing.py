@@ -43,19 +43,29 @@ def load_score(routing: Routing, queue_term: float, kv_term: float) -> float:
     return routing.queue_weight * queue_term + routing.kv_weight * kv_term
 
 
+# First tokens up to this many times the median are noise (batching, a long prompt);
+# from _SLOW_RATIO times on the endpoint counts as fully loaded.
+_NOISE_RATIO = 1.5
+_SLOW_RATIO = 4.0
+
+
 def ttft_term(ttft: float | None, median: float | None) -> float:
     """A stand-in for KV-cache use without ``/metrics``: how much slower than the median.
 
-    ``ttft / median - 1`` clipped to [0, 1]; 0 when either is unknown.
+    0 up to 1.5 times the median, rising to 1 at 4 times; 0 when either is unknown.
+    Small differences are noise that must not outweigh in-flight counts; a replica
+    several times slower than its peers is degraded, whatever its figures say.
 
     Example::
 
-        ttft_term(0.3, 0.2)   # 0.5: first tokens 50 % slower than the fleet's median
+        ttft_term(0.25, 0.2)  # 0.0: within the noise
+        ttft_term(0.5, 0.2)   # 0.4: two and a half times the fleet's median
         ttft_term(None, 0.2)  # 0.0
     """
     if ttft is None or median is None or median <= 0:
         return 0.0
-    return min(1.0, max(0.0, ttft / median - 1.0))
+    ratio = ttft / median
+    return min(1.0, max(0.0, (ratio - _NOISE_RATIO) / (_SLOW_RATIO - _NOISE_RATIO)))
 
 
 def affinity_holds(routing: Routing, preferred_load: float, best_load: float) -> bool:
