@@ -136,7 +136,7 @@ async def test_the_losing_request_is_aborted_on_a_vllm_server(mode: str) -> None
     with FakeFleet([FakeVLLM(TEXT, model=PEER_MODEL)]) as fast:
         config = _hedged([PEER, fast[0].base_url], model=PEER_MODEL)
         async with open_client(mode, config) as client:
-            outcome = await call(client, max_tokens=8, extra_body={"x_delay_ms": 300})
+            outcome = await call(client, max_tokens=32, extra_body={"x_delay_ms": 300})
             with anyio.fail_after(2.0):
                 while not (aborts := await anyio.to_thread.run_sync(_aborts, PEER)):
                     await anyio.sleep(0.01)
