@@ -7,6 +7,7 @@ the async client on asyncio and on trio, and the async client on aiohttp.
 from __future__ import annotations
 
 import threading
+import time
 
 import anyio
 import pytest
@@ -124,7 +125,8 @@ async def test_a_busy_replica_gets_no_calls_once_its_metrics_are_read(
 
 
 async def test_without_metrics_held_streams_spread_by_the_clients_own_counts(mode: str) -> None:
-    with FakeFleet(3, text=TEXT) as fleet:
+    # Paced, so that each answer is still being served while the next stream opens.
+    with FakeFleet(3, text=TEXT, token_delay=0.05) as fleet:
         for replica in fleet:
             replica.fake.metrics_enabled = False  # a gateway in front: /metrics is 404
         config = fleet_config(fleet, routing=llmstream.Routing(choices=0, kv_weight=0.0))
@@ -318,11 +320,14 @@ async def test_a_waiting_call_goes_once_a_replica_has_room(mode: str, fleet: Fak
         await until_loads_show(
             client, lambda loads: all(load.waiting == 20 for load in loads), "saturation"
         )
+        sent = sum(fleet.chat_requests)
         started = threading.Event()
+        freed: list[tuple[float, int]] = []
 
         async def free_one_later() -> None:
             await wait_for(started.is_set, what="the call to start")
-            await anyio.sleep(0.2)  # the call is waiting for room by now
+            await anyio.sleep(0.2)  # part of the scenario: the call waits a while for room
+            freed.append((time.perf_counter(), sum(fleet.chat_requests)))
             fleet[2].fake.set_metrics(waiting=0)
 
         async with anyio.create_task_group() as group:
@@ -330,7 +335,11 @@ async def test_a_waiting_call_goes_once_a_replica_has_room(mode: str, fleet: Fak
             started.set()
             outcome = await call(client)
     assert outcome.result is not None, outcome.error
+    [(freed_at, sent_meanwhile)] = freed
+    assert sent_meanwhile == sent  # the call was waiting, not sent to a saturated replica
     assert outcome.result.endpoint == fleet[2].base_url
+    # Sent once the next read of /metrics shows room (every 0.05 s), not seconds later.
+    assert outcome.first_at is not None and outcome.first_at - freed_at < 1.0
 
 
 async def test_stale_metrics_count_as_saturated(mode: str, fleet: FakeFleet) -> None:
