@@ -1,0 +1,150 @@
+"""Hedged first tokens over a fleet, on every client: who answers, what the loser costs.
+
+The slow replica is made the first choice (``Routing(choices=1)`` samples one endpoint by
+weight, and it weighs a thousand times more), so the hedge goes to the fast one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+import httpx
+import pytest
+
+import llmstream
+from llmstream.testing import FakeFleet, FakeVLLM
+
+from .fleet_drivers import (
+    MODEL,
+    TEXT,
+    SentRequests,
+    call,
+    call_many,
+    call_together,
+    every_client,
+    fleet_config,
+    open_client,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.anyio, every_client]
+
+PEER = os.environ.get("LLMSTREAM_PEER_VLLM_URL")
+PEER_MODEL = "Qwen/Qwen3-0.6B"  # the scripted engine's model (see the peer's README)
+SLOW_FIRST = llmstream.Routing(choices=1)
+SLOW_WEIGHTS = [1000.0, 0.001]
+CUT_WITHIN = 0.1  # seconds between the winner's first token and the loser's connection closed
+
+
+def _hedged(
+    fleet: FakeFleet | list[str], *, model: str = MODEL, **hedging: float
+) -> llmstream.Fleet:
+    settings = {"delay": 0.05, "budget": 1.0, **hedging}
+    return fleet_config(
+        fleet,
+        model=model,
+        weights=SLOW_WEIGHTS,
+        routing=SLOW_FIRST,
+        hedging=llmstream.Hedging(**settings),  # type: ignore[arg-type]
+        scrape_interval=None,
+    )
+
+
+@pytest.fixture
+def fleet() -> FakeFleet:
+    with FakeFleet(2, text=TEXT) as replicas:
+        replicas[0].slow(2.0)
+        yield replicas
+
+
+async def test_a_late_first_token_is_hedged_and_the_fast_replica_answers(
+    mode: str, fleet: FakeFleet
+) -> None:
+    async with open_client(mode, _hedged(fleet)) as client:
+        started = time.perf_counter()
+        outcome = await call(client)
+        cut = await fleet[0].fake.await_disconnect(timeout=2.0)
+        await wait_for(lambda: client.in_flight() == [0, 0], what="both requests released")
+    assert outcome.result is not None, outcome.error
+    assert outcome.text == TEXT
+    assert outcome.result.hedged
+    assert outcome.result.endpoint == fleet[1].base_url
+    assert outcome.first_at is not None and outcome.first_at - started < 1.0
+    assert fleet.chat_requests == [1, 1]
+    # The loser's connection is closed as soon as the winner's first token is in.
+    assert cut.time - outcome.first_at < CUT_WITHIN, cut.time - outcome.first_at
+
+
+async def test_no_hedge_when_the_first_token_comes_before_the_delay(mode: str) -> None:
+    sent = SentRequests()
+    with FakeFleet(2, text=TEXT) as fleet:
+        async with open_client(mode, _hedged(fleet, delay=0.5), hooks=[sent]) as client:
+            outcomes = await call_many(client, 10)
+    assert all(o.result is not None and not o.result.hedged for o in outcomes)
+    assert sent.hedges == 0
+    assert sum(fleet.chat_requests) == 10
+
+
+async def test_the_hedge_budget_caps_the_extra_requests(mode: str) -> None:
+    sent = SentRequests()
+    calls = 40
+    with FakeFleet(2, text="Hi") as fleet:
+        fleet[0].slow(0.15)
+        config = _hedged(fleet, delay=0.01, budget=0.1)
+        async with open_client(mode, config, hooks=[sent]) as client:
+            outcomes = await call_together(client, calls)
+    assert all(o.text == "Hi" for o in outcomes)
+    burst = 3  # the bucket lets a few go at once after a quiet spell
+    assert 1 <= sent.hedges <= 0.1 * calls + burst, sent.hedges
+    assert sum(fleet.chat_requests) == calls + sent.hedges
+    assert sum(o.result.hedged for o in outcomes if o.result is not None) == sent.hedges
+
+
+async def test_a_shared_budget_is_charged_for_the_losing_request_too(
+    mode: str, fleet: FakeFleet
+) -> None:
+    shared = llmstream.TokenBudget(100_000)
+    async with open_client(mode, _hedged(fleet), token_budget=shared) as client:
+        outcome = await call(client, max_tokens=64)
+        await fleet[0].fake.await_disconnect(timeout=2.0)
+        await wait_for(lambda: shared.reserved == 0, what="every reservation settled")
+    assert outcome.result is not None and outcome.result.usage is not None
+    assert outcome.result.hedged
+    used = outcome.result.usage.total_tokens
+    prompt = outcome.result.usage.prompt_tokens
+    # The loser's prompt was prefilled on its replica: it costs about a prompt, not more.
+    assert used < shared.spent <= used + 2 * prompt, (shared.spent, used, prompt)
+
+
+# -- against vLLM's own serving code -----------------------------------------------------
+
+
+def _aborts(base_url: str) -> list[dict[str, object]]:
+    answer = httpx.get(f"{base_url.removesuffix('/v1')}/_aborts", timeout=5.0)
+    answer.raise_for_status()
+    aborts: list[dict[str, object]] = answer.json()["aborts"]
+    return aborts
+
+
+@pytest.mark.skipif(not PEER, reason="LLMSTREAM_PEER_VLLM_URL not set (no vLLM peer)")
+async def test_the_losing_request_is_aborted_on_a_vllm_server(mode: str) -> None:
+    assert PEER
+    httpx.post(f"{PEER.removesuffix('/v1')}/_reset", timeout=5.0).raise_for_status()
+    # vLLM (slow: 300 ms per token, asked first) and a fast emulated replica of its model.
+    with FakeFleet([FakeVLLM(TEXT, model=PEER_MODEL)]) as fast:
+        config = _hedged([PEER, fast[0].base_url], model=PEER_MODEL)
+        async with open_client(mode, config) as client:
+            outcome = await call(client, max_tokens=32, extra_body={"x_delay_ms": 300})
+            with anyio.fail_after(2.0):
+                while not (aborts := await anyio.to_thread.run_sync(_aborts, PEER)):
+                    await anyio.sleep(0.01)
+    assert outcome.result is not None, outcome.error
+    assert outcome.result.hedged
+    assert outcome.result.endpoint == fast[0].base_url
+    assert outcome.text == TEXT
+    assert len(aborts) == 1, aborts
+    assert outcome.first_wall is not None
+    gap = float(aborts[0]["time"]) - outcome.first_wall  # type: ignore[arg-type]
+    assert gap < CUT_WITHIN, gap
