@@ -304,6 +304,39 @@ def test_without_metrics_first_token_noise_does_not_outweigh_in_flight_counts() 
         ticket.release()
 
 
+def test_a_slow_replica_is_tried_again_once_its_penalty_faded() -> None:
+    # Avoided for being slow, it gets no new first-token times: without fading it would
+    # be avoided for ever after it recovered.
+    state = _state(_fleet(2, routing=llmstream.Routing(choices=0)))
+    slow, fast = state.endpoints
+    for endpoint, ttft in ((slow, 2.0), (fast, 0.2), (fast, 0.2)):
+        with state.started(Pick(endpoint, False), 0.0) as ticket:
+            ticket.first_token(ttft)
+    assert _counts(state, 30, now=5.0) == {fast.name: 30}
+    counts = _counts(state, 200, now=40.0)  # 30 s and more without news of it
+    assert counts[slow.name] > 60 and counts[fast.name] > 60, counts
+
+
+def test_first_tokens_a_few_milliseconds_apart_are_not_slowness() -> None:
+    assert ttft_term(0.004, 0.0015) == 0.0  # 2.7 times, but 2.5 ms: loopback noise
+    assert ttft_term(0.040, 0.010) == pytest.approx(1.0)
+
+
+def test_weights_split_the_ties_of_an_idle_fleet_when_every_endpoint_is_sampled() -> None:
+    endpoints = [
+        llmstream.Endpoint("http://gpu-0:8000/v1", weight=3.0),
+        llmstream.Endpoint("http://gpu-1:8000/v1", weight=1.0),
+    ]
+    state = _state(llmstream.Fleet(endpoints, model=MODEL))  # choices=2: both sampled
+    counts = _counts(state, 4000)
+    assert 2800 <= counts["gpu-0:8000"] <= 3200, counts  # 3000 expected
+    rng = random.Random(1)
+    picks = collections.Counter(
+        lowest([0.0, 0.0, 5.0], [0, 1, 2], rng, [1, 3, 100]) for _ in range(4000)
+    )
+    assert picks[2] == 0 and 2800 <= picks[1] <= 3200, picks
+
+
 # -- rendezvous hashing ------------------------------------------------------------------------
 
 
@@ -452,6 +485,22 @@ def test_health_probe_decides_only_a_half_open_circuit() -> None:
     assert breaker.state(1.0) == "open" and breaker.reopens_at == 3.0  # doubled
     breaker.probed(True, 3.0)
     assert breaker.state(3.0) == "closed"
+
+
+def test_failed_health_probes_in_a_row_take_a_closed_endpoint_out() -> None:
+    # A replica whose /health fails (engine dead, or being drained) is taken out even if
+    # the calls it still answers succeed between the probes.
+    breaker = Breaker(llmstream.CircuitBreaker(failures=3, cooldown=1.0))
+    breaker.probed(False, 0.0)
+    breaker.succeeded(0.1)
+    breaker.probed(False, 1.0)
+    assert breaker.state(1.0) == "closed"
+    breaker.probed(False, 2.0)
+    assert breaker.state(2.0) == "open" and breaker.reopens_at == 3.0
+    healthy = Breaker(llmstream.CircuitBreaker(failures=2))
+    for ok in (False, True, False, True):  # not in a row
+        healthy.probed(ok, 0.0)
+    assert healthy.state(0.0) == "closed"
 
 
 def test_caller_faults_and_late_failures_do_not_open_the_circuit() -> None:

@@ -34,11 +34,22 @@ class Breaker:
             ...  # send; then breaker.succeeded(now) or breaker.failed(now)
     """
 
-    __slots__ = ("_config", "_failures", "_opens", "_trial_out", "_trials", "reopens_at")
+    __slots__ = (
+        "_config",
+        "_failed_probes",
+        "_failures",
+        "_opens",
+        "_trial_out",
+        "_trials",
+        "reopens_at",
+    )
 
     def __init__(self, config: CircuitBreaker) -> None:
         self._config = config
         self._failures = 0  # consecutive, while closed
+        # Consecutive failed /health probes while closed: calls that succeed meanwhile do
+        # not reset them (a server draining for shutdown still answers what it has).
+        self._failed_probes = 0
         self._opens = 0  # consecutive openings without a success between
         self._trial_out = False
         self._trials = 0  # trial slots handed out so far: names the one outstanding
@@ -140,14 +151,22 @@ class Breaker:
     def probed(self, ok: bool, now: float) -> None:
         """The result of a ``/health`` probe: while half-open, it closes or reopens.
 
-        While open the cool-down runs its course whatever the probe says: a server
-        that answers ``/health`` may still fail calls.
+        While closed, ``failures`` failed probes in a row open the circuit (a server
+        whose engine died, or that is being taken out of service), even if calls still
+        succeed in between. While open the cool-down runs its course whatever the probe
+        says: a server that answers ``/health`` may still fail calls.
 
         Example::
 
             breaker.probed(True, now)  # closes a half-open circuit
         """
-        if self.state(now) != "half_open" or self._trial_out:
+        state = self.state(now)
+        if state == "closed":
+            self._failed_probes = 0 if ok else self._failed_probes + 1
+            if self._failed_probes >= self._config.failures:
+                self._open(now)
+            return
+        if state != "half_open" or self._trial_out:
             return
         if ok:
             self.succeeded(now)
@@ -157,6 +176,7 @@ class Breaker:
     def _open(self, now: float) -> None:
         self._opens += 1
         self._failures = 0
+        self._failed_probes = 0
         self._trial_out = False
         cooldown = self._config.cooldown * 2.0 ** min(self._opens - 1, 64)
         self.reopens_at = now + min(cooldown, self._config.max_cooldown)

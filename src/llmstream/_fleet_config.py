@@ -242,8 +242,10 @@ class CircuitBreaker:
     ``failures`` consecutive failures (connection errors, timeouts and 5xx before the
     first token; not the caller's own 4xx) open the circuit for ``cooldown`` seconds,
     doubling at each new opening up to ``max_cooldown``. Then one trial call is let
-    through (half-open): success closes the circuit, failure opens it again. The
-    endpoint's ``/health`` is probed every ``probe_interval`` seconds meanwhile.
+    through (half-open): success closes the circuit, failure opens it again. While the
+    client is busy, every endpoint's ``/health`` is probed every ``probe_interval``
+    seconds: ``failures`` failed probes in a row take it out too, and during the
+    cool-down a failed probe keeps it out.
 
     Example::
 

@@ -40,6 +40,8 @@ __all__ = ["AttemptTicket", "EndpointLoad", "EndpointState", "FleetState", "Pick
 # Weight of the newest first-token time in an endpoint's moving average: about the
 # last five calls matter, so a replica that slows down is noticed within a few calls.
 _TTFT_ALPHA = 0.3
+# Seconds over which a slow replica's penalty fades when it gets no calls.
+_TTFT_MEMORY = 30.0
 # The hedge budget's bucket: a few hedges may go at once after a quiet spell, no more.
 _HEDGE_BURST = 3.0
 # An endpoint's own first-token percentile counts toward the hedge delay from this many.
@@ -120,6 +122,8 @@ class EndpointState:
         self.in_flight_at_load = 0
         self.breaker = Breaker(breaker)
         self.ttft_ewma: float | None = None
+        self.ttft_at: float | None = None
+        """When ``ttft_ewma`` last learned something (``None``: never)."""
 
     @property
     def key(self) -> str:
@@ -207,7 +211,7 @@ class AttemptTicket:
             if self._first_token_at is not None:
                 return
             self._first_token_at = now
-            self._state._record_ttft(self.endpoint, now - self.started_at)
+            self._state._record_ttft(self.endpoint, now - self.started_at, now)
             self._decide(now, success=True)
 
     def failed(self, now: float, *, counts: bool) -> None:
@@ -254,7 +258,7 @@ class AttemptTicket:
         with self._state._lock:
             if self._first_token_at is None and not self._decided:
                 self._decided = True
-                self._state._record_no_first_token(self.endpoint, now - self.started_at)
+                self._state._record_no_first_token(self.endpoint, now - self.started_at, now)
 
     def release(self) -> None:
         """The attempt is over, whatever happened: in flight goes down, exactly once.
@@ -424,25 +428,34 @@ class FleetState:
                 scores[home] -= routing.affinity_weight
                 if home not in sampled:
                     sampled.append(home)
-        return candidates[lowest(scores, sampled, self._rng)]
+        # Weights act once: in the sample, or, when every candidate is in it, on ties.
+        every = routing.choices <= 0 or routing.choices >= len(candidates)
+        weights = [e.weight for e in candidates] if every else None
+        return candidates[lowest(scores, sampled, self._rng, weights)]
 
     def _load_part(self, e: EndpointState, now: float, medians: dict[str, float]) -> float:
         limit = self.fleet.admission.queue_limit
         load = e.load if self._fresh(e, now) else None
+        slow = self._slowness(e, now, medians)
         if load is None:
-            return load_score(
-                self.fleet.routing,
-                e.in_flight / limit,
-                ttft_term(e.ttft_ewma, medians.get(e.model)),
-            )
+            return load_score(self.fleet.routing, e.in_flight / limit, slow)
         # Calls sent since the figures were read are not in them: count them as queued,
         # so that a burst between two reads spreads instead of piling on one endpoint.
         since = max(0, e.in_flight - e.in_flight_at_load)
         # A replica answering far slower than its peers is penalised even when its
         # figures look idle: a slow GPU, a noisy neighbour, or a network in between.
-        slow = ttft_term(e.ttft_ewma, medians.get(e.model))
         kv = max(load.kv_cache, slow) if load.kv_cache is not None else slow
         return load_score(self.fleet.routing, (load.waiting + since) / limit, kv)
+
+    def _slowness(self, e: EndpointState, now: float, medians: dict[str, float]) -> float:
+        if e.ttft_at is None:
+            return 0.0
+        # Fades without news: a replica avoided for being slow gets no new first-token
+        # times, and would otherwise be avoided for ever after it recovered.
+        fading = 1.0 - (now - e.ttft_at) / _TTFT_MEMORY
+        if fading <= 0.0:
+            return 0.0
+        return fading * ttft_term(e.ttft_ewma, medians.get(e.model))
 
     def _ttft_medians(self, tier: int) -> dict[str, float]:
         by_model: dict[str, list[float]] = {}
@@ -515,24 +528,25 @@ class FleetState:
             endpoint.calls += 1
             return AttemptTicket(self, endpoint, trial, now)
 
-    def _record_ttft(self, e: EndpointState, ttft: float) -> None:
-        self._record_ttft_average(e, ttft)
+    def _record_ttft(self, e: EndpointState, ttft: float, now: float) -> None:
+        self._record_ttft_average(e, ttft, now)
         if self._window:
             self._ttfts.setdefault(e.model, deque(maxlen=self._window)).append((e, ttft))
 
-    def _record_no_first_token(self, e: EndpointState, waited: float) -> None:
+    def _record_no_first_token(self, e: EndpointState, waited: float, now: float) -> None:
         # Cut after `waited` seconds without a first token (it lost a hedge race): its
         # first-token time is at least that. Only ever raises the average, so that an
         # endpoint whose calls are always rescued by hedges is still seen to be slow; not
         # a sample of the window, whose percentile must not learn from cut requests.
         if e.ttft_ewma is None or waited > e.ttft_ewma:
-            self._record_ttft_average(e, waited)
+            self._record_ttft_average(e, waited, now)
 
     @staticmethod
-    def _record_ttft_average(e: EndpointState, ttft: float) -> None:
+    def _record_ttft_average(e: EndpointState, ttft: float, now: float) -> None:
         e.ttft_ewma = (
             ttft if e.ttft_ewma is None else e.ttft_ewma + _TTFT_ALPHA * (ttft - e.ttft_ewma)
         )
+        e.ttft_at = now
 
     def _drop(self, e: EndpointState) -> None:
         if e in self._endpoints:

@@ -1,8 +1,8 @@
 """The fleet's watcher: one daemon thread per client that keeps the fleet's picture fresh.
 
 While calls are being made it reads every endpoint's ``/metrics`` each
-``scrape_interval``, asks ``/health`` of endpoints whose circuit is open or half-open each
-``probe_interval``, and re-resolves the discovery DNS name each ``interval``. When no
+``scrape_interval``, asks every endpoint's ``/health`` each ``probe_interval``, and
+re-resolves the discovery DNS name each ``interval``. When no
 call has started for two intervals it sleeps until the next call wakes it, so an idle
 client costs nothing. Sync and async clients share it: the event loop never waits on a
 scrape.
@@ -196,11 +196,10 @@ class FleetWatcher(Generic[E]):
     """Scrapes ``/metrics``, probes ``/health`` and re-resolves DNS for one fleet state.
 
     ``scrape_interval``: seconds between ``/metrics`` rounds (``None``: never read
-    them). ``probe_interval``: seconds between ``/health`` probes of an endpoint whose
-    circuit is open or half-open (closed ones are not probed; open ones are not
-    scraped). ``discovery``: the DNS name to re-resolve, or ``None``. ``transport``,
-    ``verify``: for its own small HTTP client. ``clock`` must be the clock of the
-    state's timestamps.
+    them). ``probe_interval``: seconds between ``/health`` probes of every endpoint
+    (open ones are probed, not scraped). ``discovery``: the DNS name to re-resolve, or
+    ``None``. ``transport``, ``verify``: for its own small HTTP client. ``clock`` must
+    be the clock of the state's timestamps.
 
     The thread starts on the first :meth:`wake` and sleeps when no call has started
     for two intervals. It never raises: an endpoint that does not answer, answers
@@ -371,8 +370,6 @@ class FleetWatcher(Generic[E]):
             if self._closed:
                 return
             try:
-                if endpoint.breaker.state(self._clock()) == "closed":
-                    continue
                 ok = self._get(http, endpoint, "/health", timeout) is not None
                 self._state.record_probe(endpoint, ok, self._clock())
             except Exception as exc:

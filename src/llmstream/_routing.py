@@ -47,12 +47,16 @@ def load_score(routing: Routing, queue_term: float, kv_term: float) -> float:
 # from _SLOW_RATIO times on the endpoint counts as fully loaded.
 _NOISE_RATIO = 1.5
 _SLOW_RATIO = 4.0
+# Nor is a few milliseconds, whatever the ratio: on a fast network or with tiny prompts
+# the median itself is milliseconds.
+_SLACK = 0.025
 
 
 def ttft_term(ttft: float | None, median: float | None) -> float:
     """A stand-in for KV-cache use without ``/metrics``: how much slower than the median.
 
-    0 up to 1.5 times the median, rising to 1 at 4 times; 0 when either is unknown.
+    0 up to 1.5 times the median (or within 25 ms of it), rising to 1 at 4 times; 0 when
+    either is unknown.
     Small differences are noise that must not outweigh in-flight counts; a replica
     several times slower than its peers is degraded, whatever its figures say.
 
@@ -62,7 +66,7 @@ def ttft_term(ttft: float | None, median: float | None) -> float:
         ttft_term(0.5, 0.2)   # 0.4: two and a half times the fleet's median
         ttft_term(None, 0.2)  # 0.0
     """
-    if ttft is None or median is None or median <= 0:
+    if ttft is None or median is None or median <= 0 or ttft - median < _SLACK:
         return 0.0
     ratio = ttft / median
     return min(1.0, max(0.0, (ratio - _NOISE_RATIO) / (_SLOW_RATIO - _NOISE_RATIO)))
@@ -93,27 +97,36 @@ def weighted_sample(weights: Sequence[float], k: int, rng: random.Random) -> lis
     return order if k <= 0 else order[:k]
 
 
-def lowest(scores: Sequence[float], among: Sequence[int], rng: random.Random) -> int:
-    """The index in ``among`` with the lowest score; ties are broken at random.
+def lowest(
+    scores: Sequence[float],
+    among: Sequence[int],
+    rng: random.Random,
+    weights: Sequence[float] | None = None,
+) -> int:
+    """The index in ``among`` with the lowest score; ties are broken at random, by weight.
 
     Always taking the first of equal scores would send every call to the endpoint
-    listed first whenever the fleet is idle (all scores 0).
+    listed first whenever the fleet is idle (all scores 0). With ``weights``, each tied
+    index wins in proportion to its weight, so an idle fleet splits calls as weighted.
 
     Example::
 
         lowest([0.0, 0.0, 0.0], [0, 1, 2], random.Random())  # 0, 1 or 2, equally likely
+        lowest([0.0, 0.0], [0, 1], random.Random(), [3.0, 1.0])  # 0 three times in four
     """
     if not among:
         raise ValueError("lowest() needs at least one index")
     best = among[0]
-    ties = 1
+    tied = weights[best] if weights is not None else 1.0
     for index in among[1:]:
+        weight = weights[index] if weights is not None else 1.0
         if scores[index] < scores[best] - _TIE:
-            best, ties = index, 1
+            best, tied = index, weight
         elif abs(scores[index] - scores[best]) <= _TIE:
-            ties += 1
-            # Reservoir sampling of one: each tied index ends up chosen with 1/ties.
-            if rng.random() * ties < 1.0:
+            tied += weight
+            # Weighted reservoir sampling of one: each tied index ends up chosen with
+            # its weight over the sum of the tied weights.
+            if rng.random() * tied < weight:
                 best = index
     return best
 
