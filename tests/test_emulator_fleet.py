@@ -384,6 +384,25 @@ def test_down_refuses_then_up_serves_on_the_same_port(fleet: FakeFleet) -> None:
     assert fleet.chat_requests == [2, 0]
 
 
+def test_a_shared_port_fleet_puts_each_replica_on_its_own_loopback_address() -> None:
+    # As the pods behind a Kubernetes Service: one port, an address each.
+    with FakeFleet(3, shared_port=True) as fleet:
+        assert fleet.hosts == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        assert {replica.port for replica in fleet} == {fleet.port} and fleet.port != 0
+        assert fleet[2].base_url == f"http://127.0.0.3:{fleet.port}/v1"
+        for replica in fleet:
+            assert httpx.post(replica.base_url + "/chat/completions", json=CHAT).status_code == 200
+        assert fleet.chat_requests == [1, 1, 1]
+        fleet[1].down()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(fleet[1].root_url + "/health")
+        fleet[1].up()
+        assert (fleet[1].host, fleet[1].port) == ("127.0.0.2", fleet.port)
+        assert httpx.get(fleet[1].root_url + "/health").status_code == 200
+    with pytest.raises(ValueError, match="shared_port=True"):
+        _ = FakeFleet(2).port
+
+
 def test_down_cuts_an_open_stream(fleet: FakeFleet) -> None:
     replica = fleet[0]
     replica.fake.add_fault(Fault.stall(after_chunks=2))

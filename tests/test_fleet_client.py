@@ -6,8 +6,10 @@ the async client on asyncio and on trio, and the async client on aiohttp.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -17,6 +19,8 @@ from llmstream.testing import FakeFleet, FakeVLLM
 from llmstream.testing._config import Fault
 
 from .fleet_drivers import (
+    FAST_BREAKER,
+    MODEL,
     TEXT,
     WAIT,
     FleetClient,
@@ -194,6 +198,60 @@ async def test_a_down_replica_moves_its_own_sessions_only(mode: str, fleet: Fake
         else:
             assert moved[session] == homes[session], session
     assert settled == moved
+
+
+# -- discovery ---------------------------------------------------------------------------
+
+
+class FakeDNS:
+    """``socket.getaddrinfo`` that answers one made-up name with the addresses it is given."""
+
+    def __init__(self, name: str, addresses: list[str]) -> None:
+        self.name = name
+        self.addresses = addresses
+        self._real = socket.getaddrinfo
+
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != self.name:
+            return self._real(host, port, *args, **kwargs)
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port)))
+            for address in list(self.addresses)
+        ]
+
+
+async def test_replicas_found_by_dns_come_and_go_without_a_restart(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FakeFleet(3, text=TEXT, shared_port=True) as fleet:
+        dns = FakeDNS("vllm.fleet.test", fleet.hosts[:2])
+        monkeypatch.setattr(socket, "getaddrinfo", dns)
+        discovery = llmstream.DNSDiscovery(
+            "vllm.fleet.test", port=fleet.port, model=MODEL, interval=0.05
+        )
+        config = llmstream.Fleet(
+            discovery=discovery, scrape_interval=0.05, breaker=FAST_BREAKER, routing=BY_COUNTS
+        )
+        async with open_client(mode, config) as client:
+            first, second, third = fleet
+            before = answered_by(await call_many(client, 20), fleet)
+            assert before[2] == 0 and min(before[:2]) > 0, before
+
+            dns.addresses = fleet.hosts  # a third replica joins the Service
+            await until_loads_show(client, lambda loads: len(loads) == 3, "the new replica")
+            joined = answered_by(await call_many(client, 30), fleet)
+            assert joined[2] > 0, joined
+
+            dns.addresses = fleet.hosts[1:]  # the first one leaves it
+            await until_loads_show(
+                client,
+                lambda loads: first.base_url not in {load.url for load in loads},
+                "the replica gone",
+            )
+            left = first.chat_requests
+            after = answered_by(await call_many(client, 20), fleet)
+        assert after[0] == 0 and first.chat_requests == left, after
+        assert second.chat_requests > 0 and third.chat_requests > 0
 
 
 # -- health and circuit breaking ---------------------------------------------------------

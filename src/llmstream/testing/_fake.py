@@ -372,11 +372,13 @@ class FakeVLLM:
 
         return FakeTransport(self)
 
-    def serve(self, port: int = 0) -> FakeServer:
-        """A real HTTP/1.1 server on 127.0.0.1 (``port``; 0: ephemeral), run in a thread.
+    def serve(self, port: int = 0, *, host: str = "127.0.0.1") -> FakeServer:
+        """A real HTTP/1.1 server on ``host`` (``port``; 0: ephemeral), run in a thread.
 
         Use it as a context manager, or call ``start()`` and ``stop()``; a stopped server
-        starts again on the same port.
+        starts again on the same port. ``host`` is a loopback address: on Linux any of
+        127.0.0.0/8, so that several servers can share one port, as the pods behind a
+        Kubernetes Service do.
 
         >>> with FakeVLLM().serve() as server:
         ...     server.base_url.startswith("http://127.0.0.1:")
@@ -384,7 +386,7 @@ class FakeVLLM:
         """
         from ._server import FakeServer
 
-        return FakeServer(self, port=port)
+        return FakeServer(self, port=port, host=host)
 
     def exchange(self, request: HttpRequest) -> Exchange:
         """Record ``request`` and plan its answer (used by the transports and the server).

@@ -1,10 +1,11 @@
 """``FakeFleet``: several emulated vLLM replicas on loopback, to test code that spreads load.
 
 Each replica is a :class:`~llmstream.testing.FakeVLLM` behind its own
-:class:`~llmstream.testing.FakeServer` on ``127.0.0.1``. A test takes replicas down and
-up again (same port), breaks their streams, slows them, fails their health checks and
-sets what their ``/metrics`` report, while the code under test talks to them over real
-sockets.
+:class:`~llmstream.testing.FakeServer` on ``127.0.0.1`` (or, with ``shared_port=True``, each
+on its own loopback address and one port, as the pods of a Kubernetes Service). A test
+takes replicas down and up again (same address and port), breaks their streams, slows
+them, fails their health checks and sets what their ``/metrics`` report, while the code
+under test talks to them over real sockets.
 
 >>> with FakeFleet(2, text="Hi") as fleet:
 ...     len(fleet.base_urls), fleet[0].port != fleet[1].port
@@ -37,18 +38,28 @@ class FakeReplica:
     False
     """
 
-    def __init__(self, fake: FakeVLLM, index: int) -> None:
+    def __init__(self, fake: FakeVLLM, index: int, *, host: str = "127.0.0.1") -> None:
         self.fake = fake
         self.index = index
-        self.server: FakeServer = fake.serve()
+        self.server: FakeServer = fake.serve(host=host)
 
     def __repr__(self) -> str:
         state = "up" if self.is_up else "down"
         return f"<FakeReplica {self.index} {self.root_url} {state}>"
 
     @property
+    def host(self) -> str:
+        """The loopback address it listens on: ``127.0.0.1``, or ``127.0.0.N`` in a
+        fleet with ``shared_port=True``.
+
+        >>> FakeReplica(FakeVLLM(), 0).host
+        '127.0.0.1'
+        """
+        return self.server.host
+
+    @property
     def port(self) -> int:
-        """The TCP port on ``127.0.0.1`` (0 before the fleet starts).
+        """The TCP port on :attr:`host` (0 before the fleet starts).
 
         >>> FakeReplica(FakeVLLM(), 0).port
         0
@@ -71,7 +82,7 @@ class FakeReplica:
         >>> FakeReplica(FakeVLLM(), 0).root_url
         'http://127.0.0.1:0'
         """
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def is_up(self) -> bool:
@@ -179,6 +190,12 @@ class FakeFleet:
     or a list of your own ``FakeVLLM`` objects, for replicas that differ. As a context
     manager it starts every server and stops them all at the end.
 
+    ``shared_port=True`` puts replica N on ``127.0.0.{N+1}``, all on one port, as the
+    pods behind a Kubernetes headless Service: a DNS name whose records are
+    :attr:`hosts` (patch ``socket.getaddrinfo`` in a test) with
+    ``DNSDiscovery(name, port=fleet.port)`` finds them. Linux routes all of
+    127.0.0.0/8 to loopback; other systems may need the addresses added first.
+
     Example::
 
         with FakeFleet(3, text="Hello!", token_delay=0.01) as fleet:
@@ -201,6 +218,7 @@ class FakeFleet:
         token_delay: float = 0.0,
         max_num_seqs: int | None = None,
         kv_cache_tokens: int = 131_072,
+        shared_port: bool = False,
     ) -> None:
         if isinstance(replicas, int):
             if replicas < 1:
@@ -221,7 +239,13 @@ class FakeFleet:
             fakes = list(replicas)
             if not fakes:
                 raise ValueError("a fleet needs at least 1 replica, not an empty list")
-        self.replicas = [FakeReplica(fake, index) for index, fake in enumerate(fakes)]
+        if shared_port and len(fakes) > 254:
+            raise ValueError("shared_port gives each replica a 127.0.0.N address: 254 at most")
+        self.shared_port = shared_port
+        self.replicas = [
+            FakeReplica(fake, index, host=f"127.0.0.{index + 1}" if shared_port else "127.0.0.1")
+            for index, fake in enumerate(fakes)
+        ]
 
     def __len__(self) -> int:
         return len(self.replicas)
@@ -241,6 +265,28 @@ class FakeFleet:
         True
         """
         return [replica.base_url for replica in self.replicas]
+
+    @property
+    def hosts(self) -> list[str]:
+        """Every replica's loopback address, in order (all ``127.0.0.1`` unless
+        ``shared_port=True``).
+
+        >>> FakeFleet(2, shared_port=True).hosts
+        ['127.0.0.1', '127.0.0.2']
+        """
+        return [replica.host for replica in self.replicas]
+
+    @property
+    def port(self) -> int:
+        """The one port of a ``shared_port=True`` fleet (0 before it starts).
+
+        >>> with FakeFleet(2, shared_port=True) as fleet:
+        ...     fleet.port == fleet[1].port != 0
+        True
+        """
+        if not self.shared_port:
+            raise ValueError("the replicas have a port each: FakeFleet(..., shared_port=True)")
+        return self.replicas[0].port
 
     @property
     def fakes(self) -> list[FakeVLLM]:
@@ -267,6 +313,9 @@ class FakeFleet:
         """
         try:
             for replica in self.replicas:
+                if self.shared_port and replica.port == 0:
+                    # The first picks a free port; the others take it on their own address.
+                    replica.server.port = self.replicas[0].port
                 replica.up()
         except BaseException:
             self.stop()

@@ -71,9 +71,11 @@ class FakeServer:
     True
     """
 
-    def __init__(self, fake: FakeVLLM, port: int = 0) -> None:
+    def __init__(self, fake: FakeVLLM, port: int = 0, *, host: str = "127.0.0.1") -> None:
         self.fake = fake
         self.port = port
+        self.host = host
+        """The loopback address it listens on (any of 127.0.0.0/8 on Linux)."""
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -87,7 +89,7 @@ class FakeServer:
         >>> FakeVLLM().serve().base_url
         'http://127.0.0.1:0/v1'
         """
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     @property
     def serving(self) -> bool:
@@ -118,7 +120,7 @@ class FakeServer:
             self._thread.join(timeout=10)
             self._thread = None
             raise RuntimeError(
-                f"fake vLLM server failed to start on 127.0.0.1:{self.port}"
+                f"fake vLLM server failed to start on {self.host}:{self.port}"
             ) from self._error
         return self
 
@@ -154,7 +156,7 @@ class FakeServer:
         try:
             async with anyio.from_thread.BlockingPortal() as portal:
                 listener = await anyio.create_tcp_listener(
-                    local_host="127.0.0.1", local_port=self.port
+                    local_host=self.host, local_port=self.port
                 )
                 self.port = int(listener.extra(SocketAttribute.local_port))
                 with anyio.CancelScope() as scope:
