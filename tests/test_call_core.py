@@ -7,9 +7,11 @@ the end of a body, a failure, the clock) and checks the step it returns.
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
+import tenacity
 
 import llmstream
 from llmstream._accounting import BudgetOptions
@@ -25,7 +27,9 @@ from llmstream._call import (
     ReadFailure,
     Retry,
 )
+from llmstream._call_route import CallRoute
 from llmstream._events import CallFailed, CallFinished, FirstToken, RequestSent, ResponseHeaders
+from llmstream._fleet_state import FleetState
 from llmstream._flow import StreamOptions
 
 SSE = {"content-type": "text/event-stream"}
@@ -338,6 +342,56 @@ def test_retries_of_a_call_share_one_tenacity_state() -> None:
         now += 0.1 + step.delay
     assert [type(s) for s in steps] == [Retry, Retry, Retry, Fail]
     assert seen == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+# -- over a fleet: moves, rounds, fallback ---------------------------------------------
+
+
+def _fleet_core(retry: llmstream.RetryPolicy, total: float | None = None) -> CallCore:
+    fleet = llmstream.Fleet(
+        [llmstream.Endpoint("http://a:8000/v1"), llmstream.Endpoint("http://b:8000/v1")],
+        fallback=[llmstream.Endpoint("http://c:8000/v1", model="small")],
+        model="big",
+        breaker=llmstream.CircuitBreaker(failures=100),  # this test is not about breakers
+    )
+    route = CallRoute(FleetState(fleet, rng=random.Random(0)), session=None)
+    core = _core(retry=retry, timeouts=llmstream.Timeouts(first_token=5.0, total=total))
+    core.route = route
+    return core
+
+
+def _failing_calls(core: CallCore) -> list[tuple[str, str, float]]:
+    """Every request of a call whose endpoints all answer 503: (host, model, wait before)."""
+    sent: list[tuple[str, str, float]] = []
+    now, wait = 0.0, 0.0
+    while True:
+        assert core.admit(now) is None
+        attempt = core.begin_attempt(now)
+        sent.append((attempt.endpoint or "", str(attempt.body["model"]), wait))
+        step = core.error_response(attempt, 503, "", {}, b"", now + 0.1)
+        if not isinstance(step, Retry):
+            assert isinstance(step, Fail)
+            return sent
+        now, wait = now + 0.1 + step.delay, step.delay
+
+
+def test_a_failing_call_moves_through_the_fleet_then_the_fallback_then_backs_off() -> None:
+    policy = llmstream.RetryPolicy(max_retries=2, wait=tenacity.wait_exponential(multiplier=1))
+    sent = _failing_calls(_fleet_core(policy))
+    hosts = [host.split("/")[2].split(":")[0] for host, _, _ in sent]
+    rounds = [hosts[i : i + 3] for i in range(0, len(hosts), 3)]
+    # Each round tries both primaries (in either order), then the fallback model; the
+    # policy's backoff comes only between rounds, and its retries count rounds.
+    assert [sorted(r[:2]) + r[2:] for r in rounds] == [["a", "b", "c"]] * 3
+    assert [model for _, model, _ in sent] == ["big", "big", "small"] * 3
+    assert [wait for _, _, wait in sent] == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0]
+
+
+def test_one_total_deadline_bounds_every_round_of_a_call_over_a_fleet() -> None:
+    policy = llmstream.RetryPolicy(max_retries=10, wait=tenacity.wait_fixed(1.0))
+    sent = _failing_calls(_fleet_core(policy, total=2.5))
+    # Round one (0.3 s), a 1 s wait, round two (to 1.6 s); a 1 s wait would end past 2.5 s.
+    assert len(sent) == 6
 
 
 # -- several attempts in flight (hedging, fleets) -------------------------------------------
