@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -42,3 +43,18 @@ def test_testing_page_disconnect_example_passes() -> None:
     test = namespace["test_summary_stops_reading_after_the_first_sentence"]
     assert callable(test)
     test()
+
+
+def test_fleet_page_testing_example_passes() -> None:
+    code = _python_block(ROOT / "docs" / "fleet.md", "def test_summarise_survives")
+    namespace: dict[str, object] = {"__name__": "docs_fleet_example"}
+    exec(compile(code, "docs/fleet.md", "exec"), namespace)
+    test = namespace["test_summarise_survives_a_dead_replica"]
+    assert callable(test)
+    test()
+
+
+def test_fleet_page_snippets_compile() -> None:
+    # Top-level `await` is allowed: the blocks show the body of an async function.
+    for block in _BLOCK.findall((ROOT / "docs" / "fleet.md").read_text("utf-8")):
+        compile(block, "docs/fleet.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
