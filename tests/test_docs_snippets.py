@@ -36,22 +36,22 @@ def test_readme_snippet_runs_as_a_script(tmp_path: Path) -> None:
     assert re.search(r"stop: \d+ tokens in \d+\.\d\ds\n$", done.stdout), done.stdout
 
 
-def test_testing_page_disconnect_example_passes() -> None:
-    code = _python_block(ROOT / "docs" / "testing.md", "def test_summary_stops_reading")
-    namespace: dict[str, object] = {"__name__": "docs_testing_example"}
-    exec(compile(code, "docs/testing.md", "exec"), namespace)
-    test = namespace["test_summary_stops_reading_after_the_first_sentence"]
+def _run_page_test(page: str, test_name: str) -> None:
+    """Run the test function ``test_name``, defined in one python block of ``page``."""
+    code = _python_block(ROOT / "docs" / page, f"def {test_name}")
+    namespace: dict[str, object] = {"__name__": f"docs_{Path(page).stem}_example"}
+    exec(compile(code, f"docs/{page}", "exec"), namespace)
+    test = namespace[test_name]
     assert callable(test)
     test()
+
+
+def test_testing_page_disconnect_example_passes() -> None:
+    _run_page_test("testing.md", "test_summary_stops_reading_after_the_first_sentence")
 
 
 def test_fleet_page_testing_example_passes() -> None:
-    code = _python_block(ROOT / "docs" / "fleet.md", "def test_summarise_survives")
-    namespace: dict[str, object] = {"__name__": "docs_fleet_example"}
-    exec(compile(code, "docs/fleet.md", "exec"), namespace)
-    test = namespace["test_summarise_survives_a_dead_replica"]
-    assert callable(test)
-    test()
+    _run_page_test("fleet.md", "test_summarise_survives_a_dead_replica")
 
 
 def test_fleet_page_snippets_compile() -> None:
