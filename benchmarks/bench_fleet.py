@@ -155,9 +155,11 @@ async def _stream(client: object, session: str | None = None) -> Call:
     return Call(True, ttft, time.perf_counter() - start, result.hedged)
 
 
-def round_robin(
-    urls: Sequence[str],
-) -> tuple[Callable[[], Awaitable[Call]], Callable[[], Awaitable[None]]]:
+# A strategy's way to make one call, and to close its clients at the end.
+Caller = tuple[Callable[[], Awaitable[Call]], Callable[[], Awaitable[None]]]
+
+
+def round_robin(urls: Sequence[str]) -> Caller:
     """The baseline: one client per replica in rotation, the next one on a failure."""
     import llmstream
 
@@ -189,9 +191,7 @@ def round_robin(
     return call, close
 
 
-def fleet_client(
-    urls: Sequence[str], hedging: llmstream.Hedging | None
-) -> tuple[Callable[[], Awaitable[Call]], Callable[[], Awaitable[None]]]:
+def fleet_client(urls: Sequence[str], hedging: llmstream.Hedging | None) -> Caller:
     """``AsyncClient(fleet=Fleet(...))``, with or without hedging."""
     import llmstream
 
@@ -280,10 +280,12 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> Report:
         if strategy != "healthy-3":
             fleet.command("slow", degraded, args.ttft * SLOWDOWN)
             at_call[int(args.calls * DOWN_FROM)] = lambda: fleet.command("down", degraded)
-            at_call[int(args.calls * UP_FROM)] = lambda: (
-                fleet.command("slow", degraded, args.ttft),
-                fleet.command("up", degraded),
-            )[-1]
+
+            def back() -> None:  # healthy again: fast, and listening on its port
+                fleet.command("slow", degraded, args.ttft)
+                fleet.command("up", degraded)
+
+            at_call[int(args.calls * UP_FROM)] = back
         if strategy == "round-robin":
             call, close = round_robin(fleet.urls)
         else:
