@@ -53,21 +53,32 @@ async def conversation(client: llmstream.AsyncClient, names: dict[str, str]) -> 
     print(f"  turn 1 on {names[str(first.endpoint)]}; turn 2 on the same replica: {same}")
 
 
-async def many_calls(client: llmstream.AsyncClient, names: dict[str, str], down: str) -> None:
-    print(f"2. {down} is down: calls move to another replica before their first token")
-    results = await asyncio.gather(*(client.complete(QUESTION) for _ in range(6)))
-    by = [names[str(r.endpoint)] for r in results]
-    print(f"  {len(results)} of 6 answered, {by.count(down)} by {down}")
-
-
 async def broken_answer(client: llmstream.AsyncClient, fleet: FakeFleet) -> None:
-    print("3. a replica breaks mid-answer: the answer goes on from where it broke")
+    print("2. a replica breaks mid-answer: the answer goes on from where it broke")
     home = await client.complete(QUESTION, session="alice")  # where alice's calls go
     replica = next(r for r in fleet if r.base_url == home.endpoint)
     replica.die_mid_stream(after_chunks=5)  # the role chunk and four tokens
     async with client.stream(QUESTION, session="alice") as stream:
         text = "".join([piece async for piece in stream])
     print(f"  every character once: {text == ANSWER}; resumes: {stream.result.resumes}")
+
+
+async def replica_down(
+    client: llmstream.AsyncClient, fleet: FakeFleet, names: dict[str, str]
+) -> None:
+    print("3. replica-b is down: calls move to another replica before their first token")
+    fleet[1].down()
+    results = await asyncio.gather(*(client.complete(QUESTION) for _ in range(6)))
+    by = [names[str(r.endpoint)] for r in results]
+    print(f"  {len(results)} of 6 answered, {by.count('replica-b')} by replica-b")
+    fleet[1].up()
+    for _ in range(300):  # an open circuit closes after its cool-down and a /health probe
+        if all(load.state == "closed" for load in client.endpoint_loads()):
+            break
+        await client.complete(QUESTION)
+        await asyncio.sleep(0.02)
+    states = ", ".join(f"{load.name} {load.state}" for load in client.endpoint_loads())
+    print(f"  back up: {states}")
 
 
 async def overloaded(client: llmstream.AsyncClient, fleet: FakeFleet) -> None:
@@ -82,7 +93,7 @@ async def overloaded(client: llmstream.AsyncClient, fleet: FakeFleet) -> None:
             break
         await asyncio.sleep(0.02)
     for load in client.endpoint_loads():
-        print(f"  {load.name}: waiting={load.waiting:g}, in flight={load.in_flight}")
+        print(f"  {load.name}: waiting={load.waiting}, in flight={load.in_flight}")
 
 
 async def main() -> None:
@@ -99,17 +110,17 @@ async def main() -> None:
             for load in client.endpoint_loads():
                 print(f"  {load.name}: waiting={load.waiting}, kv_cache={load.kv_cache}")
         return
-    with FakeFleet(3, text=ANSWER, token_delay=0.002) as fleet:
+    # First tokens after 50 ms, as a real server's: a few milliseconds of noise then weigh
+    # little in the replicas' first-token times, which routing compares.
+    with FakeFleet(3, text=ANSWER, ttft=0.05, token_delay=0.002) as fleet:
         config = make_fleet(fleet.base_urls, "llmstream/fake-model")
         names = labels(config)
         # resume=True: an answer that breaks goes on, on a new request, instead of raising.
         retry = llmstream.RetryPolicy(resume=True)
         async with llmstream.AsyncClient(fleet=config, retry=retry) as client:
             await conversation(client, names)
-            fleet[1].down()
-            await many_calls(client, names, "replica-b")
-            fleet[1].up()
             await broken_answer(client, fleet)
+            await replica_down(client, fleet, names)
             await overloaded(client, fleet)
 
 

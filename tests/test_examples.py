@@ -76,16 +76,17 @@ EXPECTED: dict[str, list[str]] = {
     "fleet_routing.py": [
         # Both turns of a session on one replica (rendezvous hashing on the session).
         "; turn 2 on the same replica: True\n",
-        # replica-b is down: every call moves to another replica before its first token.
-        "  6 of 6 answered, 0 by replica-b\n",
         # A break mid-answer is continued (resume) without repeating a character.
         "  every character once: True; resumes: 1\n",
+        # replica-b is down: every call moves to another replica before its first token.
+        "  6 of 6 answered, 0 by replica-b\n"
+        "  back up: replica-a closed, replica-b closed, replica-c closed\n",
         # Every replica's waiting queue over the admission limit: refused, with a hint.
         "4. every replica reports a full queue: OverloadedError, not a longer queue\n"
         "  OverloadedError; an endpoint may have room in ",
-        "  replica-a: waiting=100, in flight=0\n"
-        "  replica-b: waiting=100, in flight=0\n"
-        "  replica-c: waiting=100, in flight=0\n",
+        "  replica-a: waiting=100.0, in flight=0\n"
+        "  replica-b: waiting=100.0, in flight=0\n"
+        "  replica-c: waiting=100.0, in flight=0\n",
     ],
     "bench.py": [
         "8 streams x 64 tokens, against the built-in emulator",
