@@ -1,21 +1,15 @@
-"""Several vLLM replicas behind one client: routing, failover and mid-answer continuation.
+"""Several vLLM replicas behind one client: sessions, failover, resume and admission.
 
-For N replicas of one model and no router in front of them. Shows a small ``Fleet`` built on
-the public API, one ``llmstream.AsyncClient`` per replica:
+``llmstream.AsyncClient(fleet=llmstream.Fleet(...))`` sends each call to the least loaded
+replica (from their ``/metrics``), keeps a conversation on one replica while it is not
+much busier than the others (its prefix cache is there), moves a call that fails before
+its first token to another replica, continues an answer that breaks mid-stream, and
+raises ``OverloadedError`` when every replica is saturated instead of queueing.
 
-- a call goes to the replica with the fewest streams in flight from this process, but a
-  conversation stays on one replica (rendezvous hashing on its key) while that replica is
-  healthy and not much busier than the others: vLLM's prefix cache lives in each replica;
-- a replica that fails before the first token (connection refused, connect timeout, 429,
-  5xx) is left out for a cooldown and the call goes to the next one; a request the server
-  rejects (400, 404) is not sent to another replica, which would reject it too;
-- a replica that breaks mid-answer: the answer continues on another replica, which gets the
-  partial answer with vLLM's ``continue_final_message``; every character arrives once.
-
-Against the built-in emulator it starts three replicas on loopback sockets: replica-b is down
-(its port is closed) and replica-c drops the connection in the middle of one answer. Against
-real servers, list them in ``LLMSTREAM_BASE_URLS`` (comma-separated), or give one in
-``LLMSTREAM_BASE_URL``; the same calls run, and usually succeed on their first replica:
+Against the built-in emulator it starts three replicas on loopback sockets
+(``llmstream.testing.FakeFleet``) and breaks them one way after another. Against real
+servers, list them in ``LLMSTREAM_BASE_URLS`` (comma-separated); the calls that need no
+fault run there:
 
     python examples/fleet_routing.py
     LLMSTREAM_BASE_URLS=http://gpu1:8000/v1,http://gpu2:8000/v1 python examples/fleet_routing.py
@@ -24,235 +18,110 @@ real servers, list them in ``LLMSTREAM_BASE_URLS`` (comma-separated), or give on
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import logging
 import os
-import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import llmstream
-from llmstream.testing import FakeVLLM, Fault
-
-COOLDOWN = 30.0  # seconds a replica that failed is left out of the choice
-MAX_IMBALANCE = 4  # streams a conversation's replica may have above the least busy one
-# Fail fast: another replica is the retry, and a replica that does not accept in 2 s is down.
-TIMEOUTS = llmstream.Timeouts(connect=2, first_token=120, idle=30)
-# Statuses that say the replica is unwell or overloaded; any other status is the request's fault.
-FAILOVER_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Replica:
-    """One server: its client, and what this process knows of its load and health."""
-
-    name: str
-    client: llmstream.AsyncClient
-    in_flight: int = 0  # streams open on it now
-    started: int = 0  # streams ever started on it
-    down_until: float = 0.0  # time.monotonic() before which it is left out
-
-    @property
-    def healthy(self) -> bool:
-        """Not in a cooldown after a failure."""
-        return time.monotonic() >= self.down_until
-
-
-def replica_failed(error: llmstream.LLMStreamError) -> bool:
-    """Whether ``error`` is the replica's failure, so that another replica may succeed.
-
-    Not failed over: a request the server rejected (every replica would reject it), the
-    caller's own limits (``StreamAborted``, ``TotalTimeout``), and ``ProtocolError`` (not
-    an OpenAI-compatible server: a configuration error to fix, not to route around).
-    """
-    if isinstance(error, llmstream.APIStatusError):
-        return error.status_code in FAILOVER_STATUSES
-    if isinstance(error, llmstream.ServerStreamError):  # vLLM's error event inside a 200
-        return error.error_code not in (400, 401, 403, 404, 422)
-    if isinstance(error, llmstream.TotalTimeout):
-        return False
-    return isinstance(error, llmstream.APIConnectionError | llmstream.StreamInterrupted)
-
-
-def rendezvous_score(key: str, replica: str) -> int:
-    """The key's score on a replica: the highest score wins.
-
-    Every process ranks the replicas alike for a key, and when a replica leaves, only the
-    keys it held move (each to its own second choice).
-    """
-    digest = hashlib.sha256(f"{key}/{replica}".encode()).digest()
-    return int.from_bytes(digest[:8], "big")
-
-
-class Fleet:
-    """Replicas of one model: picks one per call, fails over, continues broken answers.
-
-    ``urls`` maps replica names to base URLs; ``client_options`` go to every
-    ``llmstream.AsyncClient`` (``model``, ``api_key``...). ``on_event`` is told of each
-    routing decision and failure (default: the log at INFO).
-    """
-
-    def __init__(
-        self,
-        urls: Mapping[str, str],
-        *,
-        on_event: Callable[[str], object] = logger.info,
-        **client_options: Any,
-    ) -> None:
-        # retry=0: a failure goes to another replica at once instead of waiting for this one.
-        self.replicas = [
-            Replica(name, llmstream.AsyncClient(url, retry=0, timeout=TIMEOUTS, **client_options))
-            for name, url in urls.items()
-        ]
-        self.on_event = on_event
-
-    async def __aenter__(self) -> Fleet:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        for replica in self.replicas:
-            await replica.client.aclose()
-
-    def choose(self, key: str | None, tried: set[str]) -> Replica:
-        """The replica for a call's next request; ``tried``: replicas this call already used.
-
-        With a ``key`` (a conversation, or a shared system prompt), its preferred healthy
-        replica, unless that one has ``MAX_IMBALANCE`` more streams than the least busy;
-        without, the least busy (ties: the one that started fewest, so an idle fleet takes
-        turns). When every replica left is down, they are tried anyway.
-        """
-        untried = [r for r in self.replicas if r.name not in tried]
-        candidates = [r for r in untried if r.healthy] or untried
-        least = min(r.in_flight for r in candidates)
-        if key is not None:
-            ranked = sorted(candidates, key=lambda r: rendezvous_score(key, r.name), reverse=True)
-            return next(r for r in ranked if r.in_flight <= least + MAX_IMBALANCE)
-        return min(candidates, key=lambda r: (r.in_flight, r.started))
-
-    async def stream(
-        self,
-        messages: Sequence[llmstream.Message],
-        *,
-        key: str | None = None,
-        max_tokens: int | None = None,
-        **params: Any,
-    ) -> AsyncGenerator[str, None]:
-        """Yield the answer's text; use it with ``contextlib.aclosing``.
-
-        Each replica is tried at most once per call. Before the first character a failure
-        starts the request over on another replica; after it, the next replica continues
-        the answer from its last character. ``params`` go to ``client.stream()``; keep to
-        one choice of plain text (no ``n``, no tools) for continuations.
-        """
-        text = ""  # what the caller has received, from every replica
-        used = 0  # completion tokens spent on that text
-        tried: set[str] = set()
-        while True:
-            replica = self.choose(key, tried)
-            tried.add(replica.name)
-            request, extra = list(messages), dict(params)
-            if text:
-                # vLLM carries on from the last character of the final assistant message.
-                request.append({"role": "assistant", "content": text})
-                extra.update(continue_final_message=True, add_generation_prompt=False)
-                self.on_event(f"continuing after {len(text)} chars on {replica.name}")
-            else:
-                self.on_event(f"{key or 'call'} -> {replica.name} ({replica.in_flight} in flight)")
-            left = None if max_tokens is None else max_tokens - used
-            before = len(text)
-            replica.in_flight += 1
-            replica.started += 1
-            try:
-                async with replica.client.stream(request, max_tokens=left, **extra) as stream:
-                    async for piece in stream:
-                        text += piece
-                        yield piece
-                return
-            except llmstream.LLMStreamError as exc:
-                if not replica_failed(exc):
-                    raise
-                replica.down_until = time.monotonic() + COOLDOWN
-                what = f"broke after {len(text) - before} chars" if len(text) > before else "failed"
-                name = type(exc).__name__
-                self.on_event(f"{replica.name} {what} ({name}); down for {COOLDOWN:g} s")
-                if text and exc.partial is not None:
-                    used += exc.partial.metrics.completion_tokens
-                out_of_tokens = max_tokens is not None and used >= max_tokens
-                if out_of_tokens or len(tried) == len(self.replicas):
-                    raise  # no tokens left to continue with, or no replica left to try
-            finally:
-                replica.in_flight -= 1
-
-
-# -- the demo ---------------------------------------------------------------------------------
+from llmstream.testing import FakeFleet
 
 QUESTION = "List the planets of the solar system, in order."
 ANSWER = "Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune."
 
 
-async def ask(
-    fleet: Fleet, messages: Sequence[llmstream.Message], key: str | None, **params: Any
-) -> str:
-    """One call through the fleet; returns the whole answer."""
-    params.setdefault("max_tokens", 128)
-    async with contextlib.aclosing(fleet.stream(messages, key=key, **params)) as pieces:
-        return "".join([piece async for piece in pieces])
-
-
-async def demo(fleet: Fleet, fakes: Mapping[str, FakeVLLM]) -> None:
-    """Each behaviour in turn; with the emulator, faults are queued for the call about them."""
-    question: list[llmstream.Message] = [{"role": "user", "content": QUESTION}]
-    print("1. a replica that is down: failover before the first token")
-    print(f"  answer: {await ask(fleet, question, key='dave')}")
-
-    print("2. one conversation, two turns: prefix affinity")
-    answer = await ask(fleet, question, key="carol")
-    print(f"  turn 1: {answer}")
-    chat: list[llmstream.Message] = [
-        *question,
-        {"role": "assistant", "content": answer},
-        {"role": "user", "content": "Why?"},
+def make_fleet(urls: list[str], model: str) -> llmstream.Fleet:
+    """The replicas, named replica-a, replica-b...; /metrics read every quarter second."""
+    endpoints = [
+        llmstream.Endpoint(url, name=f"replica-{chr(ord('a') + i)}") for i, url in enumerate(urls)
     ]
-    print(f"  turn 2: {await ask(fleet, chat, key='carol')}")
+    return llmstream.Fleet(endpoints, model=model, scrape_interval=0.25)
 
-    print("3. four one-off questions at once: fewest streams in flight")
-    questions: list[list[llmstream.Message]] = [
-        [{"role": "user", "content": f"Question {i}"}] for i in range(4)
+
+def labels(fleet: llmstream.Fleet) -> dict[str, str]:
+    """Endpoint names by base URL (``result.endpoint`` is the base URL that answered)."""
+    return {endpoint.base_url: endpoint.label for endpoint in fleet.endpoints}
+
+
+async def conversation(client: llmstream.AsyncClient, names: dict[str, str]) -> None:
+    print("1. one conversation, two turns: one replica (its prefix cache is warm)")
+    first = await client.complete(QUESTION, session="carol")
+    turn_two: list[llmstream.Message] = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "And the dwarf planets?"},
     ]
-    answers = await asyncio.gather(*(ask(fleet, q, key=None) for q in questions))
-    print(f"  {len(answers)} answers")
+    second = await client.complete(turn_two, session="carol")
+    same = first.endpoint == second.endpoint
+    print(f"  turn 1 on {names[str(first.endpoint)]}; turn 2 on the same replica: {same}")
 
-    print("4. a replica that breaks mid-answer: continued on another one")
-    if fakes:
-        fakes["replica-c"].add_fault(Fault.disconnect(after_chunks=5))  # after four tokens
-    answer = await ask(fleet, question, key="alice")
-    print(f"  answer: {answer}")
-    if fakes:
-        print(f"  the whole answer, every character once: {answer == ANSWER}")
 
-    print("5. a request every replica would reject (an unknown model): no failover")
-    try:
-        await ask(fleet, question, key="bob", model="no-such-model")
-    except llmstream.APIStatusError as exc:
-        print(f"  {type(exc).__name__} ({exc.status_code}), raised to the caller")
+async def broken_answer(client: llmstream.AsyncClient, fleet: FakeFleet) -> None:
+    print("2. a replica breaks mid-answer: the answer goes on from where it broke")
+    home = await client.complete(QUESTION, session="alice")  # where alice's calls go
+    replica = next(r for r in fleet if r.base_url == home.endpoint)
+    replica.die_mid_stream(after_chunks=5)  # the role chunk and four tokens
+    async with client.stream(QUESTION, session="alice") as stream:
+        text = "".join([piece async for piece in stream])
+    print(f"  every character once: {text == ANSWER}; resumes: {stream.result.resumes}")
+
+
+async def replica_down(
+    client: llmstream.AsyncClient, fleet: FakeFleet, names: dict[str, str]
+) -> None:
+    print("3. replica-b is down: calls move to another replica before their first token")
+    fleet[1].down()
+    results = await asyncio.gather(*(client.complete(QUESTION) for _ in range(6)))
+    by = [names[str(r.endpoint)] for r in results]
+    print(f"  {len(results)} of 6 answered, {by.count('replica-b')} by replica-b")
+    fleet[1].up()
+    for _ in range(300):  # an open circuit closes after its cool-down and a /health probe
+        if all(load.state == "closed" for load in client.endpoint_loads()):
+            break
+        await client.complete(QUESTION)
+        await asyncio.sleep(0.02)
+    states = ", ".join(f"{load.name} {load.state}" for load in client.endpoint_loads())
+    print(f"  back up: {states}")
+
+
+async def overloaded(client: llmstream.AsyncClient, fleet: FakeFleet) -> None:
+    print("4. every replica reports a full queue: OverloadedError, not a longer queue")
+    for fake in fleet.fakes:
+        fake.set_metrics(waiting=100)  # over Admission.queue_limit (64)
+    for _ in range(200):  # calls go on until the client has read the new figures
+        try:
+            await client.complete(QUESTION)
+        except llmstream.OverloadedError as exc:
+            print(f"  OverloadedError; an endpoint may have room in {exc.retry_after:.2f} s")
+            break
+        await asyncio.sleep(0.02)
+    for load in client.endpoint_loads():
+        print(f"  {load.name}: waiting={load.waiting}, in flight={load.in_flight}")
 
 
 async def main() -> None:
     listed = os.environ.get("LLMSTREAM_BASE_URLS") or os.environ.get("LLMSTREAM_BASE_URL")
-    with contextlib.ExitStack() as stack:
-        if listed:
-            urls = {url: url for url in (u.strip() for u in listed.split(",")) if url}
-            fakes: dict[str, FakeVLLM] = {}
-        else:  # three emulated replicas on loopback; replica-b stops, so its port refuses
-            fakes = {f"replica-{x}": FakeVLLM(ANSWER, token_delay=0.002) for x in "abc"}
-            servers = {name: stack.enter_context(fake.serve()) for name, fake in fakes.items()}
-            servers["replica-b"].stop()
-            urls = {name: server.base_url for name, server in servers.items()}
-        async with Fleet(urls, on_event=lambda event: print(f"  fleet: {event}")) as fleet:
-            await demo(fleet, fakes)
+    if listed:
+        urls = [url.strip() for url in listed.split(",") if url.strip()]
+        model = os.environ.get("LLMSTREAM_MODEL")
+        if model is None:
+            async with llmstream.AsyncClient(urls[0]) as probe:
+                model = (await probe.models())[0]
+        config = make_fleet(urls, model)
+        async with llmstream.AsyncClient(fleet=config) as client:
+            await conversation(client, labels(config))
+            for load in client.endpoint_loads():
+                print(f"  {load.name}: waiting={load.waiting}, kv_cache={load.kv_cache}")
+        return
+    # First tokens after 50 ms, as a real server's: a few milliseconds of noise then weigh
+    # little in the replicas' first-token times, which routing compares.
+    with FakeFleet(3, text=ANSWER, ttft=0.05, token_delay=0.002) as fleet:
+        config = make_fleet(fleet.base_urls, "llmstream/fake-model")
+        names = labels(config)
+        # resume=True: an answer that breaks goes on, on a new request, instead of raising.
+        retry = llmstream.RetryPolicy(resume=True)
+        async with llmstream.AsyncClient(fleet=config, retry=retry) as client:
+            await conversation(client, names)
+            await broken_answer(client, fleet)
+            await replica_down(client, fleet, names)
+            await overloaded(client, fleet)
 
 
 if __name__ == "__main__":

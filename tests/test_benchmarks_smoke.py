@@ -7,6 +7,7 @@ library that breaks one shows up here instead of the next time someone measures.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -131,3 +132,20 @@ def test_profile_pyinstrument_quick() -> None:
     pytest.importorskip("pyinstrument")
     out = run("profile_clients.py", "--chunks", "500")
     assert "chunks" in out
+
+
+def test_bench_fleet_quick(tmp_path: Path) -> None:
+    numbers = tmp_path / "fleet.json"
+    out = run("bench_fleet.py", "--calls", "24", "--concurrency", "4", "--json", str(numbers))
+    for row in ("round-robin", "load-aware", "hedged", "healthy-3", "targets:"):
+        assert row in out
+    assert "hedged p99 TTFT <= 1.5 x healthy-3 p99 TTFT" in out
+    data = json.loads(numbers.read_text("utf-8"))
+    assert [s["strategy"] for s in data["strategies"]] == [
+        "round-robin",
+        "load-aware",
+        "hedged",
+        "healthy-3",
+    ]
+    assert all(s["calls"] == 24 for s in data["strategies"])
+    assert len(data["targets"]) == 3

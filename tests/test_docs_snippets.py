@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -35,10 +36,25 @@ def test_readme_snippet_runs_as_a_script(tmp_path: Path) -> None:
     assert re.search(r"stop: \d+ tokens in \d+\.\d\ds\n$", done.stdout), done.stdout
 
 
-def test_testing_page_disconnect_example_passes() -> None:
-    code = _python_block(ROOT / "docs" / "testing.md", "def test_summary_stops_reading")
-    namespace: dict[str, object] = {"__name__": "docs_testing_example"}
-    exec(compile(code, "docs/testing.md", "exec"), namespace)
-    test = namespace["test_summary_stops_reading_after_the_first_sentence"]
+def _run_page_test(page: str, test_name: str) -> None:
+    """Run the test function ``test_name``, defined in one python block of ``page``."""
+    code = _python_block(ROOT / "docs" / page, f"def {test_name}")
+    namespace: dict[str, object] = {"__name__": f"docs_{Path(page).stem}_example"}
+    exec(compile(code, f"docs/{page}", "exec"), namespace)
+    test = namespace[test_name]
     assert callable(test)
     test()
+
+
+def test_testing_page_disconnect_example_passes() -> None:
+    _run_page_test("testing.md", "test_summary_stops_reading_after_the_first_sentence")
+
+
+def test_fleet_page_testing_example_passes() -> None:
+    _run_page_test("fleet.md", "test_summarise_survives_a_dead_replica")
+
+
+def test_fleet_page_snippets_compile() -> None:
+    # Top-level `await` is allowed: the blocks show the body of an async function.
+    for block in _BLOCK.findall((ROOT / "docs" / "fleet.md").read_text("utf-8")):
+        compile(block, "docs/fleet.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)

@@ -74,28 +74,19 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "testing_your_app.py": ["5 passed"],
     "fleet_routing.py": [
-        # replica-b is down: the call fails over before its first token.
-        "  fleet: dave -> replica-b (0 in flight)\n"
-        "  fleet: replica-b failed (APIConnectionError); down for 30 s\n"
-        "  fleet: dave -> replica-c (0 in flight)\n"
-        "  answer: Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.",
-        # Both turns of one conversation go to the same replica.
-        "  fleet: carol -> replica-a (0 in flight)\n"
-        "  turn 1: Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.\n"
-        "  fleet: carol -> replica-a (0 in flight)\n",
-        # Four at once spread over the two healthy replicas (replica-b is still down).
-        "  fleet: call -> replica-c (0 in flight)\n"
-        "  fleet: call -> replica-a (0 in flight)\n"
-        "  fleet: call -> replica-c (1 in flight)\n"
-        "  fleet: call -> replica-a (1 in flight)\n",
-        # replica-c breaks after 15 characters; replica-a continues; the text arrives once.
-        "  fleet: alice -> replica-c (0 in flight)\n"
-        "  fleet: replica-c broke after 15 chars (StreamInterrupted); down for 30 s\n"
-        "  fleet: continuing after 15 chars on replica-a\n"
-        "  answer: Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.\n"
-        "  the whole answer, every character once: True",
-        # A 404 is the request's fault: raised, not failed over.
-        "  fleet: bob -> replica-a (0 in flight)\n  NotFoundError (404), raised to the caller",
+        # Both turns of a session on one replica (rendezvous hashing on the session).
+        "; turn 2 on the same replica: True\n",
+        # A break mid-answer is continued (resume) without repeating a character.
+        "  every character once: True; resumes: 1\n",
+        # replica-b is down: every call moves to another replica before its first token.
+        "  6 of 6 answered, 0 by replica-b\n"
+        "  back up: replica-a closed, replica-b closed, replica-c closed\n",
+        # Every replica's waiting queue over the admission limit: refused, with a hint.
+        "4. every replica reports a full queue: OverloadedError, not a longer queue\n"
+        "  OverloadedError; an endpoint may have room in ",
+        "  replica-a: waiting=100.0, in flight=0\n"
+        "  replica-b: waiting=100.0, in flight=0\n"
+        "  replica-c: waiting=100.0, in flight=0\n",
     ],
     "bench.py": [
         "8 streams x 64 tokens, against the built-in emulator",

@@ -1,0 +1,454 @@
+"""One client over four vLLM replicas, one of them degraded: what routing and hedging buy.
+
+``--calls`` chat completions (500), ``--concurrency`` at a time (32), over four emulated
+replicas (:class:`llmstream.testing.FakeFleet` on loopback sockets, run in a child
+process so the emulator never takes the client's CPU). One replica is degraded in three
+phases of the run, by call number: its first token takes ten times as long as the
+others' (calls 0-40 %), then it is down (40-70 %: connections refused, its streams under
+way cut), then it is back and healthy (70-100 %).
+
+Strategies, each on a fresh fleet:
+
+* ``round-robin``: the baseline without a fleet: one ``AsyncClient`` per replica (with
+  the client's default retries), calls handed out in rotation, a call that fails on its
+  replica moved to the next one;
+* ``load-aware``: ``AsyncClient(fleet=Fleet(endpoints=...))``, the defaults;
+* ``hedged``: the same with ``Fleet(hedging=Hedging())`` (hedge after the 95th
+  percentile of recent first-token times, at most 5 % of calls);
+* ``healthy-3``: the reference: three healthy replicas only, load-aware.
+
+Per strategy: calls that succeeded, time to first token and end to end (p50 and p99,
+measured by the caller from the start of the call, so failovers, retries and waits are
+in them), chat requests each replica received (its own count), hedges as a share of
+calls, and every request beyond one per call (hedges, failovers to a replica that
+answered, resumes). The targets are printed with whether each is met.
+
+Run::
+
+    PYTHONPATH=src python benchmarks/bench_fleet.py                 # ~30 s
+    PYTHONPATH=src python benchmarks/bench_fleet.py --quick
+    PYTHONPATH=src python benchmarks/bench_fleet.py --json fleet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import llmstream
+
+MODEL = "llmstream/fake-model"
+TEXT = (
+    "PagedAttention stores the KV cache in fixed-size blocks, so memory is allocated on "
+    "demand and shared between sequences."
+)
+STRATEGIES = ("round-robin", "load-aware", "hedged", "healthy-3")
+SLOWDOWN = 10.0  # the degraded replica's first token takes this many times longer
+DOWN_FROM, UP_FROM = 0.4, 0.7  # fractions of the calls: the degraded replica is down between
+# The targets the fleet is built to meet (see docs/fleet.md).
+MAX_P99_RATIO = 1.5  # hedged p99 TTFT over healthy-3's
+MAX_HEDGES = 0.10  # hedges as a share of calls
+
+
+# --- the fleet, in a child process ------------------------------------------------------
+
+
+def _serve_fleet(
+    conn: multiprocessing.connection.Connection, replicas: int, ttft: float, token_delay: float
+) -> None:
+    """The child: a FakeFleet, driven by (command, replica, value) tuples on ``conn``."""
+    from llmstream.testing import FakeFleet
+
+    with FakeFleet(replicas, text=TEXT, ttft=ttft, token_delay=token_delay) as fleet:
+        conn.send(fleet.base_urls)
+        while True:
+            command, index, value = conn.recv()
+            if command == "stop":
+                break
+            replica = fleet[index]
+            if command == "slow":
+                replica.slow(value)
+            elif command == "down":
+                replica.down()
+            elif command == "up":
+                replica.up()
+            conn.send(None)
+        conn.send(fleet.chat_requests)
+
+
+class FleetProcess:
+    """Emulated replicas served by a child process; ``urls`` once started.
+
+    ``command()`` changes a replica and returns once done; leaving the block stops the
+    fleet and leaves its per-replica chat request counts in ``chat_requests``.
+    """
+
+    def __init__(self, replicas: int, ttft: float, token_delay: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve_fleet, args=(child, replicas, ttft, token_delay), daemon=True
+        )
+        self.urls: list[str] = []
+        self.chat_requests: list[int] = []
+
+    def __enter__(self) -> FleetProcess:
+        self._process.start()
+        self.urls = self._conn.recv()
+        return self
+
+    def command(self, command: str, index: int, value: float = 0.0) -> None:
+        self._conn.send((command, index, value))
+        self._conn.recv()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._conn.send(("stop", 0, 0.0))
+        self.chat_requests = self._conn.recv()
+        self._process.join(timeout=10)
+
+
+# --- one call, one strategy ---------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    """What the caller saw of one call (seconds from its start)."""
+
+    ok: bool
+    ttft: float | None = None
+    total: float = 0.0
+    hedged: bool = False
+    error: str | None = None
+
+
+async def _stream(client: object, session: str | None = None) -> Call:
+    """One streamed call; the first-token time is the first text the caller receives."""
+    import llmstream
+
+    assert isinstance(client, llmstream.AsyncClient)
+    start = time.perf_counter()
+    ttft: float | None = None
+    params = {"session": session} if session is not None else {}
+    async with client.stream("Explain PagedAttention.", **params) as stream:  # type: ignore[arg-type]
+        async for _ in stream:
+            if ttft is None:
+                ttft = time.perf_counter() - start
+    result = stream.result
+    return Call(True, ttft, time.perf_counter() - start, result.hedged)
+
+
+# A strategy's way to make one call, and to close its clients at the end.
+Caller = tuple[Callable[[], Awaitable[Call]], Callable[[], Awaitable[None]]]
+
+
+def round_robin(urls: Sequence[str]) -> Caller:
+    """The baseline: one client per replica in rotation, the next one on a failure."""
+    import llmstream
+
+    clients = [llmstream.AsyncClient(url, model=MODEL) for url in urls]
+    turn = itertools.count()
+
+    async def call() -> Call:
+        start = time.perf_counter()
+        first = next(turn)
+        error: llmstream.LLMStreamError | None = None
+        for k in range(len(clients)):
+            try:
+                done = await _stream(clients[(first + k) % len(clients)])
+            except llmstream.LLMStreamError as exc:
+                error = exc
+                continue
+            # Times count from the call's start, failed replicas included.
+            spent = done.total
+            done.total = time.perf_counter() - start
+            if done.ttft is not None:
+                done.ttft += done.total - spent
+            return done
+        return Call(False, None, time.perf_counter() - start, error=type(error).__name__)
+
+    async def close() -> None:
+        for client in clients:
+            await client.aclose()
+
+    return call, close
+
+
+def fleet_client(urls: Sequence[str], hedging: llmstream.Hedging | None) -> Caller:
+    """``AsyncClient(fleet=Fleet(...))``, with or without hedging."""
+    import llmstream
+
+    fleet = llmstream.Fleet([llmstream.Endpoint(url) for url in urls], model=MODEL, hedging=hedging)
+    client = llmstream.AsyncClient(fleet=fleet)
+
+    async def call() -> Call:
+        start = time.perf_counter()
+        try:
+            return await _stream(client)
+        except llmstream.LLMStreamError as exc:
+            return Call(False, None, time.perf_counter() - start, error=type(exc).__name__)
+
+    return call, client.aclose
+
+
+# --- a run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """One strategy's numbers (seconds, shares in 0..1)."""
+
+    strategy: str
+    calls: int
+    succeeded: int
+    ttft_p50: float
+    ttft_p99: float
+    total_p50: float
+    total_p99: float
+    chat_requests: list[int]
+    hedges: int
+    extra_requests: int
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        return self.succeeded / self.calls
+
+    @property
+    def hedge_share(self) -> float:
+        return self.hedges / self.calls
+
+    @property
+    def extra_share(self) -> float:
+        return self.extra_requests / self.calls
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..1); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+async def _drive(
+    call: Callable[[], Awaitable[Call]],
+    calls: int,
+    concurrency: int,
+    at_call: dict[int, Callable[[], None]],
+) -> list[Call]:
+    """``calls`` calls, ``concurrency`` at a time; ``at_call[i]`` runs before call ``i``."""
+    numbers = iter(range(calls))
+    results: list[Call] = []
+
+    async def worker() -> None:
+        for number in numbers:
+            change = at_call.get(number)
+            if change is not None:
+                await asyncio.to_thread(change)
+            results.append(await call())
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+def run_strategy(strategy: str, args: argparse.Namespace) -> Report:
+    """One strategy on a fresh fleet; the degraded replica is the last one."""
+    import llmstream
+
+    replicas = 3 if strategy == "healthy-3" else args.replicas
+    degraded = replicas - 1
+    with FleetProcess(replicas, args.ttft, args.token_delay) as fleet:
+        at_call: dict[int, Callable[[], None]] = {}
+        if strategy != "healthy-3":
+            fleet.command("slow", degraded, args.ttft * SLOWDOWN)
+            at_call[int(args.calls * DOWN_FROM)] = lambda: fleet.command("down", degraded)
+
+            def back() -> None:  # healthy again: fast, and listening on its port
+                fleet.command("slow", degraded, args.ttft)
+                fleet.command("up", degraded)
+
+            at_call[int(args.calls * UP_FROM)] = back
+        if strategy == "round-robin":
+            call, close = round_robin(fleet.urls)
+        else:
+            hedging = None
+            if strategy == "hedged":
+                hedging = llmstream.Hedging(delay=args.hedge_delay, budget=args.hedge_budget)
+            call, close = fleet_client(fleet.urls, hedging)
+
+        async def main() -> list[Call]:
+            try:
+                return await _drive(call, args.calls, args.concurrency, at_call)
+            finally:
+                await close()
+
+        results = asyncio.run(main())
+    ok = [r for r in results if r.ok]
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error is not None:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    return Report(
+        strategy=strategy,
+        calls=len(results),
+        succeeded=len(ok),
+        ttft_p50=percentile([r.ttft for r in ok if r.ttft is not None], 0.5),
+        ttft_p99=percentile([r.ttft for r in ok if r.ttft is not None], 0.99),
+        total_p50=percentile([r.total for r in ok], 0.5),
+        total_p99=percentile([r.total for r in ok], 0.99),
+        chat_requests=fleet.chat_requests,
+        hedges=sum(r.hedged for r in results),
+        extra_requests=max(0, sum(fleet.chat_requests) - len(results)),
+        errors=errors,
+    )
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
+
+
+def table(reports: Sequence[Report]) -> str:
+    head = (
+        f"{'strategy':<12} {'ok %':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'e2e p50':>8} "
+        f"{'e2e p99':>8} {'hedges %':>9} {'extra %':>8}  chat requests per replica"
+    )
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        lines.append(
+            f"{r.strategy:<12} {100 * r.success_rate:>6.1f} {_ms(r.ttft_p50):>9} "
+            f"{_ms(r.ttft_p99):>9} {_ms(r.total_p50):>8} {_ms(r.total_p99):>8} "
+            f"{100 * r.hedge_share:>9.1f} {100 * r.extra_share:>8.1f}  "
+            f"{' / '.join(map(str, r.chat_requests))}"
+            + (f"  errors: {r.errors}" if r.errors else "")
+        )
+    return "\n".join(lines)
+
+
+def targets(reports: Sequence[Report]) -> list[tuple[str, bool | None, str]]:
+    """(target, met or None when a strategy it needs did not run, the figures)."""
+    by_name = {r.strategy: r for r in reports}
+    hedged, healthy = by_name.get("hedged"), by_name.get("healthy-3")
+    checks: list[tuple[str, bool | None, str]] = []
+    name = f"hedged p99 TTFT <= {MAX_P99_RATIO:g} x healthy-3 p99 TTFT"
+    if hedged is not None and healthy is not None:
+        ratio = hedged.ttft_p99 / healthy.ttft_p99
+        checks.append(
+            (
+                name,
+                ratio <= MAX_P99_RATIO,
+                f"{_ms(hedged.ttft_p99)} ms vs {_ms(healthy.ttft_p99)} ms: {ratio:.2f} x",
+            )
+        )
+    else:
+        checks.append((name, None, "needs the hedged and healthy-3 rows"))
+    name = f"hedges <= {100 * MAX_HEDGES:g} % of calls"
+    if hedged is not None:
+        checks.append(
+            (
+                name,
+                hedged.hedge_share <= MAX_HEDGES,
+                f"{100 * hedged.hedge_share:.1f} % "
+                f"({100 * hedged.extra_share:.1f} % extra requests in all)",
+            )
+        )
+    else:
+        checks.append((name, None, "needs the hedged row"))
+    fleets = [r for r in reports if r.strategy in ("load-aware", "hedged")]
+    name = "no failed call while a healthy replica exists (load-aware, hedged)"
+    if fleets:
+        failed = sum(r.calls - r.succeeded for r in fleets)
+        checks.append((name, failed == 0, f"{failed} failed"))
+    else:
+        checks.append((name, None, "needs the load-aware or hedged row"))
+    return checks
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--replicas", type=int, default=4, help="including the degraded one")
+    parser.add_argument("--ttft", type=float, default=0.05, help="a healthy first token, s")
+    parser.add_argument("--token-delay", type=float, default=0.005, help="between tokens, s")
+    parser.add_argument(
+        "--hedge-delay",
+        type=float,
+        help="seconds before a hedge (default: the 95th percentile of first-token times)",
+    )
+    parser.add_argument("--hedge-budget", type=float, default=0.05, help="hedges per call, max")
+    parser.add_argument(
+        "--strategies", default=",".join(STRATEGIES), help=f"any of {','.join(STRATEGIES)}"
+    )
+    parser.add_argument("--quick", action="store_true", help="60 calls, 8 at a time (~5 s)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the numbers here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.calls, args.concurrency = 60, 8
+    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = set(args.strategies) - set(STRATEGIES)
+    if unknown:
+        parser.error(f"unknown strategies {sorted(unknown)}; pick from {list(STRATEGIES)}")
+    if args.replicas < 2:
+        parser.error("--replicas must be at least 2 (one of them is degraded)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(
+        f"{args.calls} calls, {args.concurrency} at a time, over {args.replicas} replicas "
+        f"(first token {args.ttft * 1000:.0f} ms, {args.token_delay * 1000:.0f} ms per token); "
+        f"the last replica: first token x{SLOWDOWN:g} until call {int(args.calls * DOWN_FROM)}, "
+        f"down until call {int(args.calls * UP_FROM)}, then healthy. Times in ms, from the "
+        "start of each call."
+    )
+    reports = []
+    for strategy in args.strategies:
+        reports.append(run_strategy(strategy, args))
+        print(f"  {strategy} done", file=sys.stderr, flush=True)
+    print(table(reports))
+    print("\ntargets:")
+    checks = targets(reports)
+    for name, met, figures in checks:
+        verdict = "not run" if met is None else ("met" if met else "NOT MET")
+        print(f"  {verdict:<8} {name}: {figures}")
+    if args.json is not None:
+        data = {
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "quick")},
+            "strategies": [
+                {
+                    **asdict(r),
+                    "success_rate": r.success_rate,
+                    "hedge_share": r.hedge_share,
+                    "extra_share": r.extra_share,
+                }
+                for r in reports
+            ],
+            "targets": [{"target": n, "met": m, "figures": f} for n, m, f in checks],
+        }
+        args.json.write_text(json.dumps(data, indent=2) + "\n", "utf-8")
+
+
+if __name__ == "__main__":
+    main()
