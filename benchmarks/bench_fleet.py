@@ -14,7 +14,7 @@ Strategies, each on a fresh fleet:
   replica moved to the next one;
 * ``load-aware``: ``AsyncClient(fleet=Fleet(endpoints=...))``, the defaults;
 * ``hedged``: the same with ``Fleet(hedging=Hedging())`` (hedge after the 95th
-  percentile of recent first-token times, at most 5 % of calls);
+  percentile of recent first-token times, at most 10 % of calls);
 * ``healthy-3``: the reference: three healthy replicas only, load-aware.
 
 Per strategy: calls that succeeded, time to first token and end to end (p50 and p99,
@@ -85,7 +85,7 @@ def _serve_fleet(
                 replica.down()
             elif command == "up":
                 replica.up()
-            conn.send(None)
+            conn.send(fleet.chat_requests)
         conn.send(fleet.chat_requests)
 
 
@@ -113,6 +113,12 @@ class FleetProcess:
     def command(self, command: str, index: int, value: float = 0.0) -> None:
         self._conn.send((command, index, value))
         self._conn.recv()
+
+    def counts(self) -> list[int]:
+        """Chat requests each replica has received so far."""
+        self._conn.send(("count", 0, 0.0))
+        counts: list[int] = self._conn.recv()
+        return counts
 
     def __exit__(
         self,
@@ -163,7 +169,8 @@ def round_robin(urls: Sequence[str]) -> Caller:
     """The baseline: one client per replica in rotation, the next one on a failure."""
     import llmstream
 
-    clients = [llmstream.AsyncClient(url, model=MODEL) for url in urls]
+    retry = llmstream.RetryPolicy(resume=True)  # see fleet_client()
+    clients = [llmstream.AsyncClient(url, model=MODEL, retry=retry) for url in urls]
     turn = itertools.count()
 
     async def call() -> Call:
@@ -196,7 +203,9 @@ def fleet_client(urls: Sequence[str], hedging: llmstream.Hedging | None) -> Call
     import llmstream
 
     fleet = llmstream.Fleet([llmstream.Endpoint(url) for url in urls], model=MODEL, hedging=hedging)
-    client = llmstream.AsyncClient(fleet=fleet)
+    # Resume a stream cut mid-answer (the replica going down cuts some): without it such
+    # a call fails whatever the routing, as a repeat would duplicate delivered text.
+    client = llmstream.AsyncClient(fleet=fleet, retry=llmstream.RetryPolicy(resume=True))
 
     async def call() -> Call:
         start = time.perf_counter()
@@ -254,19 +263,22 @@ async def _drive(
     concurrency: int,
     at_call: dict[int, Callable[[], None]],
 ) -> list[Call]:
-    """``calls`` calls, ``concurrency`` at a time; ``at_call[i]`` runs before call ``i``."""
+    """``calls`` calls, ``concurrency`` at a time; ``at_call[i]`` runs before call ``i``.
+
+    The calls' outcomes, in the order of their numbers.
+    """
     numbers = iter(range(calls))
-    results: list[Call] = []
+    results: list[Call | None] = [None] * calls
 
     async def worker() -> None:
         for number in numbers:
             change = at_call.get(number)
             if change is not None:
                 await asyncio.to_thread(change)
-            results.append(await call())
+            results[number] = await call()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return results
+    return [r for r in results if r is not None]
 
 
 def run_strategy(strategy: str, args: argparse.Namespace) -> Report:
@@ -277,26 +289,41 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> Report:
     degraded = replicas - 1
     with FleetProcess(replicas, args.ttft, args.token_delay) as fleet:
         at_call: dict[int, Callable[[], None]] = {}
+        warmed: list[int] = []  # chat requests per replica once warmed up
+
+        def measure() -> None:  # the measured calls start: the last replica turns slow
+            warmed[:] = fleet.counts()
+            if strategy != "healthy-3":
+                fleet.command("slow", degraded, args.ttft * SLOWDOWN)
+
+        # One run of calls: the first `warmup` with every replica healthy (what a client
+        # that has been running for a while knows), then the measured ones.
+        first = args.warmup
+        at_call[first] = measure
         if strategy != "healthy-3":
-            fleet.command("slow", degraded, args.ttft * SLOWDOWN)
-            at_call[int(args.calls * DOWN_FROM)] = lambda: fleet.command("down", degraded)
+            at_call[first + int(args.calls * DOWN_FROM)] = lambda: fleet.command("down", degraded)
 
             def back() -> None:  # healthy again: fast, and listening on its port
                 fleet.command("slow", degraded, args.ttft)
                 fleet.command("up", degraded)
 
-            at_call[int(args.calls * UP_FROM)] = back
+            at_call[first + int(args.calls * UP_FROM)] = back
         if strategy == "round-robin":
             call, close = round_robin(fleet.urls)
         else:
             hedging = None
             if strategy == "hedged":
-                hedging = llmstream.Hedging(delay=args.hedge_delay, budget=args.hedge_budget)
+                hedging = llmstream.Hedging(
+                    delay=args.hedge_delay,
+                    percentile=args.hedge_percentile,
+                    budget=args.hedge_budget,
+                )
             call, close = fleet_client(fleet.urls, hedging)
 
         async def main() -> list[Call]:
             try:
-                return await _drive(call, args.calls, args.concurrency, at_call)
+                done = await _drive(call, first + args.calls, args.concurrency, at_call)
+                return done[first:]
             finally:
                 await close()
 
@@ -314,9 +341,9 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> Report:
         ttft_p99=percentile([r.ttft for r in ok if r.ttft is not None], 0.99),
         total_p50=percentile([r.total for r in ok], 0.5),
         total_p99=percentile([r.total for r in ok], 0.99),
-        chat_requests=fleet.chat_requests,
+        chat_requests=[n - w for n, w in zip(fleet.chat_requests, warmed, strict=True)],
         hedges=sum(r.hedged for r in results),
-        extra_requests=max(0, sum(fleet.chat_requests) - len(results)),
+        extra_requests=max(0, sum(fleet.chat_requests) - sum(warmed) - len(results)),
         errors=errors,
     )
 
@@ -396,15 +423,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         help="seconds before a hedge (default: the 95th percentile of first-token times)",
     )
-    parser.add_argument("--hedge-budget", type=float, default=0.05, help="hedges per call, max")
+    parser.add_argument(
+        "--hedge-percentile",
+        type=float,
+        default=0.95,
+        help="without --hedge-delay: hedge after this percentile of first-token times",
+    )
+    parser.add_argument("--hedge-budget", type=float, default=0.1, help="hedges per call, max")
     parser.add_argument(
         "--strategies", default=",".join(STRATEGIES), help=f"any of {','.join(STRATEGIES)}"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=100,
+        help="calls before the measured ones, every replica healthy (0: the client starts "
+        "cold, with the replica already slow)",
     )
     parser.add_argument("--quick", action="store_true", help="60 calls, 8 at a time (~5 s)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the numbers here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.calls, args.concurrency = 60, 8
+        args.calls, args.concurrency, args.warmup = 60, 8, 20
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = set(args.strategies) - set(STRATEGIES)
     if unknown:

@@ -790,8 +790,28 @@ def test_hedges_stay_within_the_budget() -> None:
     for i in range(1000):
         state.note_call(float(i))
         hedges += state.take_hedge(float(i))
-    assert 49 <= hedges <= 51  # 5 %, plus the initial burst
+    assert 59 <= hedges <= 61  # 5 %, plus the bucket's burst (0.05 * 200), full at the start
     assert state.calls == 1000 and state.last_call_at == 999.0
+
+
+def test_a_request_waiting_long_for_its_first_token_makes_its_endpoint_look_slow() -> None:
+    # The replica turned slow just now: its first slow answer is not in yet, but a request
+    # that has waited there far longer than the others take already tells.
+    state = _state(_fleet(3, routing=llmstream.Routing(choices=0)))
+    a, b, slow = state.endpoints
+    for endpoint in state.endpoints:
+        with state.started(Pick(endpoint, False), 0.0) as ticket:
+            ticket.first_token(0.05)
+    streaming = [state.started(Pick(e, False), 10.0) for e in (a, b)]  # one call each...
+    for ticket in streaming:
+        ticket.first_token(10.01)  # ...answering
+    waiting = state.started(Pick(slow, False), 10.0)
+    assert slow.name in _counts(state, 90, now=10.02)  # 20 ms: nothing to tell yet
+    assert slow.name not in _counts(state, 90, now=10.5)  # ten times the others' 50 ms
+    waiting.first_token(10.5)
+    assert slow.unanswered == set()
+    for ticket in [*streaming, waiting]:
+        ticket.release()
 
 
 def test_no_hedges_without_hedging_or_budget() -> None:

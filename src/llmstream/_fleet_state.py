@@ -124,6 +124,8 @@ class EndpointState:
         self.ttft_ewma: float | None = None
         self.ttft_at: float | None = None
         """When ``ttft_ewma`` last learned something (``None``: never)."""
+        self.unanswered: set[AttemptTicket] = set()
+        """Attempts in flight here that have had no first token yet."""
 
     @property
     def key(self) -> str:
@@ -211,6 +213,7 @@ class AttemptTicket:
             if self._first_token_at is not None:
                 return
             self._first_token_at = now
+            self.endpoint.unanswered.discard(self)
             self._state._record_ttft(self.endpoint, now - self.started_at, now)
             self._decide(now, success=True)
 
@@ -225,6 +228,7 @@ class AttemptTicket:
             ticket.failed(now, counts=False)   # 422: the request was wrong, not the server
         """
         with self._state._lock:
+            self.endpoint.unanswered.discard(self)
             if self._decided:
                 return
             if counts:
@@ -256,6 +260,7 @@ class AttemptTicket:
             ticket.release()
         """
         with self._state._lock:
+            self.endpoint.unanswered.discard(self)
             if self._first_token_at is None and not self._decided:
                 self._decided = True
                 self._state._record_no_first_token(self.endpoint, now - self.started_at, now)
@@ -276,6 +281,7 @@ class AttemptTicket:
             self._released = True
             endpoint = self.endpoint
             endpoint.in_flight -= 1
+            endpoint.unanswered.discard(self)
             if self._trial is not None:
                 endpoint.breaker.release_trial(self._trial)
             if endpoint.draining and endpoint.in_flight == 0:
@@ -336,11 +342,15 @@ class FleetState:
         self._ttfts: dict[str, deque[tuple[EndpointState, float]]] = {}
         self._window = window
         budget = fleet.hedging.budget if fleet.hedging is not None else 0.0
-        self._hedge_tokens = 1.0 if budget > 0 else 0.0
+        self._hedge_tokens = 0.0
         # Calls come in bursts and so do slow first tokens: a window's worth of the
         # budget may be spent at once, and over any run hedges stay within budget * calls
         # plus that burst.
         self._hedge_burst = max(_HEDGE_BURST, budget * window)
+        if budget > 0:
+            # Full at the start, as a token bucket is: a replica slow from the first
+            # calls is what hedging is for, and those calls come in a burst.
+            self._hedge_tokens = self._hedge_burst
         self.last_call_at: float | None = None
         """When a call last started or waited for room (``None``: never)."""
         self.on_wait: Callable[[], None] | None = None
@@ -448,14 +458,19 @@ class FleetState:
         return load_score(self.fleet.routing, (load.waiting + since) / limit, kv)
 
     def _slowness(self, e: EndpointState, now: float, medians: dict[str, float]) -> float:
+        median = medians.get(e.model)
+        # A request waiting here longer than the others take to answer is news now: a
+        # replica that just turned slow is avoided before its first slow answer is in.
+        waiting = now - min(t.started_at for t in e.unanswered) if e.unanswered else None
+        pending = ttft_term(waiting, median)
         if e.ttft_at is None:
-            return 0.0
+            return pending
         # Fades without news: a replica avoided for being slow gets no new first-token
         # times, and would otherwise be avoided for ever after it recovered.
         fading = 1.0 - (now - e.ttft_at) / _TTFT_MEMORY
         if fading <= 0.0:
-            return 0.0
-        return fading * ttft_term(e.ttft_ewma, medians.get(e.model))
+            return pending
+        return max(pending, fading * ttft_term(e.ttft_ewma, median))
 
     def _ttft_medians(self, tier: int) -> dict[str, float]:
         by_model: dict[str, list[float]] = {}
@@ -526,7 +541,9 @@ class FleetState:
                 trial = breaker.trial
             endpoint.in_flight += 1
             endpoint.calls += 1
-            return AttemptTicket(self, endpoint, trial, now)
+            ticket = AttemptTicket(self, endpoint, trial, now)
+            endpoint.unanswered.add(ticket)
+            return ticket
 
     def _record_ttft(self, e: EndpointState, ttft: float, now: float) -> None:
         self._record_ttft_average(e, ttft, now)
