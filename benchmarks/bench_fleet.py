@@ -2,10 +2,12 @@
 
 ``--calls`` chat completions (500), ``--concurrency`` at a time (32), over four emulated
 replicas (:class:`llmstream.testing.FakeFleet` on loopback sockets, run in a child
-process so the emulator never takes the client's CPU). One replica is degraded in three
-phases of the run, by call number: its first token takes ten times as long as the
-others' (calls 0-40 %), then it is down (40-70 %: connections refused, its streams under
-way cut), then it is back and healthy (70-100 %).
+process so the emulator never takes the client's CPU). The client first makes
+``--warmup`` calls (300) with every replica healthy, as a client that has run a while
+has; they are not measured. Then, while the calls go on, one replica is degraded in three
+phases, by measured call number: its first token takes ten times as long as the others'
+(calls 0-40 %), then it is down (40-70 %: connections refused, its streams under way
+cut), then it is back and healthy (70-100 %). Every client resumes a stream cut mid-answer.
 
 Strategies, each on a fresh fleet:
 
@@ -436,9 +438,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup",
         type=int,
-        default=100,
-        help="calls before the measured ones, every replica healthy (0: the client starts "
-        "cold, with the replica already slow)",
+        default=300,
+        help="calls before the measured ones, every replica healthy, so that the hedge "
+        "delay is learned from more first tokens than the window holds (0: the client "
+        "starts cold, the replica already slow)",
     )
     parser.add_argument("--quick", action="store_true", help="60 calls, 8 at a time (~5 s)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the numbers here")
@@ -457,7 +460,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     print(
-        f"{args.calls} calls, {args.concurrency} at a time, over {args.replicas} replicas "
+        f"{args.warmup} calls to warm up, then {args.calls} measured, {args.concurrency} at "
+        f"a time, over {args.replicas} replicas "
         f"(first token {args.ttft * 1000:.0f} ms, {args.token_delay * 1000:.0f} ms per token); "
         f"the last replica: first token x{SLOWDOWN:g} until call {int(args.calls * DOWN_FROM)}, "
         f"down until call {int(args.calls * UP_FROM)}, then healthy. Times in ms, from the "

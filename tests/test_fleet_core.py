@@ -317,6 +317,29 @@ def test_a_slow_replica_is_tried_again_once_its_penalty_faded() -> None:
     assert counts[slow.name] > 60 and counts[fast.name] > 60, counts
 
 
+def test_a_replica_back_from_an_outage_is_not_held_to_its_old_slowness() -> None:
+    # Slow, then down (its circuit opens), then back: usually a new process. Once its
+    # circuit closes again, by a probe or a trial call, its old first-token times go.
+    fleet = _fleet(2, breaker=llmstream.CircuitBreaker(failures=1, cooldown=1.0))
+    for closing in ("probe", "trial"):
+        state = _state(fleet)
+        slow, fast = state.endpoints
+        for endpoint, ttft in ((slow, 2.0), (fast, 0.2)):
+            with state.started(Pick(endpoint, False), 0.0) as ticket:
+                ticket.first_token(ttft)
+        _open(state, slow, 3.0)
+        assert slow.ttft_ewma == pytest.approx(2.0)
+        if closing == "probe":
+            state.record_probe(slow, True, 4.5)
+        else:
+            with state.started(Pick(slow, True), 4.5) as ticket:
+                ticket.first_token(4.6)
+        assert slow.breaker.state(4.7) == "closed"
+        assert slow.ttft_ewma in (None, pytest.approx(0.1)), closing  # forgotten, or new
+        counts = _counts(state, 200, now=4.7)
+        assert counts[slow.name] > 50, (closing, counts)
+
+
 def test_first_tokens_a_few_milliseconds_apart_are_not_slowness() -> None:
     assert ttft_term(0.004, 0.0015) == 0.0  # 2.7 times, but 2.5 ms: loopback noise
     assert ttft_term(0.040, 0.010) == pytest.approx(1.0)

@@ -127,6 +127,15 @@ class EndpointState:
         self.unanswered: set[AttemptTicket] = set()
         """Attempts in flight here that have had no first token yet."""
 
+    def recovered(self) -> None:
+        """Its circuit closed again: what it was like before it went down is forgotten.
+
+        A replica back from an outage is usually a new process: its first-token times
+        from before say nothing of it now.
+        """
+        self.ttft_ewma = None
+        self.ttft_at = None
+
     @property
     def key(self) -> str:
         """Identity in the fleet and in rendezvous hashing: base URL and model."""
@@ -214,8 +223,8 @@ class AttemptTicket:
                 return
             self._first_token_at = now
             self.endpoint.unanswered.discard(self)
+            self._decide(now, success=True)  # first: a recovery forgets the old times
             self._state._record_ttft(self.endpoint, now - self.started_at, now)
-            self._decide(now, success=True)
 
     def failed(self, now: float, *, counts: bool) -> None:
         """The attempt failed; ``counts=False`` when the caller is at fault (400, 401, ...).
@@ -293,7 +302,10 @@ class AttemptTicket:
         self._decided = True
         breaker = self.endpoint.breaker
         if success:
+            recovering = breaker.state(now) != "closed"
             breaker.succeeded(now)
+            if recovering:
+                self.endpoint.recovered()
         elif self._trial is not None or breaker.state(now) == "closed":
             # Only the trial speaks for a half-open endpoint: a request sent before it
             # opened says nothing about whether it recovered since.
@@ -596,7 +608,11 @@ class FleetState:
             state.record_probe(endpoint, response.status_code == 200, now)
         """
         with self._lock:
-            endpoint.breaker.probed(ok, now)
+            breaker = endpoint.breaker
+            recovering = breaker.state(now) != "closed"
+            breaker.probed(ok, now)
+            if recovering and breaker.state(now) == "closed":
+                endpoint.recovered()
 
     def replace_discovered(self, urls: Iterable[str], now: float) -> None:
         """The base URLs DNS gives now (``DNSDiscovery.url_for`` of each address).
