@@ -13,9 +13,9 @@ MODEL = "Qwen/Qwen3-8B"
 
 
 def test_a_replica_slow_ten_minutes_ago_takes_calls_again_once_all_report_idle() -> None:
-    # bench_fleet.py: the replica that was slow, then down, then healthy again received
-    # none of the last 150 of 500 calls. Its first-token average is only updated by calls
-    # it serves, so the slowness it showed once keeps it out for as long as the client lives.
+    # Its first-token average is only updated by calls it serves: unless the penalty fades,
+    # the slowness it showed once keeps it out for as long as the client lives (in
+    # bench_fleet.py it once received none of the last 150 of 500 calls).
     endpoints = [llmstream.Endpoint(f"http://gpu-{i}:8000/v1") for i in range(3)]
     state = FleetState(llmstream.Fleet(endpoints, model=MODEL), rng=random.Random(0))
     fast_a, fast_b, slow = state.endpoints
