@@ -29,7 +29,7 @@ from llmstream._call import (
 )
 from llmstream._call_route import CallRoute
 from llmstream._events import CallFailed, CallFinished, FirstToken, RequestSent, ResponseHeaders
-from llmstream._fleet_state import FleetState
+from llmstream._fleet_state import EndpointState, FleetState, Pick
 from llmstream._flow import StreamOptions
 
 SSE = {"content-type": "text/event-stream"}
@@ -468,6 +468,35 @@ def test_a_failing_first_attempt_hands_the_call_to_the_hedge_instead_of_retrying
     core.feed(hedge, _chunk("ok", finish="stop") + DONE, 0.8)
     done = core.body_ended(hedge, 0.9)
     assert isinstance(done, Finish) and done.result.text == "ok"
+
+
+def test_a_hedge_is_due_early_when_the_endpoint_turned_slow() -> None:
+    # Two calls on endpoint a, one on b; b's answer, sent after a's first request, shows
+    # that a is slow: the second call on a is due its hedge with the first one's.
+    fleet = llmstream.Fleet(
+        [llmstream.Endpoint("http://a:8000/v1"), llmstream.Endpoint("http://b:8000/v1")],
+        model="big",
+        hedging=llmstream.Hedging(delay=0.1),
+    )
+    state = FleetState(fleet, rng=random.Random(0))
+    a, b = state.endpoints
+
+    def call_on(endpoint: EndpointState, now: float) -> tuple[CallCore, Attempt]:
+        core = _core()
+        core.route = CallRoute(state, session=None)
+        core._pick = Pick(endpoint, False)  # as admit() would have chosen it
+        attempt = core.begin_attempt(now)
+        assert attempt.target is endpoint
+        assert core.response(attempt, 200, SSE, now) is None
+        return core, attempt
+
+    first, _ = call_on(a, 0.0)
+    second, _ = call_on(a, 0.03)
+    other, on_b = call_on(b, 0.02)
+    assert second.hedge_due(0.05) == pytest.approx(0.05)  # look again when the first is due
+    other.feed(on_b, _chunk("from b"), 0.07)
+    assert second.hedge_due(0.1) == 0.0
+    assert first.hedge_due(0.1) == pytest.approx(0.0)
 
 
 def test_no_hedge_once_output_arrived() -> None:

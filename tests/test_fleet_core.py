@@ -895,6 +895,97 @@ def test_a_request_cut_without_a_first_token_makes_its_endpoint_look_slower() ->
     assert state.hedge_delay(MODEL, 0.0) == pytest.approx(0.1)
 
 
+def _two_with_hedging() -> tuple[FleetState, EndpointState, EndpointState]:
+    """Two endpoints, hedged after 0.1 s: the state and both endpoints."""
+    state = _state(_fleet(2, hedging=llmstream.Hedging(delay=0.1)))
+    first, second = state.endpoints
+    return state, first, second
+
+
+def _answered(state: FleetState, endpoint: EndpointState, sent: float, answered: float) -> None:
+    with state.started(Pick(endpoint, False), sent) as ticket:
+        ticket.first_token(answered)
+
+
+def test_a_lost_race_shows_a_slow_endpoint_at_once_and_a_slow_request_a_little() -> None:
+    state, slow, busy = _two_with_hedging()
+    for endpoint in (slow, busy):
+        with state.started(Pick(endpoint, False), 0.0) as ticket:
+            ticket.first_token(0.05)
+    # Nothing sent to `slow` since answered: its first-token time is now at least 0.15 s.
+    with state.started(Pick(slow, False), 1.0) as ticket:
+        ticket.lost(1.15)
+    assert slow.ttft_ewma == pytest.approx(0.15)
+    # On `busy`, a request sent later answered in 0.05 s: this one was slow on its own,
+    # and its bound only moves the average.
+    lost = state.started(Pick(busy, False), 1.0)
+    _answered(state, busy, 1.01, 1.06)
+    lost.lost(1.15)
+    lost.release()
+    assert busy.ttft_ewma == pytest.approx(0.05 + 0.3 * 0.1)
+
+
+def test_requests_held_by_an_endpoint_that_turned_slow_are_hedged_with_its_oldest() -> None:
+    # A replica turns slow: the requests it took since are each due a hedge only at their
+    # own delay, though the oldest one's being overdue while later requests elsewhere
+    # answered already says they will be late too.
+    state, slow, fast = _two_with_hedging()
+    oldest = state.started(Pick(slow, False), 0.0)
+    younger = state.started(Pick(slow, False), 0.03)
+    assert state.hedge_at(oldest, 0.1, 0.05) == pytest.approx(0.1)
+    # Before the oldest is overdue: ask again when it is.
+    assert state.hedge_at(younger, 0.1, 0.05) == pytest.approx(0.1)
+    _answered(state, fast, 0.02, 0.07)  # sent after the oldest, answered
+    assert state.hedge_at(younger, 0.1, 0.1) == 0.1  # due now, not at 0.13
+    assert state.hedge_at(younger, 0.1, 0.11) == 0.11
+
+
+def test_an_endpoint_that_turns_slow_while_it_answers_is_seen_by_its_stuck_request() -> None:
+    # The oldest request here was answered quickly, then the replica turned slow: the
+    # first request stuck after the change is what shows it.
+    state, slow, fast = _two_with_hedging()
+    state.started(Pick(slow, False), 0.0)  # slow on its own: a request sent later answered
+    _answered(state, slow, 0.005, 0.05)
+    state.started(Pick(slow, False), 0.01)  # stuck since the change
+    younger = state.started(Pick(slow, False), 0.03)
+    _answered(state, fast, 0.02, 0.07)
+    assert state.hedge_at(younger, 0.1, 0.11) == 0.11
+
+
+def test_a_whole_fleet_late_does_not_hedge_early() -> None:
+    # No endpoint answered since the oldest request was sent: a stall of the client or
+    # of every replica, which an early hedge would not beat.
+    state, slow, fast = _two_with_hedging()
+    _answered(state, fast, -0.05, -0.001)
+    state.started(Pick(slow, False), 0.0)
+    younger = state.started(Pick(slow, False), 0.03)
+    assert state.hedge_at(younger, 0.1, 0.1) == pytest.approx(0.13)
+    _answered(state, fast, -0.01, 0.1)  # and now one does
+    assert state.hedge_at(younger, 0.1, 0.1) == 0.1
+
+
+def test_one_slow_request_does_not_make_its_endpoint_look_slow() -> None:
+    # A request sent later to the same endpoint answered: the oldest is slow on its own
+    # (a long prompt), the endpoint is not.
+    state, slow, fast = _two_with_hedging()
+    state.started(Pick(slow, False), 0.0)
+    younger = state.started(Pick(slow, False), 0.03)
+    _answered(state, fast, 0.02, 0.07)
+    _answered(state, slow, 0.01, 0.06)
+    assert state.hedge_at(younger, 0.1, 0.1) == pytest.approx(0.13)
+
+
+def test_an_older_request_that_answers_in_time_leaves_the_own_delay() -> None:
+    state, slow, fast = _two_with_hedging()
+    oldest = state.started(Pick(slow, False), 0.0)
+    younger = state.started(Pick(slow, False), 0.03)
+    assert state.hedge_at(younger, 0.1, 0.05) == pytest.approx(0.1)
+    oldest.first_token(0.08)
+    _answered(state, fast, 0.02, 0.07)
+    assert state.hedge_at(younger, 0.1, 0.1) == pytest.approx(0.13)
+    assert state.hedge_at(oldest, 0.1, 0.1) == pytest.approx(0.1)  # its own, answered or not
+
+
 def test_a_burst_of_slow_calls_may_spend_a_window_of_the_hedge_budget_at_once() -> None:
     state = _state(_fleet(2, hedging=llmstream.Hedging(delay=0.5, budget=0.1, window=200)))
     for i in range(400):

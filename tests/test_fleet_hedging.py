@@ -14,12 +14,14 @@ import httpx
 import pytest
 
 import llmstream
+from llmstream._routing import rendezvous
 from llmstream.testing import FakeFleet, FakeVLLM
 
 from .fleet_drivers import (
     MODEL,
     TEXT,
     SentRequests,
+    TimedOutcome,
     call,
     call_many,
     call_together,
@@ -75,6 +77,53 @@ async def test_a_late_first_token_is_hedged_and_the_fast_replica_answers(
     assert fleet.chat_requests == [1, 1]
     # The loser's connection is closed as soon as the winner's first token is in.
     assert cut.time - outcome.first_at < CUT_WITHIN, cut.time - outcome.first_at
+
+
+def _session_at(fleet: FakeFleet, index: int) -> str:
+    """A session key whose rendezvous home is replica ``index`` (equal weights)."""
+    keys = [(f"{url} {MODEL}", 1.0) for url in fleet.base_urls]
+    return next(f"s{n}" for n in range(10_000) if rendezvous(f"s{n}", keys) == index)
+
+
+async def test_a_request_held_by_a_slow_replica_is_hedged_with_the_oldest_one_there(
+    mode: str, fleet: FakeFleet
+) -> None:
+    # Two calls wait at the slow replica, sent half a second apart; the fast one answers
+    # a call in between. When the first is due its hedge, the second gets its own too,
+    # half a second before its own delay. Sessions place the calls: their affinity
+    # outweighs any load.
+    delay = 1.0
+    sent = SentRequests()
+    config = fleet_config(
+        fleet,
+        routing=llmstream.Routing(affinity_weight=100.0, max_imbalance=100.0),
+        hedging=llmstream.Hedging(delay=delay, budget=1.0),
+        scrape_interval=None,
+    )
+    slow, fast = _session_at(fleet, 0), _session_at(fleet, 1)
+    async with open_client(mode, config, hooks=[sent]) as client:
+        async with anyio.create_task_group() as group:
+            first, second = TimedOutcome(), TimedOutcome()
+            group.start_soon(lambda: call(client, into=first, session=slow))
+            await wait_for(lambda: fleet.chat_requests[0] == 1, what="the first call sent")
+            between = await call(client, session=fast)
+            await anyio.sleep(0.5)  # spacing in time, which the test is about
+            group.start_soon(lambda: call(client, into=second, session=slow))
+    assert between.result is not None and between.result.endpoint == fleet[1].base_url
+    for outcome in (first, second):
+        assert outcome.result is not None, outcome.error
+        assert outcome.result.hedged and outcome.result.endpoint == fleet[1].base_url
+    calls = [e.call for e in sent.events if not e.hedge and e.endpoint == fleet[0].base_url]
+    assert len(calls) == 2
+    (first_sent, second_sent), (first_hedge, second_hedge) = (
+        [next(e.at for e in sent.events if e.call is c and e.hedge is h) for c in calls]
+        for h in (False, True)
+    )
+    assert second_sent - first_sent >= 0.5
+    assert first_hedge - first_sent >= delay
+    # The second went with the first, not at its own delay.
+    assert second_hedge - second_sent < delay - 0.3, second_hedge - second_sent
+    assert second_hedge >= first_sent + delay - 0.01
 
 
 async def test_no_hedge_when_the_first_token_comes_before_the_delay(mode: str) -> None:

@@ -470,9 +470,11 @@ class AsyncChatStream(StreamBase):
         """Send the hedge once it is due, then read it as a racer."""
         core = self._core
         due = core.hedge_due(now())
+        while due is not None and due > 0:
+            await anyio.sleep(due)
+            due = core.hedge_due(now())
         if due is None:
             return
-        await anyio.sleep(max(due, 0.0))
         hedge = core.begin_hedge(now())
         if hedge is None:
             return

@@ -499,7 +499,9 @@ class CallCore:
     def hedge_due(self, now: float) -> float | None:
         """Seconds until a hedge of the current request is due (None: no hedge for it).
 
-        Only over a fleet with hedging on, before any output, once per call.
+        Only over a fleet with hedging on, before any output, once per call. A shell
+        waits this long, then asks again, and sends the hedge once it is 0 or less: what
+        the fleet learns meanwhile may move it (see :meth:`FleetState.hedge_at`).
         """
         route = self.route
         current = self.current
@@ -508,7 +510,9 @@ class CallCore:
         delay = route.hedge_delay(now)
         if delay is None:
             return None
-        return current.started + delay - now
+        if current.ticket is None:
+            return current.started + delay - now
+        return route.state.hedge_at(current.ticket, delay, now) - now
 
     def begin_hedge(self, now: float) -> Attempt | None:
         """The hedge to send now beside the current request, if the fleet allows one."""

@@ -126,6 +126,10 @@ class EndpointState:
         """When ``ttft_ewma`` last learned something (``None``: never)."""
         self.unanswered: set[AttemptTicket] = set()
         """Attempts in flight here that have had no first token yet."""
+        self.answered_start: float | None = None
+        """When the latest-sent attempt that got a first token here was sent."""
+        self.answered_at: float | None = None
+        """When a first token last arrived from here."""
 
     def recovered(self) -> None:
         """Its circuit closed again: what it was like before it went down is forgotten.
@@ -222,7 +226,11 @@ class AttemptTicket:
             if self._first_token_at is not None:
                 return
             self._first_token_at = now
-            self.endpoint.unanswered.discard(self)
+            endpoint = self.endpoint
+            endpoint.unanswered.discard(self)
+            if endpoint.answered_start is None or self.started_at > endpoint.answered_start:
+                endpoint.answered_start = self.started_at
+            endpoint.answered_at = now
             self._decide(now, success=True)  # first: a recovery forgets the old times
             self._state._record_ttft(self.endpoint, now - self.started_at, now)
 
@@ -272,7 +280,11 @@ class AttemptTicket:
             self.endpoint.unanswered.discard(self)
             if self._first_token_at is None and not self._decided:
                 self._decided = True
-                self._state._record_no_first_token(self.endpoint, now - self.started_at, now)
+                answered = self.endpoint.answered_start
+                alone = answered is not None and answered > self.started_at
+                self._state._record_no_first_token(
+                    self.endpoint, now - self.started_at, now, whole=not alone
+                )
 
     def release(self) -> None:
         """The attempt is over, whatever happened: in flight goes down, exactly once.
@@ -562,12 +574,22 @@ class FleetState:
         if self._window:
             self._ttfts.setdefault(e.model, deque(maxlen=self._window)).append((e, ttft))
 
-    def _record_no_first_token(self, e: EndpointState, waited: float, now: float) -> None:
+    def _record_no_first_token(
+        self, e: EndpointState, waited: float, now: float, *, whole: bool
+    ) -> None:
         # Cut after `waited` seconds without a first token (it lost a hedge race): its
         # first-token time is at least that. Only ever raises the average, so that an
         # endpoint whose calls are always rescued by hedges is still seen to be slow; not
         # a sample of the window, whose percentile must not learn from cut requests.
-        if e.ttft_ewma is None or waited > e.ttft_ewma:
+        if e.ttft_ewma is not None and waited <= e.ttft_ewma:
+            return
+        if whole:
+            # Nothing sent here after it has answered either: the endpoint is that slow
+            # now, not this one request. Averaged in, the bound would take several lost
+            # races to show, each of them a call rescued late.
+            e.ttft_ewma = waited
+            e.ttft_at = now
+        else:
             self._record_ttft_average(e, waited, now)
 
     @staticmethod
@@ -711,6 +733,50 @@ class FleetState:
             _percentile(g, hedging.percentile) for g in groups or [[t for _, t in recent]]
         ]
         return max(statistics.median_low(percentiles), hedging.min_delay)
+
+    def hedge_at(self, ticket: AttemptTicket, delay: float, now: float) -> float:
+        """When the request of ``ticket`` is due a hedge, ``delay`` being the hedge delay.
+
+        ``delay`` after it was sent, or sooner: as soon as a request sent before it to
+        the same endpoint is overdue (no first token after ``delay``) while another
+        endpoint of the model has answered since that request was sent, and no request
+        sent later to this one has. That endpoint has turned slow, not the whole fleet,
+        and the requests it holds would each wait out their own delay before being
+        rescued. Before that time it is not known: ask again then.
+
+        Example::
+
+            wake_at = state.hedge_at(attempt.ticket, delay, now)
+        """
+        own = ticket.started_at
+        at = own + delay
+        endpoint = ticket.endpoint
+        with self._lock:
+            here = endpoint.answered_start
+            elsewhere: float | None = None
+            for other in endpoint.unanswered:
+                sent = other.started_at
+                if sent >= own:
+                    continue
+                if sent + delay > now:  # not overdue yet: look again when it is
+                    at = min(at, sent + delay)
+                    continue
+                if here is not None and here > sent:
+                    continue  # sent later, answered here: that request is slow, not this endpoint
+                if elsewhere is None:
+                    elsewhere = max(
+                        (
+                            e.answered_at
+                            for e in self._endpoints
+                            if e is not endpoint
+                            and e.model == endpoint.model
+                            and e.answered_at is not None
+                        ),
+                        default=-math.inf,
+                    )
+                if elsewhere > sent:
+                    return now
+        return at
 
     def loads(self, now: float | None = None) -> list[EndpointLoad]:
         """A snapshot of every endpoint's load and circuit state (``now``: ``clock()``).

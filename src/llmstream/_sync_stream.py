@@ -386,7 +386,7 @@ class ChatStream(StreamBase):
             timer.daemon = True
             timer.start()
         hedger = threading.Thread(
-            target=self._hedge, args=(race, due or 0.0), name="llmstream-hedge", daemon=True
+            target=self._hedge, args=(race, due), name="llmstream-hedge", daemon=True
         )
         hedger.start()
         try:
@@ -420,11 +420,17 @@ class ChatStream(StreamBase):
         with self._lock:
             return core.read_failed(current, None, now())  # the deadline cut the race
 
-    def _hedge(self, race: _ThreadRace, due: float) -> None:
+    def _hedge(self, race: _ThreadRace, due: float | None) -> None:
         """The hedge's thread: send it once due, then read it as a racer."""
         core = self._core
         try:
-            if race.over.wait(due):
+            left = due
+            while left is not None and left > 0:
+                if race.over.wait(left):
+                    return
+                with self._lock:
+                    left = core.hedge_due(now())
+            if left is None:
                 return
             with self._lock:
                 hedge = core.begin_hedge(now())
