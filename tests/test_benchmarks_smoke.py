@@ -149,3 +149,17 @@ def test_bench_fleet_quick(tmp_path: Path) -> None:
     ]
     assert all(s["calls"] == 24 for s in data["strategies"])
     assert len(data["targets"]) == 3
+
+
+def test_bench_fleet_repeat_pools_the_runs(tmp_path: Path) -> None:
+    numbers = tmp_path / "fleet.json"
+    out = run(
+        "bench_fleet.py",
+        *("--calls", "12", "--concurrency", "4", "--warmup", "20", "--repeat", "2"),
+        *("--strategies", "hedged,healthy-3", "--json", str(numbers)),
+    )
+    assert "run by run" in out and "of 2)" in out
+    data = json.loads(numbers.read_text("utf-8"))
+    for strategy in data["strategies"]:
+        assert strategy["calls"] == 24 and strategy["runs"] == 2
+        assert len(strategy["ttft_p99_runs"]) == 2
