@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import json
 import math
@@ -310,6 +311,9 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> Run:
 
         def measure() -> None:  # the measured calls start: the last replica turns slow
             warmed[:] = fleet.counts()
+            if args.gc_freeze:
+                gc.collect()
+                gc.freeze()  # what the warm-up left is never scanned again
             if strategy != "healthy-3":
                 fleet.command("slow", degraded, args.ttft * SLOWDOWN)
 
@@ -344,7 +348,10 @@ def run_strategy(strategy: str, args: argparse.Namespace) -> Run:
             finally:
                 await close()
 
-        results = asyncio.run(main())
+        try:
+            results = asyncio.run(main())
+        finally:
+            gc.unfreeze()
     return Run(results, [n - w for n, w in zip(fleet.chat_requests, warmed, strict=True)])
 
 
@@ -482,6 +489,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "round-robin run 2, ...); the percentiles are of every run's calls together, as the "
         "p99 of one run of 500 calls is its 5th slowest call, which one stall of the machine "
         "can set",
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="after the warm-up, move the client's objects out of the garbage collector's "
+        "reach (gc.freeze()): its full collections, tens of ms here, then stop pausing calls",
     )
     parser.add_argument("--quick", action="store_true", help="60 calls, 8 at a time (~5 s)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the numbers here")
