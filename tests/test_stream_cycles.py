@@ -86,3 +86,52 @@ def test_a_finished_sync_stream_leaves_no_cycle(how: str, collector: None) -> No
     gc.collect()
     found = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("llmstream")]
     assert found == []
+
+
+def _llmstream_frames() -> list[str]:
+    """Frames of llmstream's code among the garbage: left by an exception's traceback."""
+    gc.collect()
+    return [
+        o.f_code.co_qualname  # type: ignore[attr-defined]
+        for o in gc.garbage
+        if type(o).__name__ == "frame" and "llmstream" in o.f_code.co_filename  # type: ignore[attr-defined]
+    ]
+
+
+HEDGED = llmstream.Fleet(
+    [llmstream.Endpoint("http://seam-a/v1"), llmstream.Endpoint("http://seam-b/v1")],
+    model="m",
+    hedging=llmstream.Hedging(delay=30.0, budget=1.0),
+    scrape_interval=None,
+)
+
+
+async def test_a_hedged_call_answered_in_time_leaves_no_cycle(collector: None) -> None:
+    # The race between the request and its hedge is set up on every call of a hedging
+    # fleet; ending it when the first token comes before the hedge is due must not
+    # cancel the hedge's wait (an exception, a traceback, frames: a cycle per call).
+    async with llmstream.AsyncClient(fleet=HEDGED) as client:
+        client._transport = _AsyncTransport(WORDS * 4, blocking=False)  # type: ignore[assignment]
+        for call in range(4):
+            if call == 1:  # what the client itself set up on its first call is not the calls'
+                gc.collect()
+                gc.garbage.clear()
+            async with client.stream("Hi") as stream:
+                assert "".join([t async for t in stream]) == "Hello there"
+            assert not stream.result.hedged
+        assert _llmstream_frames() == []
+        assert _llmstream_garbage() == []
+
+
+def test_a_hedged_sync_call_answered_in_time_leaves_no_cycle(collector: None) -> None:
+    with llmstream.Client(fleet=HEDGED) as client:
+        client._transport = _SyncTransport(WORDS * 4, blocking=True)  # type: ignore[assignment]
+        for call in range(4):
+            if call == 1:
+                gc.collect()
+                gc.garbage.clear()
+            with client.stream("Hi") as stream:
+                assert "".join(stream) == "Hello there"
+            assert not stream.result.hedged
+        assert _llmstream_frames() == []
+        assert _llmstream_garbage() == []

@@ -441,6 +441,7 @@ class AsyncChatStream(StreamBase):
         self._response = self._reader = None
         race = _Race()
         race.running[first] = (response, reader)
+        race.reading.add(first)
         found = core.deadline()  # the first-token deadline (or the total) bounds the race
         with anyio.move_on_after(found[0] - now() if found is not None else math.inf):
             async with anyio.create_task_group() as group:
@@ -471,34 +472,60 @@ class AsyncChatStream(StreamBase):
         core = self._core
         due = core.hedge_due(now())
         while due is not None and due > 0:
-            await anyio.sleep(due)
+            # Woken by the race settling rather than cancelled: most races are won before
+            # the hedge is due, and a cancellation leaves a cycle (the exception, its
+            # traceback, the frames) for the garbage collector on every such call.
+            with anyio.move_on_after(due):
+                await race.settled.wait()
+            if race.settled.is_set():
+                return
             due = core.hedge_due(now())
         if due is None:
             return
         hedge = core.begin_hedge(now())
         if hedge is None:
             return
+        race.hedging = True
+        try:
+            ended = await self._send_hedge(race, hedge)
+        finally:
+            race.hedging = False
+        if ended is not None:
+            race.ended(hedge, ended[0], core)
+            return
+        response, reader = race.running[hedge]
+        race.reading.add(hedge)
+        group.start_soon(self._run_racer, race, hedge, response, reader)
+
+    async def _send_hedge(self, race: _Race, hedge: Attempt) -> tuple[Step | None] | None:
+        """Send the hedge; its step when it ended there (in a tuple), None: read it."""
+        core = self._core
         sent = await self._send(hedge)
         if not isinstance(sent, tuple):
-            race.ended(hedge, sent, core)
-            return
+            return (sent,)
         response, request = sent
         step = core.response(hedge, response.status_code, response.headers, now())
         if response.status_code >= 300:
-            race.ended(hedge, await self._refused(hedge, response, request), core)
-            return
+            return (await self._refused(hedge, response, request),)
         if step is not None or hedge.lost:
             await response.aclose()
-            race.ended(hedge, step, core)
-            return
+            return (step,)
         reader = response.stream(core.body_read_backstop)
         race.running[hedge] = (response, reader)  # released after the race, whatever happens
-        group.start_soon(self._run_racer, race, hedge, response, reader)
+        return None
 
     async def _run_racer(
         self, race: _Race, attempt: Attempt, response: AsyncResponse, reader: AsyncIterator[bytes]
     ) -> None:
         """Read one racing request until the call's first event (or its own end)."""
+        try:
+            await self._read_racer(race, attempt, response, reader)
+        finally:
+            race.reading.discard(attempt)
+
+    async def _read_racer(
+        self, race: _Race, attempt: Attempt, response: AsyncResponse, reader: AsyncIterator[bytes]
+    ) -> None:
         core = self._core
         while not attempt.lost:
             attempt.reading = True
@@ -811,18 +838,29 @@ class AsyncChatStream(StreamBase):
 class _Race:
     """The requests of one call racing to its first event, and how the race ended."""
 
-    __slots__ = ("running", "scope", "step", "winner")
+    __slots__ = ("hedging", "reading", "running", "scope", "settled", "step", "winner")
 
     def __init__(self) -> None:
         self.running: dict[Attempt, tuple[AsyncResponse, AsyncIterator[bytes]]] = {}
+        self.reading: set[Attempt] = set()
+        """The racers whose reading task is still running."""
+        self.hedging = False
+        """Whether the hedge's task is past its wait (sending, or about to)."""
         self.scope: anyio.CancelScope | None = None
+        self.settled = anyio.Event()
         self.winner: Attempt | None = None
         self.step: Step | None = None
 
     def won(self, attempt: Attempt) -> None:
         self.winner = attempt
-        assert self.scope is not None
-        self.scope.cancel()  # the other racer and a hedge not sent yet
+        self._settle(attempt)
+
+    def _settle(self, by: Attempt) -> None:
+        self.settled.set()  # a hedge still waiting to be sent returns
+        # Cancel only what must be cut: another racer reading, or a hedge being sent.
+        if self.hedging or any(racer is not by for racer in self.reading):
+            assert self.scope is not None
+            self.scope.cancel()
 
     def ended(self, attempt: Attempt, step: Step | None, core: CallCore) -> None:
         """A racer ended without winning: out of the race, or the end of the call's try."""
@@ -832,8 +870,7 @@ class _Race:
             if core.current is not None and core.current is not attempt:
                 return  # a hedge on its way carries it on
         self.step = step
-        assert self.scope is not None
-        self.scope.cancel()
+        self._settle(attempt)
 
 
 class _AsyncEvents(AsyncIterator[StreamEvent]):
