@@ -3,7 +3,8 @@
 Objects in a cycle outlive the stream until the garbage collector runs, and with hundreds
 of streams in one process its pauses were the largest single cost: every stream object is
 freed by reference counting as soon as the caller drops it. Checked on a transport of the
-seam's protocols alone, so only llmstream's own objects are in play.
+seam's protocols alone, so only llmstream's own objects are in play; then over httpx on
+loopback, whose response and body stream would form a cycle of their own per call.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 import llmstream
+from llmstream.testing import FakeFleet, FakeVLLM
 
 from .test_transport_seam import ANSWERS, RETRY, _AsyncTransport, _event, _SyncTransport
 
@@ -135,3 +137,71 @@ def test_a_hedged_sync_call_answered_in_time_leaves_no_cycle(collector: None) ->
             assert not stream.result.hedged
         assert _llmstream_frames() == []
         assert _llmstream_garbage() == []
+
+
+def _httpx_garbage() -> list[str]:
+    gc.collect()
+    return [
+        type(o).__qualname__
+        for o in gc.garbage
+        if type(o).__module__.split(".")[0] in ("httpx", "httpcore")
+    ]
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    with FakeVLLM("Hello there", model="m").serve() as running:
+        yield running.base_url
+
+
+async def test_an_async_stream_over_httpx_leaves_no_cycle_of_httpx_objects(
+    server: str, collector: None
+) -> None:
+    # httpx's response and its body stream refer to each other; closed, the response
+    # is unbound from it, so that a finished call is freed at once, not by the collector.
+    async with llmstream.AsyncClient(server, model="m") as client:
+        for call in range(4):
+            if call == 1:  # the pool's own set-up on the first call is not the calls'
+                gc.collect()
+                gc.garbage.clear()
+            async with client.stream("Hi") as stream:
+                assert "".join([t async for t in stream]) == "Hello there"
+        assert _httpx_garbage() == []
+
+
+def test_a_sync_stream_over_httpx_leaves_no_cycle_of_httpx_objects(
+    server: str, collector: None
+) -> None:
+    with llmstream.Client(server, model="m") as client:
+        for call in range(4):
+            if call == 1:
+                gc.collect()
+                gc.garbage.clear()
+            with client.stream("Hi") as stream:
+                assert "".join(stream) == "Hello there"
+        assert _httpx_garbage() == []
+
+
+def test_reading_a_fleets_metrics_leaves_no_cycle_of_httpx_objects(collector: None) -> None:
+    # The watcher reads /metrics in its own thread, on an httpx client of its own.
+    with FakeFleet(1, text="Hello there", model="m") as fleet:
+        config = llmstream.Fleet(
+            [llmstream.Endpoint(fleet.base_urls[0])], model="m", scrape_interval=0.01
+        )
+        with llmstream.Client(fleet=config) as client:
+            for call in range(2):
+                with client.stream("Hi") as stream:
+                    assert "".join(stream) == "Hello there"
+                if call == 0:
+                    gc.collect()
+                    gc.garbage.clear()
+                    read = len(_metrics_reads(fleet))
+                    # Calls keep the watcher reading; it reads a few times meanwhile.
+                    while len(_metrics_reads(fleet)) < read + 3:
+                        with client.stream("Hi") as stream:
+                            assert "".join(stream) == "Hello there"
+            assert _httpx_garbage() == []
+
+
+def _metrics_reads(fleet: FakeFleet) -> list[object]:
+    return [r for r in fleet[0].requests if r.path == "/metrics"]

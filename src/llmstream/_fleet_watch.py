@@ -32,6 +32,7 @@ from typing import Generic, Protocol, TypeVar
 
 import httpx
 
+from ._httpx_transport import unbind
 from ._vllm_metrics import LoadReport, parse_vllm_load
 
 __all__ = [
@@ -386,23 +387,13 @@ class FleetWatcher(Generic[E]):
             return None
         try:
             with http.stream("GET", url, headers=headers, timeout=timeout) as response:
-                if response.status_code != 200:
-                    logger.debug("%s answered %d", url, response.status_code)
-                    return None
-                # The timeout bounds each read, not the whole body: a server that
-                # trickles must not hold the thread (or close()) either.
-                deadline = time.monotonic() + timeout
-                body = bytearray()
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if len(body) > MAX_PAGE_BYTES or time.monotonic() > deadline:
-                        logger.debug("%s: too large or too slow, not read", url)
-                        return None
+                page = _read_page(response, url, timeout)
         except httpx.HTTPError as exc:
             # Only the type: a refused header's error message may quote the key.
             logger.debug("%s did not answer (%s)", url, type(exc).__name__)
             return None
-        return body.decode("utf-8", errors="replace")
+        unbind(response)
+        return page
 
     def _discover(self, now: float) -> bool:
         discovery = self._discovery
@@ -430,6 +421,23 @@ class FleetWatcher(Generic[E]):
             logger.debug("fleet watcher: discovery failed (%s)", type(exc).__name__)
             return False
         return True
+
+
+def _read_page(response: httpx.Response, url: str, timeout: float) -> str | None:
+    """The body of a 200 answer, or ``None``."""
+    if response.status_code != 200:
+        logger.debug("%s answered %d", url, response.status_code)
+        return None
+    # The timeout bounds each read, not the whole body: a server that trickles must
+    # not hold the thread (or close()) either.
+    deadline = time.monotonic() + timeout
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > MAX_PAGE_BYTES or time.monotonic() > deadline:
+            logger.debug("%s: too large or too slow, not read", url)
+            return None
+    return body.decode("utf-8", errors="replace")
 
 
 def _root(endpoint: WatchedEndpoint) -> str:
