@@ -100,6 +100,35 @@ def _llmstream_frames() -> list[str]:
     ]
 
 
+def _forget_garbage() -> None:
+    gc.collect()
+    gc.garbage.clear()
+
+
+async def _async_calls(client: llmstream.AsyncClient, count: int) -> list[llmstream.StreamResult]:
+    """``count`` calls; the garbage after the first is forgotten (the client's own set-up)."""
+    results = []
+    for call in range(count):
+        if call == 1:
+            _forget_garbage()
+        async with client.stream("Hi") as stream:
+            assert "".join([t async for t in stream]) == "Hello there"
+        results.append(stream.result)
+    return results
+
+
+def _sync_calls(client: llmstream.Client, count: int) -> list[llmstream.StreamResult]:
+    """The same as ``_async_calls``, on the sync client."""
+    results = []
+    for call in range(count):
+        if call == 1:
+            _forget_garbage()
+        with client.stream("Hi") as stream:
+            assert "".join(stream) == "Hello there"
+        results.append(stream.result)
+    return results
+
+
 HEDGED = llmstream.Fleet(
     [llmstream.Endpoint("http://seam-a/v1"), llmstream.Endpoint("http://seam-b/v1")],
     model="m",
@@ -114,13 +143,7 @@ async def test_a_hedged_call_answered_in_time_leaves_no_cycle(collector: None) -
     # cancel the hedge's wait (an exception, a traceback, frames: a cycle per call).
     async with llmstream.AsyncClient(fleet=HEDGED) as client:
         client._transport = _AsyncTransport(WORDS * 4, blocking=False)  # type: ignore[assignment]
-        for call in range(4):
-            if call == 1:  # what the client itself set up on its first call is not the calls'
-                gc.collect()
-                gc.garbage.clear()
-            async with client.stream("Hi") as stream:
-                assert "".join([t async for t in stream]) == "Hello there"
-            assert not stream.result.hedged
+        assert not any(result.hedged for result in await _async_calls(client, 4))
         assert _llmstream_frames() == []
         assert _llmstream_garbage() == []
 
@@ -128,13 +151,7 @@ async def test_a_hedged_call_answered_in_time_leaves_no_cycle(collector: None) -
 def test_a_hedged_sync_call_answered_in_time_leaves_no_cycle(collector: None) -> None:
     with llmstream.Client(fleet=HEDGED) as client:
         client._transport = _SyncTransport(WORDS * 4, blocking=True)  # type: ignore[assignment]
-        for call in range(4):
-            if call == 1:
-                gc.collect()
-                gc.garbage.clear()
-            with client.stream("Hi") as stream:
-                assert "".join(stream) == "Hello there"
-            assert not stream.result.hedged
+        assert not any(result.hedged for result in _sync_calls(client, 4))
         assert _llmstream_frames() == []
         assert _llmstream_garbage() == []
 
@@ -160,12 +177,7 @@ async def test_an_async_stream_over_httpx_leaves_no_cycle_of_httpx_objects(
     # httpx's response and its body stream refer to each other; closed, the response
     # is unbound from it, so that a finished call is freed at once, not by the collector.
     async with llmstream.AsyncClient(server, model="m") as client:
-        for call in range(4):
-            if call == 1:  # the pool's own set-up on the first call is not the calls'
-                gc.collect()
-                gc.garbage.clear()
-            async with client.stream("Hi") as stream:
-                assert "".join([t async for t in stream]) == "Hello there"
+        await _async_calls(client, 4)
         assert _httpx_garbage() == []
 
 
@@ -173,12 +185,7 @@ def test_a_sync_stream_over_httpx_leaves_no_cycle_of_httpx_objects(
     server: str, collector: None
 ) -> None:
     with llmstream.Client(server, model="m") as client:
-        for call in range(4):
-            if call == 1:
-                gc.collect()
-                gc.garbage.clear()
-            with client.stream("Hi") as stream:
-                assert "".join(stream) == "Hello there"
+        _sync_calls(client, 4)
         assert _httpx_garbage() == []
 
 
@@ -189,17 +196,11 @@ def test_reading_a_fleets_metrics_leaves_no_cycle_of_httpx_objects(collector: No
             [llmstream.Endpoint(fleet.base_urls[0])], model="m", scrape_interval=0.01
         )
         with llmstream.Client(fleet=config) as client:
-            for call in range(2):
-                with client.stream("Hi") as stream:
-                    assert "".join(stream) == "Hello there"
-                if call == 0:
-                    gc.collect()
-                    gc.garbage.clear()
-                    read = len(_metrics_reads(fleet))
-                    # Calls keep the watcher reading; it reads a few times meanwhile.
-                    while len(_metrics_reads(fleet)) < read + 3:
-                        with client.stream("Hi") as stream:
-                            assert "".join(stream) == "Hello there"
+            _sync_calls(client, 2)
+            read = len(_metrics_reads(fleet))
+            # Calls keep the watcher reading; it reads a few times meanwhile.
+            while len(_metrics_reads(fleet)) < read + 3:
+                _sync_calls(client, 1)
             assert _httpx_garbage() == []
 
 
