@@ -231,11 +231,13 @@ async def _until_sent(fake: FakeVLLM) -> None:
 @pytest.mark.usefixtures("async_http_backend")
 @pytest.mark.anyio
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
-async def test_stopping_while_headers_are_awaited_cuts_the_request(how: str) -> None:
+@pytest.mark.parametrize("buffer", [64, 0], ids=["read-ahead", "pull"])
+async def test_stopping_while_headers_are_awaited_cuts_the_request(how: str, buffer: int) -> None:
+    # buffer=0: no reader task, the stop comes while the consumer itself reads.
     fake = FakeVLLM("never sent", ttft=30)
     with fake.serve() as server:
         async with llmstream.AsyncClient(server.base_url) as client:
-            stream = client.stream("hi")
+            stream = client.stream("hi", buffer=buffer)
 
             async def stop() -> None:
                 await _until_sent(fake)

@@ -283,16 +283,18 @@ async def test_an_async_break_still_closes_at_once_with_the_path_off(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("buffer", [64, 0], ids=["read-ahead", "pull"])
 async def test_an_aclose_from_another_task_mid_read_with_the_path_off(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, buffer: int
 ) -> None:
     # httpx's body iterator is an async generator: closing it while the stream's reading
     # task is inside it raised "aclose(): asynchronous generator is already running".
+    # buffer=0: the reading task is the consumer's own.
     monkeypatch.setenv("LLMSTREAM_FASTPATH", "0")
     fake = FakeVLLM("never sent", ttft=30)
     with fake.serve() as server:
         async with llmstream.AsyncClient(server.base_url) as client:
-            stream = client.stream("hi")
+            stream = client.stream("hi", buffer=buffer)
             reading = anyio.Event()
 
             async def stop() -> None:

@@ -182,14 +182,18 @@ async def test_keep_alive_comments_do_not_reset_the_first_token_deadline(mode: s
 
 
 @pytest.mark.parametrize("mode", SOCKET_MODES)
-async def test_idle_deadline_ignores_keep_alive_comments(mode: str) -> None:
+@pytest.mark.parametrize("buffer", [64, 0], ids=["read-ahead", "pull"])
+async def test_idle_deadline_ignores_keep_alive_comments(mode: str, buffer: int) -> None:
+    # buffer=0: the consumer's own reads of comments (no item) must not restart the clock.
     fake = FakeVLLM(ANSWER, keep_alive=0.02)
     fake.add_fault(Fault.stall(after_chunks=4))
     with fake.serve() as server:
         outcome = await collect(
             mode,
             base_url=server.base_url,
-            client_kwargs={"timeout": llmstream.Timeouts(idle=0.3), "retry": 0},
+            # The total deadline only ends a run whose idle deadline failed to fire.
+            client_kwargs={"timeout": llmstream.Timeouts(idle=0.3, total=10), "retry": 0},
+            buffer=buffer,
         )
     assert isinstance(outcome.error, llmstream.IdleTimeout)
     assert outcome.final.text == outcome.text and outcome.text

@@ -112,7 +112,10 @@ class AsyncChatStream(StreamBase):
     async def __aenter__(self) -> AsyncChatStream:
         self._entered = True
         await self._open()
-        if self._reader is not None and self._core.stopped is None:
+        # buffer=0: no read-ahead, so no reader task either: the consumer's own reads are
+        # the only ones, as for a stream iterated without `async with`. A task, its group
+        # and their scopes are most of what opening a stream costs.
+        if self._reader is not None and self._core.stopped is None and self._core.options.buffer:
             self._buffer = AsyncReadAhead(self._core.options.buffer)
             if self._pending:  # read while a hedge raced the request: first in line
                 self._buffer.put(list(self._pending))
@@ -580,6 +583,9 @@ class AsyncChatStream(StreamBase):
         if self._buffer is not None:
             return await self._buffer.get()
         core = self._core
+        # The consumer's own time since its last item is not the server's idleness; the
+        # reads it now waits on (keep-alive comments bring no item) are.
+        core.reading_resumed(now())
         while not pending:
             if core.error is not None:
                 raise core.error
@@ -592,14 +598,15 @@ class AsyncChatStream(StreamBase):
         """Without a reader task: read once because the consumer asked."""
         core = self._core
         try:
+            held = core.pause_clock.paused
             paused = await self._wait_while_paused()
             if paused is not None:
                 raise paused.error
+            if held:
+                core.reading_resumed(now())  # time paused is not the server's idleness
             if self._reader is None and core.session is None:
                 await self._open()
             while self._reader is not None:
-                # The consumer's own time since the last read is not the server's idleness.
-                core.reading_resumed(now())
                 step = await self._read_once()
                 if step is None:
                     return
@@ -617,16 +624,20 @@ class AsyncChatStream(StreamBase):
         core = self._core
         attempt = self._attempt
         reader = self._reader
-        assert attempt is not None and reader is not None and self._response is not None
+        # Held here: aclose() from another task drops the stream's response mid-read.
+        response = self._response
+        assert attempt is not None and reader is not None and response is not None
         found = core.deadline()
         with anyio.move_on_after(found[0] - now() if found is not None else math.inf) as scope:
             try:
                 data = await reader.__anext__()
             except StopAsyncIteration:
-                self._response.body_ended()
+                response.body_ended()
                 return core.body_ended(attempt, now())
             except Exception as exc:
-                failure = self._response.read_failure(exc)
+                if core.stopped is not None:
+                    return None  # cut by the caller while the read was waiting
+                failure = response.read_failure(exc)
                 if failure is None:
                     raise
                 return core.read_failed(attempt, failure, now())
