@@ -57,6 +57,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -70,6 +71,8 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 CLIENTS = {
     "llmstream-async": "llmstream AsyncClient.stream, async for text (defaults: httpx)",
     "llmstream-aiohttp": "the same, with transport=llmstream.AiohttpTransport()",
+    "llmstream-async-pull": "llmstream-async with buffer=0: no read-ahead, no reader task",
+    "llmstream-aiohttp-pull": "llmstream-aiohttp with buffer=0: no read-ahead, no reader task",
     "hand-rolled": "httpx.AsyncClient + httpx_sse.aconnect_sse + json.loads",
     "aiohttp": "aiohttp.ClientSession, its body split into events by hand + json.loads",
     "httpx2": "httpx2.AsyncClient (pydantic's httpx fork), the same as aiohttp's row",
@@ -116,8 +119,17 @@ def _aiohttp_transport() -> dict[str, object]:
     return {"transport": llmstream.AiohttpTransport()}
 
 
+def _pull(transport: Callable[[], dict[str, object]]) -> Callable[[], dict[str, object]]:
+    return lambda: {**transport(), "buffer": 0}
+
+
 # llmstream's rows: the client's keyword arguments for each transport (made per client).
-LLMSTREAM_TRANSPORTS = {"llmstream-async": dict, "llmstream-aiohttp": _aiohttp_transport}
+LLMSTREAM_TRANSPORTS = {
+    "llmstream-async": dict,
+    "llmstream-aiohttp": _aiohttp_transport,
+    "llmstream-async-pull": _pull(dict),
+    "llmstream-aiohttp-pull": _pull(_aiohttp_transport),
+}
 
 
 async def _open_llmstream(
@@ -319,6 +331,8 @@ async def _open_raw_floor(url: str, streams: int, pool: str):
 OPENERS = {
     "llmstream-async": _open_llmstream,
     "llmstream-aiohttp": _open_llmstream,
+    "llmstream-async-pull": _open_llmstream,
+    "llmstream-aiohttp-pull": _open_llmstream,
     "hand-rolled": _open_hand_rolled,
     "aiohttp": _open_aiohttp,
     "httpx2": _open_httpx2,
@@ -534,6 +548,7 @@ NEEDS = {
     "openai": ["openai", "httpx2"],
     "aiohttp": ["aiohttp"],
     "llmstream-aiohttp": ["aiohttp"],
+    "llmstream-aiohttp-pull": ["aiohttp"],
     "httpx2": ["httpx2"],
 }
 
@@ -673,14 +688,14 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}))
     print()
     print(
-        f"{'client':<18} {'chunks/s':>9} {'CPU us/chunk':>13} {'CPU load':>9} "
+        f"{'client':<22} {'chunks/s':>9} {'CPU us/chunk':>13} {'CPU load':>9} "
         f"{'added p50':>10} {'added p99':>10} {'added max':>10} {'jitter p99':>11} "
         f"{'TTFT p50':>9} {'TTFT p99':>9}"
     )
-    print("-" * 117)
+    print("-" * 121)
     for name, r in results.items():
         print(
-            f"{name:<18} {r['throughput']:9,.0f} {r['cpu_us']:13.1f} "
+            f"{name:<22} {r['throughput']:9,.0f} {r['cpu_us']:13.1f} "
             f"{r['cpu_load'] * 100:8.0f}% {r['added_p50']:8.2f}ms {r['added_p99']:8.2f}ms "
             f"{r['added_max']:8.2f}ms {r['jitter_p99']:9.2f}ms "
             f"{r['ttft_p50']:7.1f}ms {r['ttft_p99']:7.1f}ms"
@@ -688,11 +703,11 @@ def main(argv: list[str] | None = None) -> int:
         if r["chunks"] != r["expected"]:
             print(f"  !! {name} received {r['chunks']} chunks, expected {r['expected']}")
     print()
-    print(f"{'client':<18} {'GC ms/round':>12} {'GC longest':>11} {'full GCs':>9} {'steal':>7}")
-    print("-" * 61)
+    print(f"{'client':<22} {'GC ms/round':>12} {'GC longest':>11} {'full GCs':>9} {'steal':>7}")
+    print("-" * 65)
     for name, r in results.items():
         print(
-            f"{name:<18} {r['gc_ms_per_round']:10.0f}ms {r['gc_max_ms']:9.1f}ms "
+            f"{name:<22} {r['gc_ms_per_round']:10.0f}ms {r['gc_max_ms']:9.1f}ms "
             f"{r['gc_full']:9.0f} {r['steal'] * 100:6.0f}%"
         )
     print()
@@ -753,7 +768,7 @@ def _verdict(results: dict[str, dict[str, float]], streams: int) -> None:
                 ),
             )
         for text, ok in checks:
-            print(f"  {name:<18} {text}: {'PASS' if ok else 'FAIL'}")
+            print(f"  {name:<22} {text}: {'PASS' if ok else 'FAIL'}")
 
 
 def _find_max(name: str, args: argparse.Namespace, limit_ms: float = 20.0) -> int:
