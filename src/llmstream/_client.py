@@ -379,8 +379,9 @@ class AsyncClient(_BaseClient):
 
     Flow control, per client and per call: ``buffer`` is how many chunks a
     background reader may run ahead of the consumer (``0``: read only when
-    asked); ``on_full`` is ``"wait"`` (backpressure: stop reading the socket)
-    or ``"error"`` (:class:`~llmstream.BufferOverflow`); ``max_pause`` caps a
+    asked, in the consumer's own task: the cheapest at hundreds of streams);
+    ``on_full`` is ``"wait"`` (backpressure: stop reading the socket) or
+    ``"error"`` (:class:`~llmstream.BufferOverflow`); ``max_pause`` caps a
     :meth:`~AsyncChatStream.pause` in seconds; ``max_chunks``/``max_bytes``
     cap one stream (:class:`~llmstream.StreamLimitExceeded`).
 
