@@ -85,7 +85,8 @@ async def test_unknown_model_and_validation_errors(mode: str) -> None:
 
 @needs_plain
 @pytest.mark.parametrize("mode", SOCKET_MODES)
-async def test_break_aborts_the_request_in_vllm_within_100ms(mode: str) -> None:
+@pytest.mark.parametrize("buffer", [64, 0], ids=["read-ahead", "pull"])
+async def test_break_aborts_the_request_in_vllm_within_100ms(mode: str, buffer: int) -> None:
     assert PLAIN
     root = _root(PLAIN)
     httpx.post(f"{root}/_reset")
@@ -100,6 +101,7 @@ async def test_break_aborts_the_request_in_vllm_within_100ms(mode: str) -> None:
         max_tokens=50,
         extra_body={"x_delay_ms": 500},
         on_piece=stop_after_first,
+        buffer=buffer,
     )
     assert outcome.final.status == "cancelled"
     aborts: list[dict[str, object]] = []
