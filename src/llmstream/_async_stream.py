@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from types import TracebackType
@@ -104,6 +105,9 @@ class AsyncChatStream(StreamBase):
         # watchdog task: a task costs about a tenth of a stream's set-up.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watch_timer: asyncio.Handle | None = None
+        # Without a reader task: None until the first read decides how deadlines are
+        # watched; True for the loop's timer (asyncio), False for a scope per read.
+        self._timer_watch: bool | None = None
         self._resumed: anyio.Event | None = None  # wakes a paused reader
         self._stopped: anyio.Event | None = None  # wakes a retry's backoff
 
@@ -283,6 +287,7 @@ class AsyncChatStream(StreamBase):
                 return
             self._closed = True
             core.stop("closed", now())
+            self._stop_watch()  # without a reader task, nothing else stops it
             if self._send_scope is not None:
                 self._send_scope.cancel()
             if self._buffer is not None:
@@ -597,6 +602,8 @@ class AsyncChatStream(StreamBase):
     async def _pull(self) -> None:
         """Without a reader task: read once because the consumer asked."""
         core = self._core
+        if self._timer_watch is None:
+            self._timer_watch = core.watches_deadlines and self._watch_by_timer()
         try:
             held = core.pause_clock.paused
             paused = await self._wait_while_paused()
@@ -627,8 +634,15 @@ class AsyncChatStream(StreamBase):
         # Held here: aclose() from another task drops the stream's response mid-read.
         response = self._response
         assert attempt is not None and reader is not None and response is not None
-        found = core.deadline()
-        with anyio.move_on_after(found[0] - now() if found is not None else math.inf) as scope:
+        if self._timer_watch:
+            # The loop's timer cuts the read when a deadline passes: a timer per read
+            # would cost more than the rest of handling a chunk.
+            scope = self._read_scope = anyio.CancelScope()
+        else:
+            found = core.deadline()
+            scope = anyio.move_on_after(found[0] - now() if found is not None else math.inf)
+        with scope:
+            attempt.reading = True
             try:
                 data = await reader.__anext__()
             except StopAsyncIteration:
@@ -641,6 +655,9 @@ class AsyncChatStream(StreamBase):
                 if failure is None:
                     raise
                 return core.read_failed(attempt, failure, now())
+            finally:
+                attempt.reading = False
+                self._read_scope = None
         if scope.cancelled_caught:
             return core.read_failed(attempt, None, now())
         self._pending.extend(core.feed(attempt, data, now()))
@@ -771,17 +788,26 @@ class AsyncChatStream(StreamBase):
         core = self._core
         if not core.watches_deadlines:
             return
-        # Unset when the watch stops: the core holding the stream's method is a reference
-        # cycle, which would leave every finished stream to the garbage collector.
-        core.on_deadline_moved = self._deadline_moved
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio): no loop timers to use
+        if not self._watch_by_timer():  # not asyncio (trio): no loop timers to use
+            # Unset when the watch stops: the core holding the stream's method is a
+            # reference cycle, which would leave every finished stream to the collector.
+            core.on_deadline_moved = self._deadline_moved
             self._watch_scope = anyio.CancelScope()
             self._deadline_changed = anyio.Event()
             self._task_group.start_soon(self._watchdog, name="llmstream deadlines")
-            return
+
+    def _watch_by_timer(self) -> bool:
+        """On asyncio, watch the deadlines with a timer of the loop; False elsewhere."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        # Through a weak reference, like the timer: a stream dropped unclosed must be
+        # freed at once (its finaliser cuts the connection), not kept by its core.
+        ref = weakref.ref(self)
+        self._core.on_deadline_moved = lambda: _deadline_moved_of(ref)
         self._check_deadlines()  # sets the first timer
+        return True
 
     def _stop_watch(self) -> None:
         self._core.on_deadline_moved = None
@@ -802,7 +828,9 @@ class AsyncChatStream(StreamBase):
             due = 0.05
         loop = self._loop
         if loop is not None:  # the timer's own callback: set the next one
-            self._watch_timer = loop.call_later(due, self._check_deadlines)
+            # By weak reference: a stream dropped unclosed must still be collected (its
+            # finaliser cuts the connection), not kept alive by its own timer.
+            self._watch_timer = loop.call_later(due, _check_deadlines_of, weakref.ref(self))
         return due
 
     async def _watchdog(self) -> None:
@@ -830,7 +858,7 @@ class AsyncChatStream(StreamBase):
             return
         if self._watch_timer is not None:
             self._watch_timer.cancel()
-            self._watch_timer = loop.call_soon(self._check_deadlines)
+            self._watch_timer = loop.call_soon(_check_deadlines_of, weakref.ref(self))
 
     def _wake_all(self) -> None:
         if self._resumed is not None:
@@ -844,6 +872,18 @@ class AsyncChatStream(StreamBase):
         self._reader = None
         if response is not None:
             await response.aclose()
+
+
+def _check_deadlines_of(stream: weakref.ref[AsyncChatStream]) -> None:
+    alive = stream()
+    if alive is not None:
+        alive._check_deadlines()
+
+
+def _deadline_moved_of(stream: weakref.ref[AsyncChatStream]) -> None:
+    alive = stream()
+    if alive is not None:
+        alive._deadline_moved()
 
 
 class _Race:
