@@ -77,6 +77,13 @@ class _AsyncResponse(_Response):
         self._done = True
         return b"".join(self._parts)[:limit]
 
+    async def _next_async(self) -> bytes:
+        await anyio.sleep(0)
+        try:
+            return self._next()
+        except StopIteration:
+            raise StopAsyncIteration from None
+
     def stream(self, body_timeout: float | None) -> AsyncIterator[bytes]:
         response = self
 
@@ -85,11 +92,7 @@ class _AsyncResponse(_Response):
                 return self
 
             async def __anext__(self) -> bytes:
-                await anyio.sleep(0)
-                try:
-                    return response._next()
-                except StopIteration:
-                    raise StopAsyncIteration from None
+                return await response._next_async()
 
         return Reader()
 
@@ -192,3 +195,45 @@ async def test_a_stop_cuts_the_body_through_the_seam(how: str) -> None:
                 break
     assert stream.result.status == "cancelled"
     assert transport.log[-1] == "release unread"  # released with its body unread: cut
+
+
+class _DeafResponse(_AsyncResponse):
+    """Its read, once the parts run out, waits forever: abort() does not wake it."""
+
+    async def _next_async(self) -> bytes:
+        await anyio.sleep(0)
+        if not self._parts:
+            await anyio.sleep_forever()
+        return self._parts.pop(0)
+
+
+@pytest.mark.parametrize(
+    ("buffer", "scope"),
+    [(64, "scope"), (0, "cut"), (0, "scope")],
+    ids=["read-ahead", "pull", "pull-without-cut"],
+)
+async def test_a_deadline_cuts_a_read_that_an_abort_cannot_wake(
+    buffer: int, scope: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deadline must end the call however the transport's reads wait; the read-ahead
+    # reader is cut by its scope, a pull read (buffer=0) by the cut the loop's timer fires
+    # (an anyio scope per read where there is none: Python 3.10, other loops).
+    if scope == "scope":
+        monkeypatch.setattr("llmstream._async_stream.read_cut", lambda: None)
+    transport = _AsyncTransport([(200, [_event("Hello")])], blocking=False)
+    transport._respond = lambda request: _DeafResponse(200, [_event("Hello")], transport.log)  # type: ignore[method-assign]
+    timeouts = llmstream.Timeouts(idle=0.2)
+    async with llmstream.AsyncClient(
+        "http://seam/v1", model="m", buffer=buffer, timeout=timeouts, retry=0
+    ) as client:
+        client._transport = transport  # type: ignore[assignment]
+        started = anyio.current_time()
+        with anyio.move_on_after(5):  # the test's own guard: a deadline that never fires
+            async with client.stream("Hi") as stream:
+                with pytest.raises(llmstream.IdleTimeout) as caught:
+                    async for _ in stream:
+                        pass
+        waited = anyio.current_time() - started
+    assert waited < 2, f"the idle deadline of 0.2 s ended the read after {waited:.2f} s"
+    assert caught.value.partial is not None and caught.value.partial.text == "Hello"
+    assert stream.result.status != "complete"
