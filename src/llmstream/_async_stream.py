@@ -279,6 +279,8 @@ class AsyncChatStream(StreamBase):
             stream.result.status  # "cancelled" if the answer was not finished
         """
         core = self._core
+        if self._closed and self._pump_done is None and self._response is None:
+            return  # closed already with nothing left to release: no scope to pay for
         with anyio.CancelScope(shield=True):
             if self._closed:
                 # Closed already, perhaps from another task while a request was on its
