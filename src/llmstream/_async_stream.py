@@ -96,7 +96,7 @@ class AsyncChatStream(StreamBase):
         # The wait for a response's headers, so cancel() and aclose() can cut it short.
         self._send_scope: anyio.CancelScope | None = None
         # The current attempt's reads, so a deadline can cut the read in progress
-        # whatever the transport (no cost per chunk).
+        # whatever the transport.
         self._read_scope: anyio.CancelScope | ReadCut | None = None
         # Made when first needed: most streams never pause, retry or wait, and each
         # anyio primitive costs a few microseconds of every stream's set-up.
@@ -106,6 +106,8 @@ class AsyncChatStream(StreamBase):
         # watchdog task: a task costs about a tenth of a stream's set-up.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watch_timer: asyncio.Handle | None = None
+        # What the timer and the core hold instead of the stream (see _watch_by_timer).
+        self._weak: weakref.ref[AsyncChatStream] | None = None
         # Without a reader task: None until the first read decides how deadlines are
         # watched; True for the loop's timer (asyncio), False for a scope per read.
         self._timer_watch: bool | None = None
@@ -812,7 +814,7 @@ class AsyncChatStream(StreamBase):
             return False
         # Through a weak reference, like the timer: a stream dropped unclosed must be
         # freed at once (its finaliser cuts the connection), not kept by its core.
-        ref = weakref.ref(self)
+        ref = self._weak = weakref.ref(self)
         self._core.on_deadline_moved = lambda: _deadline_moved_of(ref)
         self._check_deadlines()  # sets the first timer
         return True
@@ -838,7 +840,7 @@ class AsyncChatStream(StreamBase):
         if loop is not None:  # the timer's own callback: set the next one
             # By weak reference: a stream dropped unclosed must still be collected (its
             # finaliser cuts the connection), not kept alive by its own timer.
-            self._watch_timer = loop.call_later(due, _check_deadlines_of, weakref.ref(self))
+            self._watch_timer = loop.call_later(due, _check_deadlines_of, self._weak)
         return due
 
     async def _watchdog(self) -> None:
@@ -866,7 +868,7 @@ class AsyncChatStream(StreamBase):
             return
         if self._watch_timer is not None:
             self._watch_timer.cancel()
-            self._watch_timer = loop.call_soon(_check_deadlines_of, weakref.ref(self))
+            self._watch_timer = loop.call_soon(_check_deadlines_of, self._weak)
 
     def _wake_all(self) -> None:
         if self._resumed is not None:
@@ -882,8 +884,8 @@ class AsyncChatStream(StreamBase):
             await response.aclose()
 
 
-def _check_deadlines_of(stream: weakref.ref[AsyncChatStream]) -> None:
-    alive = stream()
+def _check_deadlines_of(stream: weakref.ref[AsyncChatStream] | None) -> None:
+    alive = stream() if stream is not None else None
     if alive is not None:
         alive._check_deadlines()
 
