@@ -44,6 +44,7 @@ from ._errors import InvalidRequestError
 from ._header_wait import shut_down
 from ._http_errors import SendFailure, send_failure_error
 from ._httpx_transport import closed_error
+from ._read_cut import cut_after
 from ._transport import HeaderTimeout, HTTPRequest, InFlight, request_headers
 
 if TYPE_CHECKING:
@@ -373,7 +374,7 @@ class AiohttpTransport:
         if counted is not None:
             counted.add(1)
         try:
-            with anyio.fail_after(request.read_timeout if request.stream else None):
+            with cut_after(request.read_timeout if request.stream else None) as header_wait:
                 response = await session.request(
                     request.method,
                     request.url,
@@ -391,14 +392,13 @@ class AiohttpTransport:
             if isinstance(exc, aiohttp.ClientError):
                 kind = _failure_kind(exc)
                 raise send_failure_error(kind, exc, request.url, connect, proxy=proxy) from exc
-            if isinstance(exc, TimeoutError) and request.read_timeout is not None:
-                # anyio's, for the header wait: a deadline of the call.
-                raise HeaderTimeout(
-                    f"no response headers within {request.read_timeout:g} s"
-                ) from None
             if isinstance(exc, RuntimeError) and session.closed:
                 raise closed_error("async with") from exc
             raise
+        if header_wait.cancelled_caught:  # no headers in time: a deadline of the call
+            if counted is not None:
+                counted.add(-1)
+            raise HeaderTimeout(f"no response headers within {request.read_timeout:g} s")
         return _AiohttpResponse(response, counted)
 
     async def aclose(self) -> None:

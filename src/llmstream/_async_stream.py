@@ -13,6 +13,7 @@ Every decision is the core's (:mod:`llmstream._call`); this module only waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import weakref
 from collections import deque
@@ -31,7 +32,7 @@ from ._errors import LLMStreamError
 from ._flow import AsyncReadAhead, StreamOptions
 from ._hooks import Hook
 from ._http_errors import MAX_ERROR_BODY_BYTES
-from ._read_cut import ReadCut, read_cut
+from ._read_cut import ReadCut, cut_after, read_cut
 from ._result import StreamResult
 from ._retry import RetryPolicy
 from ._session import StreamItem
@@ -94,7 +95,7 @@ class AsyncChatStream(StreamBase):
         # caller's `async with` block, which runs inside the task group's scope.
         self._pump_scope: anyio.CancelScope | None = None
         # The wait for a response's headers, so cancel() and aclose() can cut it short.
-        self._send_scope: anyio.CancelScope | None = None
+        self._send_scope: anyio.CancelScope | ReadCut | None = None
         # The current attempt's reads, so a deadline can cut the read in progress
         # whatever the transport.
         self._read_scope: anyio.CancelScope | ReadCut | None = None
@@ -283,7 +284,11 @@ class AsyncChatStream(StreamBase):
         core = self._core
         if self._closed and self._pump_done is None and self._response is None:
             return  # closed already with nothing left to release: no scope to pay for
-        with anyio.CancelScope(shield=True):
+        # What is awaited below cannot be interrupted when only a response is released
+        # (its aclose() shields itself, see _transport.AsyncResponse): a shield, about
+        # 4 µs of every stream, is for the reader, the hooks and an owned client.
+        shielded = self._pump_done is not None or self._hooks is not None or self._owns_client
+        with anyio.CancelScope(shield=True) if shielded else _UNSHIELDED:
             if self._closed:
                 # Closed already, perhaps from another task while a request was on its
                 # way: a response that arrived since is still released, once the reader
@@ -411,7 +416,7 @@ class AsyncChatStream(StreamBase):
         # A hedge is sent inside a race, whose scope cancel() and aclose() cut instead.
         owns_scope = self._send_scope is None
         try:
-            with anyio.move_on_after(wait if wait is not None else math.inf) as scope:
+            with cut_after(wait) as scope:
                 if owns_scope:
                     self._send_scope = scope
                 response = await self._client._transport.send(request)
@@ -607,25 +612,68 @@ class AsyncChatStream(StreamBase):
         return pending.popleft()
 
     async def _pull(self) -> None:
-        """Without a reader task: read once because the consumer asked."""
+        """Without a reader task: read once because the consumer asked.
+
+        One coroutine per read, the read inlined: every frame between the consumer and
+        the socket is paid on every chunk.
+        """
         core = self._core
         if self._timer_watch is None:
             self._timer_watch = core.watches_deadlines and self._watch_by_timer()
             if self._timer_watch:
                 self._read_cut = read_cut()
         try:
-            held = core.pause_clock.paused
-            paused = await self._wait_while_paused()
-            if paused is not None:
-                raise paused.error
-            if held:
+            if core.pause_clock.paused:
+                paused = await self._wait_while_paused()
+                if paused is not None:
+                    raise paused.error
                 core.reading_resumed(now())  # time paused is not the server's idleness
             if self._reader is None and core.session is None:
                 await self._open()
-            while self._reader is not None:
-                step = await self._read_once()
+            while (reader := self._reader) is not None:
+                attempt = self._attempt
+                # Held here: aclose() from another task drops the stream's response mid-read.
+                response = self._response
+                assert attempt is not None and response is not None
+                # One read under a cancel scope for the deadline.
+                scope: anyio.CancelScope | ReadCut
+                if self._timer_watch:
+                    # The loop's timer cuts the read when a deadline passes: a timer per
+                    # read would cost more than the rest of handling a chunk, an anyio
+                    # scope a tenth.
+                    scope = self._read_scope = self._read_cut or anyio.CancelScope()
+                else:
+                    found = core.deadline()
+                    scope = anyio.move_on_after(found[0] - now() if found is not None else math.inf)
+                step: Step | None = None
+                with scope:
+                    attempt.reading = True
+                    try:
+                        data = await reader.__anext__()
+                    except StopAsyncIteration:
+                        response.body_ended()
+                        step = core.body_ended(attempt, now())
+                    except Exception as exc:
+                        if core.stopped is not None:
+                            return  # cut by the caller while the read was waiting
+                        failure = response.read_failure(exc)
+                        if failure is None:
+                            raise
+                        step = core.read_failed(attempt, failure, now())
+                    finally:
+                        attempt.reading = False
+                        self._read_scope = None
                 if step is None:
-                    return
+                    if scope.cancelled_caught:
+                        step = core.read_failed(attempt, None, now())
+                    else:
+                        self._pending.extend(core.feed(attempt, data, now()))
+                        hooks = self._hooks
+                        if hooks is not None and hooks.pending:
+                            await hooks.adeliver()
+                        step = core.step
+                        if step is None:
+                            return  # items (maybe none) came
                 if not await self._follow(step):
                     break
                 step = await self._send_attempt()
@@ -634,47 +682,6 @@ class AsyncChatStream(StreamBase):
         except LLMStreamError as exc:
             core.fail(exc, now())
         await self.aclose()
-
-    async def _read_once(self) -> Step | None:
-        """One read under a cancel scope for the deadline; None: items (maybe none) came."""
-        core = self._core
-        attempt = self._attempt
-        reader = self._reader
-        # Held here: aclose() from another task drops the stream's response mid-read.
-        response = self._response
-        assert attempt is not None and reader is not None and response is not None
-        scope: anyio.CancelScope | ReadCut
-        if self._timer_watch:
-            # The loop's timer cuts the read when a deadline passes: a timer per read
-            # would cost more than the rest of handling a chunk, an anyio scope a tenth.
-            scope = self._read_scope = self._read_cut or anyio.CancelScope()
-        else:
-            found = core.deadline()
-            scope = anyio.move_on_after(found[0] - now() if found is not None else math.inf)
-        with scope:
-            attempt.reading = True
-            try:
-                data = await reader.__anext__()
-            except StopAsyncIteration:
-                response.body_ended()
-                return core.body_ended(attempt, now())
-            except Exception as exc:
-                if core.stopped is not None:
-                    return None  # cut by the caller while the read was waiting
-                failure = response.read_failure(exc)
-                if failure is None:
-                    raise
-                return core.read_failed(attempt, failure, now())
-            finally:
-                attempt.reading = False
-                self._read_scope = None
-        if scope.cancelled_caught:
-            return core.read_failed(attempt, None, now())
-        self._pending.extend(core.feed(attempt, data, now()))
-        hooks = self._hooks
-        if hooks is not None and hooks.pending:
-            await hooks.adeliver()
-        return core.step
 
     async def _pump(self) -> None:
         """The reader task: read ahead into the buffer until the call ends."""
@@ -868,7 +875,11 @@ class AsyncChatStream(StreamBase):
             return
         if self._watch_timer is not None:
             self._watch_timer.cancel()
-            self._watch_timer = loop.call_soon(_check_deadlines_of, self._weak)
+            # Called from inside the core (a first event): only the next check is set
+            # here; a deadline already due is for that check to act on, outside it.
+            found = self._core.deadline()
+            due = max(found[0] - now(), 0.0) if found is not None else 1.0
+            self._watch_timer = loop.call_later(due, _check_deadlines_of, self._weak)
 
     def _wake_all(self) -> None:
         if self._resumed is not None:
@@ -882,6 +893,10 @@ class AsyncChatStream(StreamBase):
         self._reader = None
         if response is not None:
             await response.aclose()
+
+
+# aclose()'s scope when nothing it awaits needs a shield; a nullcontext can be reused.
+_UNSHIELDED = contextlib.nullcontext()
 
 
 def _check_deadlines_of(stream: weakref.ref[AsyncChatStream] | None) -> None:

@@ -104,7 +104,11 @@ class AsyncResponse(Protocol):
         """Cut the connection now, from the event loop's thread; no-op once the body ended."""
 
     async def aclose(self) -> None:
-        """Release the response (cutting the connection if its body was not read)."""
+        """Release the response (cutting the connection if its body was not read).
+
+        It must release the response even when the calling task is cancelled: where it
+        awaits, it shields itself. The shell does not shield this call for it.
+        """
 
 
 class AsyncTransport(Protocol):
