@@ -137,14 +137,41 @@ def test_headers_that_never_come_are_a_first_token_timeout_retried_before_output
 
 def test_the_first_event_moves_the_deadline_from_first_token_to_idle() -> None:
     core = _core(timeouts=llmstream.Timeouts(first_token=5.0, idle=2.0))
-    moved: list[bool] = []
-    core.on_deadline_moved = lambda: moved.append(True)
     attempt = _streaming(core)
     assert core.deadline() == (5.0, "first_token")
     core.feed(attempt, _chunk("a"), 1.0)
     core.feed(attempt, _chunk("b"), 1.5)
     assert core.deadline() == (3.5, "idle")
-    assert moved == [True]  # once per request, not per chunk
+
+
+def test_deadlines_are_checked_at_least_once_per_the_shorter_of_first_token_and_idle() -> None:
+    # A deadline that starts later (the idle one after the first event, a new request's
+    # first token) then never comes before the check timed now: shells never re-time it.
+    core = _core(timeouts=llmstream.Timeouts(first_token=300.0, idle=60.0))
+    attempt = _streaming(core)
+    assert core.deadline_due(0.0) == 60.0  # the first token's deadline is at 300
+    core.feed(attempt, _chunk("a"), 10.0)
+    assert core.deadline() == (70.0, "idle")  # after the check timed at 60
+    assert core.deadline_due(60.0) == 10.0
+
+
+def test_a_new_requests_first_token_deadline_is_never_before_the_timed_check() -> None:
+    # The idle deadline of a request that streamed is 5 s away, but the request that
+    # resumes it must get its first token within 0.3 s: the check comes by then.
+    core = _core(
+        timeouts=llmstream.Timeouts(first_token=0.3, idle=5.0),
+        retry=llmstream.RetryPolicy(initial_backoff=0.0, max_backoff=0.0, resume=True),
+    )
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("Hel"), 1.0)
+    due = core.deadline_due(1.0)
+    assert due == 0.3  # not 5.0, the idle deadline's distance
+    step = core.read_failed(attempt, ReadFailure("broken", "cut"), 1.1)
+    assert isinstance(step, Retry)
+    resumed = core.begin_attempt(1.1)
+    assert core.response(resumed, 200, SSE, 1.1) is None
+    assert core.deadline() == pytest.approx((1.4, "first_token"))
+    assert 1.0 + due <= 1.4 + 1e-9  # the check timed before the resume is not late
 
 
 def test_a_deadline_cuts_only_a_read_in_progress_and_becomes_the_timeout_error() -> None:

@@ -183,6 +183,29 @@ async def test_keep_alive_comments_do_not_reset_the_first_token_deadline(mode: s
 
 @pytest.mark.parametrize("mode", SOCKET_MODES)
 @pytest.mark.parametrize("buffer", [64, 0], ids=["read-ahead", "pull"])
+async def test_a_resumed_request_gets_its_own_first_token_deadline(mode: str, buffer: int) -> None:
+    # The first request streams, then breaks; the one that resumes it stalls before its
+    # first token. Its first-token deadline (0.3 s) is far closer than the idle deadline
+    # (5 s) that the deadline watch was timed for while the first one streamed.
+    fake = FakeVLLM(ANSWER)
+    fake.add_fault(Fault.disconnect(after_chunks=3))
+    fake.add_fault(Fault.stall(after_chunks=0))
+    timeouts = llmstream.Timeouts(first_token=0.3, idle=5.0, total=20.0)
+    started = time.perf_counter()
+    with fake.serve() as server:
+        outcome = await collect(
+            mode,
+            base_url=server.base_url,
+            client_kwargs={"timeout": timeouts, "retry": RESUME},
+            buffer=buffer,
+        )
+    assert outcome.error is None and outcome.text == ANSWER
+    assert outcome.final.resumes == 2  # the stalled request was cut, then resumed again
+    assert time.perf_counter() - started < 2.5  # not the 5 s of the idle deadline
+
+
+@pytest.mark.parametrize("mode", SOCKET_MODES)
+@pytest.mark.parametrize("buffer", [64, 0], ids=["read-ahead", "pull"])
 async def test_idle_deadline_ignores_keep_alive_comments(mode: str, buffer: int) -> None:
     # buffer=0: the consumer's own reads of comments (no item) must not restart the clock.
     fake = FakeVLLM(ANSWER, keep_alive=0.02)

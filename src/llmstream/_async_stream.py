@@ -102,7 +102,6 @@ class AsyncChatStream(StreamBase):
         # Made when first needed: most streams never pause, retry or wait, and each
         # anyio primitive costs a few microseconds of every stream's set-up.
         self._watch_scope: anyio.CancelScope | None = None  # the watchdog's (trio)
-        self._deadline_changed: anyio.Event | None = None  # wakes the watchdog
         # On asyncio the deadlines are watched by a timer of the event loop instead of a
         # watchdog task: a task costs about a tenth of a stream's set-up.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -806,11 +805,7 @@ class AsyncChatStream(StreamBase):
         if not core.watches_deadlines:
             return
         if not self._watch_by_timer():  # not asyncio (trio): no loop timers to use
-            # Unset when the watch stops: the core holding the stream's method is a
-            # reference cycle, which would leave every finished stream to the collector.
-            core.on_deadline_moved = self._deadline_moved
             self._watch_scope = anyio.CancelScope()
-            self._deadline_changed = anyio.Event()
             self._task_group.start_soon(self._watchdog, name="llmstream deadlines")
 
     def _watch_by_timer(self) -> bool:
@@ -819,15 +814,14 @@ class AsyncChatStream(StreamBase):
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
             return False
-        # Through a weak reference, like the timer: a stream dropped unclosed must be
-        # freed at once (its finaliser cuts the connection), not kept by its core.
-        ref = self._weak = weakref.ref(self)
-        self._core.on_deadline_moved = lambda: _deadline_moved_of(ref)
+        # The timer holds the stream by weak reference: a stream dropped unclosed must
+        # be freed at once (its finaliser cuts the connection). No deadline that starts
+        # later comes before the check it times (CallCore.deadline_due): it never moves.
+        self._weak = weakref.ref(self)
         self._check_deadlines()  # sets the first timer
         return True
 
     def _stop_watch(self) -> None:
-        self._core.on_deadline_moved = None
         if self._watch_scope is not None:
             self._watch_scope.cancel()
         timer, self._watch_timer, self._loop = self._watch_timer, None, None
@@ -852,34 +846,16 @@ class AsyncChatStream(StreamBase):
 
     async def _watchdog(self) -> None:
         """The deadlines' watcher as a task, a sibling of the reader (trio)."""
-        assert self._watch_scope is not None and self._deadline_changed is not None
+        assert self._watch_scope is not None
         with self._watch_scope:
             while True:
-                due = self._check_deadlines()
-                with anyio.move_on_after(due):
-                    await self._deadline_changed.wait()
-                if self._deadline_changed.is_set():
-                    self._deadline_changed = anyio.Event()
+                await anyio.sleep(self._check_deadlines())
 
     async def _tell_hooks(self) -> None:
         """Deliver the events the core emitted since the last step (no hooks: nothing)."""
         hooks = self._hooks
         if hooks is not None and hooks.pending:
             await hooks.adeliver()
-
-    def _deadline_moved(self) -> None:
-        loop = self._loop
-        if loop is None:
-            if self._deadline_changed is not None:
-                self._deadline_changed.set()
-            return
-        if self._watch_timer is not None:
-            self._watch_timer.cancel()
-            # Called from inside the core (a first event): only the next check is set
-            # here; a deadline already due is for that check to act on, outside it.
-            found = self._core.deadline()
-            due = max(found[0] - now(), 0.0) if found is not None else 1.0
-            self._watch_timer = loop.call_later(due, _check_deadlines_of, self._weak)
 
     def _wake_all(self) -> None:
         if self._resumed is not None:
@@ -903,12 +879,6 @@ def _check_deadlines_of(stream: weakref.ref[AsyncChatStream] | None) -> None:
     alive = stream() if stream is not None else None
     if alive is not None:
         alive._check_deadlines()
-
-
-def _deadline_moved_of(stream: weakref.ref[AsyncChatStream]) -> None:
-    alive = stream()
-    if alive is not None:
-        alive._deadline_moved()
 
 
 class _Race:

@@ -302,8 +302,8 @@ class CallCore:
         """Set once the caller stopped the call: nothing more is sent or read."""
         self.step: Step | None = None
         """Set by :meth:`feed` when the attempt must end (an error, the budget)."""
-        self.on_deadline_moved: Callable[[], object] | None = None
-        """Called when the deadline in force changes kind (a shell's watchdog wakes)."""
+        spans = [t for t in (timeouts.first_token, timeouts.idle) if t is not None]
+        self._check_every = min(spans, default=math.inf)  # see deadline_due()
         self._next_body = body
         self._attempts = 0
         self._started = 0.0
@@ -754,9 +754,6 @@ class CallCore:
         if waiting_for_first and session.last_event_at is not None:
             self._lose_racers(now)  # the current attempt answered first
             self._answered(attempt, now)
-            # The first-token deadline is over and the idle one starts: once per request.
-            if self.on_deadline_moved is not None:
-                self.on_deadline_moved()
             if self._observer is not None:
                 self._emit(FirstToken(self.info, now, attempt.number))
         if session.error is not None:
@@ -783,8 +780,6 @@ class CallCore:
             # Metered from here on; what this read brought is counted now.
             for chunk, text in items:
                 account.observe(chunk, bool(text) or _carries_output(chunk))
-        if self.on_deadline_moved is not None:
-            self.on_deadline_moved()
         if self._observer is not None:
             self._emit(FirstToken(self.info, now, attempt.number))
         if session.error is not None:
@@ -1001,7 +996,10 @@ class CallCore:
         at, kind = found
         left = at - now
         if left > 0:
-            return left
+            # Checked at least once per the shorter of first_token and idle: a deadline
+            # that starts later (the idle one after an event, the next request's first
+            # token) then never comes before the check timed now, which need not move.
+            return min(left, self._check_every)
         attempt = self.current
         if self._deadline_hit is None and attempt is not None and attempt.reading:
             self._deadline_hit = kind
