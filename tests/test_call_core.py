@@ -31,6 +31,7 @@ from llmstream._call_route import CallRoute
 from llmstream._events import CallFailed, CallFinished, FirstToken, RequestSent, ResponseHeaders
 from llmstream._fleet_state import EndpointState, FleetState, Pick
 from llmstream._flow import StreamOptions
+from llmstream._session import StreamSession
 
 SSE = {"content-type": "text/event-stream"}
 NO_JITTER = llmstream.RetryPolicy(max_retries=2, initial_backoff=0.0, max_backoff=0.0)
@@ -86,6 +87,57 @@ def test_a_complete_stream_finishes_with_the_assembled_result_and_its_events() -
     assert core.result is step.result
     kinds = [type(e) for e in events]
     assert kinds == [RequestSent, ResponseHeaders, FirstToken, CallFinished]
+
+
+def _count_assemblies(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The times each StreamSession.result() was asked for (assembling a result)."""
+    calls: list[float] = []
+    assemble = StreamSession.result
+
+    def counted(session: StreamSession, now: float) -> llmstream.StreamResult:
+        calls.append(now)
+        return assemble(session, now)
+
+    monkeypatch.setattr(StreamSession, "result", counted)
+    return calls
+
+
+def test_a_complete_result_is_assembled_only_when_first_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assemblies = _count_assemblies(monkeypatch)
+    core = _core()
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("Hel") + _chunk("lo") + _chunk(finish="stop") + DONE, 0.1)
+    step = core.body_ended(attempt, 0.3)
+    assert isinstance(step, Finish) and core.ended and core.has_result
+    assert assemblies == []  # a relay that never reads the result does not pay for it
+    result = core.result
+    assert result is not None and result.complete and result.text == "Hello"
+    assert result.metrics.duration == pytest.approx(0.3)  # as of the end, not of the read
+    assert step.result is result and core.snapshot(9.0) is result
+    core.stop("closed", 10.0)  # closing after the end changes nothing
+    assert core.result is result and result.status == "complete"
+    assert assemblies == [0.3]  # once
+
+
+def test_a_result_is_assembled_at_the_end_when_a_hook_or_a_budget_needs_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assemblies = _count_assemblies(monkeypatch)
+    events: list[object] = []
+    hooked = _core(events=events)  # CallFinished carries the result
+    attempt = _streaming(hooked)
+    hooked.feed(attempt, _chunk("Hi", finish="stop") + DONE, 0.1)
+    hooked.body_ended(attempt, 0.2)
+    assert assemblies == [0.2] and isinstance(events[-1], CallFinished)
+    budgeted = _core(budget=BudgetOptions(budget=llmstream.CallBudget(completion_tokens=100)))
+    for _ in budgeted.plan():
+        pass
+    attempt = _streaming(budgeted)
+    budgeted.feed(attempt, _chunk("Hi", finish="stop") + DONE, 0.1)
+    budgeted.body_ended(attempt, 0.3)  # its token report reads the account, settled next
+    assert assemblies == [0.2, 0.3]
 
 
 def test_a_503_is_retried_with_the_same_body_then_counted_in_the_result() -> None:

@@ -605,7 +605,7 @@ class AsyncChatStream(StreamBase):
         while not pending:
             if core.error is not None:
                 raise core.error
-            if core.result is not None or core.stopped is not None:
+            if core.has_result or core.stopped is not None:
                 return None
             await self._pull()
         return pending.popleft()

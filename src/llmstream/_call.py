@@ -125,11 +125,29 @@ class Fail:
     error: LLMStreamError
 
 
-@dataclass(frozen=True, slots=True)
 class Finish:
-    """The call ended without an error (complete, or stopped by its budget)."""
+    """The call ended without an error (complete, or stopped by its budget).
 
-    result: StreamResult
+    ``result`` is the call's result, assembled when first read: a stream whose result
+    nobody reads does not pay for it.
+    """
+
+    __slots__ = ("_core", "_result")
+
+    def __init__(self, result: StreamResult | None = None, core: CallCore | None = None) -> None:
+        self._result = result
+        self._core = core
+
+    @property
+    def result(self) -> StreamResult:
+        if self._result is None:
+            assert self._core is not None, "a Finish holds a result or its call"
+            self._result = self._core.result
+            assert self._result is not None
+        return self._result
+
+    def __repr__(self) -> str:
+        return f"Finish({self.result!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,8 +312,9 @@ class CallCore:
         self.account: CallAccount | None = None
         self.session: StreamSession | None = None
         self.current: Attempt | None = None
-        self.result: StreamResult | None = None
-        """The final result, once the call ended (complete, cancelled, or with an error)."""
+        self._result: StreamResult | None = None
+        # A complete stream's result, not assembled yet: (its session, when it ended).
+        self._result_of: tuple[StreamSession, float] | None = None
         self.error: LLMStreamError | None = None
         """The error that ended the call, if one did."""
         self.stopped: Literal["closed", "cancelled"] | None = None
@@ -325,9 +344,33 @@ class CallCore:
         return self._attempts
 
     @property
+    def result(self) -> StreamResult | None:
+        """The final result, once the call ended (complete, cancelled, or with an error).
+
+        A complete stream's result is assembled on first use (five pydantic models, a
+        sixth of what a short stream costs): a relay that never reads it does not pay.
+        """
+        result = self._result
+        if result is None and self._result_of is not None:
+            session, ended = self._result_of
+            result = self._result = session.result(ended)
+            self._result_of = None
+        return result
+
+    @result.setter
+    def result(self, result: StreamResult) -> None:
+        self._result = result
+        self._result_of = None
+
+    @property
+    def has_result(self) -> bool:
+        """Whether :attr:`result` is set, without assembling it."""
+        return self._result is not None or self._result_of is not None
+
+    @property
     def ended(self) -> bool:
         """True once the call has a final result or error, or was stopped."""
-        return self.result is not None or self.error is not None or self.stopped is not None
+        return self.has_result or self.error is not None or self.stopped is not None
 
     def snapshot(self, now: float) -> StreamResult:
         """The result so far (the final one once the call ended)."""
@@ -795,10 +838,13 @@ class CallCore:
         if self._deadline_hit is not None:
             return self._after_failure(attempt, self.timeout_error(self._deadline_hit, now), now)
         try:
-            result = session.end_of_body(now)
+            session.end(now)
         except LLMStreamError as exc:
             return self._after_failure(attempt, exc, now)
-        return self._finish(result, now)
+        if self.account is not None:
+            # Its token report reads the account, which settling changes: assembled now.
+            return self._finish(session.result(now), now)
+        return self._finish(None, now, session)
 
     def read_failed(self, attempt: Attempt, failure: ReadFailure | None, now: float) -> Step:
         """A body read failed (None: it was cut by :meth:`deadline_due`)."""
@@ -901,15 +947,22 @@ class CallCore:
 
     # -- endings -------------------------------------------------------------------
 
-    def _finish(self, result: StreamResult, now: float) -> Finish:
+    def _finish(
+        self, result: StreamResult | None, now: float, session: StreamSession | None = None
+    ) -> Finish:
+        """End the call; ``result`` None: ``session``'s, assembled when first read."""
         current = self.current
         if current is not None and current.ticket is not None:
             current.ticket.succeeded(now)
         self._release_all()
-        if self.result is None:
-            self.result = result
+        if not self.has_result:
+            if result is not None:
+                self._result = result
+            else:
+                assert session is not None
+                self._result_of = (session, now)
             self._emit_end(now, None)
-        return Finish(self.result)
+        return Finish(core=self)
 
     def fail(self, error: LLMStreamError, now: float) -> Fail:
         """End the call with ``error`` (the first error wins); it carries the partial result."""
@@ -918,7 +971,7 @@ class CallCore:
         self._release_all()
         if self.error is None:
             self.error = error
-            if self.result is None and error.partial is not None:
+            if not self.has_result and error.partial is not None:
                 self.result = error.partial
             self._emit_end(now, error)
         return Fail(self.error)
@@ -931,14 +984,14 @@ class CallCore:
             return False
         self.stopped = how
         self._release_all()
-        if self.result is None and self.session is not None:
+        if not self.has_result and self.session is not None:
             self.result = self.session.cancel(now)
-        elif self.result is None and self.error is None:
+        elif not self.has_result and self.error is None:
             # Stopped before any response arrived: an empty result, not a missing one.
             self.result = StreamResult(status="cancelled", retries=max(self._attempts - 1, 0))
         if self.error is not None:
             self._emit_end(now, self.error)
-        elif self.result is not None:
+        elif self.has_result:
             self._emit_end(now, None)
         return True
 

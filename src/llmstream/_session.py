@@ -281,11 +281,17 @@ class StreamSession:
         ``[DONE]``). ``[DONE]`` alone is not enough: llama-cpp-python sends it after a
         request it dropped, with no finish reason; vLLM always finishes every choice first.
         """
+        self.end(now)
+        return self.result(now)
+
+    def end(self, now: float) -> None:
+        """:meth:`end_of_body` without assembling the result (:meth:`result` does, later)."""
         if self.error is not None:
             raise self.error
         self._decoder.close()
         if self._assembler.all_finished:
-            return self.finish(now)
+            self._status = "complete"
+            return
         if self.done:
             raise self.interrupted(
                 "The server sent [DONE] before every choice had a finish_reason: the answer "
