@@ -53,9 +53,10 @@ def test_the_same_cut_serves_read_after_read() -> None:
     assert asyncio.run(main()) == [(True, 0)] * 3 + [(False, 0)]
 
 
-def test_a_cancellation_from_elsewhere_passes_through() -> None:
+@pytest.mark.parametrize("timed", [False, True], ids=["cut", "timed-cut"])
+def test_a_cancellation_from_elsewhere_passes_through(timed: bool) -> None:
     async def main() -> bool:
-        cut = ReadCut()
+        cut = TimedCut(asyncio.get_running_loop(), 10.0) if timed else ReadCut()
         task = asyncio.current_task()
         assert task is not None
         with pytest.raises(asyncio.CancelledError):
@@ -125,18 +126,6 @@ def test_a_timed_cut_without_a_delay_ends_only_at_cancel() -> None:
         return await _read_cut_by(cut, cut.cancel)
 
     assert asyncio.run(main()) == (True, 0)
-
-
-def test_a_timed_cut_lets_a_cancellation_from_elsewhere_through() -> None:
-    async def main() -> bool:
-        cut = TimedCut(asyncio.get_running_loop(), 10.0)
-        task = asyncio.current_task()
-        assert task is not None
-        with pytest.raises(asyncio.CancelledError):
-            await _read_cut_by(cut, task.cancel)
-        return cut.cancelled_caught
-
-    assert asyncio.run(main()) is False
 
 
 def test_cut_after_is_a_timed_cut_on_asyncio_and_an_anyio_scope_on_trio() -> None:
