@@ -73,6 +73,8 @@ CLIENTS = {
     "llmstream-aiohttp": "the same, with transport=llmstream.AiohttpTransport()",
     "llmstream-async-pull": "llmstream-async with buffer=0: no read-ahead, no reader task",
     "llmstream-aiohttp-pull": "llmstream-aiohttp with buffer=0: no read-ahead, no reader task",
+    "llmstream-asyncio": "the same, with transport=llmstream.AsyncioTransport()",
+    "llmstream-asyncio-pull": "llmstream-asyncio with buffer=0: no read-ahead, no reader task",
     "hand-rolled": "httpx.AsyncClient + httpx_sse.aconnect_sse + json.loads",
     "aiohttp": "aiohttp.ClientSession, its body split into events by hand + json.loads",
     "httpx2": "httpx2.AsyncClient (pydantic's httpx fork), the same as aiohttp's row",
@@ -119,6 +121,12 @@ def _aiohttp_transport() -> dict[str, object]:
     return {"transport": llmstream.AiohttpTransport()}
 
 
+def _asyncio_transport() -> dict[str, object]:
+    import llmstream
+
+    return {"transport": llmstream.AsyncioTransport()}
+
+
 def _pull(transport: Callable[[], dict[str, object]]) -> Callable[[], dict[str, object]]:
     return lambda: {**transport(), "buffer": 0}
 
@@ -129,6 +137,8 @@ LLMSTREAM_TRANSPORTS = {
     "llmstream-aiohttp": _aiohttp_transport,
     "llmstream-async-pull": _pull(dict),
     "llmstream-aiohttp-pull": _pull(_aiohttp_transport),
+    "llmstream-asyncio": _asyncio_transport,
+    "llmstream-asyncio-pull": _pull(_asyncio_transport),
 }
 
 
@@ -333,6 +343,8 @@ OPENERS = {
     "llmstream-aiohttp": _open_llmstream,
     "llmstream-async-pull": _open_llmstream,
     "llmstream-aiohttp-pull": _open_llmstream,
+    "llmstream-asyncio": _open_llmstream,
+    "llmstream-asyncio-pull": _open_llmstream,
     "hand-rolled": _open_hand_rolled,
     "aiohttp": _open_aiohttp,
     "httpx2": _open_httpx2,

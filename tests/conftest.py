@@ -31,9 +31,13 @@ def anyio_backend(request: pytest.FixtureRequest) -> object:
     return request.param
 
 
-# The HTTP libraries an AsyncClient can send with. aiohttp is asyncio-only: the tests that
-# would run it under trio are deselected (test_aiohttp_transport.py checks the error).
-HTTP_BACKENDS = ["httpx", "aiohttp"] if importlib.util.find_spec("aiohttp") else ["httpx"]
+# The HTTP libraries an AsyncClient can send with, and llmstream's own HTTP/1.1 on asyncio.
+# aiohttp and asyncio run only on asyncio: the tests that would run them under trio are
+# deselected (test_aiohttp_transport.py and test_asyncio_transport.py check the error).
+HTTP_BACKENDS = (
+    ["httpx", "aiohttp", "asyncio"] if importlib.util.find_spec("aiohttp") else ["httpx", "asyncio"]
+)
+ASYNCIO_ONLY = ("aiohttp", "asyncio")
 
 
 @pytest.fixture(params=HTTP_BACKENDS)
@@ -45,11 +49,17 @@ def async_http_backend(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
 
 
 def _impossible(item: pytest.Item) -> bool:
-    """aiohttp under trio, or aiohttp with an in-process transport (a socket is all it has)."""
+    """aiohttp or asyncio under trio, or with an in-process transport (a socket is all
+    they have)."""
     callspec = getattr(item, "callspec", None)
     params = callspec.params if callspec is not None else {}
-    aiohttp = params.get("async_http_backend") == "aiohttp" or params.get("mode") == "async-aiohttp"
-    return aiohttp and (params.get("anyio_backend") == "trio" or params.get("where") == "transport")
+    asyncio_only = params.get("async_http_backend") in ASYNCIO_ONLY or params.get("mode") in (
+        "async-aiohttp",
+        "async-asyncio",
+    )
+    return asyncio_only and (
+        params.get("anyio_backend") == "trio" or params.get("where") == "transport"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -28,21 +28,26 @@ MODES = ["async", "sync"]
 # conftest deselects). For tests whose server is real, or an emulator that collect()
 # can serve over a socket instead of in process.
 AIOHTTP = "async-aiohttp"
-SOCKET_MODES = [*MODES, AIOHTTP] if importlib.util.find_spec("aiohttp") else MODES
+# The async client on llmstream's own HTTP/1.1 over asyncio: the same, without aiohttp.
+ASYNCIO = "async-asyncio"
+SOCKET_MODES = (
+    [*MODES, AIOHTTP, ASYNCIO] if importlib.util.find_spec("aiohttp") else [*MODES, ASYNCIO]
+)
 
 
 @contextlib.contextmanager
 def reach(mode: str, fake: FakeVLLM) -> Iterator[tuple[str, dict[str, Any]]]:
     """The base URL and client arguments that reach ``fake`` in ``mode``.
 
-    In process for httpx; over a loopback socket for aiohttp, which has no other way.
+    In process for httpx; over a loopback socket for aiohttp and asyncio, which have no
+    other way.
 
     Example::
 
         with reach(mode, fake) as (url, kwargs):
             client = llmstream.AsyncClient(url, **kwargs)
     """
-    if mode == AIOHTTP:
+    if mode in (AIOHTTP, ASYNCIO):
         with fake.serve() as server:
             yield server.base_url, async_client_kwargs(mode)
     else:
@@ -50,13 +55,17 @@ def reach(mode: str, fake: FakeVLLM) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def async_client_kwargs(mode: str) -> dict[str, Any]:
-    """What an ``AsyncClient`` needs for ``mode``: the aiohttp transport, or nothing.
+    """What an ``AsyncClient`` needs for ``mode``: the aiohttp or asyncio transport, or nothing.
 
     Example::
 
         llmstream.AsyncClient(url, **async_client_kwargs("async-aiohttp"))
     """
-    return {"transport": llmstream.AiohttpTransport()} if mode == AIOHTTP else {}
+    if mode == AIOHTTP:
+        return {"transport": llmstream.AiohttpTransport()}
+    if mode == ASYNCIO:
+        return {"transport": llmstream.AsyncioTransport()}
+    return {}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Run one fleet scenario through every client: sync, async on asyncio and trio, aiohttp.
+"""Run one fleet scenario through every client: sync, async on asyncio and trio, aiohttp,
+the asyncio transport.
 
 Each test takes ``mode`` (and ``anyio_backend``) from :data:`every_client`, opens a client
 over a :class:`~llmstream.testing.FakeFleet` with :func:`open_client`, and makes its calls
@@ -22,7 +23,7 @@ import pytest
 import llmstream
 from llmstream.testing import FakeFleet
 
-from .drivers import AIOHTTP, SOCKET_MODES, Outcome, async_client_kwargs
+from .drivers import AIOHTTP, ASYNCIO, SOCKET_MODES, Outcome, async_client_kwargs
 
 MODEL = "llmstream/fake-model"
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -31,10 +32,12 @@ WAIT = 5.0  # bound on every wait for something that must happen
 # (mode, anyio backend): the sync client needs an event loop only to run its threads.
 _PAIRS = [("sync", "asyncio"), ("async", "asyncio"), ("async", "trio")]
 _PAIRS += [(AIOHTTP, "asyncio")] if AIOHTTP in SOCKET_MODES else []
+_PAIRS += [(ASYNCIO, "asyncio")]
 every_client = pytest.mark.parametrize(
     ("mode", "anyio_backend"), _PAIRS, ids=[f"{m}-{b}" for m, b in _PAIRS]
 )
-"""Parametrise a test over every client: ``sync``, ``async`` on asyncio and trio, aiohttp."""
+"""Parametrise a test over every client: ``sync``, ``async`` on asyncio and trio, aiohttp,
+and the asyncio transport."""
 
 # Quick to notice and quick to forgive, so that a scenario runs in well under a second.
 FAST_BREAKER = llmstream.CircuitBreaker(

@@ -15,20 +15,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
 
-import anyio
 import httpx
 import pytest
 
 import llmstream
-from llmstream._aiohttp_transport import _proxy_settings
-from llmstream._config import DEFAULT_LIMITS, EnvProxy
+from llmstream._config import EnvProxy, http_proxy_settings
 from llmstream._httpx_transport import HttpxAsyncTransport
-from llmstream._transport import HeaderTimeout, HTTPRequest
 from llmstream.testing import FakeVLLM
-
-from .conftest import WithheldHeaders
 
 pytest.importorskip("aiohttp")
 
@@ -72,7 +66,7 @@ def test_an_unknown_backend_in_the_environment_is_named(monkeypatch: pytest.Monk
     with pytest.raises(llmstream.InvalidRequestError) as info:
         llmstream.AsyncClient()
     assert "LLMSTREAM_HTTP_BACKEND='aiohtp'" in str(info.value)
-    assert "httpx or aiohttp" in str(info.value)
+    assert "httpx, aiohttp or asyncio" in str(info.value)
 
 
 def test_the_sync_client_ignores_the_environment_and_refuses_the_transport(
@@ -102,100 +96,7 @@ def test_without_aiohttp_the_error_names_the_extra(monkeypatch: pytest.MonkeyPat
         llmstream.AsyncClient()
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["trio"])
-async def test_under_trio_a_request_says_aiohttp_needs_asyncio() -> None:
-    fake = FakeVLLM("Hi")
-    with fake.serve() as server:
-        transport = llmstream.AiohttpTransport()
-        async with llmstream.AsyncClient(server.base_url, transport=transport) as client:
-            with pytest.raises(llmstream.InvalidRequestError) as info:
-                async with client.stream("Hi") as stream:
-                    [t async for t in stream]
-            with pytest.raises(llmstream.InvalidRequestError):
-                await client.models()
-    message = str(info.value)
-    assert "runs only on asyncio" in message and "under trio" in message
-    assert "httpx transport" in message
-    assert fake.requests == []  # refused before anything was sent, and not retried
-
-
 # -- the pool ---------------------------------------------------------------------------
-
-
-def test_the_pool_allows_as_many_connections_as_the_httpx_one() -> None:
-    assert llmstream.AiohttpTransport().max_connections == DEFAULT_LIMITS.max_connections
-    with pytest.raises(llmstream.InvalidRequestError, match="max_connections"):
-        llmstream.AiohttpTransport(max_connections=0)
-
-
-@pytest.mark.anyio
-@asyncio_only
-async def test_a_full_pool_makes_the_next_request_wait_then_time_out() -> None:
-    fake = FakeVLLM("one two three", token_delay=5.0)
-    timeouts = llmstream.Timeouts(connect=0.3)
-    transport = llmstream.AiohttpTransport(max_connections=1)
-    with fake.serve() as server:
-        async with llmstream.AsyncClient(
-            server.base_url, transport=transport, timeout=timeouts, retry=0
-        ) as client:
-            async with client.stream("Hi") as first:
-                assert await first.__aiter__().__anext__() == "one"
-                # The one connection is taken: the next request waits for it, in vain.
-                with pytest.raises(llmstream.ConnectTimeout, match=r"connect=0\.3 s"):
-                    async with client.stream("Hi"):
-                        pass
-    assert [r.path for r in fake.requests].count("/v1/chat/completions") == 1
-
-
-def _idle(transport: llmstream.AiohttpTransport) -> int:
-    session: Any = transport._session
-    return sum(len(idle) for idle in session.connector._conns.values())
-
-
-@pytest.mark.anyio
-@asyncio_only
-async def test_a_cut_connection_is_closed_and_a_finished_one_is_reused() -> None:
-    fake = FakeVLLM("one two three", token_delay=0.01)
-    transport = llmstream.AiohttpTransport()
-    with fake.serve() as server:
-        async with llmstream.AsyncClient(server.base_url, transport=transport) as client:
-            async with client.stream("Hi") as stream:
-                async for _ in stream:
-                    break
-            assert _idle(transport) == 0  # cut: not pooled
-            await fake.await_disconnect()
-            for _ in range(2):
-                async with client.stream("Hi") as stream:
-                    assert "".join([t async for t in stream]) == "one two three"
-                assert _idle(transport) == 1  # read whole: back in the pool, and reused
-            assert transport.requests_in_flight == 0
-    assert len(fake.disconnects) == 1
-
-
-# -- the header wait --------------------------------------------------------------------
-
-
-def _request(url: str, *, stream: bool) -> HTTPRequest:
-    return HTTPRequest("POST", f"{url}/chat/completions", {}, {"x": 1}, 5.0, 0.2, stream=stream)
-
-
-@pytest.mark.anyio
-@asyncio_only
-async def test_headers_not_in_time_end_a_stream_request_with_header_timeout(
-    withheld_headers: WithheldHeaders,
-) -> None:
-    transport = llmstream.AiohttpTransport()
-    try:
-        with pytest.raises(HeaderTimeout):
-            await transport.send(_request(withheld_headers.base_url, stream=True))
-        assert await anyio.to_thread.run_sync(withheld_headers.hung_up.wait, 5)
-        assert transport.requests_in_flight == 0
-        # Not a stream (GET /models...): the library's read timeout, an APITimeoutError.
-        with pytest.raises(llmstream.APITimeoutError, match="SocketTimeoutError"):
-            await transport.send(_request(withheld_headers.base_url, stream=False))
-    finally:
-        await transport.aclose()
 
 
 # -- a body that will not decode --------------------------------------------------------
@@ -241,15 +142,17 @@ async def test_a_body_that_will_not_decode_is_a_protocol_error_on_either_library
 
 
 def test_proxy_credentials_become_a_header_and_a_socks_proxy_is_refused() -> None:
-    url, headers = _proxy_settings(EnvProxy("http://ann:p%40ss@proxy:3128", "HTTP_PROXY"))
+    url, headers = http_proxy_settings(
+        EnvProxy("http://ann:p%40ss@proxy:3128", "HTTP_PROXY"), "aiohttp"
+    )
     assert url == "http://proxy:3128"
     assert headers == {"Proxy-Authorization": "Basic YW5uOnBAc3M="}  # ann:p@ss
-    assert _proxy_settings(EnvProxy("http://proxy:3128", "HTTP_PROXY")) == (
+    assert http_proxy_settings(EnvProxy("http://proxy:3128", "HTTP_PROXY"), "aiohttp") == (
         "http://proxy:3128",
         {},
     )
     with pytest.raises(llmstream.InvalidRequestError) as info:
-        _proxy_settings(EnvProxy("socks5://proxy:1080", "ALL_PROXY"))
+        http_proxy_settings(EnvProxy("socks5://proxy:1080", "ALL_PROXY"), "aiohttp")
     assert "ALL_PROXY=socks5://proxy:1080 names a socks5 proxy" in str(info.value)
 
 
@@ -282,15 +185,19 @@ def answering_proxy() -> Iterator[tuple[str, list[bytes]]]:
 @pytest.mark.anyio
 @asyncio_only
 @pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY"])
+@pytest.mark.parametrize("make", [llmstream.AiohttpTransport, llmstream.AsyncioTransport])
 async def test_the_environments_proxy_carries_the_request_with_its_credentials(
-    variable: str, answering_proxy: tuple[str, list[bytes]], monkeypatch: pytest.MonkeyPatch
+    variable: str,
+    make: type[llmstream.AiohttpTransport | llmstream.AsyncioTransport],
+    answering_proxy: tuple[str, list[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     proxy, heads = answering_proxy
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
     monkeypatch.setenv(variable, proxy.replace("http://", "http://ann:secret@"))
-    transport = llmstream.AiohttpTransport()
+    transport = make()
     async with llmstream.AsyncClient("http://vllm.invalid:8000/v1", transport=transport) as client:
         assert await client.models() == ["via-proxy"]
     request_line, *lines = heads[0].decode().split("\r\n")

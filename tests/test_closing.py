@@ -188,6 +188,8 @@ def _async_pool_size(client: llmstream.AsyncClient) -> int:
     if isinstance(transport, llmstream.AiohttpTransport):
         # aiohttp's connector keeps its idle connections by host.
         return sum(len(idle) for idle in transport._session.connector._conns.values())
+    if isinstance(transport, llmstream.AsyncioTransport):
+        return sum(len(idle) for idle in transport._idle.values())
     return _pool_size(transport.http)
 
 

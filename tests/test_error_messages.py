@@ -26,11 +26,13 @@ import llmstream
 from llmstream.relay import relay_response
 from llmstream.testing import FakeVLLM
 
-from .drivers import AIOHTTP, async_client_kwargs
+from .drivers import AIOHTTP, ASYNCIO, async_client_kwargs
 
 MODES = ["async", "sync"]
 # The server is real in every test here: the async client on aiohttp too.
-SOCKET_MODES = [*MODES, AIOHTTP] if importlib.util.find_spec("aiohttp") else MODES
+SOCKET_MODES = (
+    [*MODES, AIOHTTP, ASYNCIO] if importlib.util.find_spec("aiohttp") else [*MODES, ASYNCIO]
+)
 PROXY_VARIABLES = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"]
 
 # What vLLM (FastAPI) answers for a path it does not serve.
@@ -350,7 +352,7 @@ def _stream_in_a_new_loop(client: llmstream.AsyncClient) -> str:
 # The connections of the first loop cannot be closed without it: asyncio closes their
 # sockets when they are collected, and says so.
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.parametrize("mode", ["async", AIOHTTP])
+@pytest.mark.parametrize("mode", ["async", AIOHTTP, ASYNCIO])
 def test_an_async_client_works_across_two_asyncio_runs(mode: str) -> None:
     fake = FakeVLLM("Hello there")
     with fake.serve() as server:

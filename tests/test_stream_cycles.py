@@ -181,6 +181,39 @@ async def test_an_async_stream_over_httpx_leaves_no_cycle_of_httpx_objects(
         assert _httpx_garbage() == []
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("buffer", [None, 0], ids=["read-ahead", "pull"])
+async def test_a_stream_over_the_asyncio_transport_leaves_no_cycle(
+    server: str, buffer: int | None, collector: None
+) -> None:
+    # Its connections are kept for reuse: a finished call's response, body reader and the
+    # connection's parser are freed at once, the connection goes back to the pool.
+    options = {} if buffer is None else {"buffer": buffer}
+    async with llmstream.AsyncClient(
+        server, model="m", transport=llmstream.AsyncioTransport(), **options
+    ) as client:
+        await _async_calls(client, 4)
+        assert _client_garbage() == []
+
+
+def _client_garbage() -> list[str]:
+    """The client's objects and frames among the garbage; not the emulator's, which serves
+    in this process (its per-connection task leaves a cycle when a kept connection's
+    answer ends)."""
+    gc.collect()
+    found = []
+    for o in gc.garbage:
+        if type(o).__name__ == "frame":
+            where: str = o.f_code.co_filename
+            name = o.f_code.co_qualname
+        else:
+            where = type(o).__module__
+            name = type(o).__qualname__
+        if "llmstream" in where and "testing" not in where:
+            found.append(name)
+    return found
+
+
 def test_a_sync_stream_over_httpx_leaves_no_cycle_of_httpx_objects(
     server: str, collector: None
 ) -> None:

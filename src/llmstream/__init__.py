@@ -14,6 +14,7 @@ Example::
 from ._accounting import PromptCounting
 from ._aiohttp_transport import AiohttpTransport
 from ._async_stream import AsyncChatStream
+from ._asyncio_transport import AsyncioTransport
 from ._budget import CallBudget
 from ._call_info import CallInfo
 from ._chunks import (
@@ -114,6 +115,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AiohttpTransport",
+    "AsyncioTransport",
     "AssistantMessage",
     "AsyncChatStream",
     "AsyncClient",

@@ -26,26 +26,29 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import ssl
-import sys
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
 import anyio
 import httpx
 
 from ._body import READ_SIZE
 from ._call import ReadFailure
-from ._config import EnvProxy, env_proxy
+from ._config import EnvProxy, env_proxy, http_proxy_settings
 from ._errors import InvalidRequestError
 from ._header_wait import shut_down
 from ._http_errors import SendFailure, send_failure_error
 from ._httpx_transport import closed_error
 from ._read_cut import cut_after
-from ._transport import HeaderTimeout, HTTPRequest, InFlight, request_headers
+from ._transport import (
+    HeaderTimeout,
+    HTTPRequest,
+    InFlight,
+    PooledTransport,
+    asyncio_loop,
+    json_body,
+    request_headers,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -66,30 +69,6 @@ def _import_aiohttp() -> None:
             "Or use the default httpx transport (unset LLMSTREAM_HTTP_BACKEND, or drop "
             "transport=AiohttpTransport())."
         ) from exc
-
-
-def _running_loop() -> asyncio.AbstractEventLoop:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        raise InvalidRequestError(
-            f"The aiohttp transport runs only on asyncio (aiohttp is built on it), and this "
-            f"code runs under {_event_loop_name()}. Use the default httpx transport, which "
-            "runs on trio too: drop transport=AiohttpTransport(), or unset "
-            "LLMSTREAM_HTTP_BACKEND."
-        ) from None
-
-
-def _event_loop_name() -> str:
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            pass
-        else:
-            return "trio"
-    return "another event loop"
 
 
 def _failure_kind(exc: aiohttp.ClientError) -> SendFailure:
@@ -121,30 +100,6 @@ def _read_failure(exc: Exception) -> ReadFailure | None:
     if isinstance(exc, aiohttp.ClientError):
         return ReadFailure("broken", f"{type(exc).__name__}: {exc}")
     return None
-
-
-def _json_body(value: object) -> bytes:
-    # As httpx 0.28 writes it: compact, UTF-8, no NaN.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _proxy_settings(proxy: EnvProxy) -> tuple[str, dict[str, str]]:
-    """The proxy URL for aiohttp, and the credentials in its URL as a header for the proxy."""
-    parts = urlsplit(proxy.url)
-    if parts.scheme != "http":
-        raise InvalidRequestError(
-            f"{proxy.variable}={proxy.url} names a {parts.scheme} proxy, which the aiohttp "
-            "transport cannot use (aiohttp speaks to http:// proxies only). Give an http:// "
-            "proxy URL, add the server's host to NO_PROXY, or use the default httpx "
-            "transport."
-        )
-    if parts.username is None:
-        return proxy.url, {}
-    user = unquote(parts.username)
-    password = unquote(parts.password or "")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-    netloc = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=netloc).geturl(), {"Proxy-Authorization": f"Basic {token}"}
 
 
 class _Body:
@@ -250,7 +205,7 @@ class _AiohttpResponse:
             self.abort()  # an unread body: the server must see the close now
 
 
-class AiohttpTransport:
+class AiohttpTransport(PooledTransport):
     """Sends an :class:`~llmstream.AsyncClient`'s requests with aiohttp (asyncio only).
 
     Pass it as ``transport=``; the client closes it with itself. One aiohttp session
@@ -272,34 +227,14 @@ class AiohttpTransport:
                     print(text, end="")
     """
 
-    def __init__(
-        self,
-        *,
-        max_connections: int = 1000,  # the httpx pool's (_config.DEFAULT_LIMITS)
-        trust_env: bool = True,
-        verify: ssl.SSLContext | bool = True,
-    ) -> None:
+    def _set_up(self) -> None:
         _import_aiohttp()
-        if max_connections < 1:
-            raise InvalidRequestError(f"max_connections must be positive, got {max_connections}")
-        self.max_connections = max_connections
-        self.trust_env = trust_env
-        self._verify = verify
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self._in_flight = InFlight()
         # The environment's proxy for each URL, read once (as httpx reads it when a
         # client is made): a client sends to a handful of URLs.
         self._proxies: dict[str, EnvProxy | None] = {}
-
-    def __repr__(self) -> str:
-        return f"AiohttpTransport(max_connections={self.max_connections})"
-
-    @property
-    def requests_in_flight(self) -> int:
-        """Streams sent and not yet released."""
-        return self._in_flight.count
 
     def _session_for(self, loop: asyncio.AbstractEventLoop) -> aiohttp.ClientSession:
         session = self._session
@@ -349,9 +284,9 @@ class AiohttpTransport:
 
         if self._closed:
             raise closed_error("async with")
-        session = self._session_for(_running_loop())
+        session = self._session_for(asyncio_loop("AiohttpTransport", "aiohttp is built on it"))
         proxy = self._proxy(request.url)
-        proxy_url, proxy_headers = _proxy_settings(proxy) if proxy else (None, {})
+        proxy_url, proxy_headers = http_proxy_settings(proxy, "aiohttp") if proxy else (None, {})
         headers = request_headers(request, self._in_flight)
         if proxy_headers and request.url.startswith("http://"):
             # Plain HTTP goes to the proxy as is; aiohttp sends proxy_headers only in the
@@ -359,7 +294,7 @@ class AiohttpTransport:
             headers.update(proxy_headers)
         data = None
         if request.json is not None:
-            data = _json_body(request.json)
+            data = json_body(request.json)
             headers["Content-Type"] = "application/json"
         connect = request.connect_timeout
         # A stream's header wait is bounded below; aiohttp's read timeout would then go on

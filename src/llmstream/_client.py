@@ -22,6 +22,7 @@ from typing_extensions import Unpack
 from ._accounting import BudgetOptions, PromptCounting
 from ._aiohttp_transport import AiohttpTransport
 from ._async_stream import AsyncChatStream
+from ._asyncio_transport import AsyncioTransport
 from ._budget import CallBudget
 from ._call import Need, NeedContextLength, NeedModel, NeedPromptCount
 from ._call_route import CallRoute
@@ -367,8 +368,11 @@ class AsyncClient(_BaseClient):
     ``transport`` plugs an httpx transport in, e.g.
     ``llmstream.testing.FakeVLLM().transport()``, or sends with aiohttp:
     ``transport=llmstream.AiohttpTransport()`` (asyncio only; also chosen by
-    ``LLMSTREAM_HTTP_BACKEND=aiohttp`` when neither is given). ``include_usage`` asks the
-    server for exact token counts (``stream_options.include_usage``).
+    ``LLMSTREAM_HTTP_BACKEND=aiohttp`` when neither is given), or speaks HTTP/1.1
+    straight on asyncio, the cheapest for hundreds of streams:
+    ``transport=llmstream.AsyncioTransport()`` (or ``LLMSTREAM_HTTP_BACKEND=asyncio``).
+    ``include_usage`` asks the server for exact token counts
+    (``stream_options.include_usage``).
     ``max_line_bytes``/``max_event_bytes`` bound what one SSE line or event may
     hold (1 MiB by default). ``hooks`` are callables told every event of every
     call (:data:`~llmstream.CallEvent`: request sent, response headers, first
@@ -415,7 +419,7 @@ class AsyncClient(_BaseClient):
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         http_client: httpx.AsyncClient | None = None,
-        transport: httpx.AsyncBaseTransport | AiohttpTransport | None = None,
+        transport: httpx.AsyncBaseTransport | AiohttpTransport | AsyncioTransport | None = None,
         hooks: Sequence[Hook] | None = None,
         fleet: Fleet | None = None,
     ) -> None:
@@ -440,7 +444,7 @@ class AsyncClient(_BaseClient):
             hooks=hooks,
             fleet=fleet,
         )
-        # httpx, or aiohttp when given an AiohttpTransport or LLMSTREAM_HTTP_BACKEND=aiohttp.
+        # httpx, or aiohttp / asyncio when given their transport or LLMSTREAM_HTTP_BACKEND.
         self._transport = async_transport(http_client, transport)
         # One GET /models at a time: concurrent calls wait for its answer, not send more.
         self._model_lock = anyio.Lock()

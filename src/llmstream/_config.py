@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import tenacity
@@ -18,6 +20,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "EnvProxy",
     "env_proxy",
+    "http_proxy_settings",
     "missing_socks_error",
     "resolve_retry",
     "Secret",
@@ -233,6 +236,34 @@ def env_proxy(url: str) -> EnvProxy | None:
     if proxies.get("no") == "*" or urllib.request.proxy_bypass(host):
         return None
     return EnvProxy(value if "://" in value else f"http://{value}", _variable(scheme, value))
+
+
+def http_proxy_settings(proxy: EnvProxy, transport: str) -> tuple[str, dict[str, str]]:
+    """The proxy's URL without credentials, and its credentials as a header for the proxy.
+
+    For the transports that speak to ``http://`` proxies only (``transport`` names one in
+    the error for any other kind).
+
+    Example::
+
+        http_proxy_settings(EnvProxy("http://ann:pw@proxy:3128", "HTTP_PROXY"), "aiohttp")
+        # ("http://proxy:3128", {"Proxy-Authorization": "Basic YW5uOnB3"})
+    """
+    parts = urlsplit(proxy.url)
+    if parts.scheme != "http":
+        raise InvalidRequestError(
+            f"{proxy.variable}={proxy.url} names a {parts.scheme} proxy, which the {transport} "
+            f"transport cannot use (it speaks to http:// proxies only). Give an http:// "
+            "proxy URL, add the server's host to NO_PROXY, or use the default httpx "
+            "transport."
+        )
+    if parts.username is None:
+        return proxy.url, {}
+    user = unquote(parts.username)
+    password = unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    netloc = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc).geturl(), {"Proxy-Authorization": f"Basic {token}"}
 
 
 def missing_socks_error(exc: ImportError) -> InvalidRequestError:

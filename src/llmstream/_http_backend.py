@@ -1,10 +1,11 @@
-"""Which HTTP library a client sends with: httpx (the default), or aiohttp when asked.
+"""Which HTTP library a client sends with: httpx (the default), aiohttp, or none (asyncio).
 
 An :class:`~llmstream.AsyncClient` uses aiohttp when given
-``transport=AiohttpTransport()``, or, with neither ``http_client`` nor ``transport``,
-when ``LLMSTREAM_HTTP_BACKEND=aiohttp``. An argument always wins over the environment.
-The blocking :class:`~llmstream.Client` always uses httpx (aiohttp has no blocking
-API): it ignores the variable, and refuses an ``AiohttpTransport``.
+``transport=AiohttpTransport()``, and HTTP/1.1 straight on asyncio when given
+``transport=AsyncioTransport()``; with neither ``http_client`` nor ``transport``,
+``LLMSTREAM_HTTP_BACKEND=aiohttp`` or ``=asyncio`` chooses. An argument always wins over
+the environment. The blocking :class:`~llmstream.Client` always uses httpx (the others
+have no blocking API): it ignores the variable, and refuses either transport.
 
 Example::
 
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 import httpx
 
 from ._aiohttp_transport import AiohttpTransport
+from ._asyncio_transport import AsyncioTransport
 from ._errors import InvalidRequestError
 from ._httpx_transport import own_async_transport
 from ._transport import AsyncTransport
@@ -26,7 +28,7 @@ from ._transport import AsyncTransport
 __all__ = ["BACKEND_VARIABLE", "async_transport", "check_sync_transport"]
 
 BACKEND_VARIABLE = "LLMSTREAM_HTTP_BACKEND"
-_BACKENDS = ("httpx", "aiohttp")
+_BACKENDS = ("httpx", "aiohttp", "asyncio")
 
 
 def _env_backend(environ: Mapping[str, str]) -> str:
@@ -34,14 +36,15 @@ def _env_backend(environ: Mapping[str, str]) -> str:
     if value and value not in _BACKENDS:
         raise InvalidRequestError(
             f"{BACKEND_VARIABLE}={environ[BACKEND_VARIABLE]!r} is not an HTTP backend "
-            f"llmstream knows: use {' or '.join(_BACKENDS)} (or unset it for httpx)."
+            f"llmstream knows: use {', '.join(_BACKENDS[:-1])} or {_BACKENDS[-1]} (or unset it "
+            "for httpx)."
         )
     return value or "httpx"
 
 
 def async_transport(
     http_client: httpx.AsyncClient | None,
-    transport: httpx.AsyncBaseTransport | AiohttpTransport | None,
+    transport: httpx.AsyncBaseTransport | AiohttpTransport | AsyncioTransport | None,
     environ: Mapping[str, str] = os.environ,
 ) -> AsyncTransport:
     """The transport an :class:`~llmstream.AsyncClient` made with these arguments uses.
@@ -50,19 +53,24 @@ def async_transport(
 
         async_transport(None, AiohttpTransport())  # that AiohttpTransport
     """
-    if isinstance(transport, AiohttpTransport):
+    if isinstance(transport, AiohttpTransport | AsyncioTransport):
         if http_client is not None:
             raise InvalidRequestError(
-                "Pass http_client (an httpx client) or transport=AiohttpTransport(), not both."
+                f"Pass http_client (an httpx client) or transport={type(transport).__name__}(), "
+                "not both."
             )
         return transport
-    if http_client is None and transport is None and _env_backend(environ) == "aiohttp":
-        return AiohttpTransport()
+    if http_client is None and transport is None:
+        backend = _env_backend(environ)
+        if backend == "aiohttp":
+            return AiohttpTransport()
+        if backend == "asyncio":
+            return AsyncioTransport()
     return own_async_transport(http_client, transport)
 
 
 def check_sync_transport(transport: object) -> None:
-    """Refuse an :class:`AiohttpTransport` for the blocking client.
+    """Refuse an :class:`AiohttpTransport` or :class:`AsyncioTransport` for the blocking client.
 
     Example::
 
@@ -72,4 +80,9 @@ def check_sync_transport(transport: object) -> None:
         raise InvalidRequestError(
             "AiohttpTransport is for llmstream.AsyncClient only: aiohttp has no blocking "
             "API. The blocking llmstream.Client sends with httpx; drop transport=."
+        )
+    if isinstance(transport, AsyncioTransport):
+        raise InvalidRequestError(
+            "AsyncioTransport is for llmstream.AsyncClient only: it runs on asyncio's event "
+            "loop. The blocking llmstream.Client sends with httpx; drop transport=."
         )

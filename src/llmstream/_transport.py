@@ -23,6 +23,10 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import json
+import ssl
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ from typing import Protocol
 
 from ._call import ReadFailure
 from ._config import KEEP_ALIVE_BELOW
+from ._errors import InvalidRequestError
 from ._header_wait import HeaderWait
 
 __all__ = [
@@ -38,6 +43,9 @@ __all__ = [
     "HTTPRequest",
     "HeaderTimeout",
     "InFlight",
+    "PooledTransport",
+    "asyncio_loop",
+    "json_body",
     "SyncResponse",
     "SyncTransport",
     "request_headers",
@@ -201,6 +209,47 @@ class InFlight:
             self.count += n
 
 
+class PooledTransport:
+    """What the async client's own transports share: their options and in-flight count.
+
+    ``max_connections`` bounds the pool (llmstream's default, 1,000, as for httpx);
+    ``trust_env`` takes proxies from the environment; ``verify`` is ``True`` (the
+    system's CA certificates), ``False``, or an :class:`ssl.SSLContext`.
+
+    Example::
+
+        class MyTransport(PooledTransport):
+            def _set_up(self) -> None:
+                self._pool = {}
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 1000,  # the httpx pool's (_config.DEFAULT_LIMITS)
+        trust_env: bool = True,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
+        if max_connections < 1:
+            raise InvalidRequestError(f"max_connections must be positive, got {max_connections}")
+        self.max_connections = max_connections
+        self.trust_env = trust_env
+        self._verify = verify
+        self._in_flight = InFlight()
+        self._set_up()
+
+    def _set_up(self) -> None:
+        """The transport's own state, made after the shared options."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_connections={self.max_connections})"
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Streams sent and not yet released."""
+        return self._in_flight.count
+
+
 def request_headers(request: HTTPRequest, in_flight: InFlight) -> dict[str, str]:
     """The headers to send for ``request``, with the client's keep-alive rule applied.
 
@@ -216,3 +265,45 @@ def request_headers(request: HTTPRequest, in_flight: InFlight) -> dict[str, str]
         # under load (benchmarks/PROFILE.md). A quiet client keeps its connections.
         headers["Connection"] = "close"
     return headers
+
+
+def json_body(value: object) -> bytes:
+    """A request's JSON body as httpx 0.28 writes it: compact, UTF-8, no NaN.
+
+    Example::
+
+        json_body({"stream": True})  # b'{"stream":true}'
+    """
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def asyncio_loop(transport: str, built_on: str) -> asyncio.AbstractEventLoop:
+    """The running asyncio loop, for a transport that runs only on asyncio.
+
+    Under trio (or no loop) an :class:`~llmstream.InvalidRequestError` that names the
+    transport and says what to use instead.
+
+    Example::
+
+        loop = asyncio_loop("AiohttpTransport", "aiohttp is built on it")
+    """
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise InvalidRequestError(
+            f"The {transport} runs only on asyncio ({built_on}), and this code runs under "
+            f"{_event_loop_name()}. Use the default httpx transport, which runs on trio too: "
+            f"drop transport={transport}(), or unset LLMSTREAM_HTTP_BACKEND."
+        ) from None
+
+
+def _event_loop_name() -> str:
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+        else:
+            return "trio"
+    return "another event loop"
