@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 import llmstream
+from llmstream import _asyncio_transport as asyncio_transport
 from llmstream._asyncio_transport import _HIGH_WATER
 from llmstream._config import DEFAULT_LIMITS
 from llmstream._httpx_transport import HttpxAsyncTransport
@@ -273,6 +274,56 @@ async def test_a_pooled_connection_the_server_closed_is_not_reused(
         # retry=0: a request sent on the closed connection would fail.
         assert await _text(client) == "connection 1"
     assert server.accepted == 2
+
+
+class _Clock:
+    """Stands for the ``time`` module in the transport: a monotonic clock moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_idle_connections_expire_after_4_s_and_the_oldest_are_closed_first(
+    scripted: Callable[..., ScriptedServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[int] = []
+    both_asked = threading.Barrier(2, timeout=5)
+
+    def answer_until_closed(server: ScriptedServer, conn: socket.socket, n: int) -> None:
+        first = True
+        while server.read(conn):
+            if first and n < 2:
+                both_asked.wait()  # the first two requests are in flight at once
+            first = False
+            conn.sendall(_answer(f"connection {n}"))
+        closed.append(n)
+
+    clock = _Clock()
+    monkeypatch.setattr(asyncio_transport, "time", clock)
+    server = scripted(answer_until_closed)
+    transport = llmstream.AsyncioTransport()
+    async with llmstream.AsyncClient(server.base_url, model="m", transport=transport) as client:
+        await asyncio.gather(_text(client), _text(client))  # two connections, both pooled
+        (older, newer) = transport._idle[next(iter(transport._idle))]
+        clock.now += 3.0
+        await _text(client)  # takes the newer one (the last given back) and returns it
+        clock.now += 2.0  # the older one is now 5 s idle, the newer one 2 s
+        assert await _text(client) in ("connection 0", "connection 1")
+        # Given back, the newer connection swept the expired one out, without waiting
+        # for the pool to reach it.
+        assert list(transport._idle[older.key]) == [newer]
+        assert older.closed and not newer.closed
+        clock.now += 4.0  # and a connection idle for 4 s is not used again
+        assert await _text(client) == "connection 2"
+    with anyio.fail_after(5):
+        while len(closed) < 3:  # the server sees each close: a condition, not a delay
+            await anyio.sleep(0.005)
+    assert server.accepted == 3
 
 
 @pytest.mark.anyio

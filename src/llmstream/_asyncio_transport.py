@@ -474,7 +474,9 @@ class AsyncioTransport(PooledTransport):
     def _set_up(self) -> None:
         self._ssl: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle: dict[_Key, list[_Connection]] = {}
+        # Idle connections by where they lead, the most recently used last: a request takes
+        # the warmest one, and the oldest are closed first once they expire.
+        self._idle: dict[_Key, collections.deque[_Connection]] = {}
         self._open = 0
         self._slots: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
@@ -588,8 +590,15 @@ class AsyncioTransport(PooledTransport):
             connection.close()
             return
         connection.parser = None
-        connection.idle_since = time.monotonic()
-        self._idle.setdefault(connection.key, []).append(connection)
+        now = connection.idle_since = time.monotonic()
+        idle = self._idle.get(connection.key)
+        if idle is None:
+            idle = self._idle[connection.key] = collections.deque()
+        idle.append(connection)
+        # The oldest idle connections are the first to expire: close them now, not when
+        # the pool happens to reach them (after a burst, hundreds may wait there).
+        while idle and (not idle[0].idle_usable or now - idle[0].idle_since >= _KEEPALIVE_SECONDS):
+            self._drop(idle.popleft())
         self._release_slot()
 
     def forget(self, connection: _Connection) -> None:
@@ -655,7 +664,7 @@ class AsyncioTransport(PooledTransport):
                 return None
             for idle in self._idle.values():
                 if idle:  # full, with idle connections to another host: close the oldest
-                    self._drop(idle.pop(0))
+                    self._drop(idle.popleft())
                     return None
             waiter: asyncio.Future[None] = loop.create_future()
             self._slots.append(waiter)
