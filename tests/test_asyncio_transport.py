@@ -146,6 +146,16 @@ async def _text(client: llmstream.AsyncClient) -> str:
         return "".join([t async for t in stream])
 
 
+async def _error(url: str, expected: type[llmstream.LLMStreamError]) -> str:
+    """The message of the error a stream from ``url`` fails with (no retries)."""
+    async with llmstream.AsyncClient(
+        url, model="m", transport=llmstream.AsyncioTransport(), retry=0
+    ) as client:
+        with pytest.raises(expected) as info:
+            await _text(client)
+    return str(info.value)
+
+
 # -- choosing it ------------------------------------------------------------------------
 
 
@@ -324,6 +334,59 @@ async def test_idle_connections_expire_after_4_s_and_the_oldest_are_closed_first
         while len(closed) < 3:  # the server sees each close: a condition, not a delay
             await anyio.sleep(0.005)
     assert server.accepted == 3
+
+
+# -- host names --------------------------------------------------------------------------
+
+
+AddrInfo = tuple[int, int, int, str, tuple[str, int]]
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_host_name_is_looked_up_once_for_a_burst_and_again_after_10_s(
+    scripted: Callable[..., ScriptedServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = scripted(_keep_answering)
+    port = server.listener.getsockname()[1]
+    lookups: list[str] = []
+
+    async def getaddrinfo(host: str, port: int, **options: object) -> list[AddrInfo]:
+        lookups.append(host)
+        await asyncio.sleep(0)  # a lookup takes a while: the other requests wait for it
+        # The first address refuses (nothing listens there): the next one is tried.
+        inet, tcp = socket.AF_INET, socket.SOCK_STREAM
+        return [(inet, tcp, 6, "", ("127.0.0.2", port)), (inet, tcp, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    clock = _Clock()
+    monkeypatch.setattr(asyncio_transport, "time", clock)
+    url = f"http://vllm.test:{port}/v1"
+    async with llmstream.AsyncClient(
+        url, model="m", transport=llmstream.AsyncioTransport()
+    ) as client:
+        await asyncio.gather(*(_text(client) for _ in range(5)))
+        assert lookups == ["vllm.test"]  # one lookup for five new connections
+        assert server.accepted == 5
+        clock.now += 11.0  # the addresses (and the idle connections) have expired
+        await _text(client)
+        assert lookups == ["vllm.test", "vllm.test"]
+    assert server.accepted == 6
+    assert all(f"Host: vllm.test:{port}".encode() in head for head in server.heads)
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_name_that_does_not_resolve_is_a_connection_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def getaddrinfo(host: str, port: int, **options: object) -> list[AddrInfo]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    message = await _error("http://vllm.test:8000/v1", llmstream.APIConnectionError)
+    assert "http://vllm.test:8000/v1" in message
+    assert "Name or service not known" in message
 
 
 @pytest.mark.anyio
@@ -552,12 +615,7 @@ async def test_a_proxy_that_refuses_the_tunnel_is_named_not_the_server(
 ) -> None:
     proxy = tunnel_proxy(refuse=b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
     clean_proxies.setenv("HTTPS_PROXY", proxy.url)
-    async with llmstream.AsyncClient(
-        "https://vllm.invalid/v1", model="m", transport=llmstream.AsyncioTransport(), retry=0
-    ) as client:
-        with pytest.raises(llmstream.APIConnectionError) as info:
-            await _text(client)
-    message = str(info.value)
+    message = await _error("https://vllm.invalid/v1", llmstream.APIConnectionError)
     assert f"The proxy {proxy.url} (from HTTPS_PROXY) would not forward" in message
     assert "407 Proxy Authentication Required" in message
 
@@ -566,12 +624,8 @@ async def test_a_proxy_that_refuses_the_tunnel_is_named_not_the_server(
 @asyncio_only
 async def test_a_socks_proxy_is_refused_by_name(clean_proxies: pytest.MonkeyPatch) -> None:
     clean_proxies.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
-    async with llmstream.AsyncClient(
-        "http://vllm.invalid/v1", model="m", transport=llmstream.AsyncioTransport(), retry=0
-    ) as client:
-        with pytest.raises(llmstream.InvalidRequestError) as info:
-            await _text(client)
-    assert "ALL_PROXY=socks5://127.0.0.1:1080 names a socks5 proxy" in str(info.value)
+    message = await _error("http://vllm.invalid/v1", llmstream.InvalidRequestError)
+    assert "ALL_PROXY=socks5://127.0.0.1:1080 names a socks5 proxy" in message
 
 
 # -- reading bounded by the stream --------------------------------------------------------

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -79,6 +81,9 @@ _KEEPALIVE_SECONDS = 4.0
 # the low mark): a few hundred chunks of a chat stream, far beyond what one read brings.
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
+# How long a host name's addresses are used before it is looked up again (aiohttp's TTL):
+# a burst of new connections to one name makes one lookup, not one each in the executor.
+_DNS_SECONDS = 10.0
 
 
 class ConnectionBroken(Exception):
@@ -87,6 +92,11 @@ class ConnectionBroken(Exception):
 
 class BodyNotDecoded(ConnectionBroken):
     """The body's ``Content-Encoding`` would not decode."""
+
+
+def _outcome_seen(task: asyncio.Task[list[str]]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: asyncio does not log it as never seen
 
 
 class _ProxyRefused(Exception):
@@ -109,6 +119,13 @@ class _Route:
     tunnel: bytes | None  # the CONNECT request to send the proxy first (https through it)
     proxy_headers: dict[str, str]  # credentials for a proxy that forwards plain HTTP
     proxy: EnvProxy | None
+    named: bool = False  # the host connected to is a name to look up, not an address
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.address[0])
+        except ValueError:
+            object.__setattr__(self, "named", True)
 
 
 class _Connection(asyncio.Protocol):
@@ -454,7 +471,8 @@ class AsyncioTransport(PooledTransport):
     The cheapest transport to open a stream and to read one: for hundreds of streams on
     one event loop (see the many-streams guide). Pass it as ``transport=``; the client
     closes it with itself. Up to ``max_connections`` connections at a time (a request
-    beyond them waits for one, up to its connect timeout), kept for reuse 4 s.
+    beyond them waits for one, up to its connect timeout), kept for reuse 4 s; a host
+    name is looked up once per 10 s.
     ``trust_env`` takes ``http://`` proxies from the environment as the httpx transport
     does; ``verify`` is ``True`` (the system's CA certificates), ``False``, or an
     :class:`ssl.SSLContext`. Under trio, a request raises
@@ -481,6 +499,9 @@ class AsyncioTransport(PooledTransport):
         self._slots: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
         self._routes: dict[str, _Route] = {}
+        # Each host name's addresses and when they expire, and the lookups under way.
+        self._addresses: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._lookups: dict[tuple[str, int], asyncio.Task[list[str]]] = {}
 
     def _route(self, url: str) -> _Route:
         try:
@@ -679,18 +700,55 @@ class AsyncioTransport(PooledTransport):
         self, loop: asyncio.AbstractEventLoop, connection: _Connection, route: _Route
     ) -> None:
         host, port = route.address
+        addresses = await self._resolve(loop, host, port) if route.named else [host]
         context = self._ssl_context() if route.tls_host is not None else None
-        if route.tunnel is None:
-            await loop.create_connection(
-                lambda: connection, host, port, ssl=context, server_hostname=route.tls_host
-            )
+        direct = route.tunnel is None
+        failure: OSError | None = None
+        for address in addresses:  # in the resolver's order, as asyncio itself does
+            try:
+                await loop.create_connection(
+                    lambda: connection,
+                    address,
+                    port,
+                    ssl=context if direct else None,
+                    server_hostname=route.tls_host if direct else None,
+                )
+                break
+            except OSError as exc:
+                failure = exc
+        else:
+            raise failure or OSError(f"no address for {host}")
+        if direct:
             return
-        await loop.create_connection(lambda: connection, host, port)  # to the proxy
+        assert route.tunnel is not None  # to the proxy: ask it for a tunnel
         await connection.tunnel(route.tunnel)
         assert connection.transport is not None and context is not None
         connection.transport = await loop.start_tls(
             connection.transport, connection, context, server_hostname=route.tls_host
         )
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[str]:
+        """``host``'s addresses: known for ``_DNS_SECONDS``, one lookup at a time per name."""
+        key = (host, port)
+        known = self._addresses.get(key)
+        if known is not None and known[0] > time.monotonic():
+            return known[1]
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = self._lookups[key] = loop.create_task(self._look_up(loop, host, port))
+            # Every waiter may have left (a deadline): its outcome is then nobody's.
+            lookup.add_done_callback(_outcome_seen)
+        # Shielded: one request's deadline must not end the lookup others wait for.
+        return await asyncio.shield(lookup)
+
+    async def _look_up(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[str]:
+        try:
+            found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        finally:
+            del self._lookups[(host, port)]
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+        self._addresses[(host, port)] = (time.monotonic() + _DNS_SECONDS, addresses)
+        return addresses
 
     async def send(self, request: HTTPRequest) -> _AsyncioResponse:
         """Send ``request``; returns once the response headers arrived."""
