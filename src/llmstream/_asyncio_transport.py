@@ -17,8 +17,7 @@ What it keeps the same as the other transports:
   to its end gives the connection back to the pool;
 - reading is bounded: past ``_HIGH_WATER`` bytes not yet taken by the stream, the
   connection stops reading from the socket until the stream catches up, so a slow
-  consumer holds the server back (TCP flow control) instead of filling memory.
-
+  consumer holds the server back (TCP flow control) instead of filling memory;
 - the environment's proxies are read by the same rules (``HTTP_PROXY``, ``HTTPS_PROXY``,
   ``ALL_PROXY``, ``NO_PROXY``): an ``http://`` proxy forwards plain HTTP requests and
   tunnels HTTPS ones (``CONNECT``), as aiohttp does.
@@ -77,10 +76,9 @@ __all__ = ["AsyncioTransport"]
 # Below uvicorn's (vLLM's server) 5 s keep-alive, as httpx's: a pooled connection is not
 # reused just as the server closes it.
 _KEEPALIVE_SECONDS = 4.0
-# Body bytes held for the stream before the socket is no longer read (and resumed below
-# the low mark): a few hundred chunks of a chat stream, far beyond what one read brings.
+# Body bytes held for the stream before the socket is no longer read (until the stream
+# takes them): a few hundred chunks of a chat stream, far beyond what one read brings.
 _HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
 # How long a host name's addresses are used before it is looked up again (aiohttp's TTL):
 # a burst of new connections to one name makes one lookup, not one each in the executor.
 _DNS_SECONDS = 10.0

@@ -12,7 +12,7 @@ Example::
     parser = ResponseParser()
     head = parser.feed_head(b"HTTP/1.1 200 OK\\r\\nContent-Length: 5\\r\\n\\r\\nhel")
     # head.status == 200
-    parts = parser.feed_body(b"lo")  # parts == [b"hel", b"lo"] over the two calls; parser.ended
+    parts = parser.feed_body(b"lo")  # [b"hello"]: what followed the head, then these; ended
 """
 
 from __future__ import annotations
