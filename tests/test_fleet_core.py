@@ -278,6 +278,24 @@ def test_calls_sent_since_the_last_read_count_as_queued() -> None:
         ticket.release()
 
 
+def test_our_calls_without_a_first_token_count_as_queued_after_a_read() -> None:
+    # A replica that stopped answering: its figures, read after our calls reached it,
+    # show them running and nobody waiting. Ours still without a first token are queued
+    # there all the same, so the next calls go to the replica that answers.
+    state = _state(_fleet(2, routing=llmstream.Routing(choices=0, kv_weight=0)))
+    a, b = state.endpoints
+    stuck = [state.started(Pick(a, False), 0.0) for _ in range(4)]
+    for endpoint in (a, b):
+        state.record_load(endpoint, LoadReport(running=4, waiting=0, kv_cache=0.0), 0.1)
+    answered = [state.started(Pick(b, False), 0.1) for _ in range(3)]
+    for ticket in answered:
+        ticket.first_token(0.15)  # b's calls stream: they are running, not queued
+    assert b.in_flight - b.in_flight_at_load == 3  # b looks busier by in-flight count
+    assert _counts(state, 20, 0.2) == {b.name: 20}
+    for ticket in stuck + answered:
+        ticket.release()
+
+
 def test_without_metrics_in_flight_and_first_token_times_decide() -> None:
     state = _state(_fleet(3, routing=llmstream.Routing(choices=0)))
     a, b, c = state.endpoints

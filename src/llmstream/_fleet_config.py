@@ -203,9 +203,10 @@ class Routing:
     """How the endpoint of a call is chosen: load score weights and sampling.
 
     An endpoint's load score is ``queue_weight * queue + kv_weight * kv`` (lower is
-    better), where ``queue`` is its waiting requests over ``Admission.queue_limit``
-    and ``kv`` its KV-cache use (from ``/metrics``; without them, the client's own
-    calls in flight and first-token times). A call with a session prefers the
+    better), where ``queue`` is its waiting requests (at least the client's own there
+    without a first token yet) over ``Admission.queue_limit`` and ``kv`` its KV-cache
+    use (from ``/metrics``; without them, the client's own calls in flight and
+    first-token times). A call with a session prefers the
     session's endpoint (rendezvous hashing: the KV prefix cache is there) by
     ``affinity_weight``, while that endpoint's load score is at most
     ``max_imbalance`` above the best. ``choices`` endpoints are sampled by weight and

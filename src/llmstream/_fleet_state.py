@@ -476,10 +476,13 @@ class FleetState:
         # Calls sent since the figures were read are not in them: count them as queued,
         # so that a burst between two reads spreads instead of piling on one endpoint.
         since = max(0, e.in_flight - e.in_flight_at_load)
+        # Ours still waiting for a first token are queued or in prefill there, whatever
+        # the last figures said: a replica that stopped answering piles them up at once.
+        queued = max(load.waiting + since, len(e.unanswered))
         # A replica answering far slower than its peers is penalised even when its
         # figures look idle: a slow GPU, a noisy neighbour, or a network in between.
         kv = max(load.kv_cache, slow) if load.kv_cache is not None else slow
-        return load_score(self.fleet.routing, (load.waiting + since) / limit, kv)
+        return load_score(self.fleet.routing, queued / limit, kv)
 
     def _slowness(self, e: EndpointState, now: float, medians: dict[str, float]) -> float:
         median = medians.get(e.model)
