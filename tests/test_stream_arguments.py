@@ -112,6 +112,8 @@ async def test_extra_headers_are_sent_and_a_per_call_authorization_wins_for_that
         ({"stream": False}, "cannot be passed"),
         ({"extra_body": {"when": object()}}, "cannot be sent as JSON"),
         ({"stop": {1, 2}}, "cannot be sent as JSON"),
+        ({"extra_body": {"x": float("nan")}}, "cannot be sent as JSON"),
+        ({"extra_body": {"x": [float("-inf")]}}, "cannot be sent as JSON"),
     ],
 )
 def test_what_would_be_lost_is_refused_before_sending(

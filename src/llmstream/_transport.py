@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import sys
 import threading
@@ -36,6 +35,7 @@ from ._call import ReadFailure
 from ._config import KEEP_ALIVE_BELOW
 from ._errors import InvalidRequestError
 from ._header_wait import HeaderWait
+from ._request import json_body
 
 __all__ = [
     "AsyncResponse",
@@ -265,16 +265,6 @@ def request_headers(request: HTTPRequest, in_flight: InFlight) -> dict[str, str]
         # under load (benchmarks/PROFILE.md). A quiet client keeps its connections.
         headers["Connection"] = "close"
     return headers
-
-
-def json_body(value: object) -> bytes:
-    """A request's JSON body as httpx 0.28 writes it: compact, UTF-8, no NaN.
-
-    Example::
-
-        json_body({"stream": True})  # b'{"stream":true}'
-    """
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def asyncio_loop(transport: str, built_on: str) -> asyncio.AbstractEventLoop:
