@@ -568,6 +568,7 @@ def test_ctrl_c_stops_the_run_quietly(workers: str) -> None:
         (["--workers", "3", "--max-concurrency", "2"], "--max-concurrency 2 is below --workers 3"),
         (["--extra-body", '{"stream": false}'], "stream cannot be passed in extra_body"),
         (["--extra-body", '{"messages": []}', "--workers", "2"], "messages cannot be passed"),
+        (["--extra-body", "[" * 100_000], "expected a JSON object, got '[[["),
         (["--temperature", "nan"], "a value JSON cannot send"),
         (["--timeout", "0"], "--timeout must be above 0 seconds, got 0."),
         (["--json", "/nonexistent-dir/run.json"], "cannot write --json /nonexistent-dir/run.json"),

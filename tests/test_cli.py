@@ -184,6 +184,7 @@ def test_options_are_json_when_they_parse_else_text() -> None:
         ("max_tokens=3", "use --max-tokens (-t) instead"),
         ("model=x", "use --model (-m) instead"),
         ("messages=[]", "sets messages itself"),
+        ("x=" + "[" * 100_000, "the JSON value of x is nested too deeply"),
     ],
 )
 def test_bad_options_are_usage_errors(
@@ -573,3 +574,30 @@ def test_piped_output_is_the_answer_alone_unless_reasoning_is_asked_for(
 def test_no_reasoning_hides_it_on_a_terminal(thinker: str, monkeypatch: pytest.MonkeyPatch) -> None:
     out, _ = _chat_output(monkeypatch, True, "--base-url", thinker, "--no-reasoning")
     assert out.strip() == "The answer."
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_standard_input_that_is_not_utf8_is_a_usage_error(locale: str) -> None:
+    # Python decodes it strictly under a UTF-8 locale, to lone surrogates under C.
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmstream", "chat", *FAST],
+        input=b"caf\xe9\n",
+        capture_output=True,
+        env=_env(LC_ALL=locale, PYTHONIOENCODING="utf-8" if locale == "C.UTF-8" else ""),
+        timeout=60,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert "standard input is not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    # `llmstream chat ... | head -c5`: the pipe closes while the answer streams.
+    proc = _start("chat", "--fake", "--fake-token-delay", "0.001", "-t", "2000", "Hi")
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(5)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 1
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

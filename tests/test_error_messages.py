@@ -266,6 +266,75 @@ def test_a_proxy_that_no_proxy_bypasses_is_not_blamed(mode: str, no_proxies: Any
     assert "proxy" not in message
 
 
+PASSWORD = "Pr0xyPassw0rd"
+
+
+@pytest.mark.parametrize("mode", SOCKET_MODES)
+def test_a_proxys_credentials_are_masked_in_the_error_and_the_retry_log(
+    mode: str, server: _Server, no_proxies: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = _dead_port()
+    no_proxies.setenv("HTTP_PROXY", f"http://ann:{PASSWORD}@127.0.0.1:{port}")
+    caplog.set_level("DEBUG", logger="llmstream")
+    with pytest.raises(llmstream.APIConnectionError) as info:
+        _run(mode, f"{server.url}/v1", "stream", model="m", retry=1)
+    message = str(info.value)
+    assert f"Could not reach the proxy http://***@127.0.0.1:{port} (from HTTP_PROXY)" in message
+    assert "retry" in caplog.text  # the retry was logged, with the same masked message
+    for text in (message, repr(info.value), caplog.text):
+        assert PASSWORD not in text and "ann:" not in text
+
+
+@pytest.mark.parametrize("mode", [*SOCKET_MODES[2:], "socksio"])
+def test_a_socks_proxys_credentials_are_masked_where_it_is_refused(
+    mode: str, no_proxies: Any
+) -> None:
+    no_proxies.setenv("ALL_PROXY", f"socks5://ann:{PASSWORD}@127.0.0.1:1080")
+    with pytest.raises(llmstream.InvalidRequestError) as info:
+        if mode == "socksio":  # httpx without socksio refuses at the client's construction
+            no_proxies.setitem(sys.modules, "socksio", None)
+            llmstream.Client("http://localhost:8000/v1")
+        else:
+            _run(mode, "http://127.0.0.1:9/v1", "stream", model="m")
+    assert "ALL_PROXY=socks5://***@127.0.0.1:1080" in str(info.value)
+    assert PASSWORD not in str(info.value)
+
+
+@pytest.mark.parametrize("mode", SOCKET_MODES[2:])  # the transports that parse it themselves
+def test_a_malformed_proxy_url_is_refused_by_its_variable(mode: str, no_proxies: Any) -> None:
+    no_proxies.setenv("HTTP_PROXY", f"http://ann:{PASSWORD}@[::1")
+    with pytest.raises(llmstream.InvalidRequestError) as info:
+        _run(mode, "http://127.0.0.1:9/v1", "stream", model="m")
+    assert "HTTP_PROXY=http://***@[::1 is not a valid proxy URL" in str(info.value)
+    assert PASSWORD not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "why"),
+    [
+        (f"ftp://bob:{PASSWORD}@gpu/v1", "must be an http:// or https:// URL"),
+        (f"bob:{PASSWORD}@gpu:8000/v1", "must be an http:// or https:// URL"),
+        (f"http://bob:{PASSWORD}@gpu:80a/v1", "is not a valid URL"),
+        (f"http://bob:{PASSWORD}@[::1/v1", "is not a valid URL"),
+        (f"http://bob:{PASSWORD}@gpu/v1", "must not carry credentials"),
+    ],
+)
+def test_a_base_url_with_credentials_is_refused_without_echoing_them(
+    base_url: str, why: str
+) -> None:
+    for make in (llmstream.Client, llmstream.AsyncClient, llmstream.Endpoint):
+        with pytest.raises(llmstream.InvalidRequestError, match=why) as info:
+            make(base_url)
+        assert PASSWORD not in str(info.value) and PASSWORD not in repr(info.value)
+
+
+@pytest.mark.parametrize("port", [0, 65536, 70000])
+def test_a_port_out_of_range_is_refused_before_anything_is_sent(port: int) -> None:
+    for make in (llmstream.Client, llmstream.AsyncClient, llmstream.Endpoint):
+        with pytest.raises(llmstream.InvalidRequestError, match=f"has port {port}; a port is"):
+            make(f"http://127.0.0.1:{port}/v1")
+
+
 # -- https:// to a plain HTTP port -------------------------------------------------------
 
 
@@ -393,3 +462,20 @@ def test_relay_response_without_starlette_names_the_extra(monkeypatch: pytest.Mo
         assert 'pip install "llmstream-sdk[relay]"' in str(info.value)
 
     anyio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://ann:pw@proxy:3128", "http://***@proxy:3128"),
+        ("http://ann@proxy:3128/", "http://***@proxy:3128/"),
+        ("http://a:b@c@proxy", "http://***@proxy"),  # the last @ ends the credentials
+        ("ann:pw@proxy:3128", "***@proxy:3128"),
+        ("http://proxy:3128/a@b?c@d#e@f", "http://proxy:3128/a@b?c@d#e@f"),  # not credentials
+        ("http://[::1", "http://[::1"),
+    ],
+)
+def test_shown_url_masks_credentials_and_only_them(url: str, shown: str) -> None:
+    from llmstream._config import shown_url
+
+    assert shown_url(url) == shown

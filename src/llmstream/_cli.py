@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import _bench
@@ -216,6 +216,8 @@ def _option(text: str) -> tuple[str, object]:
         value: object = json.loads(raw)
     except ValueError:
         value = raw
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"the JSON value of {key} is nested too deeply") from None
     return key, value
 
 
@@ -233,6 +235,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Before a stream started (or after it ended): there is nothing to report but this.
         term.note("[stopped]", newline_first=True)
         return EXIT_STOPPED
+    except BrokenPipeError:
+        # What reads the output went away (`| head`): the stream was closed on the way out,
+        # and there is no one left to tell. Python would complain again at exit, flushing
+        # standard output into the closed pipe, so it is pointed at /dev/null.
+        _silence_stdout()
+        return EXIT_FAILED
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # standard output is not a file here (replaced, in tests)
+        pass
 
 
 def _run(argv: Sequence[str] | None, term: _Terminal) -> int:
@@ -330,7 +346,7 @@ def _first_prompt(args: argparse.Namespace, stdin: TextIO) -> str | None:
     if prompt is None and (args.interactive or stdin.isatty()):
         return None
     if prompt is None or prompt == "-":
-        prompt = stdin.read().rstrip("\n")
+        prompt = _text(stdin.read).rstrip("\n")
         if not prompt.strip():
             raise _UsageError("standard input held no prompt: nothing was sent")
     if not prompt.strip():
@@ -511,8 +527,21 @@ def _read_turn(term: _Terminal, tty: bool) -> str | None:
         except EOFError:
             term.out.write("\n")
             return None
-    line = term.stdin.readline()
+    line = _text(term.stdin.readline)
     return line.rstrip("\n") if line else None
+
+
+def _text(read: Callable[[], str]) -> str:
+    """What ``read`` reads from standard input, which must be UTF-8 text."""
+    try:
+        text = read()
+        # Under a C locale, Python decodes bytes that are not UTF-8 to lone surrogates.
+        text.encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise _UsageError(
+            "standard input is not UTF-8 text; convert it first (iconv -t UTF-8)"
+        ) from None
+    return text
 
 
 def _for_terminal(exc: LLMStreamError) -> str:

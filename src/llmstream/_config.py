@@ -28,6 +28,7 @@ __all__ = [
     "resolve_base_url",
     "resolve_model",
     "resolve_timeout",
+    "shown_url",
 ]
 
 DEFAULT_BASE_URL = "http://localhost:8000/v1"
@@ -92,14 +93,21 @@ def resolve_base_url(base_url: str | None, environ: Mapping[str, str] = os.envir
         resolve_base_url("http://gpu-1:8000/v1/")    # "http://gpu-1:8000/v1"
     """
     raw = base_url or _env(environ, "LLMSTREAM_BASE_URL", "OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    # Messages show the URL with any credentials masked: they must not reach a log.
+    shown = shown_url(raw) if isinstance(raw, str) else raw
     try:
         url = httpx.URL(raw)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise InvalidRequestError(f"base_url {raw!r} is not a valid URL: {exc}") from None
+        detail = str(exc).replace(raw, shown) if isinstance(raw, str) else exc
+        raise InvalidRequestError(f"base_url {shown!r} is not a valid URL: {detail}") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise InvalidRequestError(
-            f"base_url {raw!r} must be an http:// or https:// URL with a host, "
+            f"base_url {shown!r} must be an http:// or https:// URL with a host, "
             "for example http://localhost:8000/v1"
+        )
+    if url.port is not None and not 0 < url.port < 65536:
+        raise InvalidRequestError(
+            f"base_url {shown!r} has port {url.port}; a port is a number from 1 to 65535"
         )
     if url.userinfo:
         raise InvalidRequestError(
@@ -187,9 +195,32 @@ def resolve_retry(retry: RetryPolicy | int | tenacity.BaseRetrying | None) -> Re
 _PROXY_SCHEMES = ("http", "https", "all")
 
 
+def shown_url(url: str) -> str:
+    """``url`` as it may appear in a message or a log: credentials in it masked.
+
+    Plain string work, so that a URL too malformed to parse is still masked.
+
+    Example::
+
+        shown_url("http://ann:pw@proxy:3128")  # "http://***@proxy:3128"
+        shown_url("proxy:3128")                # "proxy:3128"
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc = rest[:end]
+    if "@" not in netloc:
+        return url
+    return f"{scheme}{sep}***@{netloc.rpartition('@')[2]}{rest[end:]}"
+
+
 @dataclass(frozen=True)
 class EnvProxy:
     """A proxy set in the environment: its URL and the variable that set it.
+
+    ``url`` may hold the proxy's credentials: messages use :attr:`shown`, and the
+    repr masks them too.
 
     Example::
 
@@ -198,6 +229,14 @@ class EnvProxy:
 
     url: str
     variable: str
+
+    @property
+    def shown(self) -> str:
+        """The URL with any credentials masked, for messages."""
+        return shown_url(self.url)
+
+    def __repr__(self) -> str:
+        return f"EnvProxy({self.shown!r}, {self.variable!r})"
 
 
 def _variable(scheme: str, value: str) -> str:
@@ -249,10 +288,16 @@ def http_proxy_settings(proxy: EnvProxy, transport: str) -> tuple[str, dict[str,
         http_proxy_settings(EnvProxy("http://ann:pw@proxy:3128", "HTTP_PROXY"), "aiohttp")
         # ("http://proxy:3128", {"Proxy-Authorization": "Basic YW5uOnB3"})
     """
-    parts = urlsplit(proxy.url)
+    try:
+        parts = urlsplit(proxy.url)
+    except ValueError as exc:  # an unclosed [IPv6 bracket, say
+        raise InvalidRequestError(
+            f"{proxy.variable}={proxy.shown} is not a valid proxy URL ({exc}). Fix it, add the "
+            "server's host to NO_PROXY, or unset it."
+        ) from None
     if parts.scheme != "http":
         raise InvalidRequestError(
-            f"{proxy.variable}={proxy.url} names a {parts.scheme} proxy, which the {transport} "
+            f"{proxy.variable}={proxy.shown} names a {parts.scheme} proxy, which the {transport} "
             f"transport cannot use (it speaks to http:// proxies only). Give an http:// "
             "proxy URL, add the server's host to NO_PROXY, or use the default httpx "
             "transport."
@@ -286,7 +331,7 @@ def missing_socks_error(exc: ImportError) -> InvalidRequestError:
         if proxies.get(scheme, "").lower().startswith("socks")
     ]
     who = (
-        " and ".join(f"{_variable(scheme, value)}={value}" for scheme, value in found)
+        " and ".join(f"{_variable(scheme, value)}={shown_url(value)}" for scheme, value in found)
         if found
         else "The system's proxy settings"
     )

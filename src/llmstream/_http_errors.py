@@ -319,14 +319,14 @@ def _proxy_error(
     proxy: EnvProxy,
     connect_timeout: float | None,
 ) -> LLMStreamError:
-    where = f"the proxy {proxy.url} (from {proxy.variable})"
+    where = f"the proxy {proxy.shown} (from {proxy.variable})"
     advice = (
         f"Fix or unset {proxy.variable}, or add the server's host to NO_PROXY to connect "
         "to it directly."
     )
     if kind == "proxy":
         return APIConnectionError(
-            f"The proxy {proxy.url} (from {proxy.variable}) would not forward the request "
+            f"The proxy {proxy.shown} (from {proxy.variable}) would not forward the request "
             f"to {url}: {exc}. {advice}"
         )
     if kind == "connect_timeout":

@@ -20,8 +20,8 @@ _NATURAL = at_least(0)
 def _json_object(text: str) -> dict[str, object]:
     try:
         value = json.loads(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
+    except (ValueError, RecursionError):  # nested too deeply: RecursionError
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text[:80]!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
