@@ -34,6 +34,7 @@ from ._config import (
     resolve_retry,
     resolve_timeout,
 )
+from ._counts import require_count
 from ._deadlines import Timeouts
 from ._errors import InvalidRequestError, LLMStreamError, ProtocolError
 from ._events import endpoint_of
@@ -46,7 +47,13 @@ from ._hooks import Hook, check_hooks
 from ._http_backend import async_transport, check_sync_transport
 from ._http_errors import not_an_openai_answer, not_json_error, status_error
 from ._httpx_transport import HttpxSyncTransport, own_sync_client
-from ._params import BODY_PARAMS, StreamParams, check_params
+from ._params import (
+    BODY_PARAMS,
+    StreamParams,
+    check_budget_settings,
+    check_params,
+    require_flag,
+)
 from ._request import PromptOrMessages, build_body, build_messages
 from ._result import StreamResult
 from ._retry import RetryPolicy
@@ -97,6 +104,27 @@ def _mapping(params: Mapping[str, object], name: str) -> Mapping[str, object]:
     return value
 
 
+def _header_map(params: Mapping[str, object], name: str) -> dict[str, str]:
+    """``headers=`` or ``extra_headers=``, checked: a mapping of str names to str values.
+
+    A header value may be a secret (an API key), so a message names its type only.
+    """
+    checked: dict[str, str] = {}
+    for key, value in _mapping(params, name).items():
+        if not isinstance(key, str):
+            raise InvalidRequestError(
+                f"{name} names must be str, got a name of type {type(key).__name__}: "
+                'pass e.g. {"X-Request-ID": "abc"}.'
+            )
+        if not isinstance(value, str):
+            raise InvalidRequestError(
+                f"{name}[{key!r}] must be a str, got {type(value).__name__}: pass the value "
+                "as text (str(number), or bytes.decode())."
+            )
+        checked[key] = value
+    return checked
+
+
 class _BaseClient:
     """Configuration and request building shared by both clients (no I/O)."""
 
@@ -117,7 +145,20 @@ class _BaseClient:
         hooks: Sequence[Hook] | None,
         fleet: Fleet | None = None,
     ) -> None:
+        # Every argument is checked before anything is built (a fleet's watcher, say).
+        checked_headers = _header_map({"headers": headers}, "headers")
+        require_flag("include_usage", include_usage)
+        require_count("max_line_bytes", max_line_bytes)
+        require_count("max_event_bytes", max_event_bytes)
         self.options = options
+        check_budget_settings(
+            {
+                "budget": budget.budget,
+                "token_budget": budget.shared,
+                "budget_wait": budget.wait,
+                "count_prompt": budget.count_prompt,
+            }
+        )
         self.budget = budget
         self.hooks = check_hooks(hooks, sync=self._sync_hooks)
         """The hooks every call of this client tells its events to (see ``hooks=``)."""
@@ -147,10 +188,8 @@ class _BaseClient:
         self._api_key: Secret | None = resolve_api_key(api_key)
         self.timeouts = resolve_timeout(timeout)
         self.retry = resolve_retry(retry)
-        self._headers = dict(headers or {})
+        self._headers = checked_headers
         self.include_usage = include_usage
-        if max_line_bytes < 1 or max_event_bytes < 1:
-            raise InvalidRequestError("max_line_bytes and max_event_bytes must be positive")
         self._max_line_bytes = max_line_bytes
         self._max_event_bytes = max_event_bytes
 
@@ -232,7 +271,7 @@ class _BaseClient:
         timeout = params.get("timeout")
         retry = params.get("retry")
         hooks = self.hooks + check_hooks(params.get("hooks"), sync=self._sync_hooks)  # type: ignore[arg-type]
-        headers = {str(k): str(v) for k, v in _mapping(params, "extra_headers").items()}
+        headers = _header_map(params, "extra_headers")
         return _CallSpec(
             body,
             self._call_options(params),
@@ -254,6 +293,8 @@ class _BaseClient:
 
     def _call_budget(self, params: Mapping[str, object]) -> BudgetOptions:
         base = self.budget
+        # dataclasses.replace checks no types: a wrong one would fail only in planning.
+        check_budget_settings(params)
         names = {"budget": "budget", "token_budget": "shared", "budget_wait": "wait"}
         given = {
             field: params[name] for name, field in names.items() if params.get(name) is not None

@@ -17,6 +17,7 @@ from typing import Generic, Literal, TypeVar
 
 import anyio
 
+from ._counts import require_count
 from ._errors import InvalidRequestError, LLMStreamError
 
 __all__ = [
@@ -63,16 +64,19 @@ class StreamOptions:
     max_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.buffer, bool) or not isinstance(self.buffer, int) or self.buffer < 0:
-            raise InvalidRequestError(f"buffer must be an integer >= 0, got {self.buffer!r}")
+        require_count("buffer", self.buffer, minimum=0)
         if self.on_full not in ("wait", "error"):
             raise InvalidRequestError(f'on_full must be "wait" or "error", got {self.on_full!r}')
-        if not self.max_pause > 0:
-            raise InvalidRequestError(f"max_pause must be > 0 seconds, got {self.max_pause!r}")
+        pause = self.max_pause
+        # The type first: a string would make the comparison itself raise TypeError.
+        if isinstance(pause, bool) or not isinstance(pause, int | float) or not pause > 0:
+            raise InvalidRequestError(
+                f"max_pause must be a number of seconds > 0 (int or float), got {pause!r}"
+            )
         for name in ("max_chunks", "max_bytes"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None:
+                require_count(name, value)
 
 
 class PauseClock:

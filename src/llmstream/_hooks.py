@@ -70,7 +70,7 @@ def check_hooks(hooks: Iterable[object] | None, *, sync: bool) -> tuple[Hook, ..
     """
     if hooks is None:
         return ()
-    if callable(hooks) or isinstance(hooks, str | bytes):
+    if callable(hooks) or isinstance(hooks, str | bytes) or not isinstance(hooks, Iterable):
         raise InvalidRequestError(
             f"hooks takes a list of callables, got {type(hooks).__name__}: "
             "pass hooks=[hook], not hooks=hook."

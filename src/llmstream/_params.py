@@ -37,7 +37,9 @@ __all__ = [
     "CALL_OPTIONS",
     "SamplingParams",
     "StreamParams",
+    "check_budget_settings",
     "check_params",
+    "require_flag",
 ]
 
 JSONObject = Mapping[str, object]
@@ -130,6 +132,8 @@ BODY_PARAMS = frozenset(SamplingParams.__annotations__)
 CALL_OPTIONS = frozenset(StreamParams.__annotations__) - BODY_PARAMS
 """Keywords that configure the call (and ``messages``, ``extra_body``, ``extra_headers``)."""
 _KNOWN = BODY_PARAMS | CALL_OPTIONS
+# The named ways of counting a prompt (PromptCounting); anything else must be a counter.
+_PROMPT_COUNTINGS = ("estimate", "server")
 
 
 def check_params(params: Mapping[str, object]) -> None:
@@ -155,3 +159,62 @@ def check_params(params: Mapping[str, object]) -> None:
         'fields the server accepts in extra_body={...}, e.g. extra_body={"top_k": 20}; '
         "per-call headers in extra_headers={...}."
     )
+
+
+def _given(value: object) -> str:
+    """What a caller passed, for a message: a short value as written, else its type."""
+    if isinstance(value, bool | int | float | str) and len(repr(value)) <= 40:
+        return f"{type(value).__name__} {value!r}"
+    return type(value).__name__
+
+
+def require_flag(name: str, value: object) -> None:
+    """Raise ``InvalidRequestError`` unless ``value`` is ``True`` or ``False``.
+
+    A string such as ``"no"`` is truthy: taken as it is, it would mean the opposite.
+
+    Example::
+
+        require_flag("budget_wait", "yes")  # InvalidRequestError: ... got str 'yes'
+    """
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be True or False (a bool), got {_given(value)}.")
+
+
+def check_budget_settings(settings: Mapping[str, object]) -> None:
+    """Refuse a budget setting of the wrong type, naming it, before anything is sent.
+
+    ``settings`` are keywords as ``stream()`` and the clients take them (``budget``,
+    ``token_budget``, ``budget_wait``, ``count_prompt``); an absent or ``None`` one is
+    not checked. Unchecked, a wrong type fails only when the call is planned, deep in
+    the budget arithmetic.
+
+    Example::
+
+        check_budget_settings({"budget": 500})  # InvalidRequestError: budget must be ...
+    """
+    budget = settings.get("budget")
+    if budget is not None and not isinstance(budget, CallBudget):
+        raise InvalidRequestError(
+            f"budget must be a llmstream.CallBudget or None, got {_given(budget)}: "
+            "pass e.g. budget=llmstream.CallBudget(total_tokens=2_000)."
+        )
+    shared = settings.get("token_budget")
+    if shared is not None and not isinstance(shared, TokenBudget):
+        raise InvalidRequestError(
+            f"token_budget must be a llmstream.TokenBudget or None, got {_given(shared)}: "
+            "pass e.g. token_budget=llmstream.TokenBudget(100_000); for one call's own "
+            "limit, budget=llmstream.CallBudget(...)."
+        )
+    wait = settings.get("budget_wait")
+    if wait is not None:
+        require_flag("budget_wait", wait)
+    counting = settings.get("count_prompt")
+    if counting is not None and not (
+        counting in _PROMPT_COUNTINGS if isinstance(counting, str) else callable(counting)
+    ):
+        raise InvalidRequestError(
+            'count_prompt must be "estimate", "server" or a token counter (a function '
+            "taking the list of messages and returning an int, e.g. "
+            f"llmstream.counter_from_text_tokenizer(enc.encode)), got {_given(counting)}."
+        )

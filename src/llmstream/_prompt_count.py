@@ -60,15 +60,21 @@ def _text_tokens(text: str) -> int:
 
 def _texts(value: object) -> list[str]:
     """Every string a message holds (content, content parts, names, tool-call arguments)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Mapping):
-        return [text for item in value.values() for text in _texts(item)]
-    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
-        return [text for item in value for text in _texts(item)]
-    if value is None or isinstance(value, bool):
-        return []
-    return [str(value)]
+    # A loop over a stack, not recursion: estimate_prompt_tokens and the counters are public,
+    # and a caller's content parts may nest deeper than the interpreter's recursion limit.
+    texts: list[str] = []
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, Mapping):
+            pending.extend(reversed(list(item.values())))
+        elif isinstance(item, Sequence) and not isinstance(item, bytes | bytearray):
+            pending.extend(reversed(item))
+        elif item is not None and not isinstance(item, bool):
+            texts.append(str(item))
+    return texts
 
 
 def estimate_prompt_tokens(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Union, cast
 
 from pydantic import BaseModel
@@ -204,6 +204,13 @@ Example::
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # The client sets these itself; letting extra_params override them would break the stream.
 _RESERVED = frozenset({"stream", "messages"})
+# json.dumps recurses once per level of nesting, and the body is encoded again later, deeper
+# in the call's stack (by the transport, or for POST /tokenize): a body that passes a check
+# made here by a narrow margin under Python's recursion limit (1000 by default) would then
+# fail there with RecursionError. A fixed cap far under it refuses the same body wherever
+# the call is made, and is far beyond any chat request (a tool's JSON schema nests a few
+# dozen levels).
+_MAX_NESTING = 256
 
 
 def build_messages(prompt_or_messages: PromptOrMessages) -> list[Message]:
@@ -240,9 +247,12 @@ def _check_message(i: int, message: object) -> None:
             f"not {type(message).__name__}."
         )
     role = message.get("role")
-    if role not in _ROLES:
+    # A list or dict role is unhashable: the set lookup would raise TypeError on it.
+    if not isinstance(role, str) or role not in _ROLES:
+        given = repr(role) if isinstance(role, str) or role is None else type(role).__name__
         raise InvalidRequestError(
-            f"messages[{i}] has role {role!r}; expected one of {', '.join(sorted(_ROLES))}."
+            f"messages[{i}] has role {given}, which is not a valid role; expected one of "
+            f"{', '.join(sorted(_ROLES))} (a string)."
         )
     content = message.get("content")
     has_tools = bool(message.get("tool_calls"))
@@ -308,6 +318,8 @@ def build_body(
             body["stream_options"] = {"include_usage": True}
         elif isinstance(options, Mapping) and "include_usage" not in options:
             body["stream_options"] = {**options, "include_usage": True}
+    if _nested_deeper_than(body, _MAX_NESTING):
+        raise _too_deep()
     try:
         json_body(body)  # as it will be sent: NaN and infinity are not JSON either
     except (TypeError, ValueError) as exc:
@@ -315,7 +327,36 @@ def build_body(
             f"The request cannot be sent as JSON: {exc}. Pass plain JSON values (str, int, "
             "finite float, bool, None, lists and dicts of them)."
         ) from None
+    except RecursionError:
+        # Only under a recursion limit lowered far below Python's default of 1000.
+        raise _too_deep() from None
     return body
+
+
+def _nested_deeper_than(value: object, limit: int) -> bool:
+    """True when lists and dicts in ``value`` nest more than ``limit`` levels (or loop)."""
+    # A loop over a stack: recursing here would meet the very limit this guards against.
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True  # a list that contains itself ends here too, its depth growing
+        pending.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _too_deep() -> InvalidRequestError:
+    return InvalidRequestError(
+        "The request cannot be sent as JSON: its lists or dicts are nested more than "
+        f"{_MAX_NESTING} levels deep (or a list or dict contains itself). Pass values "
+        "nested a few levels deep, as chat messages, tool schemas and parameters are."
+    )
 
 
 def json_body(value: object) -> bytes:
