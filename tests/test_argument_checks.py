@@ -140,10 +140,12 @@ CALL_OPTIONS = [
     ({"count_prompt": "exact"}, 'count_prompt must be "estimate", "server" or a token', "'exact'"),
     ({"count_prompt": 5}, 'count_prompt must be "estimate", "server" or a token', "got int 5"),
 ]
+# The construction test passes a model of its own.
+MODEL = ({"model": 5}, "model must be a str such as", "got int 5")
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("kwargs", "expected", "given"), CALL_OPTIONS)
+@pytest.mark.parametrize(("kwargs", "expected", "given"), [*CALL_OPTIONS, MODEL])
 async def test_a_call_option_of_the_wrong_type_is_refused_at_the_call(
     mode: str, kwargs: dict[str, Any], expected: str, given: str
 ) -> None:
@@ -156,6 +158,8 @@ CLIENT_OPTIONS = [
     ({"max_line_bytes": "10"}, "max_line_bytes must be a positive integer", "got '10'"),
     ({"max_event_bytes": 0.5}, "max_event_bytes must be a positive integer", "got 0.5"),
     ({"include_usage": "no"}, "include_usage must be True or False", "got str 'no'"),
+    ({"api_key": 12345}, "api_key must be a str", "got int;"),
+    MODEL,
 ]
 
 
@@ -168,7 +172,7 @@ def test_a_client_option_of_the_wrong_type_is_refused_at_construction(
     given: str,
 ) -> None:
     with pytest.raises(llmstream.InvalidRequestError) as caught:
-        client_class(URL, model="m", **kwargs)
+        client_class(URL, **{"model": "m", **kwargs})
     assert expected in str(caught.value) and given in str(caught.value)
 
 

@@ -131,6 +131,11 @@ def resolve_api_key(api_key: str | None, environ: Mapping[str, str] = os.environ
 
         resolve_api_key(None, {"OPENAI_API_KEY": "sk-1"})  # Secret('**********')
     """
+    if api_key is not None and not isinstance(api_key, str):
+        # Its type only: the value may be a key all the same.
+        raise InvalidRequestError(
+            f"api_key must be a str, got {type(api_key).__name__}; pass the key as text"
+        )
     value = api_key or _env(environ, "LLMSTREAM_API_KEY", "OPENAI_API_KEY")
     return Secret(value) if value else None
 
@@ -142,6 +147,10 @@ def resolve_model(model: str | None, environ: Mapping[str, str] = os.environ) ->
 
         resolve_model(None, {"LLMSTREAM_MODEL": "Qwen/Qwen3-8B"})  # "Qwen/Qwen3-8B"
     """
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError(
+            f"model must be a str such as 'Qwen/Qwen3-8B', got {type(model).__name__} {model!r}"
+        )
     return model or _env(environ, "LLMSTREAM_MODEL")
 
 

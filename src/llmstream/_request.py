@@ -291,6 +291,11 @@ def build_body(
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}.")
+    model = params.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError(
+            f"model must be a str such as 'Qwen/Qwen3-8B', got {type(model).__name__} {model!r}."
+        )
     temperature = params.get("temperature")
     if temperature is not None and (
         isinstance(temperature, bool)
