@@ -11,7 +11,13 @@ import zlib
 
 import pytest
 
-from llmstream._http11 import MAX_HEAD, HTTPProtocolError, ResponseParser, request_bytes
+from llmstream._http11 import (
+    DECODE_STEP,
+    MAX_HEAD,
+    HTTPProtocolError,
+    ResponseParser,
+    request_bytes,
+)
 
 
 def _parse(wire: bytes, splits: list[int]) -> tuple[ResponseParser, bytes]:
@@ -161,6 +167,74 @@ def test_a_request_is_written_in_one_piece_with_its_length() -> None:
     )
 
 
-def test_a_header_with_a_line_break_is_refused_not_sent() -> None:
-    with pytest.raises(ValueError, match="line break"):
-        request_bytes("GET", "/", "h", {"X-Evil": "a\r\nInjected: 1"}, None)
+def test_a_complete_head_larger_than_the_bound_is_refused_even_in_one_read() -> None:
+    wire = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1024 * 1024) + b"\r\nContent-Length: 0\r\n\r\n"
+    with pytest.raises(HTTPProtocolError, match="larger than"):
+        ResponseParser().feed_head(wire)
+
+
+def test_interim_responses_count_towards_the_head_bound() -> None:
+    parser = ResponseParser()
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    with pytest.raises(HTTPProtocolError, match="larger than"):
+        for _ in range(MAX_HEAD // len(interim) + 1):
+            assert parser.feed_head(interim) is None
+
+
+def test_a_head_just_under_the_bound_is_read() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX: "
+    wire = head + b"a" * (MAX_HEAD - len(head)) + b"\r\n\r\n"
+    assert ResponseParser().feed_head(wire) is not None
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"chunked, chunked", b"identity", b"br"])
+def test_a_transfer_coding_other_than_chunked_is_refused_by_name(coding: bytes) -> None:
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
+    with pytest.raises(HTTPProtocolError, match="transfer coding") as info:
+        ResponseParser().feed_head(wire)
+    assert repr(coding) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("coding", "compress"),
+    [(b"gzip", gzip.compress), (b"deflate", zlib.compress)],
+)
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_a_compressed_body_comes_out_in_bounded_steps_and_whole(
+    coding: bytes, compress: object, framing: str
+) -> None:
+    assert callable(compress)
+    body = b"data: " + b"x" * (50 * 1024 * 1024) + b"\n\n"
+    packed: bytes = compress(body)
+    assert len(packed) < 100 * 1024  # 50 MB from less than 100 KB
+    wire = b"HTTP/1.1 200 OK\r\nContent-Encoding: " + coding + b"\r\n"
+    if framing == "length":
+        wire += b"Content-Length: %d\r\n\r\n" % len(packed) + packed
+    elif framing == "chunked":
+        wire += b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(packed) + packed
+        wire += b"\r\n0\r\n\r\n"
+    else:
+        wire += b"\r\n" + packed
+    parser = ResponseParser()
+    assert parser.feed_head(wire) is not None
+    decoded = bytearray()
+    steps = [parser.feed_body(b"")]
+    if framing == "close":
+        steps.append(parser.feed_eof())
+    while parser.pending:
+        steps.append(parser.feed_body(b""))
+    for parts in steps:
+        assert sum(map(len, parts)) <= DECODE_STEP
+        decoded += b"".join(parts)
+    assert decoded == body
+    assert parser.ended and not parser.pending
+    assert len(steps) > 50 * 1024 * 1024 // DECODE_STEP
+
+
+def test_a_compressed_body_has_not_ended_while_its_output_waits() -> None:
+    packed = zlib.compress(b"y" * (DECODE_STEP * 3))
+    parser = ResponseParser()
+    wire = b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nContent-Length: %d\r\n\r\n"
+    assert parser.feed_head(wire % len(packed) + packed) is not None
+    assert parser.feed_body(b"") == [b"y" * DECODE_STEP]
+    assert parser.complete and parser.pending and not parser.ended

@@ -26,8 +26,10 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -47,6 +49,7 @@ from ._transport import (
     PooledTransport,
     asyncio_loop,
     json_body,
+    proxy_port,
     request_headers,
 )
 
@@ -185,6 +188,22 @@ class _AiohttpResponse:
     def abort(self) -> None:
         if self.body_done:
             return
+        self._cut()
+        # A stream dropped unclosed is aborted and never closed: closing the response gave
+        # its pool slot back; its place in the in-flight count goes now (once: a later
+        # aclose() does nothing), or every request would soon be sent Connection: close.
+        self._release()
+
+    def _release(self) -> bool:
+        """Count the response as released; False when it already was."""
+        if self._released:
+            return False
+        self._released = True
+        if self._in_flight is not None:
+            self._in_flight.add(-1)
+        return True
+
+    def _cut(self) -> None:
         connection = self._response.connection
         if connection is not None:
             # asyncio closes a transport's socket on the loop's next turn; shutdown() sends
@@ -194,15 +213,12 @@ class _AiohttpResponse:
         self._response.close()
 
     async def aclose(self) -> None:
-        if self._released:
+        if not self._release():
             return
-        self._released = True
-        if self._in_flight is not None:
-            self._in_flight.add(-1)
         if self.body_done:
             self._response.release()  # back to the pool (aiohttp did it at the body's end)
         else:
-            self.abort()  # an unread body: the server must see the close now
+            self._cut()  # an unread body: the server must see the close now
 
 
 class AiohttpTransport(PooledTransport):
@@ -287,6 +303,8 @@ class AiohttpTransport(PooledTransport):
         session = self._session_for(asyncio_loop("AiohttpTransport", "aiohttp is built on it"))
         proxy = self._proxy(request.url)
         proxy_url, proxy_headers = http_proxy_settings(proxy, "aiohttp") if proxy else (None, {})
+        if proxy is not None and proxy_url is not None:
+            proxy_port(proxy, urlsplit(proxy_url))  # refused by name, not as the base URL
         headers = request_headers(request, self._in_flight)
         if proxy_headers and request.url.startswith("http://"):
             # Plain HTTP goes to the proxy as is; aiohttp sends proxy_headers only in the
@@ -327,6 +345,15 @@ class AiohttpTransport(PooledTransport):
             if isinstance(exc, aiohttp.ClientError):
                 kind = _failure_kind(exc)
                 raise send_failure_error(kind, exc, request.url, connect, proxy=proxy) from exc
+            if type(exc) is UnicodeError:
+                # The resolver IDNA-encodes the host name first: an empty label (a..b) or
+                # one over 63 characters fails there. A name that cannot be resolved, as
+                # httpx reports it.
+                invalid = socket.gaierror(
+                    socket.EAI_NONAME, f"the host name is not a valid one ({exc})"
+                )
+                error = send_failure_error("connect", invalid, request.url, connect, proxy=proxy)
+                raise error from None
             if isinstance(exc, RuntimeError) and session.closed:
                 raise closed_error("async with") from exc
             raise

@@ -69,6 +69,7 @@ from ._transport import (
     PooledTransport,
     asyncio_loop,
     json_body,
+    proxy_port,
 )
 
 __all__ = ["AsyncioTransport"]
@@ -189,13 +190,15 @@ class _Connection(asyncio.Protocol):
         except HTTPProtocolError as exc:
             self.fail(ConnectionBroken(str(exc)))
             return
-        if parts:
-            for part in parts:
-                self._parts.append(part)
-                self._buffered += len(part)
-            if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
-                self._paused = True
-                self.transport.pause_reading()
+        for part in parts:
+            self._parts.append(part)
+            self._buffered += len(part)
+        # A compressed body's bytes not yet decoded count too: they come out in steps
+        # as the stream takes what is held (take()).
+        held = self._buffered + parser.backlog
+        if held > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -231,7 +234,7 @@ class _Connection(asyncio.Protocol):
     def fail(self, exc: Exception) -> None:
         """End the connection; the body being read (if any) ends with ``exc``."""
         parser = self.parser
-        whole = parser is not None and parser.ended and not isinstance(exc, BodyNotDecoded)
+        whole = parser is not None and parser.complete and not isinstance(exc, BodyNotDecoded)
         if self.broken is None and not whole:  # a body read whole stays whole
             self.broken = exc
         self.closed = True
@@ -276,17 +279,34 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
 
     def take(self) -> bytes:
-        """Every body byte held, joined; b"" when none."""
+        """Every body byte held, joined; b"" when none.
+
+        With none held, the next step of a compressed body's output, if one waits.
+        """
         parts = self._parts
-        if not parts:
-            return b""
-        data = parts.popleft() if len(parts) == 1 else b"".join(parts)
-        parts.clear()
-        self._buffered = 0
-        if self._paused and self.transport is not None:
+        parser = self.parser
+        if not parts and parser is not None and parser.pending and self.broken is None:
+            self._decode_step(parser)
+        data = b""
+        if parts:
+            data = parts.popleft() if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            self._buffered = 0
+        backlog = parser.backlog if parser is not None else 0
+        if self._paused and self.transport is not None and backlog <= _HIGH_WATER:
             self._paused = False
             self.transport.resume_reading()
         return data
+
+    def _decode_step(self, parser: ResponseParser) -> None:
+        try:
+            parts = parser.feed_body(b"")
+        except ContentDecodingError as exc:
+            self.fail(BodyNotDecoded(str(exc)))
+            return
+        for part in parts:
+            self._parts.append(part)
+            self._buffered += len(part)
 
     @property
     def body_ended(self) -> bool:
@@ -436,6 +456,19 @@ class _AsyncioResponse:
         if self._released or self.body_done:
             return
         self._cut()
+        # A stream dropped unclosed is aborted and never closed: its pool slot and its
+        # place in the in-flight count are given back now (a later aclose() does nothing).
+        self._release()
+        self._pool.forget(self._connection)
+
+    def _release(self) -> bool:
+        """Count the response as released; False when it already was."""
+        if self._released:
+            return False
+        self._released = True
+        if self._in_flight is not None:
+            self._in_flight.add(-1)
+        return True
 
     def _cut(self) -> None:
         connection = self._connection
@@ -446,11 +479,8 @@ class _AsyncioResponse:
         connection.fail(ConnectionBroken("the connection was closed by the client"))
 
     async def aclose(self) -> None:
-        if self._released:
+        if not self._release():
             return
-        self._released = True
-        if self._in_flight is not None:
-            self._in_flight.add(-1)
         connection = self._connection
         if self.body_done and connection.reusable:
             self._ended = True
@@ -461,6 +491,28 @@ class _AsyncioResponse:
         else:
             self._cut()  # an unread body: the server must see the close now
         self._pool.forget(connection)
+
+
+def _own_headers(request: HTTPRequest, host: str) -> tuple[dict[str, str], str]:
+    """The request's headers to send, and the Host header: the caller's, if it set one.
+
+    The body's framing is this transport's: a caller's ``Content-Length`` or
+    ``Transfer-Encoding`` would contradict it (and the server would read the next
+    request from the body), so it is refused.
+    """
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower == "host":
+            host = value  # as httpx lets a caller set it: sent once, in place of ours
+        elif lower in ("content-length", "transfer-encoding"):
+            raise InvalidRequestError(
+                f"Cannot send to {request.url}: the {name} header is the transport's to set "
+                "(it frames the body it sends). Remove it from the headers."
+            )
+        else:
+            headers[name] = value
+    return headers, host
 
 
 class AsyncioTransport(PooledTransport):
@@ -514,10 +566,16 @@ class AsyncioTransport(PooledTransport):
             port = parts.port or default
         except ValueError as exc:
             raise InvalidRequestError(f"Cannot request {url}: {exc}.") from None
-        host = parts.hostname
+        try:
+            # The target percent-encoded and the host IDNA-encoded, as httpx sends them:
+            # a path with a space or a non-ASCII character is sent as one request line.
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise InvalidRequestError(f"Cannot request {url}: {exc}.") from None
+        host = parsed.raw_host.decode("ascii")
         shown = f"[{host}]" if ":" in host else host
         host_header = shown if port == default else f"{shown}:{port}"
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        path = parsed.raw_path.decode("ascii")
         tls_host = host if parts.scheme == "https" else None
         proxy = env_proxy(url) if self.trust_env else None
         if proxy is None:
@@ -534,12 +592,12 @@ class AsyncioTransport(PooledTransport):
         else:
             proxy_url, credentials = http_proxy_settings(proxy, "asyncio")
             through = urlsplit(proxy_url)
-            address = (through.hostname or "", through.port or 80)
+            address = (through.hostname or "", proxy_port(proxy, through))
             if tls_host is None:  # plain HTTP: the proxy forwards the request itself
                 route = _Route(
                     ("http", *address, proxy_url),
                     address,
-                    url.split("#")[0],
+                    f"http://{host_header}{path}",
                     host_header,
                     None,
                     None,
@@ -742,6 +800,13 @@ class AsyncioTransport(PooledTransport):
     async def _look_up(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[str]:
         try:
             found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except UnicodeError as exc:
+            # The resolver IDNA-encodes the name first: an empty label (a..b) or one
+            # over 63 characters fails there. A name that cannot be resolved, as httpx
+            # reports it (a connection error naming the URL).
+            raise socket.gaierror(
+                socket.EAI_NONAME, f"{host!r} is not a valid host name ({exc})"
+            ) from None
         finally:
             del self._lookups[(host, port)]
         addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
@@ -756,7 +821,8 @@ class AsyncioTransport(PooledTransport):
         route = self._route(request.url)
         # Kept alive however many streams are in flight: taking a pooled connection is a
         # list's pop here, not a scan of the pool as in httpcore.
-        headers = dict(request.headers)
+        # The headers were checked when the request was made (HTTPRequest).
+        headers, host = _own_headers(request, route.host_header)
         if route.proxy_headers:
             headers.update(route.proxy_headers)
         body = None
@@ -764,16 +830,7 @@ class AsyncioTransport(PooledTransport):
             body = json_body(request.json)
             headers["Content-Type"] = "application/json"
         headers.setdefault("Accept", "*/*")
-        try:
-            data = request_bytes(request.method, route.target, route.host_header, headers, body)
-        except UnicodeEncodeError:
-            # Not the header's value: it may be a key.
-            raise InvalidRequestError(
-                f"Cannot send to {request.url}: a header holds a character HTTP/1.1 headers "
-                "cannot carry (only Latin-1 can be sent)."
-            ) from None
-        except ValueError as exc:
-            raise InvalidRequestError(f"Cannot send to {request.url}: {exc}.") from None
+        data = request_bytes(request.method, route.target, host, headers, body)
         counted = self._in_flight if request.stream else None
         if counted is not None:
             counted.add(1)

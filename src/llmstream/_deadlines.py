@@ -9,12 +9,13 @@ keep-alive bytes do not reset them.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
 from ._errors import InvalidRequestError
 
-__all__ = ["DeadlineKind", "Timeouts", "next_deadline"]
+__all__ = ["DeadlineKind", "Timeouts", "blocking_wait", "next_deadline"]
 
 DeadlineKind = Literal["first_token", "idle", "total"]
 
@@ -85,3 +86,18 @@ def next_deadline(
     if candidate is not None and (found is None or candidate[0] < found[0]):
         found = candidate
     return found
+
+
+def blocking_wait(seconds: float | None) -> float | None:
+    """``seconds`` as a thread's blocking wait takes it: ``None`` (no limit) for infinity.
+
+    ``threading`` refuses a timeout beyond ``threading.TIMEOUT_MAX`` (``OverflowError``),
+    and a deadline set to ``inf`` means no limit; a negative one is no wait.
+
+    Example::
+
+        event.wait(blocking_wait(float("inf")))  # waits until set
+    """
+    if seconds is None or seconds >= threading.TIMEOUT_MAX:
+        return None
+    return max(seconds, 0.0)

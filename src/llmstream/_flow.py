@@ -18,6 +18,7 @@ from typing import Generic, Literal, TypeVar
 import anyio
 
 from ._counts import require_count
+from ._deadlines import blocking_wait
 from ._errors import InvalidRequestError, LLMStreamError
 
 __all__ = [
@@ -260,7 +261,7 @@ class ThreadReadAhead(_ReadAheadState[_T]):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                self._cond.wait(left)
+                self._cond.wait(blocking_wait(left))
         return True
 
     def get(self, watch: Callable[[], float | None] | None = None) -> _T | None:
@@ -282,4 +283,4 @@ class ThreadReadAhead(_ReadAheadState[_T]):
                 if not self.wanted:
                     self.wanted = True
                     self._cond.notify_all()
-                self._cond.wait(watch() if watch is not None else None)
+                self._cond.wait(blocking_wait(watch() if watch is not None else None))

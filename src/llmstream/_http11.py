@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ._chunked import ChunkedDecoder, ChunkedFramingError
 
 __all__ = [
+    "DECODE_STEP",
     "MAX_HEAD",
     "ContentDecodingError",
     "HTTPProtocolError",
@@ -37,6 +38,10 @@ __all__ = [
 MAX_HEAD = 64 * 1024
 # A chunk header line (size, extensions) or trailer line longer than this is malformed.
 _MAX_LINE = 4 * 1024
+# The most a compressed body yields per step: a few kilobytes of gzip can decode to
+# gigabytes, so output comes in steps, and the reader pulls the next one once it has
+# taken what it holds (the transport's high-water mark then holds the server back).
+DECODE_STEP = 64 * 1024
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
 _HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -56,19 +61,20 @@ def request_bytes(
 ) -> bytes:
     """A request's head and body, ready to write.
 
+    The headers were checked when the request was made (:class:`~llmstream._transport.
+    HTTPRequest`), the target and host are ASCII: all of it is ASCII.
+
     Example::
 
         request_bytes("POST", "/v1/chat/completions", "localhost:8000", {}, b"{}")
     """
     lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
     for name, value in headers.items():
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-            raise ValueError(f"header {name!r} holds a line break")
         lines.append(f"{name}: {value}\r\n")
     if body is not None:
         lines.append(f"Content-Length: {len(body)}\r\n")
     lines.append("\r\n")
-    head = "".join(lines).encode("latin-1")
+    head = "".join(lines).encode("ascii")
     return head + body if body else head
 
 
@@ -109,9 +115,11 @@ _LENGTH, _CHUNKED, _TRAILERS, _UNTIL_CLOSE, _DONE = range(5)
 class ResponseParser:
     """Parses one response: :meth:`feed_head` until it returns the head, then :meth:`feed_body`.
 
-    ``ended`` once the body's last byte was read; ``reusable`` then says whether the
-    connection may carry another request. Bytes after the end of the message are
-    ignored (a well-behaved server sends none before the next request).
+    ``ended`` once the body's last byte was read and handed out (a compressed body comes
+    out in steps of :data:`DECODE_STEP`: while ``pending``, ``feed_body(b"")`` gives the
+    next); ``reusable`` then says whether the connection may carry another request.
+    Bytes after the end of the message are ignored (a well-behaved server sends none
+    before the next request).
 
     Example::
 
@@ -122,9 +130,12 @@ class ResponseParser:
     __slots__ = (
         "_buffer",
         "_decompress",
+        "_head_bytes",
         "_lane",
         "_left",
+        "_more",
         "_state",
+        "_tail",
         "ended",
         "head",
         "keep_alive",
@@ -135,6 +146,9 @@ class ResponseParser:
         self._state = _DONE if head_request else _LENGTH
         self._left = 0
         self._decompress: zlib._Decompress | None = None
+        self._tail = b""  # compressed bytes not yet decoded (zlib's unconsumed_tail)
+        self._more = False  # the last step was full: zlib may hold more output
+        self._head_bytes = 0  # interim responses' heads read so far
         self._lane = ChunkedDecoder()
         self.head: ResponseHead | None = None
         self.ended = False
@@ -147,19 +161,25 @@ class ResponseParser:
 
     def feed_head(self, data: bytes) -> ResponseHead | None:
         """The response head once it is whole (the bytes after it are body; read them with
-        ``feed_body(b"")``); None while more bytes are needed. 1xx responses are skipped."""
+        ``feed_body(b"")``); None while more bytes are needed. 1xx responses are skipped.
+
+        A head larger than :data:`MAX_HEAD` (interim responses before it included) is an
+        error, whether it arrives in pieces or in one read."""
         buffer = self._buffer + data if self._buffer else data
         while True:
-            end = buffer.find(b"\r\n\r\n")
+            end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4 - self._head_bytes)
             if end < 0:
-                if len(buffer) > MAX_HEAD:
+                if self._head_bytes + len(buffer) > MAX_HEAD:
                     raise HTTPProtocolError(f"response head larger than {MAX_HEAD} bytes")
                 self._buffer = buffer
                 return None
             head = _parse_head(buffer[:end])
             buffer = buffer[end + 4 :]
             if 100 <= head.status < 200 and head.status != 101:
-                continue  # an interim response (100 Continue, 103 Early Hints)
+                # An interim response (100 Continue, 103 Early Hints): it counts towards
+                # the bound, or a server could send them without end.
+                self._head_bytes += end + 4
+                continue
             break
         self._buffer = buffer
         self._frame(head)
@@ -177,15 +197,21 @@ class ResponseParser:
         elif coding not in (b"", b"identity"):
             raise HTTPProtocolError(f"a body in a coding llmstream cannot read: {coding!r}")
         if self._state == _DONE or head.status in (204, 304) or head.status == 101:
+            self._decompress = None  # no body: nothing to decode
             self._end()
             return
         transfer = _header(head.headers, b"transfer-encoding")
         if transfer is not None:
-            if transfer.lower().rpartition(b",")[2].strip() != b"chunked":
-                self._state = _UNTIL_CLOSE  # RFC 9112 6.3: read until the server closes
-                self.keep_alive = False
-            else:
-                self._state = _CHUNKED
+            codings = [c.strip().lower() for c in transfer.split(b",") if c.strip()]
+            if codings != [b"chunked"]:
+                # gzip, compress, deflate as a transfer coding: no server llmstream talks
+                # to sends one, and de-chunking alone would hand compressed bytes on as
+                # the event stream.
+                raise HTTPProtocolError(
+                    f"a body in a transfer coding llmstream cannot read: {transfer[:80]!r} "
+                    "(only chunked is supported)"
+                )
+            self._state = _CHUNKED
             return
         length = _header(head.headers, b"content-length")
         if length is None:
@@ -198,12 +224,29 @@ class ResponseParser:
         self._left = int(next(iter(values)))
         self._state = _LENGTH
         if self._left == 0:
+            self._decompress = None
             self._end()
 
     def _end(self) -> None:
         self._state = _DONE
-        self.ended = True
+        # A compressed body has ended once its last decoded step is out (_decoded).
+        self.ended = self._decompress is None
         self._buffer = b""
+
+    @property
+    def complete(self) -> bool:
+        """The message's last byte arrived (its decoded body may still be ``pending``)."""
+        return self._state == _DONE
+
+    @property
+    def pending(self) -> bool:
+        """Decoded bytes wait to come out: ``feed_body(b"")`` gives the next step of them."""
+        return bool(self._tail) or self._more
+
+    @property
+    def backlog(self) -> int:
+        """Compressed bytes received and not yet decoded."""
+        return len(self._tail)
 
     def feed_body(self, data: bytes) -> list[bytes]:
         """The body bytes ``data`` completes (decoded), in order; sets ``ended`` at the end."""
@@ -224,7 +267,7 @@ class ResponseParser:
             parts = [data] if data else []
         else:
             parts = []
-        if self._decompress is not None and parts:
+        if self._decompress is not None and (parts or self.pending or state != self._state):
             parts = self._decoded(parts)
         return parts
 
@@ -239,22 +282,30 @@ class ResponseParser:
             self._end()
             self.keep_alive = False
             if self._decompress is not None:
-                return [p for p in (self._decompress.flush(),) if p]
+                return self._decoded([])
             return []
         if self._state != _DONE:
             raise HTTPProtocolError("the server closed the connection before the body ended")
         return []
 
     def _decoded(self, parts: list[bytes]) -> list[bytes]:
+        """One step of decoded output: at most ``DECODE_STEP`` bytes, the rest kept."""
         decompress = self._decompress
         assert decompress is not None
+        data = b"".join(parts)
+        if self._tail:
+            data = self._tail + data
         try:
-            out = [decompress.decompress(p) for p in parts]
-            if self.ended:
-                out.append(decompress.flush())
+            out = decompress.decompress(data, DECODE_STEP)
+            self._tail = decompress.unconsumed_tail
+            # A full step may leave output inside zlib even with all input taken.
+            self._more = len(out) == DECODE_STEP
+            if self._state == _DONE and not self.pending:
+                out += decompress.flush()
+                self.ended = True
         except zlib.error as exc:
             raise ContentDecodingError(f"the compressed body would not decompress: {exc}") from exc
-        return [p for p in out if p]
+        return [out] if out else []
 
     def _chunked(self, data: bytes) -> list[bytes]:
         # The plain framing vLLM sends (one chunk per token) is decoded by the fast lane;

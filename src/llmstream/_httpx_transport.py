@@ -22,17 +22,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
 
 from ._body import aiter_body, iter_body
 from ._call import ReadFailure
-from ._config import DEFAULT_LIMITS, env_proxy, missing_socks_error
+from ._config import DEFAULT_LIMITS, EnvProxy, env_proxy, missing_socks_error
 from ._errors import InvalidRequestError
 from ._header_wait import HeaderWait, shut_down, waiting_for_headers
 from ._http_errors import connection_error
-from ._transport import HeaderTimeout, HTTPRequest, InFlight, request_headers
+from ._transport import (
+    HeaderTimeout,
+    HTTPRequest,
+    InFlight,
+    no_limit,
+    proxy_port,
+    request_headers,
+)
 
 __all__ = [
     "HttpxAsyncTransport",
@@ -119,7 +127,17 @@ def _send_error(
             return HeaderTimeout(str(exc))  # no headers in time: a deadline of the call
         # httpx takes proxies from the environment unless told not to (trust_env).
         proxy = env_proxy(request.url) if http.trust_env else None
+        if proxy is not None:
+            invalid = _invalid_proxy(proxy)
+            if invalid is not None:
+                return invalid
         return connection_error(exc, request.url, request.connect_timeout, proxy=proxy)
+    if http.trust_env and isinstance(exc, Exception):
+        # A proxy port out of range: httpx takes the URL, asyncio's socket refuses it.
+        proxy = env_proxy(request.url)
+        invalid = _invalid_proxy(proxy) if proxy is not None else None
+        if invalid is not None:
+            return invalid
     if isinstance(exc, RuntimeError):
         if http.is_closed:
             return closed_error(block)
@@ -131,6 +149,21 @@ def _send_error(
                 "asyncio.run() runs), or use a new http_client in each loop."
             )
     return exc
+
+
+def _invalid_proxy(proxy: EnvProxy) -> InvalidRequestError | None:
+    """The error for the environment's ``proxy`` when its port is out of range.
+
+    httpx takes such a URL; the socket then refuses it (``OverflowError`` on asyncio, a
+    connection refused to another port with blocking sockets).
+    """
+    try:
+        proxy_port(proxy, urlsplit(proxy.url))
+    except InvalidRequestError as exc:
+        return exc
+    except ValueError:
+        pass  # not a URL at all: httpx said so
+    return None
 
 
 def closed_error(block: str) -> InvalidRequestError:
@@ -225,7 +258,7 @@ class _Response:
         # httpcore reads this when the body's first read starts, which is after now.
         timeout = self._response.request.extensions.get("timeout")
         if isinstance(timeout, dict):
-            timeout["read"] = body_timeout
+            timeout["read"] = no_limit(body_timeout)  # socket.settimeout() refuses inf
 
     def _unbind(self) -> None:
         unbind(self._response)
@@ -235,13 +268,37 @@ class _Response:
         if self._released:
             return False
         self._released = True
-        if self._in_flight is not None:
-            self._in_flight.add(-1)
+        self._uncount()
         return True
+
+    def _uncount(self) -> None:
+        """Take the response out of the in-flight count, once."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.add(-1)
+
+
+# Closes of dropped responses under way (_AsyncResponse.__del__).
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _closed(task: asyncio.Task[None]) -> None:
+    _closing.discard(task)
+    if not task.cancelled():
+        task.exception()  # a connection already broken may fail to close: nobody to tell
 
 
 class _AsyncResponse(_Response):
-    __slots__ = ()
+    __slots__ = ("_loop",)
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        in_flight: InFlight | None,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        super().__init__(response, in_flight)
+        self._loop = loop  # the asyncio loop its connection belongs to; None: trio
 
     async def read(self, limit: int) -> bytes:
         body = bytearray()
@@ -265,6 +322,26 @@ class _AsyncResponse(_Response):
     def abort(self) -> None:
         if not self.body_done:
             self._shut_down()
+            # A stream dropped unclosed is aborted and never closed: its place in the
+            # in-flight count goes now (once), or every request would soon be sent
+            # Connection: close. httpcore gives the pool slot back only in its async
+            # close: see __del__.
+            self._uncount()
+
+    def __del__(self) -> None:
+        # Dropped without aclose() (a stream dropped unclosed): httpcore's pool keeps the
+        # request's slot until the response is closed, and closing it must be awaited.
+        # On asyncio it is closed in a task of the loop; nothing can be started here
+        # under trio, where the slot stays taken until the client is closed.
+        if self._released:
+            return
+        self._uncount()
+        loop = _running_loop()
+        if loop is None or loop is not self._loop:
+            return  # another thread's loop (or none) cannot close this connection
+        task = loop.create_task(self._response.aclose())
+        _closing.add(task)  # a task only the loop refers to may be collected mid-way
+        task.add_done_callback(_closed)
 
     async def aclose(self) -> None:
         if not self._release():
@@ -376,7 +453,7 @@ class HttpxAsyncTransport:
             if error is exc:
                 raise
             raise error from exc
-        return _AsyncResponse(response, counted)
+        return _AsyncResponse(response, counted, self._loop)
 
     async def aclose(self) -> None:
         """Close the connection pool (not a client the caller passed in)."""

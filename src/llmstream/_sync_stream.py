@@ -22,7 +22,7 @@ from ._accounting import BudgetOptions
 from ._call import Attempt, CallCore, Drop, Fail, NeedWait, Retry, Step
 from ._call_route import CallRoute
 from ._chunks import ChatCompletionChunk
-from ._deadlines import Timeouts
+from ._deadlines import Timeouts, blocking_wait
 from ._errors import LLMStreamError
 from ._flow import StreamOptions, ThreadReadAhead
 from ._header_wait import HeaderWait
@@ -274,7 +274,7 @@ class ChatStream(StreamBase):
             except StopIteration:
                 return
             if isinstance(need, NeedWait):
-                self._stopping.wait(need.seconds)
+                self._stopping.wait(blocking_wait(need.seconds))
                 answer = None
             else:
                 answer = self._client._answer(need)
@@ -290,7 +290,7 @@ class ChatStream(StreamBase):
                 room = core.admit(now())
             if room is None:
                 break
-            self._stopping.wait(room)
+            self._stopping.wait(blocking_wait(room))
             if core.stopped is not None:
                 return None
         with self._lock:
@@ -426,7 +426,7 @@ class ChatStream(StreamBase):
         try:
             left = due
             while left is not None and left > 0:
-                if race.over.wait(left):
+                if race.over.wait(blocking_wait(left)):
                     return
                 with self._lock:
                     left = core.hedge_due(now())
@@ -515,7 +515,7 @@ class ChatStream(StreamBase):
         if isinstance(step, Retry):
             self._drop_response()
             if step.delay > 0:
-                self._stopping.wait(step.delay)
+                self._stopping.wait(blocking_wait(step.delay))
             return self._core.stopped is None
         if isinstance(step, Fail):
             raise step.error
@@ -670,7 +670,7 @@ class ChatStream(StreamBase):
                 expired = core.pause_expired(now())
             if expired is not None:
                 return expired
-            self._resumed.wait(clock.remaining(now()))
+            self._resumed.wait(blocking_wait(clock.remaining(now())))
         return None
 
     def _tell_hooks(self) -> None:

@@ -24,15 +24,18 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import ssl
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import SplitResult
 
 from ._call import ReadFailure
-from ._config import KEEP_ALIVE_BELOW
+from ._config import KEEP_ALIVE_BELOW, EnvProxy, shown_url
 from ._errors import InvalidRequestError
 from ._header_wait import HeaderWait
 from ._request import json_body
@@ -46,6 +49,8 @@ __all__ = [
     "PooledTransport",
     "asyncio_loop",
     "json_body",
+    "no_limit",
+    "proxy_port",
     "SyncResponse",
     "SyncTransport",
     "request_headers",
@@ -61,7 +66,11 @@ class HTTPRequest:
     """One HTTP request: what to send and how long its phases may take.
 
     ``read_timeout`` bounds the wait for the response headers (and, for a request
-    that is not a stream, for its body); ``None``: no limit.
+    that is not a stream, for its body); ``None`` (or infinity): no limit. The headers
+    are checked when the request is made, for every transport alike: a name that is not
+    an HTTP token, or a value with a line break, a control character or a character
+    that is not ASCII, is an :class:`~llmstream.InvalidRequestError` naming the header
+    (never quoting its value: it may hold the API key). They are not in the repr.
 
     Example::
 
@@ -70,11 +79,91 @@ class HTTPRequest:
 
     method: str
     url: str
-    headers: Mapping[str, str]
+    headers: Mapping[str, str] = field(repr=False)  # Authorization holds the API key
     json: object | None
     connect_timeout: float | None
     read_timeout: float | None
     stream: bool = True
+
+    def __post_init__(self) -> None:
+        check_headers(self.url, self.headers)
+        # inf means no limit; socket.settimeout() and aiohttp's timers refuse it.
+        if self.connect_timeout is not None and math.isinf(self.connect_timeout):
+            object.__setattr__(self, "connect_timeout", None)
+        if self.read_timeout is not None and math.isinf(self.read_timeout):
+            object.__setattr__(self, "read_timeout", None)
+
+
+def no_limit(timeout: float | None) -> float | None:
+    """``timeout`` as an HTTP library takes it: infinity (no limit) is None.
+
+    Example::
+
+        no_limit(float("inf"))  # None
+    """
+    return None if timeout is not None and math.isinf(timeout) else timeout
+
+
+# RFC 9110 5.1: a field name is a token; 5.5: a value is visible ASCII, spaces and tabs
+# (obs-text, bytes above 0x7E, is not sent: HTTP libraries encode it each their own way).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKENS = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
+_NOT_TOKEN = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_headers(url: str, headers: Mapping[str, str]) -> None:
+    """Refuse a header HTTP/1.1 cannot carry, naming it but never showing its value.
+
+    Example::
+
+        check_headers("http://localhost:8000/v1", {"Authorization": "Bearer sk-1"})
+    """
+    try:
+        # Every header at once, the common case: one pass of each check over the lot.
+        names, values = "\n".join(headers), "".join(headers.values())
+        if _TOKENS.fullmatch(names) and values.isascii() and _CONTROL.search(values) is None:
+            return
+    except TypeError:
+        pass  # a name or value that is not a string: found below
+    for name, value in headers.items():
+        if not isinstance(name, str) or _TOKEN.fullmatch(name) is None:
+            raise InvalidRequestError(
+                f"Cannot send to {shown_url(url)}: {_bad_name(name)}. A header name is "
+                "letters, digits and !#$%&'*+-.^_`|~ only: give the value separately."
+            )
+        if not isinstance(value, str):
+            raise InvalidRequestError(
+                f"Cannot send to {shown_url(url)}: the header {name!r} has a value of type "
+                f"{type(value).__name__}; header values are strings."
+            )
+        if value.isascii() and _CONTROL.search(value) is None:
+            continue
+        if "\r" in value or "\n" in value or "\0" in value:
+            what = "a line break or NUL, which would end the header and start another"
+        elif not value.isascii():
+            what = "a character that is not ASCII, which HTTP headers cannot carry"
+        else:
+            what = "a control character, which HTTP headers cannot carry"
+        raise InvalidRequestError(
+            f"Cannot send to {shown_url(url)}: the value of the header {name!r} holds {what}. "
+            "Fix the value (an API key read from a file often ends with a newline)."
+        )
+
+
+def _bad_name(name: object) -> str:
+    if not isinstance(name, str):
+        return f"a header name of type {type(name).__name__}"
+    if not name:
+        return "a header has an empty name"
+    # Shown only up to the first character refused: a name like "Authorization: Bearer
+    # sk-..." (a whole header line given as its name) must not show the key after it.
+    found = _NOT_TOKEN.search(name)
+    assert found is not None
+    return (
+        f"the header name {name[: found.start()]!r}... holds {found.group()!r} "
+        f"(at position {found.start()}), which header names cannot hold"
+    )
 
 
 class AsyncResponse(Protocol):
@@ -265,6 +354,26 @@ def request_headers(request: HTTPRequest, in_flight: InFlight) -> dict[str, str]
         # under load (benchmarks/PROFILE.md). A quiet client keeps its connections.
         headers["Connection"] = "close"
     return headers
+
+
+def proxy_port(proxy: EnvProxy, parts: SplitResult) -> int:
+    """The port of ``proxy`` (``parts`` is its URL, split), 80 when it names none.
+
+    A port that is not a number from 0 to 65535 is an
+    :class:`~llmstream.InvalidRequestError` naming the variable that set it (credentials
+    in the URL masked).
+
+    Example::
+
+        proxy_port(proxy, urlsplit("http://proxy:3128"))  # 3128
+    """
+    try:
+        return parts.port or 80
+    except ValueError:
+        raise InvalidRequestError(
+            f"{proxy.variable}={proxy.shown} is not a valid proxy URL: its port is not a "
+            "number from 0 to 65535. Fix it, add the server's host to NO_PROXY, or unset it."
+        ) from None
 
 
 def asyncio_loop(transport: str, built_on: str) -> asyncio.AbstractEventLoop:
