@@ -16,6 +16,7 @@ import tenacity
 import llmstream
 from llmstream._accounting import BudgetOptions
 from llmstream._call import (
+    TRAILER_WAIT,
     Attempt,
     CallCore,
     Drop,
@@ -237,6 +238,39 @@ def test_a_deadline_cuts_only_a_read_in_progress_and_becomes_the_timeout_error()
     step = core.read_failed(attempt, None, 3.6)
     assert isinstance(step, Fail) and isinstance(step.error, llmstream.IdleTimeout)
     assert step.error.partial is not None and step.error.partial.text == "partial"
+
+
+@pytest.mark.parametrize("ending", ["finish", "done"])
+def test_a_whole_answer_waits_briefly_for_the_bodys_end_then_completes_without_resume(
+    ending: str,
+) -> None:
+    # The server finished the answer (or said [DONE]) and never ends the body: the
+    # answer is complete after a short wait, not an idle timeout, and never resumed.
+    core = _core(
+        timeouts=llmstream.Timeouts(first_token=5.0, idle=60.0),
+        retry=llmstream.RetryPolicy(resume=True, initial_backoff=0, max_backoff=0),
+    )
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("Hello"), 1.0)
+    assert core.deadline() == (61.0, "idle")
+    last = _chunk(finish="stop") if ending == "finish" else _chunk(finish="stop") + DONE
+    core.feed(attempt, last, 1.5)
+    assert core.deadline() == (1.5 + TRAILER_WAIT, "idle")
+    attempt.reading = True
+    assert core.deadline_due(1.5 + TRAILER_WAIT) is attempt
+    step = core.read_failed(attempt, None, 1.6 + TRAILER_WAIT)
+    assert isinstance(step, Finish) and step.result.complete and step.result.text == "Hello"
+
+
+def test_done_before_every_finish_then_a_stall_is_cut_short_not_an_idle_timeout() -> None:
+    core = _core(timeouts=llmstream.Timeouts(first_token=5.0, idle=60.0))
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("Hel") + DONE, 1.0)
+    attempt.reading = True
+    assert core.deadline_due(1.0 + TRAILER_WAIT) is attempt
+    step = core.read_failed(attempt, None, 1.1 + TRAILER_WAIT)
+    assert isinstance(step, Fail) and isinstance(step.error, llmstream.StreamInterrupted)
+    assert "[DONE] before every choice had a finish_reason" in str(step.error)
 
 
 def test_time_held_back_by_the_consumer_is_not_idleness() -> None:

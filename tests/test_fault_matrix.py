@@ -31,6 +31,8 @@ ANSWER = "Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune â€” å
 ROOMY = 10.0
 STALL = 0.5
 CALM = llmstream.Timeouts(first_token=ROOMY, idle=ROOMY, total=ROOMY)
+# The emulator's events for ANSWER: the role, 18 tokens, the finish, usage and [DONE].
+ANSWER_EVENTS = 22
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,25 @@ CASES = [
         2,
     ),
     Case("finished, no [DONE]", (Fault.no_done(),), None, None, 1, 1),
+    # The answer is whole, and the server never ends the body: complete, never resumed.
+    Case(
+        "finished, then a stall before usage and [DONE]",
+        (Fault.stall(after_chunks=ANSWER_EVENTS - 2),),
+        None,
+        None,
+        1,
+        1,
+        llmstream.Timeouts(first_token=ROOMY, idle=STALL, total=ROOMY),
+    ),
+    Case(
+        "[DONE], then a stall before the body's end",
+        (Fault.stall(after_chunks=ANSWER_EVENTS),),
+        None,
+        None,
+        1,
+        1,
+        llmstream.Timeouts(first_token=ROOMY, idle=STALL, total=ROOMY),
+    ),
 ]
 
 

@@ -93,6 +93,11 @@ __all__ = [
 
 # Body fields that change the tokens of the prompt the server builds (vLLM's /tokenize
 # takes the same).
+# Once the answer is whole (every choice finished, or [DONE] came), only the body's end is
+# awaited (usage, [DONE], the last chunk of the framing): a server that never sends it
+# must not hold a finished answer for the whole idle deadline, nor have it resumed.
+TRAILER_WAIT = 2.0
+
 _TEMPLATE_FIELDS = (
     "tools",
     "chat_template_kwargs",
@@ -835,7 +840,7 @@ class CallCore:
         attempt.body_done = True
         session = self.session
         assert session is not None
-        if self._deadline_hit is not None:
+        if self._deadline_hit is not None and not self._answer_whole(session):
             return self._after_failure(attempt, self.timeout_error(self._deadline_hit, now), now)
         try:
             session.end(now)
@@ -850,12 +855,17 @@ class CallCore:
         """A body read failed (None: it was cut by :meth:`deadline_due`)."""
         session = self.session
         assert session is not None
+        if self._answer_whole(session):
+            # Every choice had finished, or [DONE] came: whatever cut the read (a deadline,
+            # the server) cut only the body's end, and a resume would repeat the answer.
+            self._deadline_hit = None
+            if session.all_finished:
+                attempt.body_done = True
+                return self._finish(session.finish(now), now)
+            return self.body_ended(attempt, now)  # [DONE] before a finish: cut short
+        error: LLMStreamError
         if self._deadline_hit is not None:
-            error: LLMStreamError = self.timeout_error(self._deadline_hit, now)
-        elif session.all_finished:
-            # Every choice had finished: only the trailer ([DONE], usage) was lost.
-            attempt.body_done = True
-            return self._finish(session.finish(now), now)
+            error = self.timeout_error(self._deadline_hit, now)
         elif failure is None or failure.kind == "timeout":
             found = self.deadline()  # which deadline the transport's backstop stood in for
             error = self.timeout_error(found[1] if found is not None else "idle", now)
@@ -1007,13 +1017,23 @@ class CallCore:
         session = self.session
         last = session.last_event_at if session is not None else None
         attempt = self.current
-        return next_deadline(
+        found = next_deadline(
             self.timeouts,
             started=self._started,
             attempt_started=attempt.started if attempt is not None else self._started,
             # Time the reader spent held back (full buffer, pause) is not idleness.
             last_event_at=max(last, self._read_started) if last is not None else None,
         )
+        if last is not None and session is not None and self._answer_whole(session):
+            trailer = max(last, self._read_started) + TRAILER_WAIT
+            if found is None or trailer < found[0]:
+                found = (trailer, "idle")
+        return found
+
+    @staticmethod
+    def _answer_whole(session: StreamSession) -> bool:
+        """Every choice finished, or the server said it is done: nothing more to deliver."""
+        return session.done or session.all_finished
 
     @property
     def body_read_backstop(self) -> float | None:
