@@ -92,6 +92,8 @@ BAD_VALUES = {
     "Latin-1": (f"Bearer {SECRET}\u00e9", "not ASCII"),
     "beyond Latin-1": (f"Bearer {SECRET}\u20ac", "not ASCII"),
     "a control character": (f"Bearer {SECRET}\x1b", "control character"),
+    "a trailing space": (f"Bearer {SECRET} ", "starts or ends with whitespace"),
+    "a leading tab": (f"\tBearer {SECRET}", "starts or ends with whitespace"),
 }
 
 

@@ -109,6 +109,7 @@ def no_limit(timeout: float | None) -> float | None:
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TOKENS = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
 _NOT_TOKEN = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
+_SPACE = frozenset(" \t")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -122,7 +123,12 @@ def check_headers(url: str, headers: Mapping[str, str]) -> None:
     try:
         # Every header at once, the common case: one pass of each check over the lot.
         names, values = "\n".join(headers), "".join(headers.values())
-        if _TOKENS.fullmatch(names) and values.isascii() and _CONTROL.search(values) is None:
+        if (
+            _TOKENS.fullmatch(names)
+            and values.isascii()
+            and _CONTROL.search(values) is None
+            and not any(v[:1] in _SPACE or v[-1:] in _SPACE for v in headers.values())
+        ):
             return
     except TypeError:
         pass  # a name or value that is not a string: found below
@@ -138,7 +144,15 @@ def check_headers(url: str, headers: Mapping[str, str]) -> None:
                 f"{type(value).__name__}; header values are strings."
             )
         if value.isascii() and _CONTROL.search(value) is None:
-            continue
+            if value[:1] not in _SPACE and value[-1:] not in _SPACE:
+                continue
+            # HTTP drops it (RFC 9110 5.5), so a key would not be sent as given: h11
+            # refuses it, a server may not. A key pasted from somewhere often has it.
+            raise InvalidRequestError(
+                f"Cannot send to {shown_url(url)}: the value of the header {name!r} starts or "
+                "ends with whitespace, which HTTP does not keep. Strip the value (an API key "
+                "copied with a space, or read from a file with a newline, has it)."
+            )
         if "\r" in value or "\n" in value or "\0" in value:
             what = "a line break or NUL, which would end the header and start another"
         elif not value.isascii():
