@@ -33,6 +33,7 @@ from llmstream._events import CallFailed, CallFinished, FirstToken, RequestSent,
 from llmstream._fleet_state import EndpointState, FleetState, Pick
 from llmstream._flow import StreamOptions
 from llmstream._session import StreamSession
+from llmstream._vllm_metrics import LoadReport
 
 SSE = {"content-type": "text/event-stream"}
 NO_JITTER = llmstream.RetryPolicy(max_retries=2, initial_backoff=0.0, max_backoff=0.0)
@@ -645,3 +646,21 @@ def test_a_failure_then_a_close_ends_once_with_the_failure() -> None:
     ends = [e for e in events if isinstance(e, CallFinished | CallFailed)]
     assert len(ends) == 1 and isinstance(ends[0], CallFailed)
     assert ends[0].error is step.error and ends[0].result.status == "error"
+
+
+def test_the_total_deadline_bounds_a_wait_for_room_before_the_first_request() -> None:
+    # Every endpoint saturated and Admission(wait=3): the call may wait for room, but not
+    # past its total deadline, which counts from when it first asked for an endpoint.
+    fleet = llmstream.Fleet(
+        [llmstream.Endpoint("http://a:8000/v1")],
+        model="big",
+        admission=llmstream.Admission(wait=3.0),
+    )
+    state = FleetState(fleet, rng=random.Random(0))
+    state.record_load(state.endpoints[0], LoadReport(running=1, waiting=500, kv_cache=0.1), 0.0)
+    core = _core(timeouts=llmstream.Timeouts(first_token=5.0, total=0.3))
+    core.route = CallRoute(state, session=None)
+    wait = core.admit(0.0)
+    assert wait is not None and 0 < wait <= 0.3
+    with pytest.raises(llmstream.OverloadedError):
+        core.admit(0.31)

@@ -41,6 +41,7 @@ from ._call_route import CallRoute, endpoint_fault
 from ._chunks import ChatCompletionChunk
 from ._deadlines import DeadlineKind, Timeouts, next_deadline
 from ._errors import (
+    APITimeoutError,
     BudgetExceeded,
     BufferOverflow,
     FirstTokenTimeout,
@@ -97,6 +98,8 @@ __all__ = [
 # awaited (usage, [DONE], the last chunk of the framing): a server that never sends it
 # must not hold a finished answer for the whole idle deadline, nor have it resumed.
 TRAILER_WAIT = 2.0
+# A socket's timeout may end a few milliseconds before the deadline it was set from.
+_TIMER_SLACK = 0.005
 
 _TEMPLATE_FIELDS = (
     "tools",
@@ -339,6 +342,9 @@ class CallCore:
         """Over a fleet: where each request goes (None: the client's one base URL)."""
         self._pick: Pick | None = None  # the endpoint admit() chose for the next request
         self._admit_since: float | None = None  # when admission started waiting for room
+        # When the call first asked for an endpoint: the total deadline counts from there,
+        # a wait for room before the first request included.
+        self._asked_at: float | None = None
         self._retries = self.retry.start_call(0.0)  # replaced when the first attempt begins
 
     # -- state ---------------------------------------------------------------------
@@ -520,6 +526,8 @@ class CallCore:
         route = self.route
         if route is None or self._pick is not None:
             return None
+        if self._asked_at is None:
+            self._asked_at = now
         chosen = route.pick(now)
         if not isinstance(chosen, float):
             self._pick = chosen
@@ -529,8 +537,9 @@ class CallCore:
             self._admit_since = now
         left = route.state.fleet.admission.wait - (now - self._admit_since)
         total = self.timeouts.total
-        if total is not None and self._attempts:
-            left = min(left, self._started + total - now)
+        if total is not None:
+            began = self._started if self._attempts else self._asked_at
+            left = min(left, began + total - now)
         if math.isinf(chosen) or left <= 0:
             retry_after = None if math.isinf(chosen) else chosen
             raise OverloadedError(
@@ -592,10 +601,10 @@ class CallCore:
         if hedge and (self.current is None or self._has_output()):
             raise RuntimeError("a hedge races the current attempt before any output")
         if self._attempts == 0:
-            self._started = now
+            began = self._started = self._asked_at if self._asked_at is not None else now
             total = self.timeouts.total
             self._retries = self.retry.start_call(
-                now, deadline=now + total if total is not None else None
+                began, deadline=began + total if total is not None else None
             )
         self._attempts += 1
         body = self._next_body
@@ -691,8 +700,14 @@ class CallCore:
 
     def send_failed(self, attempt: Attempt, error: LLMStreamError | None, now: float) -> Step:
         """The request got no response: ``error`` says why (None: its header wait ran out)."""
+        found = attempt.header_deadline
+        if (
+            isinstance(error, APITimeoutError)
+            and found is not None
+            and now >= found[0] - _TIMER_SLACK
+        ):
+            error = None  # the connect limit was the header deadline's: that deadline passed
         if error is None:
-            found = attempt.header_deadline
             error = self.timeout_error(found[1] if found is not None else "first_token", now)
         return self._after_failure(attempt, error, now)
 

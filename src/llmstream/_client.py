@@ -324,14 +324,13 @@ class _BaseClient:
         headers["Accept"] = "text/event-stream"
         # identity: a compressing proxy would hold tokens back to fill its buffers.
         headers["Accept-Encoding"] = "identity"
-        return HTTPRequest(
-            "POST",
-            f"{base_url}/chat/completions",
-            headers,
-            body,
-            self.timeouts.connect,
-            max(wait, 0.001) if wait is not None else None,
-        )
+        connect = self.timeouts.connect
+        if wait is not None:
+            wait = max(wait, 0.001)
+            # Connecting is part of the wait for the headers: it ends with it too (the
+            # first token's or the total deadline), not after its own longer limit.
+            connect = wait if connect is None else min(connect, wait)
+        return HTTPRequest("POST", f"{base_url}/chat/completions", headers, body, connect, wait)
 
     @property
     def _requests_in_flight(self) -> int:
