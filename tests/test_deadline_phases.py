@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -63,3 +64,69 @@ async def test_the_total_deadline_ends_a_connect_that_never_completes(
     took = time.monotonic() - started
     assert isinstance(outcome.error, llmstream.TotalTimeout), outcome.error
     assert took + 0.05 >= TOTAL and took < LATE
+
+
+class _Trickler:
+    """A server that answers every request with bytes that never complete a head."""
+
+    def __init__(self, start: bytes, piece: bytes) -> None:
+        self._start, self._piece = start, piece
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self.port = int(self._listener.getsockname()[1])
+        self.closed = threading.Event()  # a client's connection ended
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)  # the request
+            conn.sendall(self._start)
+            # A byte (or an interim response) at a time, well inside any read timeout.
+            while not self._stop.wait(0.05):
+                try:
+                    conn.sendall(self._piece)
+                except OSError:
+                    break
+        self.closed.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+
+
+@pytest.mark.parametrize(
+    ("start", "piece"),
+    [(b"", b"HTTP/1.1 100 Continue\r\n\r\n"), (b"HTTP/1.1 200 OK\r\nX-Pad: ", b"a")],
+    ids=["100-continue", "a-header-a-byte-at-a-time"],
+)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
+async def test_a_server_that_never_completes_its_head_is_cut_at_the_deadline(
+    mode: str, start: bytes, piece: bytes
+) -> None:
+    # Every few milliseconds a byte: a transport's read timeout never fires, the call's
+    # deadline does, and the connection is closed (vLLM then aborts the request).
+    server = _Trickler(start, piece)
+    try:
+        started = time.monotonic()
+        outcome = await collect(
+            mode,
+            base_url=f"http://127.0.0.1:{server.port}/v1",
+            client_kwargs={"model": "m", "retry": 0, "timeout": llmstream.Timeouts(total=TOTAL)},
+        )
+        took = time.monotonic() - started
+        assert isinstance(outcome.error, llmstream.TotalTimeout), outcome.error
+        assert took < LATE
+        assert server.closed.wait(LATE)
+    finally:
+        server.close()

@@ -41,7 +41,6 @@ from ._call_route import CallRoute, endpoint_fault
 from ._chunks import ChatCompletionChunk
 from ._deadlines import DeadlineKind, Timeouts, next_deadline
 from ._errors import (
-    APITimeoutError,
     BudgetExceeded,
     BufferOverflow,
     FirstTokenTimeout,
@@ -229,6 +228,7 @@ class Attempt:
     """
 
     __slots__ = (
+        "awaiting_headers",
         "body",
         "body_done",
         "endpoint",
@@ -266,6 +266,8 @@ class Attempt:
         """True once the body was read to its end: the connection need not be cut."""
         self.reading = False
         """True while a network read of this attempt is in progress (deadlines cut it)."""
+        self.awaiting_headers = True
+        """True until its response's headers came or its send failed (deadlines cut it)."""
         self.endpoint = endpoint
         """Where the shell sends it (None: the client's base URL)."""
         self.hedge = hedge
@@ -700,13 +702,12 @@ class CallCore:
 
     def send_failed(self, attempt: Attempt, error: LLMStreamError | None, now: float) -> Step:
         """The request got no response: ``error`` says why (None: its header wait ran out)."""
+        attempt.awaiting_headers = False
         found = attempt.header_deadline
-        if (
-            isinstance(error, APITimeoutError)
-            and found is not None
-            and now >= found[0] - _TIMER_SLACK
-        ):
-            error = None  # the connect limit was the header deadline's: that deadline passed
+        if found is not None and now >= found[0] - _TIMER_SLACK:
+            # The header deadline passed: whatever ended the wait (the connect limit set
+            # from it, the connection cut by deadline_due) stood in for that deadline.
+            error = None
         if error is None:
             error = self.timeout_error(found[1] if found is not None else "first_token", now)
         return self._after_failure(attempt, error, now)
@@ -719,6 +720,7 @@ class CallCore:
         For a status of 300 and up the shell reads the (capped) error body and calls
         :meth:`error_response`.
         """
+        attempt.awaiting_headers = False
         if self._observer is not None:
             shown = response_headers(headers)
             self._emit(ResponseHeaders(self.info, now, attempt.number, status, shown))
@@ -1092,6 +1094,13 @@ class CallCore:
         if self._deadline_hit is None and attempt is not None and attempt.reading:
             self._deadline_hit = kind
             return attempt
+        if attempt is not None and attempt.awaiting_headers:
+            # A server that trickles bytes (or sends 100 Continue without end) keeps a
+            # transport's read timeout from ever firing: the wait for headers is cut, and
+            # send_failed() makes the failed send this deadline's error.
+            found = attempt.header_deadline
+            if found is not None and now >= found[0]:
+                return attempt
         return 0.05  # the reader turns it into an error (and maybe a retry)
 
     def timeout_error(self, kind: DeadlineKind, now: float) -> LLMStreamError:

@@ -29,8 +29,11 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -38,7 +41,7 @@ import httpx
 
 from . import _fastpath
 
-__all__ = ["HeaderWait", "shut_down", "waiting_for_headers", "watch_pool"]
+__all__ = ["HeaderWait", "cut_after", "shut_down", "waiting_for_headers", "watch_pool"]
 
 
 class _Stream(Protocol):
@@ -64,13 +67,15 @@ class HeaderWait:
         wait.cut()  # before the request was written: it is cut as soon as it is
     """
 
-    __slots__ = ("_cut", "_lock", "_stream")
+    __slots__ = ("_cut", "_lock", "_stream", "over")
 
     def __init__(self) -> None:
         # Reentrant: a signal handler may call cut() on the thread that is in attach().
         self._lock = threading.RLock()
         self._stream: _Stream | None = None
         self._cut = False
+        self.over = False
+        """Set once the wait ended (headers, or a failure): a timed cut then does nothing."""
 
     def attach(self, stream: _Stream) -> None:
         """The request is being written to ``stream``."""
@@ -87,6 +92,65 @@ class HeaderWait:
             stream = self._stream
         if stream is not None:
             shut_down(stream)
+
+
+class _Cutter:
+    """One daemon thread that cuts the header waits whose time is up (:func:`cut_after`).
+
+    A thread blocked in a send cannot watch its own deadline, and a transport's read
+    timeout restarts with every byte: a server that trickles a header, or sends
+    ``100 Continue`` without end, would hold it for ever. Waits that ended first are
+    dropped when their time comes (or sooner, when many have piled up).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, HeaderWait]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, wait: HeaderWait, at: float) -> None:
+        with self._cond:
+            if len(self._due) > 1024 and len(self._due) % 1024 == 0:
+                # Long deadlines of waits long over: kept, they would pile up.
+                self._due = [entry for entry in self._due if not entry[2].over]
+                heapq.heapify(self._due)
+            heapq.heappush(self._due, (at, next(self._order), wait))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="llmstream header deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._due[0][2] is wait:
+                self._cond.notify()  # sooner than the one the thread waits for
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due or self._due[0][0] > time.perf_counter():
+                    left = self._due[0][0] - time.perf_counter() if self._due else None
+                    self._cond.wait(left if left is None else min(left, threading.TIMEOUT_MAX))
+                wait = heapq.heappop(self._due)[2]
+            if not wait.over:
+                wait.cut()
+
+
+_cutter = _Cutter()
+
+
+def cut_after(wait: HeaderWait, seconds: float) -> None:
+    """Cut ``wait`` in ``seconds`` (``time.perf_counter`` time) unless it is over by then.
+
+    Example::
+
+        wait = HeaderWait()
+        cut_after(wait, 5.0)
+        try:
+            ...  # send, and wait for the headers
+        finally:
+            wait.over = True
+    """
+    _cutter.add(wait, time.perf_counter() + seconds)
 
 
 _current = threading.local()

@@ -25,7 +25,7 @@ from ._chunks import ChatCompletionChunk
 from ._deadlines import Timeouts, blocking_wait
 from ._errors import LLMStreamError
 from ._flow import StreamOptions, ThreadReadAhead
-from ._header_wait import HeaderWait
+from ._header_wait import HeaderWait, cut_after
 from ._hooks import Hook
 from ._http_errors import MAX_ERROR_BODY_BYTES
 from ._result import StreamResult
@@ -337,9 +337,12 @@ class ChatStream(StreamBase):
         """
         core = self._core
         found = attempt.header_deadline
-        request = self._client._stream_request(
-            attempt.body, found[0] - now() if found else None, attempt.headers, attempt.target
-        )
+        left = found[0] - now() if found else None
+        request = self._client._stream_request(attempt.body, left, attempt.headers, attempt.target)
+        if left is not None:
+            # Nobody else may be watching (the consumer itself sends the first request),
+            # and a server that trickles bytes keeps the read timeout from firing.
+            cut_after(wait, max(left, 0.0))
         try:
             return self._client._transport.send(request, wait), request
         except HeaderTimeout:
@@ -352,6 +355,8 @@ class ChatStream(StreamBase):
             if core.stopped is not None or attempt.lost:
                 return None  # cut short by cancel(), close() or a race: nothing to retry
             raise
+        finally:
+            wait.over = True
 
     def _refused(self, attempt: Attempt, response: SyncResponse, request: HTTPRequest) -> Step:
         """A response of 300 and up: read its (capped) body, then ask the core."""
@@ -572,6 +577,9 @@ class ChatStream(StreamBase):
             response = self._response
             if response is not None:
                 response.abort()  # the read fails, and the reader reports the deadline
+            wait = self._header_wait
+            if wait is not None:
+                wait.cut()  # the send fails, and the reader reports the deadline
             return 0.05
         return due
 
