@@ -664,3 +664,14 @@ def test_the_total_deadline_bounds_a_wait_for_room_before_the_first_request() ->
     assert wait is not None and 0 < wait <= 0.3
     with pytest.raises(llmstream.OverloadedError):
         core.admit(0.31)
+
+
+def test_a_read_that_completes_after_the_call_stopped_delivers_nothing() -> None:
+    # cancel() from another thread while the reader's read is in flight: the result is
+    # final at the stop, so the consumer must not get text the result does not hold.
+    core = _core()
+    attempt = _streaming(core)
+    assert [t for _, t in core.feed(attempt, _chunk("Hel"), 0.1)] == ["Hel"]
+    core.stop("cancelled", 0.2)
+    assert core.feed(attempt, _chunk("lo"), 0.3) == []
+    assert core.result is not None and core.result.text == "Hel"

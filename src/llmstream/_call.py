@@ -810,6 +810,11 @@ class CallCore:
         :attr:`step` is set: deliver the items, then follow the step.
         """
         session = self.session
+        if self.stopped is not None:
+            # The result was made final when the call stopped: a read that completes
+            # after that (on the reader's thread, or a task the stop could not reach in
+            # time) must not hand the consumer text the result does not hold.
+            return []
         if attempt is not self.current:
             return self._feed_racer(attempt, data, now)
         if session is None:
