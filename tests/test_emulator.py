@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import re
 import socket
@@ -597,6 +599,73 @@ def test_server_limits_and_connection_close() -> None:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n")
             assert sock.recv(100).startswith(b"HTTP/1.1 431")
+
+
+@pytest.mark.parametrize("via", ["transport", "socket"])
+def test_a_body_nested_too_deep_to_parse_is_fastapis_400(via: str) -> None:
+    # json.loads raises RecursionError, not a JSONDecodeError: FastAPI answers
+    # HTTPException(400, "There was an error parsing the body"), in vLLM's ErrorResponse.
+    deep = b"[" * 5000 + b"]" * 5000
+    headers = {"content-type": "application/json"}
+    fake = FakeVLLM("Hi")
+    with contextlib.ExitStack() as stack:
+        if via == "transport":
+            client = stack.enter_context(
+                httpx.Client(transport=fake.transport(), base_url="http://vllm/v1")
+            )
+        else:
+            server = stack.enter_context(fake.serve())
+            client = stack.enter_context(httpx.Client(base_url=server.base_url))
+        response = client.post("/chat/completions", content=deep, headers=headers)
+        assert response.status_code == 400
+        assert response.json() == {
+            "error": {
+                "message": "There was an error parsing the body",
+                "type": "Bad Request",
+                "param": None,
+                "code": 400,
+            }
+        }
+        assert client.post("/chat/completions", json=CHAT).status_code == 200
+    assert fake.requests[0].json is None
+
+
+@pytest.mark.parametrize("where", ["exchange", "before-head", "after-head"])
+def test_a_request_whose_handling_raises_fails_alone(
+    where: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As uvicorn under vLLM: 500 (vLLM's catch-all handler) when nothing is sent yet, the
+    # connection closed otherwise, and the server goes on serving.
+    fake = FakeVLLM("Hi")
+    exchange = fake.exchange
+
+    def failing(request: Any) -> Any:
+        if request.path != "/v1/chat/completions":
+            return exchange(request)
+        if where == "exchange":
+            raise RuntimeError("a bug in the emulator")
+        real = exchange(request)
+
+        def actions() -> Any:
+            if where == "after-head":
+                yield next(real.actions)
+            raise RuntimeError("a bug in the emulator")
+
+        return dataclasses.replace(real, actions=actions())
+
+    monkeypatch.setattr(fake, "exchange", failing)
+    with fake.serve() as server, httpx.Client(base_url=server.base_url[:-3]) as client:
+        if where == "after-head":
+            with pytest.raises(httpx.RemoteProtocolError):
+                client.post("/v1/chat/completions", json=CHAT)
+        else:
+            response = client.post("/v1/chat/completions", json=CHAT)
+            assert response.status_code == 500
+            assert response.json()["error"]["type"] == "InternalServerError"
+            assert response.headers["connection"] == "close"
+        for _ in range(2):
+            assert client.get("/health").status_code == 200
+    assert "a bug in the emulator" in caplog.text
 
 
 def test_server_stops_cleanly_with_open_streams() -> None:

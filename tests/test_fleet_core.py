@@ -544,6 +544,26 @@ def test_failed_health_probes_in_a_row_take_a_closed_endpoint_out() -> None:
     assert healthy.state(0.0) == "closed"
 
 
+def test_an_endpoint_out_for_failed_probes_is_tried_by_a_probe_before_any_call() -> None:
+    # /health says it is down: after the cool-down, a probe decides while probes run;
+    # a caller's call goes there only if no probe came within two probe intervals.
+    config = llmstream.CircuitBreaker(failures=2, cooldown=1.0, probe_interval=0.1)
+    breaker = Breaker(config)
+    breaker.probed(False, 0.0)
+    breaker.probed(False, 0.1)
+    assert breaker.state(0.1) == "open" and breaker.reopens_at == 1.1
+    assert breaker.state(1.15) == "half_open"
+    assert not breaker.available(1.15) and not breaker.admit(1.15)  # the probe's turn
+    breaker.probed(False, 1.2)  # still down: out again, for longer
+    assert breaker.state(1.2) == "open" and breaker.reopens_at == 3.2
+    assert breaker.available(3.2 + 0.25) and breaker.admit(3.2 + 0.25)  # no probe came
+    # Out for failed calls instead: a trial call may go as soon as the cool-down ends.
+    by_calls = Breaker(config)
+    by_calls.failed(0.0)
+    by_calls.failed(0.0)
+    assert by_calls.available(1.0) and by_calls.admit(1.0)
+
+
 def test_caller_faults_and_late_failures_do_not_open_the_circuit() -> None:
     state = _state(_fleet(1))
     (endpoint,) = state.endpoints

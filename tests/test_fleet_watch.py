@@ -10,12 +10,16 @@ import http.server
 import itertools
 import logging
 import socket
+import struct
 import threading
 import time
+import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -41,6 +45,7 @@ class Seen:
     path: str
     authorization: str | None
     at: float
+    accept_encoding: str | None = None
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -50,7 +55,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         server = self.server
         with server.cond:
-            server.seen.append(Seen(self.path, self.headers.get("Authorization"), time.monotonic()))
+            server.seen.append(
+                Seen(
+                    self.path,
+                    self.headers.get("Authorization"),
+                    time.monotonic(),
+                    self.headers.get("Accept-Encoding"),
+                )
+            )
             server.cond.notify_all()
         answer = server.routes.get(self.path, (404, b'{"detail":"Not Found"}'))
         if callable(answer):
@@ -58,6 +70,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         status, body = answer
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in server.headers.get(self.path, {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -71,6 +85,7 @@ class Recorder(http.server.ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.routes: dict[str, Answer | Callable[[], Answer]] = {}
+        self.headers: dict[str, dict[str, str]] = {}  # more headers of a path's answer
         self.seen: list[Seen] = []
         self.cond = threading.Condition()
 
@@ -337,6 +352,59 @@ def test_an_oversized_page_is_not_read(
     assert fleet.loads_of(endpoint)[0] is None
 
 
+@pytest.fixture(scope="module")
+def gzip_bomb() -> bytes:
+    """A 1 MB gzip body that decodes to 1 GiB of zeros."""
+    # One MiB compressed once and repeated: a full flush ends a deflate block on a byte
+    # and forgets the history, so copies of it follow each other (compressing the whole
+    # GiB would take seconds).
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    block = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(1024):
+        crc = zlib.crc32(zeros, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    trailer = struct.pack("<II", crc, (1 << 30) & 0xFFFFFFFF)
+    return header + block * 1024 + compressor.flush() + trailer
+
+
+def test_a_compression_bomb_is_neither_asked_for_nor_decoded(
+    server: Recorder, watchers: Any, gzip_bomb: bytes
+) -> None:
+    # A server that compresses anyway, though the watcher asks for no encoding: the body
+    # is read as sent (1 MB, under MAX_PAGE_BYTES) and refused, and the 200 of /health
+    # still counts. Decoded, one 64 kB read alone would be 64 MB.
+    for path in ("/metrics", "/health"):
+        server.routes[path] = (200, gzip_bomb)
+        server.headers[path] = {"Content-Encoding": "gzip"}
+    endpoint = FakeEndpoint(server.base())
+    fleet = FakeFleet(endpoint)
+    tracemalloc.start()
+    try:
+        _watch(watchers, fleet).wake()
+        fleet.wait_for(lambda: len(fleet.loads) >= 2 and len(fleet.probes) >= 2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * _fleet_watch.MAX_PAGE_BYTES, f"{peak / 2**20:.0f} MiB at the peak"
+    assert set(fleet.loads_of(endpoint)) == {None}
+    with fleet.cond:
+        assert {ok for _, ok in fleet.probes} == {True}
+    assert {s.accept_encoding for s in server.requests("/metrics")} == {"identity"}
+    assert {s.accept_encoding for s in server.requests("/health")} == {"identity"}
+
+
+def test_an_identity_encoded_page_is_read(server: Recorder, watchers: Any) -> None:
+    server.routes["/metrics"] = (200, METRICS)
+    server.headers["/metrics"] = {"Content-Encoding": "identity"}
+    endpoint = FakeEndpoint(server.base())
+    fleet = FakeFleet(endpoint)
+    _watch(watchers, fleet).wake()
+    fleet.wait_for(lambda: len(fleet.loads) >= 1)
+    assert fleet.loads_of(endpoint)[0] == REPORT
+
+
 def test_an_error_in_the_state_does_not_stop_the_thread(server: Recorder, watchers: Any) -> None:
     server.routes["/metrics"] = (200, METRICS)
     fleet = FakeFleet(FakeEndpoint(server.base()))
@@ -457,7 +525,9 @@ def test_re_resolves_dns_every_interval(
     assert len(logged) >= 2, logged  # the failure and the empty answer
 
 
-def test_discover_now_resolves_on_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_discover_now_resolves_and_tells_whether_it_found_any(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     dns = FakeDNS("vllm.fleet.test", [["10.0.0.9"]])
     monkeypatch.setattr(socket, "getaddrinfo", dns)
     fleet = FakeFleet()
@@ -470,6 +540,80 @@ def test_discover_now_resolves_on_the_calling_thread(monkeypatch: pytest.MonkeyP
     assert watcher.discover_now() is False
     assert fleet.discovered == [["http://10.0.0.9:8000/v1"]]
     assert FleetWatcher(fleet, scrape_interval=1.0, probe_interval=1.0).discover_now() is False
+    dns.answers[:] = [ValueError("embedded null byte")]  # what getaddrinfo raises for "a\0b"
+    assert watcher.discover_now() is False
+
+
+def _slow_dns(monkeypatch: pytest.MonkeyPatch, seconds: float) -> FakeDNS:
+    """FakeDNS answering 10.0.0.9 after ``seconds``, as a resolver that lost a packet."""
+    dns = FakeDNS("vllm.fleet.test", [["10.0.0.9"]])
+
+    def slow(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == dns.host:
+            time.sleep(seconds)
+        return dns(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    return dns
+
+
+def test_discover_now_waits_for_a_slow_lookup_at_most_its_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dns = _slow_dns(monkeypatch, 0.5)
+    fleet = FakeFleet()
+    watcher = FleetWatcher(
+        fleet, scrape_interval=1.0, probe_interval=1.0, discovery=FakeDiscovery()
+    )
+    try:
+        started = time.monotonic()
+        results: list[bool] = []
+        callers = [
+            threading.Thread(target=lambda: results.append(watcher.discover_now(timeout=0.1)))
+            for _ in range(3)
+        ]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(WAIT)
+        assert results == [False] * 3
+        assert time.monotonic() - started < 0.4
+        # The lookup goes on, once for all three, and the state gets its answer.
+        fleet.wait_for(lambda: fleet.discovered == [["http://10.0.0.9:8000/v1"]])
+        assert len(dns.asked) == 1
+        assert watcher.discover_now(timeout=WAIT) is True
+    finally:
+        watcher.close()
+
+
+@pytest.mark.anyio
+async def test_discover_async_lets_the_event_loop_run(
+    monkeypatch: pytest.MonkeyPatch, anyio_backend: object
+) -> None:
+    _slow_dns(monkeypatch, 0.5)
+    fleet = FakeFleet()
+    watcher = FleetWatcher(
+        fleet, scrape_interval=1.0, probe_interval=1.0, discovery=FakeDiscovery()
+    )
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await anyio.sleep(0.01)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tick)
+            assert await watcher.discover_async(timeout=0.05) is False  # bounded
+            assert await watcher.discover_async(timeout=WAIT) is True
+            tg.cancel_scope.cancel()
+    finally:
+        watcher.close()
+    assert fleet.discovered == [["http://10.0.0.9:8000/v1"]]
+    assert max(gaps) < 0.25, max(gaps)
 
 
 # -- closing ----------------------------------------------------------------------------

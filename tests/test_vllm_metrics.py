@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -220,3 +221,38 @@ def test_a_large_page_is_read_quickly() -> None:
     text = 'vllm:num_requests_running{a="' + '\\"{,' * 200_000 + "\n"
     text += "vllm:num_requests_waiting 1\n"
     assert parse_vllm_load(text) == LoadReport(running=0.0, waiting=1.0, kv_cache=None)
+
+
+@pytest.mark.parametrize(
+    ("unit", "line_chars"),
+    [
+        ('vllm:num_requests_running{a="', None),
+        ('vllm:num_requests_running{a="x",', None),
+        ('vllm:num_requests_running{a="', 60_000),
+        ('vllm:num_requests_running{"a"b"', 60_000),
+    ],
+    ids=["one-line-open-quotes", "one-line-open-labels", "lines-open-quotes", "lines-odd-quotes"],
+)
+def test_a_hostile_page_of_1_mb_is_parsed_in_linear_time(unit: str, line_chars: int | None) -> None:
+    # Label sets that never close, on one line or on lines just under the length that is
+    # skipped unread. 64 kB first: a parser in quadratic time fails there in seconds, not
+    # after hours at 1 MB. The bound is generous: it takes a few hundredths of a second.
+    for page_bytes in (64_000, 1_000_000):
+        line = unit * ((line_chars or page_bytes) // len(unit))
+        text = "\n".join([line] * max(1, page_bytes // len(line)))
+        text += "\nvllm:num_requests_waiting 1\n"
+        started = time.perf_counter()
+        report = parse_vllm_load(text)
+        elapsed = time.perf_counter() - started
+        assert elapsed < 2.0, f"{len(text)} characters took {elapsed:.1f} s"
+        assert report == LoadReport(running=0.0, waiting=1.0, kv_cache=None)
+
+
+def test_a_line_longer_than_64_kib_is_skipped() -> None:
+    model = "m" * 60_000
+    text = (
+        f'vllm:num_requests_running{{model_name="{model}"}} 2\n'
+        f'vllm:num_requests_running{{model_name="{model}{model}"}} 50\n'
+        "vllm:num_requests_waiting 1\n"
+    )
+    assert parse_vllm_load(text) == LoadReport(running=2.0, waiting=1.0, kv_cache=None)

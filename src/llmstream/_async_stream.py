@@ -29,6 +29,7 @@ from ._call_route import CallRoute
 from ._chunks import ChatCompletionChunk
 from ._deadlines import Timeouts
 from ._errors import LLMStreamError
+from ._fleet_watch import DISCOVER_WAIT
 from ._flow import AsyncReadAhead, StreamOptions
 from ._hooks import Hook
 from ._http_errors import MAX_ERROR_BODY_BYTES
@@ -376,6 +377,14 @@ class AsyncChatStream(StreamBase):
         core = self._core
         if "model" not in core.body:
             core.body["model"] = await self._client._resolve_model()
+        route, watcher = core.route, self._client._watcher
+        if route is not None and watcher is not None and not route.state.endpoints:
+            # A discovered fleet's first lookup, started when the call was made: awaited
+            # here, so that the event loop runs on while DNS answers.
+            total = core.timeouts.total
+            await watcher.discover_async(
+                DISCOVER_WAIT if total is None else min(total, DISCOVER_WAIT)
+            )
         while (room := core.admit(now())) is not None:
             await self._sleep_unless_stopped(room)
             if core.stopped is not None:

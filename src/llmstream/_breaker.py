@@ -39,6 +39,7 @@ class Breaker:
         "_failed_probes",
         "_failures",
         "_opens",
+        "_probe_opened",
         "_trial_out",
         "_trials",
         "reopens_at",
@@ -51,6 +52,9 @@ class Breaker:
         # not reset them (a server draining for shutdown still answers what it has).
         self._failed_probes = 0
         self._opens = 0  # consecutive openings without a success between
+        # Opened by failed /health probes: the server says it is down, so after the
+        # cool-down a probe (not a caller's call) tries it first, while probes run.
+        self._probe_opened = False
         self._trial_out = False
         self._trials = 0  # trial slots handed out so far: names the one outstanding
         self.reopens_at: float | None = None
@@ -75,7 +79,9 @@ class Breaker:
             breaker.available(now)  # False while open
         """
         state = self.state(now)
-        return state == "closed" or (state == "half_open" and not self._trial_out)
+        if state == "closed":
+            return True
+        return state == "half_open" and not self._trial_out and not self._awaits_probe(now)
 
     def admit(self, now: float) -> bool:
         """Take the way in: always when closed; the one trial slot when half-open.
@@ -87,7 +93,7 @@ class Breaker:
         state = self.state(now)
         if state == "closed":
             return True
-        if state == "open" or self._trial_out:
+        if state == "open" or self._trial_out or self._awaits_probe(now):
             return False
         self._trial_out = True
         self._trials += 1
@@ -164,16 +170,24 @@ class Breaker:
         if state == "closed":
             self._failed_probes = 0 if ok else self._failed_probes + 1
             if self._failed_probes >= self._config.failures:
-                self._open(now)
+                self._open(now, by_probe=True)
             return
         if state != "half_open" or self._trial_out:
             return
         if ok:
             self.succeeded(now)
         else:
-            self._open(now)
+            self._open(now, by_probe=True)
 
-    def _open(self, now: float) -> None:
+    def _awaits_probe(self, now: float) -> bool:
+        # Half-open after failed probes: the next probe decides, if it comes in time (the
+        # watcher probes while the client is busy); past that, a trial call may.
+        if not self._probe_opened or self.reopens_at is None:
+            return False
+        return now < self.reopens_at + 2 * self._config.probe_interval
+
+    def _open(self, now: float, *, by_probe: bool = False) -> None:
+        self._probe_opened = by_probe
         self._opens += 1
         self._failures = 0
         self._failed_probes = 0

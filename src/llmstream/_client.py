@@ -40,7 +40,7 @@ from ._errors import InvalidRequestError, LLMStreamError, ProtocolError
 from ._events import endpoint_of
 from ._fleet_config import Fleet
 from ._fleet_state import EndpointLoad, EndpointState, FleetState
-from ._fleet_watch import FleetWatcher
+from ._fleet_watch import DISCOVER_WAIT, FleetWatcher
 from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
 from ._header_wait import watch_pool
 from ._hooks import Hook, check_hooks
@@ -127,6 +127,9 @@ def _header_map(params: Mapping[str, object], name: str) -> dict[str, str]:
 
 class _BaseClient:
     """Configuration and request building shared by both clients (no I/O)."""
+
+    # How long a call waits in _route() for a discovered fleet's first lookup.
+    _discover_wait = DISCOVER_WAIT
 
     def __init__(
         self,
@@ -228,8 +231,10 @@ class _BaseClient:
         assert watcher is not None
         if self.fleet.discovery is not None and not state.endpoints:
             # The first call of a discovered fleet: nothing to choose from until the
-            # name is resolved (once; the watcher re-resolves in the background).
-            watcher.discover_now()
+            # name is resolved (once; the watcher re-resolves in the background). The
+            # lookup starts now; the sync client waits for it here, the async one in
+            # its stream, where the event loop runs on meanwhile.
+            watcher.discover_now(timeout=self._discover_wait)
         session = params.get("session")
         if session is None and self.fleet.session_header is not None:
             wanted = self.fleet.session_header.lower()
@@ -436,6 +441,10 @@ class AsyncClient(_BaseClient):
                 async for text in stream:
                     print(text, end="", flush=True)
     """
+
+    # The first lookup of a discovered fleet is only started in _route(): its stream
+    # waits for it without blocking the event loop (AsyncChatStream._send_attempt).
+    _discover_wait = 0.0
 
     def __init__(
         self,

@@ -245,8 +245,9 @@ class CircuitBreaker:
     doubling at each new opening up to ``max_cooldown``. Then one trial call is let
     through (half-open): success closes the circuit, failure opens it again. While the
     client is busy, every endpoint's ``/health`` is probed every ``probe_interval``
-    seconds: ``failures`` failed probes in a row take it out too, and during the
-    cool-down a failed probe keeps it out.
+    seconds: ``failures`` failed probes in a row take it out too (and then a probe,
+    not a call, tries it first after the cool-down), and during the cool-down a failed
+    probe keeps it out.
 
     Example::
 

@@ -2,7 +2,8 @@
 
 While calls are being made it reads every endpoint's ``/metrics`` each
 ``scrape_interval``, asks every endpoint's ``/health`` each ``probe_interval``, and
-re-resolves the discovery DNS name each ``interval``. When no
+re-resolves the discovery DNS name each ``interval`` (on a short-lived thread of its own,
+one lookup at a time: a resolver can hang). When no
 call has started for two intervals it sleeps until the next call wakes it, so an idle
 client costs nothing. Sync and async clients share it: the event loop never waits on a
 scrape.
@@ -27,11 +28,13 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
+import anyio
 import httpx
 
+from ._deadlines import blocking_wait
 from ._httpx_transport import unbind
 from ._vllm_metrics import LoadReport, parse_vllm_load
 
@@ -54,6 +57,21 @@ MAX_PAGE_BYTES = 8 * 1024 * 1024
 # intervals shorten it further.
 MAX_REQUEST_TIMEOUT = 0.75
 CLOSE_JOIN_TIMEOUT = 1.0
+# How long a call waits for the first DNS answer of a discovered fleet: one try of a
+# resolver (resolv.conf's default timeout). A lookup cannot be interrupted; one that takes
+# longer goes on in the background, and later calls find what it answers.
+DISCOVER_WAIT = 5.0
+# How often an event loop looks whether the lookup has ended: it must not wait on a
+# thread's event, and a few milliseconds are nothing beside a first call.
+_DISCOVER_POLL = 0.005
+
+
+class _Lookup:
+    """One DNS lookup on a thread of its own: ``done`` once it ended, ``ok`` if it found any."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
 
 
 class WatchedKey(Protocol):
@@ -240,6 +258,7 @@ class FleetWatcher(Generic[E]):
         self._closed = False
         self._sleeping = False
         self._woken_at = -math.inf
+        self._lookup: _Lookup | None = None  # the last DNS lookup started
 
     def wake(self) -> None:
         """A call is starting: start the thread if it is not running, wake it if asleep.
@@ -277,20 +296,67 @@ class FleetWatcher(Generic[E]):
             self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            # A request in progress ends within its timeout (< the join's); a DNS lookup
-            # cannot be interrupted, and a daemon thread does not keep the process alive.
+            # A request in progress ends within its timeout (< the join's). DNS lookups,
+            # which cannot be interrupted, run on threads of their own, daemons that do
+            # not keep the process alive.
             thread.join(CLOSE_JOIN_TIMEOUT)
 
-    def discover_now(self) -> bool:
-        """Resolve the discovery name now, on the calling thread; ``False`` if it failed.
+    def discover_now(self, timeout: float = DISCOVER_WAIT) -> bool:
+        """Resolve the discovery name now, waiting at most ``timeout`` seconds for it.
 
-        For a fleet known only from DNS, before its first call.
+        For a fleet known only from DNS, before its first call. ``False``: the lookup
+        failed, found nothing or is not over yet (it goes on, and the state gets what it
+        answers). The lookup runs on a thread of its own, never the caller's: a resolver
+        can hang (a lost UDP packet, Kubernetes search domains) and cannot be
+        interrupted. Callers that come while one is under way wait for that one.
 
         Example::
 
             watcher.discover_now()   # True: the state has the endpoints DNS gave
         """
-        return self._discover(self._clock())
+        lookup = self._start_lookup()
+        return lookup is not None and lookup.done.wait(blocking_wait(timeout)) and lookup.ok
+
+    async def discover_async(self, timeout: float = DISCOVER_WAIT) -> bool:
+        """:meth:`discover_now` for an event loop: the loop runs on while DNS answers.
+
+        Example::
+
+            await watcher.discover_async(timeout=2.0)
+        """
+        lookup = self._start_lookup()
+        if lookup is None:
+            return False
+        deadline = time.monotonic() + timeout
+        while not lookup.done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await anyio.sleep(min(_DISCOVER_POLL, left))
+        return lookup.ok
+
+    def _start_lookup(self) -> _Lookup | None:
+        """The lookup under way, or a new one; ``None`` without discovery or once closed."""
+        if self._discovery is None:
+            return None
+        with self._cond:
+            if self._closed:
+                return None
+            lookup = self._lookup
+            if lookup is None or lookup.done.is_set():
+                lookup = self._lookup = _Lookup()
+                threading.Thread(
+                    target=self._run_lookup, args=(lookup,), name="llmstream-fleet-dns", daemon=True
+                ).start()
+            return lookup
+
+    def _run_lookup(self, lookup: _Lookup) -> None:
+        try:
+            lookup.ok = self._discover(self._clock())
+        except Exception as exc:  # _discover catches per step; this is a last resort
+            logger.debug("fleet watcher: discovery failed (%s)", type(exc).__name__)
+        finally:
+            lookup.done.set()
 
     # -- the thread --------------------------------------------------------------------
 
@@ -342,11 +408,13 @@ class FleetWatcher(Generic[E]):
             now = self._clock()
             if self._discovery is not None and now >= next_dns:
                 next_dns = now + self._discovery.interval
-                self._discover(now)
+                # Not on this thread: a resolver that hangs must hold up neither the
+                # scrapes nor close() (a lookup cannot be interrupted).
+                self._start_lookup()
             with self._cond:
                 if not self._closed:
                     due = min(next_scrape, next_probe, next_dns)
-                    self._cond.wait(max(0.0, due - self._clock()))
+                    self._cond.wait(blocking_wait(due - self._clock()))
 
     def _scrape_all(self, http: httpx.Client) -> None:
         assert self._scrape_interval is not None
@@ -371,23 +439,34 @@ class FleetWatcher(Generic[E]):
             if self._closed:
                 return
             try:
-                ok = self._get(http, endpoint, "/health", timeout) is not None
+                ok = self._get(http, endpoint, "/health", timeout, text=False) is not None
                 self._state.record_probe(endpoint, ok, self._clock())
             except Exception as exc:
                 logger.debug("fleet watcher: probing failed (%s)", type(exc).__name__)
 
-    def _get(self, http: httpx.Client, endpoint: E, path: str, timeout: float) -> str | None:
-        """The body of a 200 answer to GET ``path``, or ``None``."""
+    def _get(
+        self, http: httpx.Client, endpoint: E, path: str, timeout: float, *, text: bool = True
+    ) -> str | None:
+        """The body of a 200 answer to GET ``path``, or ``None``.
+
+        ``text=False``: only whether it answered 200 matters; the body is read (to keep
+        the connection) but not decoded, and ``""`` stands for it.
+        """
         url = _root(endpoint) + path
         key = endpoint.endpoint.api_key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # identity: httpx asks for gzip, brotli and zstd by default, and a compressed
+        # body is a bomb in waiting (1.6 kB of brotli decode to 1 GiB). vLLM's /metrics
+        # (prometheus_client) is compressed only when gzip is asked for.
+        headers = {"Accept-Encoding": "identity"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         if key and not _sendable(key):
             # The HTTP library would refuse it, and its own debug log quotes refused values.
             logger.debug("%s not asked: the API key is not a valid header value", url)
             return None
         try:
             with http.stream("GET", url, headers=headers, timeout=timeout) as response:
-                page = _read_page(response, url, timeout)
+                page = _read_page(response, url, timeout, text=text)
         except httpx.HTTPError as exc:
             # Only the type: a refused header's error message may quote the key.
             logger.debug("%s did not answer (%s)", url, type(exc).__name__)
@@ -401,7 +480,7 @@ class FleetWatcher(Generic[E]):
             return False
         try:
             answers = socket.getaddrinfo(discovery.host, discovery.port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a name with a NUL, say
             # Keep the endpoints known so far: a DNS hiccup must not empty the fleet.
             logger.debug("resolving %s failed (%s)", discovery.host, type(exc).__name__)
             return False
@@ -423,8 +502,12 @@ class FleetWatcher(Generic[E]):
         return True
 
 
-def _read_page(response: httpx.Response, url: str, timeout: float) -> str | None:
-    """The body of a 200 answer, or ``None``."""
+def _read_page(response: httpx.Response, url: str, timeout: float, *, text: bool) -> str | None:
+    """The body of a 200 answer (``""`` when not ``text``), or ``None``.
+
+    At most ``MAX_PAGE_BYTES`` are read, as sent: a body in a content-encoding is
+    refused, never decoded, since it was not asked for.
+    """
     if response.status_code != 200:
         logger.debug("%s answered %d", url, response.status_code)
         return None
@@ -432,12 +515,29 @@ def _read_page(response: httpx.Response, url: str, timeout: float) -> str | None
     # not hold the thread (or close()) either.
     deadline = time.monotonic() + timeout
     body = bytearray()
-    for chunk in response.iter_bytes():
+    for chunk in _raw_chunks(response):
         body += chunk
         if len(body) > MAX_PAGE_BYTES or time.monotonic() > deadline:
             logger.debug("%s: too large or too slow, not read", url)
             return None
+    if not text:
+        return ""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        logger.debug("%s answered in the %r content-encoding, not asked for", url, encoding[:20])
+        return None
     return body.decode("utf-8", errors="replace")
+
+
+def _raw_chunks(response: httpx.Response) -> Iterator[bytes]:
+    """The body as sent, never decoded."""
+    # httpx decodes each chunk whole before handing it over, and one 64 kB read of gzip
+    # decodes to 64 MB: the size of the page would be checked too late.
+    try:
+        # A transport may answer with a body already in memory (httpx.MockTransport).
+        yield response.content
+    except httpx.ResponseNotRead:
+        yield from response.iter_raw()
 
 
 def _root(endpoint: WatchedEndpoint) -> str:

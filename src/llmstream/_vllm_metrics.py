@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 __all__ = ["LoadReport", "parse_vllm_load"]
@@ -45,21 +46,31 @@ _WAITING = "vllm:num_requests_waiting"
 # first name. Both are fractions in [0, 1].
 _KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 
-# One sample line of a wanted series: name, optional label set, value (a timestamp may
-# follow). The label set is matched quote-aware, so '}' or '"' inside an escaped label
-# value cannot end it early; neither part can cross a line, and the alternatives never
-# overlap, so a malformed page costs linear time. Names must end where the label set or
-# the value starts: vllm:num_requests_waiting_by_reason is another series. The pattern
-# starts with a literal, which the regex engine scans for six times faster than it tries
-# a line anchor at every offset; that the name starts its line is checked afterwards.
+# A sample line of vLLM is well under 1 kB (a model name is its longest label): a longer
+# line is none of its samples, and is skipped unread, which bounds what one line can cost.
+_MAX_LINE_CHARS = 64 * 1024
+
+# The wanted series' names, searched for to find the lines worth matching. The page is
+# read one line at a time, never matched as a whole: searching the whole page for a
+# sample, a label set that never closes was re-read from every later name to the end of
+# its line, quadratic time (a 58 kB line took 5 s, holding the GIL all along).
+_NAME_PATTERN = (
+    r"vllm:(?:num_requests_running|num_requests_waiting|kv_cache_usage_perc|gpu_cache_usage_perc)"
+)
+_NAME = re.compile(_NAME_PATTERN)
+# One sample line of a wanted series, matched from the start of its line: blanks, name,
+# optional label set, value (a timestamp may follow). The label set is matched
+# quote-aware, so '}' or '"' inside an escaped label value cannot end it early; the
+# alternatives never overlap, so a malformed line costs time linear in its length.
+# Names must end where the label set or the value starts:
+# vllm:num_requests_waiting_by_reason is another series.
 _SAMPLE = re.compile(
-    r"(vllm:(?:num_requests_running|num_requests_waiting"
-    r"|kv_cache_usage_perc|gpu_cache_usage_perc))"
+    rf"[ \t]*({_NAME_PATTERN})"
     r"[ \t]*(?:\{(?:[^\"}\n\\]|\"(?:[^\"\\\n]|\\.)*\")*\})?"
     r"[ \t]+([+-]?(?:[0-9]+\.?[0-9]*(?:[eE][+-]?[0-9]+)?|\.[0-9]+(?:[eE][+-]?[0-9]+)?"
     r"|[Ii]nf|NaN|nan))"
     r"(?=[ \t\r]|$)",
-    re.MULTILINE | re.ASCII,
+    re.ASCII,
 )
 
 
@@ -68,8 +79,9 @@ def parse_vllm_load(text: str) -> LoadReport | None:
 
     ``None`` means the page has no ``vllm:num_requests_running`` or
     ``vllm:num_requests_waiting`` sample (not a vLLM server, or not its metrics). A
-    sample that is not a finite number >= 0 (``NaN``, ``+Inf``) is skipped. Never
-    raises, whatever ``text`` holds.
+    sample that is not a finite number >= 0 (``NaN``, ``+Inf``) is skipped, and so is
+    a line longer than 64 KiB. Never raises, whatever ``text`` holds, in time linear
+    in its length.
 
     Example::
 
@@ -81,10 +93,14 @@ def parse_vllm_load(text: str) -> LoadReport | None:
     running = waiting = 0.0
     kv_cache: float | None = None
     seen = False
-    for match in _SAMPLE.finditer(text):
-        start = match.start()
-        if start and text[start - 1] != "\n" and not _starts_line(text, start):
-            continue  # inside a comment (# HELP vllm:...) or another sample's labels
+    for start, end in _lines_naming(text):
+        if end - start > _MAX_LINE_CHARS:
+            continue
+        # Anchored at the line's start: a name inside a comment (# HELP vllm:...) or
+        # inside another sample's labels is not a sample.
+        match = _SAMPLE.match(text, start, end)
+        if match is None:
+            continue
         value = float(match.group(2))
         if not (math.isfinite(value) and value >= 0.0):
             continue
@@ -102,7 +118,22 @@ def parse_vllm_load(text: str) -> LoadReport | None:
     return LoadReport(running=running, waiting=waiting, kv_cache=kv_cache)
 
 
-def _starts_line(text: str, start: int) -> bool:
-    """Whether only blanks precede ``start`` on its line."""
-    line_start = text.rfind("\n", 0, start) + 1
-    return not text[line_start:start].strip(" \t")
+def _lines_naming(text: str) -> Iterator[tuple[int, int]]:
+    """The bounds (start, end without its newline) of each line naming a wanted series.
+
+    Every character is read at most twice, however the lines are shaped: the page is
+    searched for a name (fast: most of a vLLM page is other series and their comments),
+    then from each hit back to the line's start and on to its end, and the search
+    resumes past that end.
+    """
+    line_start = 0
+    while (found := _NAME.search(text, line_start)) is not None:
+        hit = found.start()
+        newline = text.rfind("\n", line_start, hit)
+        if newline >= 0:
+            line_start = newline + 1
+        end = text.find("\n", hit)
+        if end < 0:
+            end = len(text)
+        yield line_start, end
+        line_start = end + 1

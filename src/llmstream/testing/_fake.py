@@ -16,7 +16,8 @@ import anyio.to_thread
 from ._config import Config, Disconnect, Fault, RecordedRequest, ToolCallSpec
 from ._engine import Engine, Ticket
 from ._metrics import metrics_response, render_metrics
-from ._script import Action, HttpRequest, is_chat_request, respond
+from ._script import Action, Head, HttpRequest, Send, is_chat_request, respond
+from ._wire import dumps, error_body
 
 if TYPE_CHECKING:
     from ._server import FakeServer
@@ -397,7 +398,7 @@ class FakeVLLM:
         """
         try:
             parsed: object = json.loads(request.body) if request.body else None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             parsed = None
         # Only an object is recorded: every chat, tokenize or completion request body is one.
         body = parsed if isinstance(parsed, dict) else None
@@ -425,13 +426,29 @@ class FakeVLLM:
             encoding = request.headers.get("accept-encoding", "")
             return Exchange(self, index, iter(metrics_response(body_bytes, encoding)))
         ticket = self._engine.ticket()
-        actions = self._engine.track(ticket, respond(request, config, fault))
+        try:
+            script = respond(request, config, fault)
+        except RecursionError:
+            if not request.body:
+                raise
+            # The only recursion a request can drive is json.loads of its body, nested
+            # deeper than the interpreter's limit. FastAPI answers any failure to parse
+            # but a JSONDecodeError with HTTPException(400, "There was an error parsing
+            # the body"), which vLLM's http_exception_handler renders as an ErrorResponse.
+            script = iter(_unparsable_body())
+        actions = self._engine.track(ticket, script)
         return Exchange(self, index, actions, ticket)
 
     def _record_disconnect(self, disconnect: Disconnect) -> None:
         with self._lock:
             self._disconnects.append(disconnect)
             self._lock.notify_all()
+
+
+def _unparsable_body() -> list[Action]:
+    data = dumps(error_body("There was an error parsing the body", "Bad Request", 400))
+    headers = (("content-length", str(len(data))), ("content-type", "application/json"))
+    return [Head(400, headers, chunked=False), Send(data, event=False)]
 
 
 def _count(value: int | None) -> str:

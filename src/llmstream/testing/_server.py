@@ -10,6 +10,7 @@ aborts the request.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ from anyio.abc import SocketAttribute
 
 from ._fake import Exchange, FakeVLLM
 from ._script import Cut, Hang, Head, HttpRequest, Refuse, Send, Wait, reason_phrase
-from ._wire import dumps
+from ._wire import JSON, dumps, error_body
 
 __all__ = ["MAX_BODY_BYTES", "MAX_HEADER_BYTES", "FakeServer"]
+
+logger = logging.getLogger("llmstream.testing")
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -48,6 +51,7 @@ class _Reject(Exception):
 @dataclass
 class _Progress:
     sent: int = 0
+    started: bool = False  # some of the answer is on the wire
     complete: bool = False
     cut: bool = False
     left: bool = False
@@ -182,12 +186,20 @@ class FakeServer:
                     return
                 if parsed is None:
                     return
-                exchange = self.fake.exchange(parsed.request)
+                try:
+                    exchange = self.fake.exchange(parsed.request)
+                except Exception as exc:
+                    await _fail(stream, exc)
+                    return
                 progress = await self._answer(stream, buffer, exchange, parsed.keep_alive)
                 if not (progress.complete and parsed.keep_alive):
                     return
         except _CLIENT_GONE:
             return
+        except Exception as exc:
+            # A last resort: out of here, it would end the listener's task group, and
+            # with it every connection and the server.
+            _log_failure(exc)
         finally:
             await anyio.aclose_forcefully(stream)
 
@@ -222,14 +234,22 @@ class FakeServer:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch)
+            failure: Exception | None = None
             try:
                 await _perform(stream, exchange, progress, keep_alive)
             except _CLIENT_GONE:
                 client_left()
+            except Exception as exc:  # caught here: out of the task group, it ends the server
+                failure = exc
             finally:
                 # Also when the server stops mid-answer: the request leaves the load.
                 exchange.end()
             tg.cancel_scope.cancel()
+        if failure is not None:
+            if progress.started:
+                _log_failure(failure)  # uvicorn then just closes the connection
+            else:
+                await _fail(stream, failure)
         return progress
 
 
@@ -245,8 +265,10 @@ async def _perform(
             lines += [f"{name}: {value}" for name, value in action.headers]
             if not keep_alive:
                 lines.append("connection: close")
+            progress.started = True
             await stream.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         elif isinstance(action, Send):
+            progress.started = progress.started or bool(action.data)
             if chunked and action.data:
                 await stream.send(b"%x\r\n%b\r\n" % (len(action.data), action.data))
             elif action.data:
@@ -319,8 +341,24 @@ async def _read_request(stream: anyio.abc.SocketStream, buffer: bytearray) -> _P
     return _Parsed(HttpRequest(method, path, headers, body), keep_alive)
 
 
-async def _write_simple(stream: anyio.abc.SocketStream, status: int, detail: str) -> None:
-    body = dumps({"detail": detail})
+async def _fail(stream: anyio.abc.SocketStream, exc: Exception) -> None:
+    """Answer 500 to a request whose handling raised, as vLLM does, and log it.
+
+    vLLM's catch-all handler (``server_utils.exception_handler``) answers an unexpected
+    exception with an ``InternalServerError`` body; uvicorn logs the traceback and closes
+    the connection. Other connections are served on: one request must not end the server.
+    """
+    _log_failure(exc)
+    body = error_body(str(exc) or type(exc).__name__, "InternalServerError", 500)
+    await _write_simple(stream, 500, body)
+
+
+def _log_failure(exc: Exception) -> None:
+    logger.error("Exception in the fake vLLM server", exc_info=exc)
+
+
+async def _write_simple(stream: anyio.abc.SocketStream, status: int, detail: str | JSON) -> None:
+    body = dumps({"detail": detail} if isinstance(detail, str) else detail)
     head = (
         f"HTTP/1.1 {status} {reason_phrase(status)}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
