@@ -84,6 +84,9 @@ class ChatStream(StreamBase):
         self._response_lock = threading.Lock()
         # The request waiting for its headers, so cancel() and close() can cut it short.
         self._header_wait: HeaderWait | None = None
+        # The attempt whose headers _header_wait waits for: set before it, so that a
+        # watchdog that sees the wait of a newer attempt also sees that attempt.
+        self._header_owner: Attempt | None = None
         self._resumed = threading.Event()  # wakes a paused reader
         self._resumed.set()
         self._stopping = threading.Event()  # wakes a retry's backoff
@@ -296,6 +299,7 @@ class ChatStream(StreamBase):
         with self._lock:
             attempt = self._attempt = core.begin_attempt(now())
         self._tell_hooks()
+        self._header_owner = attempt
         self._header_wait = wait = HeaderWait()
         if core.stopped is not None:
             wait.cut()  # stopped before the wait was there to be cut
@@ -578,7 +582,9 @@ class ChatStream(StreamBase):
             if response is not None:
                 response.abort()  # the read fails, and the reader reports the deadline
             wait = self._header_wait
-            if wait is not None:
+            # Only the wait of the attempt whose deadline passed: the reader may have
+            # moved on to the next attempt meanwhile, which must not be cut.
+            if wait is not None and self._header_owner is due:
                 wait.cut()  # the send fails, and the reader reports the deadline
             return 0.05
         return due
