@@ -360,6 +360,53 @@ def test_a_pause_past_max_pause_aborts_the_call() -> None:
     assert core.result is not None and core.result.status == "aborted"
 
 
+def test_the_total_deadline_ends_a_call_whose_reader_is_held_back() -> None:
+    # No read is in progress (a pause, a full buffer): the deadline cannot cut one, so
+    # the check itself ends the call and asks the shell to cut the connection.
+    core = _core(timeouts=llmstream.Timeouts(total=3.0, idle=1.0))
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("Hel") + _chunk("lo"), 0.1)
+    core.reading_resumed(2.5)  # held back until now: not idleness
+    assert core.held_expired(2.9) is None and core.held_wait(2.9) == pytest.approx(0.1)
+    assert core.deadline_due(2.9) == pytest.approx(0.1)
+    assert core.deadline_due(3.0) is attempt
+    assert isinstance(core.error, llmstream.TotalTimeout) and core.error.partial is not None
+    assert core.error.partial.text == "Hello"
+    # The reader that wakes, or a read that completes late, reports that error only.
+    assert core.feed(attempt, _chunk("late"), 3.1) == []
+    step = core.read_failed(attempt, ReadFailure("broken", "ReadError"), 3.1)
+    assert isinstance(step, Fail) and step.error is core.error
+    assert isinstance(core.body_ended(attempt, 3.2), Fail)
+    held = core.held_expired(3.2)
+    assert held is not None and held.error is core.error
+    assert core.deadline_due(3.3) == 0.05  # told once
+
+
+def test_a_pause_wakes_for_the_sooner_of_max_pause_and_the_total_deadline() -> None:
+    core = _core(options=StreamOptions(max_pause=10.0), timeouts=llmstream.Timeouts(total=3.0))
+    _streaming(core)
+    assert core.held_wait(1.0) == pytest.approx(2.0)
+    core.pause_clock.pause(1.0)
+    assert core.held_wait(1.0) == pytest.approx(2.0)
+    step = core.held_expired(3.0)
+    assert step is not None and isinstance(step.error, llmstream.TotalTimeout)
+    untimed = _core(options=StreamOptions(max_pause=10.0), timeouts=llmstream.Timeouts())
+    _streaming(untimed)
+    assert untimed.held_wait(1.0) is None
+    untimed.pause_clock.pause(1.0)
+    assert untimed.held_wait(2.0) == pytest.approx(9.0)
+    expired = untimed.held_expired(11.0)
+    assert expired is not None and isinstance(expired.error, llmstream.PauseTimeout)
+
+
+def test_a_whole_answer_held_back_past_the_total_deadline_keeps_its_result() -> None:
+    core = _core(timeouts=llmstream.Timeouts(total=3.0))
+    attempt = _streaming(core)
+    core.feed(attempt, _chunk("Hi", finish="stop"), 0.1)
+    assert core.held_expired(5.0) is None and core.error is None
+    assert isinstance(core.body_ended(attempt, 5.1), Finish)
+
+
 def test_a_consumer_too_far_behind_overflows_only_with_on_full_error() -> None:
     waiting = _core(options=StreamOptions(buffer=2))
     _streaming(waiting)

@@ -798,12 +798,13 @@ class AsyncChatStream(StreamBase):
         core = self._core
         clock = core.pause_clock
         while clock.paused and core.stopped is None:
-            expired = core.pause_expired(now())
+            expired = core.held_expired(now())
             if expired is not None:
                 return expired
             if self._resumed is None:
                 self._resumed = anyio.Event()
-            with anyio.move_on_after(clock.remaining(now())):
+            wait = core.held_wait(now())
+            with anyio.move_on_after(math.inf if wait is None else wait):
                 await self._resumed.wait()
         return None
 
@@ -839,12 +840,20 @@ class AsyncChatStream(StreamBase):
 
     def _check_deadlines(self) -> float:
         """Cut the read in progress if a deadline passed; seconds until the next check."""
-        due = self._core.deadline_due(now())
+        core = self._core
+        due = core.deadline_due(now())
         if isinstance(due, Attempt):
             if self._response is not None:
                 self._response.abort()
             if self._read_scope is not None:
                 self._read_scope.cancel()
+            if core.error is not None:
+                # It ended the call while the reader was held back (paused, or waiting
+                # for room): the reader wakes to its error, the consumer after the
+                # items it was handed before the deadline.
+                if self._buffer is not None:
+                    self._buffer.end(core.error)
+                self._wake_all()
             due = 0.05
         loop = self._loop
         if loop is not None:  # the timer's own callback: set the next one

@@ -232,6 +232,7 @@ class Attempt:
         "body",
         "body_done",
         "endpoint",
+        "failed",
         "header_deadline",
         "headers",
         "hedge",
@@ -264,6 +265,8 @@ class Attempt:
         """When the wait for the response headers must end, and which deadline that is."""
         self.body_done = False
         """True once the body was read to its end: the connection need not be cut."""
+        self.failed = False
+        """True once it failed (the call then retries, resumes or fails)."""
         self.reading = False
         """True while a network read of this attempt is in progress (deadlines cut it)."""
         self.awaiting_headers = True
@@ -810,10 +813,10 @@ class CallCore:
         :attr:`step` is set: deliver the items, then follow the step.
         """
         session = self.session
-        if self.stopped is not None:
-            # The result was made final when the call stopped: a read that completes
-            # after that (on the reader's thread, or a task the stop could not reach in
-            # time) must not hand the consumer text the result does not hold.
+        if self.stopped is not None or self.error is not None:
+            # The result was made final when the call stopped or failed: a read that
+            # completes after that (on the reader's thread, or a task the stop could not
+            # reach in time) must not hand the consumer text the result does not hold.
             return []
         if attempt is not self.current:
             return self._feed_racer(attempt, data, now)
@@ -860,6 +863,8 @@ class CallCore:
     def body_ended(self, attempt: Attempt, now: float) -> Step:
         """The body ended cleanly: the result, or what to do about a stream cut short."""
         attempt.body_done = True
+        if self.error is not None:
+            return Fail(self.error)  # a deadline ended the call while the reader was held
         session = self.session
         assert session is not None
         if self._deadline_hit is not None and not self._answer_whole(session):
@@ -875,6 +880,8 @@ class CallCore:
 
     def read_failed(self, attempt: Attempt, failure: ReadFailure | None, now: float) -> Step:
         """A body read failed (None: it was cut by :meth:`deadline_due`)."""
+        if self.error is not None:
+            return Fail(self.error)  # a deadline ended the call while the reader was held
         session = self.session
         assert session is not None
         if self._answer_whole(session):
@@ -905,6 +912,7 @@ class CallCore:
 
     def _after_failure(self, attempt: Attempt, error: LLMStreamError, now: float) -> Step:
         """Retry, resume or fail after ``error`` ended ``attempt``."""
+        attempt.failed = True
         ticket = attempt.ticket
         if ticket is not None:
             if self.stopped is None:
@@ -1106,7 +1114,23 @@ class CallCore:
             found = attempt.header_deadline
             if found is not None and now >= found[0]:
                 return attempt
+        elif kind == "total" and attempt is not None and self._held_past_total(attempt, now):
+            return attempt  # the call failed: the shell cuts the connection, wakes the reader
         return 0.05  # the reader turns it into an error (and maybe a retry)
+
+    def _held_past_total(self, attempt: Attempt, now: float) -> bool:
+        """Fail the call if the total deadline passed while its reader was held back.
+
+        A paused stream, a full buffer with ``on_full="wait"``, or a consumer that has
+        not asked for more (``buffer=0``): no read is in progress for a deadline to cut,
+        and the server keeps generating into the socket's buffers meanwhile. The total
+        deadline bounds the call whatever holds it up, so it ends here.
+        """
+        if attempt.reading or attempt.body_done or attempt.failed or self._racing:
+            return False
+        if self.error is not None:
+            return False  # told once; the reader reports it
+        return self.held_expired(now) is not None
 
     def timeout_error(self, kind: DeadlineKind, now: float) -> LLMStreamError:
         """The error for a deadline that passed, with the partial result."""
@@ -1133,6 +1157,48 @@ class CallCore:
         return self.session.interrupted(message, now, error_type)
 
     # -- flow control --------------------------------------------------------------
+
+    def held_expired(self, now: float) -> Fail | None:
+        """While the reader is held back: the failure that ends the call now, if any.
+
+        Held back by a pause, a full buffer (``on_full="wait"``) or a consumer that
+        has not asked for more: the idle and first-token deadlines do not count that
+        time (it is not the server's), but the total deadline does, and a pause is
+        capped by ``max_pause``. Also the error that already ended the call, if one did.
+
+        Example::
+
+            expired = core.held_expired(now)
+            if expired is not None:
+                raise expired.error
+        """
+        if self.error is not None:
+            return Fail(self.error)
+        session = self.session
+        if self.stopped is not None or self.has_result or session is None:
+            return None
+        total = self.timeouts.total
+        if total is not None and now >= self._started + total and not self._answer_whole(session):
+            # Whole answers wait for their body's end (TRAILER_WAIT): the result stands.
+            self._deadline_hit = "total"
+            return self.fail(self.timeout_error("total", now), now)
+        if self.pause_clock.paused:
+            return self.pause_expired(now)
+        return None
+
+    def held_wait(self, now: float) -> float | None:
+        """Seconds a held-back reader may wait before :meth:`held_expired` is due again.
+
+        None: no limit (not paused, and no total deadline).
+        """
+        wait: float | None = None
+        if self.pause_clock.paused:
+            wait = self.pause_clock.remaining(now)
+        total = self.timeouts.total
+        if total is not None:
+            left = max(0.0, self._started + total - now)
+            wait = left if wait is None else min(wait, left)
+        return wait
 
     def pause_expired(self, now: float) -> Fail | None:
         """While paused: the failure once the pause has lasted longer than ``max_pause``."""

@@ -28,7 +28,8 @@ class Timeouts:
     request to the first generated token (prefill of a long prompt on a busy
     server can take minutes). ``idle``: between two events once streaming
     (keep-alive comments do not count as events). ``total``: the whole call,
-    retries and their waits included.
+    retries and their waits included, and the time the consumer holds the
+    stream back (a pause, a full buffer) too.
 
     Example::
 

@@ -29,17 +29,15 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import httpx
 
 from . import _fastpath
+from ._timer_thread import fire_after
 
 __all__ = ["HeaderWait", "cut_after", "shut_down", "waiting_for_headers", "watch_pool"]
 
@@ -85,6 +83,10 @@ class HeaderWait:
         if cut:
             shut_down(stream)
 
+    def fire(self) -> None:
+        """Its time is up (see :func:`cut_after`): cut it."""
+        self.cut()
+
     def cut(self) -> None:
         """Shut the request's socket down now, or as soon as the request is written."""
         with self._lock:
@@ -94,52 +96,12 @@ class HeaderWait:
             shut_down(stream)
 
 
-class _Cutter:
-    """One daemon thread that cuts the header waits whose time is up (:func:`cut_after`).
+def cut_after(wait: HeaderWait, seconds: float) -> None:
+    """Cut ``wait`` in ``seconds`` unless it is over by then.
 
     A thread blocked in a send cannot watch its own deadline, and a transport's read
     timeout restarts with every byte: a server that trickles a header, or sends
-    ``100 Continue`` without end, would hold it for ever. Waits that ended first are
-    dropped when their time comes (or sooner, when many have piled up).
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._due: list[tuple[float, int, HeaderWait]] = []
-        self._order = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def add(self, wait: HeaderWait, at: float) -> None:
-        with self._cond:
-            if len(self._due) > 1024 and len(self._due) % 1024 == 0:
-                # Long deadlines of waits long over: kept, they would pile up.
-                self._due = [entry for entry in self._due if not entry[2].over]
-                heapq.heapify(self._due)
-            heapq.heappush(self._due, (at, next(self._order), wait))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="llmstream header deadlines", daemon=True
-                )
-                self._thread.start()
-            elif self._due[0][2] is wait:
-                self._cond.notify()  # sooner than the one the thread waits for
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._due or self._due[0][0] > time.perf_counter():
-                    left = self._due[0][0] - time.perf_counter() if self._due else None
-                    self._cond.wait(left if left is None else min(left, threading.TIMEOUT_MAX))
-                wait = heapq.heappop(self._due)[2]
-            if not wait.over:
-                wait.cut()
-
-
-_cutter = _Cutter()
-
-
-def cut_after(wait: HeaderWait, seconds: float) -> None:
-    """Cut ``wait`` in ``seconds`` (``time.perf_counter`` time) unless it is over by then.
+    ``100 Continue`` without end, would hold it for ever. The shared timer thread cuts it.
 
     Example::
 
@@ -150,7 +112,7 @@ def cut_after(wait: HeaderWait, seconds: float) -> None:
         finally:
             wait.over = True
     """
-    _cutter.add(wait, time.perf_counter() + seconds)
+    fire_after(wait, seconds)
 
 
 _current = threading.local()

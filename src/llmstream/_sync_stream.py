@@ -14,6 +14,7 @@ stops the stream all reach it.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
@@ -33,6 +34,7 @@ from ._retry import RetryPolicy
 from ._session import StreamItem
 from ._stream_events import StreamEvent, events_of
 from ._streaming import StreamBase, chunk_of, item_of, now, text_of, unexpected
+from ._timer_thread import fire_after
 from ._transport import HeaderTimeout, HTTPRequest, SyncResponse
 
 if TYPE_CHECKING:
@@ -92,6 +94,7 @@ class ChatStream(StreamBase):
         self._stopping = threading.Event()  # wakes a retry's backoff
         self._race: _ThreadRace | None = None  # a hedge racing the request, while it does
         self._early: list[StreamItem] = []  # read during a race before the buffer exists
+        self._total_watch: _TotalWatch | None = None
 
     # -- the public surface ----------------------------------------------------------
 
@@ -267,6 +270,11 @@ class ChatStream(StreamBase):
             self._early = []
         self._thread = threading.Thread(target=self._pump, name="llmstream-reader", daemon=True)
         self._thread.start()
+        if core.timeouts.total is not None:
+            # The consumer watches the deadlines only while it waits for an item: the
+            # total one is kept from the timer thread too (a slow consumer, a pause).
+            self._total_watch = watch = _TotalWatch(self)
+            watch.arm(core.held_wait(now()))
 
     def _plan(self) -> None:
         planner = self._core.plan()
@@ -586,6 +594,13 @@ class ChatStream(StreamBase):
             # moved on to the next attempt meanwhile, which must not be cut.
             if wait is not None and self._header_owner is due:
                 wait.cut()  # the send fails, and the reader reports the deadline
+            if core.error is not None:
+                # It ended the call while the reader was held back (paused, or waiting
+                # for room): the reader wakes to its error, the consumer after the
+                # items it was handed before the deadline.
+                if self._buffer is not None:
+                    self._buffer.end(core.error)
+                self._wake_all()
             return 0.05
         return due
 
@@ -616,6 +631,8 @@ class ChatStream(StreamBase):
             # Released at once, however the call ended: an unread body is cut, so the
             # server stops generating (a budget stop, an error).
             self._drop_response()
+            if self._total_watch is not None:
+                self._total_watch.over = True
             self._tell_hooks()  # the end of the call, before the consumer sees it
             buffer.end(core.error)
 
@@ -681,10 +698,11 @@ class ChatStream(StreamBase):
         clock = core.pause_clock
         while clock.paused and core.stopped is None:
             with self._lock:
-                expired = core.pause_expired(now())
+                expired = core.held_expired(now())
+                wait = core.held_wait(now())
             if expired is not None:
                 return expired
-            self._resumed.wait(blocking_wait(clock.remaining(now())))
+            self._resumed.wait(blocking_wait(wait))
         return None
 
     def _tell_hooks(self) -> None:
@@ -763,3 +781,28 @@ class _ThreadRace:
             racers = [r for a, (r, _) in self.running.items() if a is not keep]
         for response in racers:
             response.abort()
+
+
+class _TotalWatch:
+    """A stream's total deadline, checked from the shared timer thread.
+
+    It holds the stream by weak reference: a stream dropped unclosed must still be
+    collected (its finaliser cuts the connection), not kept alive by its timer.
+    """
+
+    __slots__ = ("_stream", "over")
+
+    def __init__(self, stream: ChatStream) -> None:
+        self._stream = weakref.ref(stream)
+        self.over = False
+
+    def arm(self, seconds: float | None) -> None:
+        if seconds is not None and not self.over:
+            fire_after(self, seconds)
+
+    def fire(self) -> None:
+        stream = self._stream()
+        if stream is None or stream._core.ended:
+            self.over = True
+            return
+        self.arm(stream._watch_deadlines())
