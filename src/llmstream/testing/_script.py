@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ._config import Config, Fault
 from ._tokenize import count_prompt_tokens, message_text, split_text
+from ._validate import Invalid, check_request, check_sampling
 from ._wire import (
     DONE_EVENT,
     KEEP_ALIVE,
@@ -218,6 +219,10 @@ def _json_response(
 
 def _error(status: int, message: str, type: str, param: str | None = None) -> list[Action]:
     return _json_response(status, error_body(message, type, status, param))
+
+
+def _invalid(invalid: Invalid) -> list[Action]:
+    return _error(invalid.code, invalid.message, invalid.type, invalid.param)
 
 
 def _validation_error(detail: str, param: str | None) -> list[Action]:
@@ -441,34 +446,18 @@ def _plan(
 def _chat(
     request: HttpRequest, config: Config, fault: Fault | None, ids_seed: str | None
 ) -> Iterator[Action]:
-    body, error = _parse_json(request)
+    raw, error = _parse_json(request)
     if error is not None:
         return iter(error)
-    if not isinstance(body, dict):
-        return iter(_validation_error("Input should be a valid dictionary", "body"))
-    messages = body.get("messages")
-    if messages is None:
-        detail = (
-            "{'type': 'missing', 'loc': 'body.messages', 'msg': 'Field required', "
-            f"'input': '<dict of {len(body)} items>'}}"
-        )
-        return iter(_validation_error(detail, "body.messages"))
-    if not isinstance(messages, list):
-        detail = (
-            "{'type': 'list_type', 'loc': 'body.messages', 'msg': 'Input should be a valid list'}"
-        )
-        return iter(_validation_error(detail, "body.messages"))
+    checked = check_request(raw)
+    if isinstance(checked, Invalid):
+        return iter(_invalid(checked))
+    # From here on the body holds the values vLLM's request model read (coerced).
+    body = checked
+    messages = body["messages"]
+    assert isinstance(messages, list)
     stream = body.get("stream") is True
-    if body.get("stream_options") is not None and not stream:
-        message = (
-            "Stream options can only be defined when `stream=True`. (parameter=stream_options)"
-        )
-        return iter(_error(400, message, "BadRequestError", "stream_options"))
     add_generation_prompt = body.get("add_generation_prompt", True) is not False
-    # vLLM validates the raw body: only an explicit add_generation_prompt counts here.
-    if body.get("continue_final_message") is True and body.get("add_generation_prompt") is True:
-        message = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
-        return iter(_error(400, message, "BadRequestError"))
     model = body.get("model")
     if model is not None and model != config.model:
         return iter(_model_not_found(str(model), config))
@@ -476,12 +465,7 @@ def _chat(
         "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     )
     requested = body.get(cap_param)
-    if requested is not None and (not isinstance(requested, int) or isinstance(requested, bool)):
-        detail = (
-            f"{{'type': 'int_parsing', 'loc': 'body.{cap_param}', 'msg': 'Input should be a "
-            f"valid integer, unable to parse string as an integer', 'input': {requested!r}}}"
-        )
-        return iter(_validation_error(detail, f"body.{cap_param}"))
+    assert requested is None or isinstance(requested, int)
     if requested is not None and requested > config.max_model_len:
         message = (
             f"{cap_param}={requested} cannot be greater than max_model_len="
@@ -501,6 +485,9 @@ def _chat(
     cap = config.max_model_len - prompt_tokens
     if requested is not None:
         cap = min(cap, requested)
+    invalid = check_sampling(body, cap)
+    if invalid is not None:
+        return iter(_invalid(invalid))
     answer = config.text
     if answer is None and not config.tool_calls:
         users = [m for m in messages if isinstance(m, Mapping) and m.get("role") == "user"]
@@ -512,9 +499,9 @@ def _chat(
         written = messages[-1].get("content")
         if body.get("continue_final_message") is True and isinstance(written, str):
             continuing = written
-    plan = _plan(config, answer, max(cap, 1), ids_seed, continuing)
+    plan = _plan(config, answer, cap, ids_seed, continuing)
     n = body.get("n")
-    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    n = n if isinstance(n, int) else 1
     request_id = request.headers.get("x-request-id")
     base_id = request_id or (
         str(body["request_id"]) if body.get("request_id") else _hex(ids_seed, "id")
