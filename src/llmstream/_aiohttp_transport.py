@@ -43,6 +43,7 @@ from ._http_errors import SendFailure, send_failure_error
 from ._httpx_transport import closed_error
 from ._read_cut import cut_after
 from ._transport import (
+    CountedResponse,
     HeaderTimeout,
     HTTPRequest,
     InFlight,
@@ -125,20 +126,19 @@ class _Body:
         raise StopAsyncIteration
 
 
-class _AiohttpResponse:
+class _AiohttpResponse(CountedResponse):
     """A response whose headers arrived, on aiohttp."""
 
-    __slots__ = ("_ended", "_headers", "_in_flight", "_reader", "_released", "_response")
+    __slots__ = ("_ended", "_headers", "_reader", "_response")
 
     def __init__(self, response: aiohttp.ClientResponse, in_flight: InFlight | None) -> None:
+        super().__init__(in_flight)
         self._response = response
         # httpx's Headers, as the httpx transport gives them: lowercase names when listed
         # (what an error's `headers` holds), case-insensitive lookup.
         self._headers = httpx.Headers(list(response.raw_headers))
-        self._in_flight = in_flight  # None: not counted (a request that is not a stream)
         self._reader: _Body | None = None
         self._ended = False
-        self._released = False
 
     @property
     def status_code(self) -> int:
@@ -193,15 +193,6 @@ class _AiohttpResponse:
         # its pool slot back; its place in the in-flight count goes now (once: a later
         # aclose() does nothing), or every request would soon be sent Connection: close.
         self._release()
-
-    def _release(self) -> bool:
-        """Count the response as released; False when it already was."""
-        if self._released:
-            return False
-        self._released = True
-        if self._in_flight is not None:
-            self._in_flight.add(-1)
-        return True
 
     def _cut(self) -> None:
         connection = self._response.connection

@@ -63,6 +63,7 @@ from ._http_errors import send_failure_error
 from ._httpx_transport import closed_error
 from ._read_cut import cut_after
 from ._transport import (
+    CountedResponse,
     HeaderTimeout,
     HTTPRequest,
     InFlight,
@@ -372,18 +373,16 @@ class _Body:
             await connection.wait()
 
 
-class _AsyncioResponse:
+class _AsyncioResponse(CountedResponse):
     """A response whose headers arrived, on a connection of :class:`AsyncioTransport`."""
 
     __slots__ = (
         "_connection",
         "_ended",
         "_headers",
-        "_in_flight",
         "_pool",
         "_read_timeout",
         "_reader",
-        "_released",
         "_status",
     )
 
@@ -395,15 +394,14 @@ class _AsyncioResponse:
         in_flight: InFlight | None,
         read_timeout: float | None,
     ) -> None:
+        super().__init__(in_flight)
         self._connection = connection
         self._read_timeout = read_timeout
         self._status = head
         self._headers = httpx.Headers(head.headers)
         self._pool = pool
-        self._in_flight = in_flight
         self._reader: _Body | None = None
         self._ended = False
-        self._released = False
 
     @property
     def status_code(self) -> int:
@@ -460,15 +458,6 @@ class _AsyncioResponse:
         # place in the in-flight count are given back now (a later aclose() does nothing).
         self._release()
         self._pool.forget(self._connection)
-
-    def _release(self) -> bool:
-        """Count the response as released; False when it already was."""
-        if self._released:
-            return False
-        self._released = True
-        if self._in_flight is not None:
-            self._in_flight.add(-1)
-        return True
 
     def _cut(self) -> None:
         connection = self._connection

@@ -43,6 +43,7 @@ from ._request import json_body
 __all__ = [
     "AsyncResponse",
     "AsyncTransport",
+    "CountedResponse",
     "HTTPRequest",
     "HeaderTimeout",
     "InFlight",
@@ -310,6 +311,33 @@ class InFlight:
         """Count ``n`` more streams (negative: released)."""
         with self._lock:
             self.count += n
+
+
+class CountedResponse:
+    """A response counted among its transport's streams in flight until released, once.
+
+    Example::
+
+        class MyResponse(CountedResponse):
+            def abort(self) -> None:
+                if self._release():
+                    ...  # cut the connection, once
+    """
+
+    __slots__ = ("_in_flight", "_released")
+
+    def __init__(self, in_flight: InFlight | None) -> None:
+        self._in_flight = in_flight  # None: not counted (a request that is not a stream)
+        self._released = False
+
+    def _release(self) -> bool:
+        """Count the response as released; False when it already was."""
+        if self._released:
+            return False
+        self._released = True
+        if self._in_flight is not None:
+            self._in_flight.add(-1)
+        return True
 
 
 class PooledTransport:
