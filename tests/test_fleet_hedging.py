@@ -121,8 +121,9 @@ async def test_a_request_held_by_a_slow_replica_is_hedged_with_the_oldest_one_th
     )
     assert second_sent - first_sent >= 0.5
     assert first_hedge - first_sent >= delay
-    # The second went with the first, not at its own delay.
-    assert second_hedge - second_sent < delay - 0.3, second_hedge - second_sent
+    # The second went with the first (about 0.45 s after it was sent), not at its own
+    # delay: the margin is for a loaded machine's late timers, not a tolerance of the rule.
+    assert second_hedge - second_sent < delay - 0.1, second_hedge - second_sent
     assert second_hedge >= first_sent + delay - 0.01
 
 
