@@ -192,6 +192,40 @@ class FakeFleet:
             return [report for e, report in self.loads if e is endpoint]
 
 
+class ManualClock:
+    """A clock that moves only when told; :meth:`hold` makes other threads' readings wait.
+
+    Holding it stands for a watcher thread that runs late (a loaded machine): the test
+    moves the clock on meanwhile, and the thread reads the new time when released.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._free = threading.Event()
+        self._free.set()
+        self._test = threading.get_ident()
+
+    def __call__(self) -> float:
+        if threading.get_ident() != self._test:
+            assert self._free.wait(WAIT), "the clock was held too long"
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def hold(self) -> None:
+        self._free.clear()
+
+    def release(self) -> None:
+        self._free.set()
+
+
+def _asleep(watcher: FleetWatcher[Any]) -> bool:
+    """Whether the thread falls asleep (for want of calls) within ``WAIT`` seconds."""
+    with watcher._cond:
+        return watcher._cond.wait_for(lambda: watcher._sleeping, WAIT)
+
+
 @pytest.fixture
 def watchers() -> Iterator[list[FleetWatcher[FakeEndpoint]]]:
     made: list[FleetWatcher[FakeEndpoint]] = []
@@ -207,8 +241,11 @@ def _watch(
     scrape: float | None = 0.05,
     probe: float = 0.05,
     discovery: Any = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FleetWatcher[FakeEndpoint]:
-    watcher = FleetWatcher(fleet, scrape_interval=scrape, probe_interval=probe, discovery=discovery)
+    watcher = FleetWatcher(
+        fleet, scrape_interval=scrape, probe_interval=probe, discovery=discovery, clock=clock
+    )
     made.append(watcher)
     return watcher
 
@@ -254,22 +291,46 @@ def test_no_scraping_without_a_scrape_interval(server: Recorder, watchers: Any) 
 
 
 def test_sleeps_while_idle_and_wakes_on_the_next_call(server: Recorder, watchers: Any) -> None:
+    # The watcher's clock moves only when the test says: no real time is measured.
     server.routes["/metrics"] = (200, METRICS)
+    clock = ManualClock()
     fleet = FakeFleet(FakeEndpoint(server.base()), busy=False)
-    watcher = _watch(watchers, fleet, scrape=0.05)
-    watcher.wake()  # one call: then idle after two intervals (0.1 s)
+    watcher = _watch(watchers, fleet, scrape=0.05, clock=clock)
+    watcher.wake()  # one call, at 0: idle after two intervals (0.1)
+    assert server.wait_for("/metrics", 1)  # a round at once
+    clock.advance(0.05)
+    assert server.wait_for("/metrics", 2)  # and one each interval
+    clock.advance(0.06)  # more than two intervals since the call: asleep, no third round
+    assert _asleep(watcher)
+    clock.advance(10.0)  # 200 intervals: asleep, it reads nothing
+    assert len(server.requests("/metrics")) == 2
 
-    # Scrapes until idle, then none: wait until 0.4 s (8 intervals) pass without one.
-    count = 0
-    while server.wait_for("/metrics", count + 1, timeout=0.4):
-        count += 1
-        assert count < 20, "still scraping long after the last call"
-    assert 1 <= count <= 6
+    watcher.wake()  # the next call: a round at once (the clock stands still: not after an interval)
+    assert server.wait_for("/metrics", 3)
+    assert len(server.requests("/metrics")) == 3
 
-    watcher.wake()  # the next call: a scrape at once, not after an interval
-    woken = time.monotonic()
-    assert server.wait_for("/metrics", count + 1)
-    assert server.requests("/metrics")[count].at - woken < 0.5
+
+@pytest.mark.parametrize("asleep", [False, True], ids=["starting", "asleep"])
+def test_a_wake_gets_a_round_however_late_the_thread_runs(
+    server: Recorder, watchers: Any, asleep: bool
+) -> None:
+    # A thread that starts (or wakes) late must not judge by its clock alone that the
+    # call that woke it is two intervals old, and go to sleep without a round for it.
+    server.routes["/metrics"] = (200, METRICS)
+    clock = ManualClock()
+    fleet = FakeFleet(FakeEndpoint(server.base()), busy=False)
+    watcher = _watch(watchers, fleet, scrape=0.05, clock=clock)
+    if asleep:
+        watcher.wake()
+        assert server.wait_for("/metrics", 1)
+        clock.advance(1.0)
+        assert _asleep(watcher)
+    seen = len(server.requests("/metrics"))
+    clock.hold()  # the thread reads the clock only once released: it runs late
+    watcher.wake()  # a call, now
+    clock.advance(1.0)  # 20 intervals pass before the thread runs
+    clock.release()
+    assert server.wait_for("/metrics", seen + 1)
 
 
 @pytest.mark.parametrize("scrape", [0.05, None], ids=["scrape", "probe-only"])
@@ -619,6 +680,16 @@ async def test_discover_async_lets_the_event_loop_run(
 # -- closing ----------------------------------------------------------------------------
 
 
+def closes_at_once(watcher: FleetWatcher[Any], within: float = 0.5) -> None:
+    """``close()`` stops the running thread within ``within`` seconds."""
+    thread = watcher._thread
+    assert thread is not None
+    started = time.monotonic()
+    watcher.close()
+    assert time.monotonic() - started < within
+    assert not thread.is_alive()
+
+
 def test_close_stops_a_sleeping_or_waiting_thread_at_once(server: Recorder) -> None:
     server.routes["/metrics"] = (200, METRICS)
     for busy in (False, True):
@@ -626,12 +697,7 @@ def test_close_stops_a_sleeping_or_waiting_thread_at_once(server: Recorder) -> N
         watcher = FleetWatcher(fleet, scrape_interval=30.0, probe_interval=30.0)
         watcher.wake()
         assert server.wait_for("/metrics", 1 + busy)  # the first round of each watcher
-        thread = watcher._thread
-        assert thread is not None
-        started = time.monotonic()
-        watcher.close()
-        assert time.monotonic() - started < 0.5
-        assert not thread.is_alive()
+        closes_at_once(watcher)
 
 
 def test_close_during_a_hung_request_returns_within_a_second(server: Recorder) -> None:
@@ -649,12 +715,7 @@ def test_close_during_a_hung_request_returns_within_a_second(server: Recorder) -
     try:
         watcher.wake()
         assert asked.wait(WAIT)
-        thread = watcher._thread
-        assert thread is not None
-        started = time.monotonic()
-        watcher.close()
-        assert time.monotonic() - started < 1.5
-        assert not thread.is_alive()
+        closes_at_once(watcher, within=1.5)
     finally:
         release.set()
 

@@ -46,7 +46,7 @@ from ._header_wait import watch_pool
 from ._hooks import Hook, check_hooks
 from ._http_backend import async_transport, check_sync_transport
 from ._http_errors import not_an_openai_answer, not_json_error, status_error
-from ._httpx_transport import HttpxSyncTransport, own_sync_client
+from ._httpx_transport import HttpxAsyncTransport, HttpxSyncTransport, own_sync_client
 from ._params import (
     BODY_PARAMS,
     StreamParams,
@@ -244,6 +244,15 @@ class _BaseClient:
         state.note_call(state.clock())
         watcher.wake()
         return CallRoute(state, session=session)
+
+    def _watch_through(self, http: httpx.Client | httpx.AsyncClient) -> None:
+        """The fleet watcher's scrapes and probes go through ``http``, as the calls do.
+
+        For a client given a transport or an httpx client: only that reaches the
+        endpoints the calls' way (an in-process server, a Unix socket, a proxy of its own).
+        """
+        if self._watcher is not None:
+            self._watcher.send_with(http)
 
     def _close_fleet(self) -> None:
         if self._watcher is not None:
@@ -495,6 +504,12 @@ class AsyncClient(_BaseClient):
         )
         # httpx, or aiohttp / asyncio when given their transport or LLMSTREAM_HTTP_BACKEND.
         self._transport = async_transport(http_client, transport)
+        if isinstance(self._transport, HttpxAsyncTransport) and (
+            http_client is not None or transport is not None
+        ):
+            # Used on the calls' event loop only. aiohttp, asyncio and httpx's default
+            # transport go over the network, as the watcher's own client does.
+            self._watch_through(self._transport.http)
         # One GET /models at a time: concurrent calls wait for its answer, not send more.
         self._model_lock = anyio.Lock()
 
@@ -711,6 +726,8 @@ class Client(_BaseClient):
             # its headers (see _header_wait).
             watch_pool(self._http)
         self._transport = HttpxSyncTransport(self._http, owns_client=self._owns_http)
+        if http_client is not None or transport is not None:
+            self._watch_through(self._http)
         self._model_lock = threading.Lock()
 
     def __enter__(self) -> Client:

@@ -8,6 +8,11 @@ call has started for two intervals it sleeps until the next call wakes it, so an
 client costs nothing. Sync and async clients share it: the event loop never waits on a
 scrape.
 
+It sends with an HTTP client of its own, unless :meth:`FleetWatcher.send_with` gives it
+the one the calls go through (a caller's transport or client, so that scrapes and probes
+reach the endpoints the calls' way): a blocking one is used from the thread, an async one
+on the event loop the calls run in, where only the requests run, each a task of its own.
+
 It depends on the fleet's state only through :class:`WatchedFleet` (what it reads and
 what it reports), so it can be driven by any object with those members.
 
@@ -22,14 +27,17 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import socket
 import ssl
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, Protocol, TypeVar
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from typing import Generic, Protocol, TypeVar, cast
 
 import anyio
 import httpx
@@ -64,6 +72,13 @@ DISCOVER_WAIT = 5.0
 # How often an event loop looks whether the lookup has ended: it must not wait on a
 # thread's event, and a few milliseconds are nothing beside a first call.
 _DISCOVER_POLL = 0.005
+# A request run on an event loop is cut after this many of its timeouts (connecting, the
+# headers, the body): a transport may not honour timeouts at all (httpx.ASGITransport).
+_LOOP_TIMEOUTS = 3
+# How much longer the thread waits for a request handed to an event loop: a loop busy with
+# many streams runs it late. Past that the loop is taken to have ended (or to be blocked),
+# and nothing is recorded: the endpoint is not to blame.
+_LOOP_GRACE = 1.0
 
 
 class _Lookup:
@@ -217,14 +232,15 @@ class FleetWatcher(Generic[E]):
     ``scrape_interval``: seconds between ``/metrics`` rounds (``None``: never read
     them). ``probe_interval``: seconds between ``/health`` probes of every endpoint
     (open ones are probed, not scraped). ``discovery``: the DNS name to re-resolve, or
-    ``None``. ``transport``, ``verify``: for its own small HTTP client. ``clock`` must
-    be the clock of the state's timestamps.
+    ``None``. ``transport``, ``verify``: for its own small HTTP client, unless
+    :meth:`send_with` gives it another. ``clock`` must be the clock of the state's
+    timestamps.
 
     The thread starts on the first :meth:`wake` and sleeps when no call has started
-    for two intervals. It never raises: an endpoint that does not answer, answers
-    4xx/5xx or answers something else than vLLM metrics is reported as
-    ``record_load(endpoint, None, now)``. API keys are sent as ``Bearer`` headers and
-    never logged.
+    for two intervals; a wake always gets a round. It never raises: an endpoint that
+    does not answer, answers 4xx/5xx or answers something else than vLLM metrics is
+    reported as ``record_load(endpoint, None, now)``. API keys are sent as ``Bearer``
+    headers and never logged.
 
     Example::
 
@@ -259,24 +275,52 @@ class FleetWatcher(Generic[E]):
         self._sleeping = False
         self._woken_at = -math.inf
         self._lookup: _Lookup | None = None  # the last DNS lookup started
+        self._sender: _InThread | _OnLoop | None = None  # None: a client of its own
+        self._on_loop: _OnLoop | None = None  # the sender, when it needs the calls' loop
+
+    def send_with(self, http: httpx.Client | httpx.AsyncClient) -> None:
+        """Send the scrapes and probes with ``http`` instead of a client of its own.
+
+        For a client given a transport or an httpx client of the caller's: what the
+        calls go through is the only way to their endpoints (an in-process server, a
+        Unix socket, a proxy of its own). A blocking ``httpx.Client`` is used from the
+        thread; an ``httpx.AsyncClient`` only on the event loop that the last call
+        woke the watcher from, never from the thread. The watcher never closes it.
+        Call it before the first :meth:`wake`.
+
+        Example::
+
+            watcher.send_with(httpx.AsyncClient(transport=FakeVLLM().transport()))
+        """
+        if isinstance(http, httpx.AsyncClient):
+            self._sender = self._on_loop = _OnLoop(http, self._cond)
+        else:
+            self._sender, self._on_loop = _InThread(http), None
 
     def wake(self) -> None:
         """A call is starting: start the thread if it is not running, wake it if asleep.
 
         Cheap enough to call on every call: an attribute write and a test, unless the
-        thread must be started or woken.
+        thread must be started or woken (or, sending on an event loop, none is known).
 
         Example::
 
             watcher.wake()
         """
         self._woken_at = self._clock()
+        on_loop = self._on_loop
+        if on_loop is not None and on_loop.loop is None:
+            on_loop.loop = _running_loop()
         # The thread sets _sleeping before it reads _woken_at for the last time, and
         # this reads _sleeping after writing _woken_at: one of the two sees the other.
         if self._thread is None or self._sleeping:
             with self._cond:
                 if self._closed:
                     return
+                if on_loop is not None:
+                    # After a pause the calls may run in another loop (a second
+                    # asyncio.run()): the one this call runs in is the one to send on.
+                    on_loop.loop = _running_loop() or on_loop.loop
                 if self._thread is None:
                     self._thread = threading.Thread(
                         target=self._run, name="llmstream-fleet-watch", daemon=True
@@ -293,10 +337,14 @@ class FleetWatcher(Generic[E]):
         """
         with self._cond:
             self._closed = True
+            if self._on_loop is not None:
+                self._on_loop.closed = True  # its wait ends, and no request starts
             self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            # A request in progress ends within its timeout (< the join's). DNS lookups,
+            # A request in progress ends within its timeout (< the join's); the thread
+            # does not wait for one handed to an event loop (the caller's, maybe, which
+            # cannot run it while it waits here), which ends on its own. DNS lookups,
             # which cannot be interrupted, run on threads of their own, daemons that do
             # not keep the process alive.
             thread.join(CLOSE_JOIN_TIMEOUT)
@@ -365,46 +413,63 @@ class FleetWatcher(Generic[E]):
         last = self._woken_at if last_call is None else max(last_call, self._woken_at)
         return now - last > self._idle_after
 
+    def _woken_since(self, then: float) -> bool:
+        # A wake the thread has not answered with a round: the thread may run late (a
+        # loaded machine), and by its clock the call may already look two intervals old.
+        return self._woken_at > then
+
     def _run(self) -> None:
         try:
-            with httpx.Client(
-                transport=self._transport,
-                verify=self._verify,
-                follow_redirects=False,
-                timeout=MAX_REQUEST_TIMEOUT,
-            ) as http:
-                self._loop(http)
+            if self._sender is not None:
+                self._loop(self._sender)
+            else:
+                with httpx.Client(
+                    transport=self._transport,
+                    verify=self._verify,
+                    follow_redirects=False,
+                    timeout=MAX_REQUEST_TIMEOUT,
+                ) as http:
+                    self._loop(_InThread(http))
         except Exception as exc:  # the loop catches per task; this is a last resort
             logger.debug("fleet watcher stopped by %s", type(exc).__name__)
         finally:
             with self._cond:
                 self._thread = None  # the next wake() starts a new one, unless closed
 
-    def _loop(self, http: httpx.Client) -> None:
+    def _loop(self, sender: _InThread | _OnLoop) -> None:
         # -inf: due at once; +inf: never (a task that is off must not make the wait 0).
         next_scrape = -math.inf if self._scrape_interval is not None else math.inf
         next_dns = -math.inf if self._discovery is not None else math.inf
         next_probe = -math.inf
+        looked = -math.inf  # when the thread last found it had calls to watch
         while True:
             with self._cond:
                 if self._closed:
                     return
-                if self._idle(self._clock()):
+                now = self._clock()
+                if self._idle(now) and not self._woken_since(looked):
                     self._sleeping = True
-                    while not self._closed and self._idle(self._clock()):
+                    # Anyone waiting to see the thread asleep (a test) is told.
+                    self._cond.notify_all()
+                    while (
+                        not self._closed
+                        and self._idle(self._clock())
+                        and not self._woken_since(looked)
+                    ):
                         self._cond.wait()
                     self._sleeping = False
                     # Asleep only after two intervals without a call: the scrape and
                     # the probes are overdue, so the next round runs at once.
                     continue
+                looked = now
             now = self._clock()
             if self._scrape_interval is not None and now >= next_scrape:
                 next_scrape = now + self._scrape_interval
-                self._scrape_all(http)
+                self._scrape_all(sender)
             now = self._clock()
             if now >= next_probe:
                 next_probe = now + self._probe_interval
-                self._probe_all(http)
+                self._probe_all(sender)
             now = self._clock()
             if self._discovery is not None and now >= next_dns:
                 next_dns = now + self._discovery.interval
@@ -416,7 +481,7 @@ class FleetWatcher(Generic[E]):
                     due = min(next_scrape, next_probe, next_dns)
                     self._cond.wait(blocking_wait(due - self._clock()))
 
-    def _scrape_all(self, http: httpx.Client) -> None:
+    def _scrape_all(self, sender: _InThread | _OnLoop) -> None:
         assert self._scrape_interval is not None
         timeout = min(self._scrape_interval, MAX_REQUEST_TIMEOUT)
         for endpoint in self._state.endpoints:
@@ -425,27 +490,37 @@ class FleetWatcher(Generic[E]):
             try:
                 if endpoint.breaker.state(self._clock()) == "open":
                     continue  # probed instead; scraped again once half-open
-                page = self._get(http, endpoint, "/metrics", timeout)
+                page = self._get(sender, endpoint, "/metrics", timeout)
                 report = parse_vllm_load(page) if page is not None else None
                 if page is not None and report is None:
                     logger.debug("%s/metrics has no vLLM load figures", _root(endpoint))
                 self._state.record_load(endpoint, report, self._clock())
+            except _NotAsked:
+                return  # no event loop to send on: the round waits for the next call
             except Exception as exc:
                 logger.debug("fleet watcher: scraping failed (%s)", type(exc).__name__)
 
-    def _probe_all(self, http: httpx.Client) -> None:
+    def _probe_all(self, sender: _InThread | _OnLoop) -> None:
         timeout = min(self._probe_interval, MAX_REQUEST_TIMEOUT)
         for endpoint in self._state.endpoints:
             if self._closed:
                 return
             try:
-                ok = self._get(http, endpoint, "/health", timeout, text=False) is not None
+                ok = self._get(sender, endpoint, "/health", timeout, text=False) is not None
                 self._state.record_probe(endpoint, ok, self._clock())
+            except _NotAsked:
+                return
             except Exception as exc:
                 logger.debug("fleet watcher: probing failed (%s)", type(exc).__name__)
 
     def _get(
-        self, http: httpx.Client, endpoint: E, path: str, timeout: float, *, text: bool = True
+        self,
+        sender: _InThread | _OnLoop,
+        endpoint: E,
+        path: str,
+        timeout: float,
+        *,
+        text: bool = True,
     ) -> str | None:
         """The body of a 200 answer to GET ``path``, or ``None``.
 
@@ -464,15 +539,7 @@ class FleetWatcher(Generic[E]):
             # The HTTP library would refuse it, and its own debug log quotes refused values.
             logger.debug("%s not asked: the API key is not a valid header value", url)
             return None
-        try:
-            with http.stream("GET", url, headers=headers, timeout=timeout) as response:
-                page = _read_page(response, url, timeout, text=text)
-        except httpx.HTTPError as exc:
-            # Only the type: a refused header's error message may quote the key.
-            logger.debug("%s did not answer (%s)", url, type(exc).__name__)
-            return None
-        unbind(response)
-        return page
+        return sender.get(url, headers, timeout, text=text)
 
     def _discover(self, now: float) -> bool:
         discovery = self._discovery
@@ -502,42 +569,276 @@ class FleetWatcher(Generic[E]):
         return True
 
 
+class _NotAsked(Exception):
+    """A request handed to an event loop was not sent: no loop ran it (nothing to record)."""
+
+
+class _InThread:
+    """Sends from the watcher's thread, with a blocking httpx client."""
+
+    def __init__(self, http: httpx.Client) -> None:
+        self._http = http
+
+    def get(
+        self, url: str, headers: Mapping[str, str], timeout: float, *, text: bool
+    ) -> str | None:
+        """The page at ``url`` (see :func:`_read_page`); ``None``: no usable answer."""
+        try:
+            # Not followed: a client of the caller's may follow redirects, and one to
+            # another host would carry the key.
+            with self._http.stream(
+                "GET", url, headers=headers, timeout=timeout, follow_redirects=False
+            ) as response:
+                page = _read_page(response, url, timeout, text=text)
+        except httpx.HTTPError as exc:
+            # Only the type: a refused header's error message may quote the key.
+            logger.debug("%s did not answer (%s)", url, type(exc).__name__)
+            return None
+        unbind(response)
+        return page
+
+
+class _OnLoop:
+    """Sends with an ``httpx.AsyncClient``, on the event loop the calls run in.
+
+    ``loop`` is the loop a call last woke the watcher from. Each request runs there as a
+    task of its own, so the loop never waits on one, while the thread waits for its page
+    (and parses it: that costs the loop nothing either). The wait ends at once when the
+    watcher closes. A request the loop did not run (the loop ended, or is blocked)
+    raises :class:`_NotAsked`, and the loop is forgotten until the next call tells
+    which one runs the calls now.
+    """
+
+    def __init__(self, http: httpx.AsyncClient, cond: threading.Condition) -> None:
+        self.http = http
+        self.cond = cond  # the watcher's
+        self.closed = False  # set with the watcher's, under its condition
+        self.loop: _AsyncioLoop | _TrioLoop | None = None
+
+    def get(
+        self, url: str, headers: Mapping[str, str], timeout: float, *, text: bool
+    ) -> str | None:
+        """The page at ``url``, fetched on the loop; raises :class:`_NotAsked`."""
+        loop = self.loop
+        if loop is None:
+            raise _NotAsked
+        request = _LoopRequest(self, url, headers, timeout, text=text)
+        if loop.start(request):
+            with self.cond:
+                self.cond.wait_for(
+                    lambda: request.done or self.closed,
+                    _LOOP_TIMEOUTS * timeout + _LOOP_GRACE,
+                )
+        if not request.answered:
+            if self.loop is loop and not self.closed:
+                self.loop = None
+            raise _NotAsked
+        return request.page
+
+
+class _LoopRequest:
+    """One GET handed to an event loop, and what came of it."""
+
+    def __init__(
+        self, sender: _OnLoop, url: str, headers: Mapping[str, str], timeout: float, *, text: bool
+    ) -> None:
+        self._sender = sender
+        self._url = url
+        self._headers = headers
+        self._timeout = timeout
+        self._text = text
+        self.done = False  # under the watcher's condition
+        self.answered = False  # it was sent, and page is what came of it
+        self.page: str | None = None
+
+    async def run(self) -> None:
+        """Send it and read the answer; never raises but the loop's own cancellation."""
+        try:
+            if not self._sender.closed:
+                with anyio.move_on_after(_LOOP_TIMEOUTS * self._timeout) as scope:
+                    self.page = await self._fetch()
+                if scope.cancelled_caught:
+                    logger.debug("%s did not answer in time", self._url)
+                self.answered = True
+        except Exception as exc:
+            # No caller to raise to, and an error escaping a trio system task ends the run.
+            logger.debug("fleet watcher: a request failed (%s)", type(exc).__name__)
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        """Tell the waiting thread it is over (answered or not)."""
+        with self._sender.cond:
+            self.done = True
+            self._sender.cond.notify_all()
+
+    async def _fetch(self) -> str | None:
+        url, timeout = self._url, self._timeout
+        try:
+            async with self._sender.http.stream(
+                "GET", url, headers=self._headers, timeout=timeout, follow_redirects=False
+            ) as response:
+                page = await _aread_page(response, url, timeout, text=self._text)
+        except httpx.HTTPError as exc:
+            logger.debug("%s did not answer (%s)", url, type(exc).__name__)
+            return None
+        unbind(response)
+        return page
+
+
+# The asyncio tasks running requests: the loop keeps only weak references to its tasks.
+_loop_tasks: set[asyncio.Task[None]] = set()
+
+
+class _AsyncioLoop:
+    """An asyncio event loop (uvloop's too), started from another thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def start(self, request: _LoopRequest) -> bool:
+        """Run ``request`` in a task of the loop, soon; ``False``: the loop has stopped."""
+
+        def spawn() -> None:
+            try:
+                task = self._loop.create_task(request.run())
+            except RuntimeError:  # the loop is closing
+                request.finish()
+                return
+            _loop_tasks.add(task)
+            task.add_done_callback(_loop_tasks.discard)
+
+        if not self._loop.is_running():
+            return False  # a callback would wait for a run that may never come
+        try:
+            self._loop.call_soon_threadsafe(spawn)
+        except RuntimeError:  # closed
+            return False
+        return True
+
+
+class _TrioToken(Protocol):
+    def run_sync_soon(self, sync_fn: Callable[[], None]) -> None: ...
+
+
+class _TrioLoop:
+    """A trio run, started from another thread through its token."""
+
+    def __init__(self, token: _TrioToken) -> None:
+        self._token = token
+
+    def start(self, request: _LoopRequest) -> bool:
+        """Run ``request`` in a system task of the run, soon; ``False``: the run has ended."""
+        trio = sys.modules["trio"]
+
+        def spawn() -> None:
+            # Must not raise: an error in a run_sync_soon callback ends the run.
+            try:
+                trio.lowlevel.spawn_system_task(request.run, name="llmstream-fleet-watch")
+            except Exception:  # the run is ending
+                request.finish()
+
+        try:
+            self._token.run_sync_soon(spawn)
+        except Exception:  # trio.RunFinishedError
+            return False
+        return True
+
+
+def _running_loop() -> _AsyncioLoop | _TrioLoop | None:
+    """The event loop the caller runs in, or ``None`` outside one."""
+    try:
+        return _AsyncioLoop(asyncio.get_running_loop())
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return _TrioLoop(trio.lowlevel.current_trio_token())
+        except RuntimeError:
+            pass
+    return None
+
+
+def _answered_200(response: httpx.Response, url: str) -> bool:
+    if response.status_code != 200:
+        logger.debug("%s answered %d", url, response.status_code)
+        return False
+    return True
+
+
+class _Body:
+    """A body read as sent, never decoded: refused past ``MAX_PAGE_BYTES`` or its time."""
+
+    # Never decoded: httpx decodes each chunk whole before handing it over, and one 64 kB
+    # read of gzip decodes to 64 MB: the size of the page would be checked too late.
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self._url = url
+        # The timeout bounds each read, not the whole body: a server that trickles must
+        # not hold the thread (or close()) either.
+        self._deadline = time.monotonic() + timeout
+        self._data = bytearray()
+
+    def take(self, chunk: bytes) -> bool:
+        """Add ``chunk``; ``False``: the body is too large or too slow, and refused."""
+        self._data += chunk
+        if len(self._data) > MAX_PAGE_BYTES or time.monotonic() > self._deadline:
+            logger.debug("%s: too large or too slow, not read", self._url)
+            return False
+        return True
+
+    def page(self, response: httpx.Response, *, text: bool) -> str | None:
+        """The body as text (``""`` when not ``text``); ``None`` when content-encoded."""
+        if not text:
+            return ""
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            logger.debug(
+                "%s answered in the %r content-encoding, not asked for", self._url, encoding[:20]
+            )
+            return None
+        return self._data.decode("utf-8", errors="replace")
+
+
 def _read_page(response: httpx.Response, url: str, timeout: float, *, text: bool) -> str | None:
     """The body of a 200 answer (``""`` when not ``text``), or ``None``.
 
     At most ``MAX_PAGE_BYTES`` are read, as sent: a body in a content-encoding is
     refused, never decoded, since it was not asked for.
     """
-    if response.status_code != 200:
-        logger.debug("%s answered %d", url, response.status_code)
+    if not _answered_200(response, url):
         return None
-    # The timeout bounds each read, not the whole body: a server that trickles must
-    # not hold the thread (or close()) either.
-    deadline = time.monotonic() + timeout
-    body = bytearray()
-    for chunk in _raw_chunks(response):
-        body += chunk
-        if len(body) > MAX_PAGE_BYTES or time.monotonic() > deadline:
-            logger.debug("%s: too large or too slow, not read", url)
-            return None
-    if not text:
-        return ""
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        logger.debug("%s answered in the %r content-encoding, not asked for", url, encoding[:20])
-        return None
-    return body.decode("utf-8", errors="replace")
-
-
-def _raw_chunks(response: httpx.Response) -> Iterator[bytes]:
-    """The body as sent, never decoded."""
-    # httpx decodes each chunk whole before handing it over, and one 64 kB read of gzip
-    # decodes to 64 MB: the size of the page would be checked too late.
+    body = _Body(url, timeout)
     try:
         # A transport may answer with a body already in memory (httpx.MockTransport).
-        yield response.content
+        chunks: Iterable[bytes] = (response.content,)
     except httpx.ResponseNotRead:
-        yield from response.iter_raw()
+        chunks = response.iter_raw()
+    # all() stops at the first chunk refused: nothing more is read.
+    return body.page(response, text=text) if all(map(body.take, chunks)) else None
+
+
+async def _aread_page(
+    response: httpx.Response, url: str, timeout: float, *, text: bool
+) -> str | None:
+    """:func:`_read_page` on an event loop."""
+    if not _answered_200(response, url):
+        return None
+    body = _Body(url, timeout)
+    try:
+        whole = response.content
+    except httpx.ResponseNotRead:
+        chunks = cast(AsyncGenerator[bytes, None], response.aiter_raw())
+        # Closed here, not left for the loop to finalise when the page is refused.
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                if not body.take(chunk):
+                    return None
+    else:
+        if not body.take(whole):
+            return None
+    return body.page(response, text=text)
 
 
 def _root(endpoint: WatchedEndpoint) -> str:
