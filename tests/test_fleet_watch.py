@@ -23,7 +23,7 @@ import anyio
 import httpx
 import pytest
 
-from llmstream import _fleet_watch
+from llmstream import _fleet_pages
 from llmstream._fleet_watch import FleetWatcher, service_root
 from llmstream._vllm_metrics import LoadReport
 
@@ -404,7 +404,7 @@ def test_a_refused_connection_is_no_load_and_others_are_still_read(
 def test_an_oversized_page_is_not_read(
     server: Recorder, watchers: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_fleet_watch, "MAX_PAGE_BYTES", 1000)
+    monkeypatch.setattr(_fleet_pages, "MAX_PAGE_BYTES", 1000)
     server.routes["/metrics"] = (200, b"vllm:num_requests_running 1\n" * 100)
     endpoint = FakeEndpoint(server.base())
     fleet = FakeFleet(endpoint)
@@ -448,7 +448,7 @@ def test_a_compression_bomb_is_neither_asked_for_nor_decoded(
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 2 * _fleet_watch.MAX_PAGE_BYTES, f"{peak / 2**20:.0f} MiB at the peak"
+    assert peak < 2 * _fleet_pages.MAX_PAGE_BYTES, f"{peak / 2**20:.0f} MiB at the peak"
     assert set(fleet.loads_of(endpoint)) == {None}
     with fleet.cond:
         assert {ok for _, ok in fleet.probes} == {True}

@@ -21,8 +21,9 @@ import httpx
 import pytest
 import trio
 
-from llmstream import _fleet_watch
-from llmstream._fleet_watch import FleetWatcher, _NotAsked, _OnLoop, _running_loop
+from llmstream import _fleet_pages
+from llmstream._fleet_pages import NotAsked, OnLoop, running_loop
+from llmstream._fleet_watch import FleetWatcher
 from llmstream.testing import FakeVLLM
 from llmstream.testing._transport import FakeTransport
 
@@ -317,7 +318,7 @@ async def test_pages_read_on_the_event_loop_are_bounded(
     headers: dict[str, str],
     expected: object,
 ) -> None:
-    monkeypatch.setattr(_fleet_watch, "MAX_PAGE_BYTES", len(METRICS) + 1000)
+    monkeypatch.setattr(_fleet_pages, "MAX_PAGE_BYTES", len(METRICS) + 1000)
     bodies: list[_Trickle] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -329,7 +330,7 @@ async def test_pages_read_on_the_event_loop_are_bounded(
     await watch_on_loop(fleet, answer, lambda: len(fleet.loads) >= 1)
     assert fleet.loads_of(endpoint)[0] == expected
     if expected is None and not headers:  # refused once over the cap: the rest is not read
-        cap = _fleet_watch.MAX_PAGE_BYTES
+        cap = _fleet_pages.MAX_PAGE_BYTES
         assert bodies[0].sent == cap // len(pieces[0]) + 1 < len(pieces)
 
 
@@ -359,7 +360,7 @@ async def test_close_does_not_wait_for_a_request_on_the_event_loop(
 
 def _loop_of_an_ended_run(backend: str) -> Any:
     async def capture() -> Any:
-        return _running_loop()
+        return running_loop()
 
     if backend == "asyncio":
         return asyncio.run(capture())
@@ -376,16 +377,14 @@ def test_a_request_for_an_ended_event_loop_is_not_sent(backend: str) -> None:
         sent.append(request)
         return httpx.Response(200)
 
-    sender = _OnLoop(
-        httpx.AsyncClient(transport=httpx.MockTransport(answer)), threading.Condition()
-    )
+    sender = OnLoop(httpx.AsyncClient(transport=httpx.MockTransport(answer)), threading.Condition())
     sender.loop = _loop_of_an_ended_run(backend)
     assert sender.loop is not None
-    with pytest.raises(_NotAsked):
+    with pytest.raises(NotAsked):
         sender.get("http://gpu-1.internal:8000/health", {}, 0.05, text=False)
     assert sender.loop is None
     assert sent == []
 
 
 def test_outside_an_event_loop_there_is_none() -> None:
-    assert _running_loop() is None
+    assert running_loop() is None

@@ -27,23 +27,20 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import socket
 import ssl
-import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from typing import Generic, Protocol, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar
 
 import anyio
 import httpx
 
 from ._deadlines import blocking_wait
-from ._httpx_transport import unbind
+from ._fleet_pages import InThread, NotAsked, OnLoop, running_loop
 from ._vllm_metrics import LoadReport, parse_vllm_load
 
 __all__ = [
@@ -57,9 +54,6 @@ __all__ = [
 
 logger = logging.getLogger("llmstream")
 
-# A /metrics page of a large vLLM deployment is a few hundred kB; anything far bigger is
-# not one, and must not be buffered.
-MAX_PAGE_BYTES = 8 * 1024 * 1024
 # Requests are sequential on one thread: a slow endpoint must not hold up the others for
 # long, and a request in progress when close() is called must end within its join. Shorter
 # intervals shorten it further.
@@ -72,13 +66,6 @@ DISCOVER_WAIT = 5.0
 # How often an event loop looks whether the lookup has ended: it must not wait on a
 # thread's event, and a few milliseconds are nothing beside a first call.
 _DISCOVER_POLL = 0.005
-# A request run on an event loop is cut after this many of its timeouts (connecting, the
-# headers, the body): a transport may not honour timeouts at all (httpx.ASGITransport).
-_LOOP_TIMEOUTS = 3
-# How much longer the thread waits for a request handed to an event loop: a loop busy with
-# many streams runs it late. Past that the loop is taken to have ended (or to be blocked),
-# and nothing is recorded: the endpoint is not to blame.
-_LOOP_GRACE = 1.0
 
 
 class _Lookup:
@@ -275,8 +262,8 @@ class FleetWatcher(Generic[E]):
         self._sleeping = False
         self._woken_at = -math.inf
         self._lookup: _Lookup | None = None  # the last DNS lookup started
-        self._sender: _InThread | _OnLoop | None = None  # None: a client of its own
-        self._on_loop: _OnLoop | None = None  # the sender, when it needs the calls' loop
+        self._sender: InThread | OnLoop | None = None  # None: a client of its own
+        self._on_loop: OnLoop | None = None  # the sender, when it needs the calls' loop
 
     def send_with(self, http: httpx.Client | httpx.AsyncClient) -> None:
         """Send the scrapes and probes with ``http`` instead of a client of its own.
@@ -293,9 +280,9 @@ class FleetWatcher(Generic[E]):
             watcher.send_with(httpx.AsyncClient(transport=FakeVLLM().transport()))
         """
         if isinstance(http, httpx.AsyncClient):
-            self._sender = self._on_loop = _OnLoop(http, self._cond)
+            self._sender = self._on_loop = OnLoop(http, self._cond)
         else:
-            self._sender, self._on_loop = _InThread(http), None
+            self._sender, self._on_loop = InThread(http), None
 
     def wake(self) -> None:
         """A call is starting: start the thread if it is not running, wake it if asleep.
@@ -310,7 +297,7 @@ class FleetWatcher(Generic[E]):
         self._woken_at = self._clock()
         on_loop = self._on_loop
         if on_loop is not None and on_loop.loop is None:
-            on_loop.loop = _running_loop()
+            on_loop.loop = running_loop()
         # The thread sets _sleeping before it reads _woken_at for the last time, and
         # this reads _sleeping after writing _woken_at: one of the two sees the other.
         if self._thread is None or self._sleeping:
@@ -320,7 +307,7 @@ class FleetWatcher(Generic[E]):
                 if on_loop is not None:
                     # After a pause the calls may run in another loop (a second
                     # asyncio.run()): the one this call runs in is the one to send on.
-                    on_loop.loop = _running_loop() or on_loop.loop
+                    on_loop.loop = running_loop() or on_loop.loop
                 if self._thread is None:
                     self._thread = threading.Thread(
                         target=self._run, name="llmstream-fleet-watch", daemon=True
@@ -429,14 +416,14 @@ class FleetWatcher(Generic[E]):
                     follow_redirects=False,
                     timeout=MAX_REQUEST_TIMEOUT,
                 ) as http:
-                    self._loop(_InThread(http))
+                    self._loop(InThread(http))
         except Exception as exc:  # the loop catches per task; this is a last resort
             logger.debug("fleet watcher stopped by %s", type(exc).__name__)
         finally:
             with self._cond:
                 self._thread = None  # the next wake() starts a new one, unless closed
 
-    def _loop(self, sender: _InThread | _OnLoop) -> None:
+    def _loop(self, sender: InThread | OnLoop) -> None:
         # -inf: due at once; +inf: never (a task that is off must not make the wait 0).
         next_scrape = -math.inf if self._scrape_interval is not None else math.inf
         next_dns = -math.inf if self._discovery is not None else math.inf
@@ -481,7 +468,7 @@ class FleetWatcher(Generic[E]):
                     due = min(next_scrape, next_probe, next_dns)
                     self._cond.wait(blocking_wait(due - self._clock()))
 
-    def _scrape_all(self, sender: _InThread | _OnLoop) -> None:
+    def _scrape_all(self, sender: InThread | OnLoop) -> None:
         assert self._scrape_interval is not None
         timeout = min(self._scrape_interval, MAX_REQUEST_TIMEOUT)
         for endpoint in self._state.endpoints:
@@ -495,12 +482,12 @@ class FleetWatcher(Generic[E]):
                 if page is not None and report is None:
                     logger.debug("%s/metrics has no vLLM load figures", _root(endpoint))
                 self._state.record_load(endpoint, report, self._clock())
-            except _NotAsked:
+            except NotAsked:
                 return  # no event loop to send on: the round waits for the next call
             except Exception as exc:
                 logger.debug("fleet watcher: scraping failed (%s)", type(exc).__name__)
 
-    def _probe_all(self, sender: _InThread | _OnLoop) -> None:
+    def _probe_all(self, sender: InThread | OnLoop) -> None:
         timeout = min(self._probe_interval, MAX_REQUEST_TIMEOUT)
         for endpoint in self._state.endpoints:
             if self._closed:
@@ -508,14 +495,14 @@ class FleetWatcher(Generic[E]):
             try:
                 ok = self._get(sender, endpoint, "/health", timeout, text=False) is not None
                 self._state.record_probe(endpoint, ok, self._clock())
-            except _NotAsked:
+            except NotAsked:
                 return
             except Exception as exc:
                 logger.debug("fleet watcher: probing failed (%s)", type(exc).__name__)
 
     def _get(
         self,
-        sender: _InThread | _OnLoop,
+        sender: InThread | OnLoop,
         endpoint: E,
         path: str,
         timeout: float,
@@ -567,278 +554,6 @@ class FleetWatcher(Generic[E]):
             logger.debug("fleet watcher: discovery failed (%s)", type(exc).__name__)
             return False
         return True
-
-
-class _NotAsked(Exception):
-    """A request handed to an event loop was not sent: no loop ran it (nothing to record)."""
-
-
-class _InThread:
-    """Sends from the watcher's thread, with a blocking httpx client."""
-
-    def __init__(self, http: httpx.Client) -> None:
-        self._http = http
-
-    def get(
-        self, url: str, headers: Mapping[str, str], timeout: float, *, text: bool
-    ) -> str | None:
-        """The page at ``url`` (see :func:`_read_page`); ``None``: no usable answer."""
-        try:
-            # Not followed: a client of the caller's may follow redirects, and one to
-            # another host would carry the key.
-            with self._http.stream(
-                "GET", url, headers=headers, timeout=timeout, follow_redirects=False
-            ) as response:
-                page = _read_page(response, url, timeout, text=text)
-        except httpx.HTTPError as exc:
-            # Only the type: a refused header's error message may quote the key.
-            logger.debug("%s did not answer (%s)", url, type(exc).__name__)
-            return None
-        unbind(response)
-        return page
-
-
-class _OnLoop:
-    """Sends with an ``httpx.AsyncClient``, on the event loop the calls run in.
-
-    ``loop`` is the loop a call last woke the watcher from. Each request runs there as a
-    task of its own, so the loop never waits on one, while the thread waits for its page
-    (and parses it: that costs the loop nothing either). The wait ends at once when the
-    watcher closes. A request the loop did not run (the loop ended, or is blocked)
-    raises :class:`_NotAsked`, and the loop is forgotten until the next call tells
-    which one runs the calls now.
-    """
-
-    def __init__(self, http: httpx.AsyncClient, cond: threading.Condition) -> None:
-        self.http = http
-        self.cond = cond  # the watcher's
-        self.closed = False  # set with the watcher's, under its condition
-        self.loop: _AsyncioLoop | _TrioLoop | None = None
-
-    def get(
-        self, url: str, headers: Mapping[str, str], timeout: float, *, text: bool
-    ) -> str | None:
-        """The page at ``url``, fetched on the loop; raises :class:`_NotAsked`."""
-        loop = self.loop
-        if loop is None:
-            raise _NotAsked
-        request = _LoopRequest(self, url, headers, timeout, text=text)
-        if loop.start(request):
-            with self.cond:
-                self.cond.wait_for(
-                    lambda: request.done or self.closed,
-                    _LOOP_TIMEOUTS * timeout + _LOOP_GRACE,
-                )
-        if not request.answered:
-            if self.loop is loop and not self.closed:
-                self.loop = None
-            raise _NotAsked
-        return request.page
-
-
-class _LoopRequest:
-    """One GET handed to an event loop, and what came of it."""
-
-    def __init__(
-        self, sender: _OnLoop, url: str, headers: Mapping[str, str], timeout: float, *, text: bool
-    ) -> None:
-        self._sender = sender
-        self._url = url
-        self._headers = headers
-        self._timeout = timeout
-        self._text = text
-        self.done = False  # under the watcher's condition
-        self.answered = False  # it was sent, and page is what came of it
-        self.page: str | None = None
-
-    async def run(self) -> None:
-        """Send it and read the answer; never raises but the loop's own cancellation."""
-        try:
-            if not self._sender.closed:
-                with anyio.move_on_after(_LOOP_TIMEOUTS * self._timeout) as scope:
-                    self.page = await self._fetch()
-                if scope.cancelled_caught:
-                    logger.debug("%s did not answer in time", self._url)
-                self.answered = True
-        except Exception as exc:
-            # No caller to raise to, and an error escaping a trio system task ends the run.
-            logger.debug("fleet watcher: a request failed (%s)", type(exc).__name__)
-        finally:
-            self.finish()
-
-    def finish(self) -> None:
-        """Tell the waiting thread it is over (answered or not)."""
-        with self._sender.cond:
-            self.done = True
-            self._sender.cond.notify_all()
-
-    async def _fetch(self) -> str | None:
-        url, timeout = self._url, self._timeout
-        try:
-            async with self._sender.http.stream(
-                "GET", url, headers=self._headers, timeout=timeout, follow_redirects=False
-            ) as response:
-                page = await _aread_page(response, url, timeout, text=self._text)
-        except httpx.HTTPError as exc:
-            logger.debug("%s did not answer (%s)", url, type(exc).__name__)
-            return None
-        unbind(response)
-        return page
-
-
-# The asyncio tasks running requests: the loop keeps only weak references to its tasks.
-_loop_tasks: set[asyncio.Task[None]] = set()
-
-
-class _AsyncioLoop:
-    """An asyncio event loop (uvloop's too), started from another thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
-    def start(self, request: _LoopRequest) -> bool:
-        """Run ``request`` in a task of the loop, soon; ``False``: the loop has stopped."""
-
-        def spawn() -> None:
-            try:
-                task = self._loop.create_task(request.run())
-            except RuntimeError:  # the loop is closing
-                request.finish()
-                return
-            _loop_tasks.add(task)
-            task.add_done_callback(_loop_tasks.discard)
-
-        if not self._loop.is_running():
-            return False  # a callback would wait for a run that may never come
-        try:
-            self._loop.call_soon_threadsafe(spawn)
-        except RuntimeError:  # closed
-            return False
-        return True
-
-
-class _TrioToken(Protocol):
-    def run_sync_soon(self, sync_fn: Callable[[], None]) -> None: ...
-
-
-class _TrioLoop:
-    """A trio run, started from another thread through its token."""
-
-    def __init__(self, token: _TrioToken) -> None:
-        self._token = token
-
-    def start(self, request: _LoopRequest) -> bool:
-        """Run ``request`` in a system task of the run, soon; ``False``: the run has ended."""
-        trio = sys.modules["trio"]
-
-        def spawn() -> None:
-            # Must not raise: an error in a run_sync_soon callback ends the run.
-            try:
-                trio.lowlevel.spawn_system_task(request.run, name="llmstream-fleet-watch")
-            except Exception:  # the run is ending
-                request.finish()
-
-        try:
-            self._token.run_sync_soon(spawn)
-        except Exception:  # trio.RunFinishedError
-            return False
-        return True
-
-
-def _running_loop() -> _AsyncioLoop | _TrioLoop | None:
-    """The event loop the caller runs in, or ``None`` outside one."""
-    try:
-        return _AsyncioLoop(asyncio.get_running_loop())
-    except RuntimeError:
-        pass
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            return _TrioLoop(trio.lowlevel.current_trio_token())
-        except RuntimeError:
-            pass
-    return None
-
-
-def _answered_200(response: httpx.Response, url: str) -> bool:
-    if response.status_code != 200:
-        logger.debug("%s answered %d", url, response.status_code)
-        return False
-    return True
-
-
-class _Body:
-    """A body read as sent, never decoded: refused past ``MAX_PAGE_BYTES`` or its time."""
-
-    # Never decoded: httpx decodes each chunk whole before handing it over, and one 64 kB
-    # read of gzip decodes to 64 MB: the size of the page would be checked too late.
-
-    def __init__(self, url: str, timeout: float) -> None:
-        self._url = url
-        # The timeout bounds each read, not the whole body: a server that trickles must
-        # not hold the thread (or close()) either.
-        self._deadline = time.monotonic() + timeout
-        self._data = bytearray()
-
-    def take(self, chunk: bytes) -> bool:
-        """Add ``chunk``; ``False``: the body is too large or too slow, and refused."""
-        self._data += chunk
-        if len(self._data) > MAX_PAGE_BYTES or time.monotonic() > self._deadline:
-            logger.debug("%s: too large or too slow, not read", self._url)
-            return False
-        return True
-
-    def page(self, response: httpx.Response, *, text: bool) -> str | None:
-        """The body as text (``""`` when not ``text``); ``None`` when content-encoded."""
-        if not text:
-            return ""
-        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            logger.debug(
-                "%s answered in the %r content-encoding, not asked for", self._url, encoding[:20]
-            )
-            return None
-        return self._data.decode("utf-8", errors="replace")
-
-
-def _read_page(response: httpx.Response, url: str, timeout: float, *, text: bool) -> str | None:
-    """The body of a 200 answer (``""`` when not ``text``), or ``None``.
-
-    At most ``MAX_PAGE_BYTES`` are read, as sent: a body in a content-encoding is
-    refused, never decoded, since it was not asked for.
-    """
-    if not _answered_200(response, url):
-        return None
-    body = _Body(url, timeout)
-    try:
-        # A transport may answer with a body already in memory (httpx.MockTransport).
-        chunks: Iterable[bytes] = (response.content,)
-    except httpx.ResponseNotRead:
-        chunks = response.iter_raw()
-    # all() stops at the first chunk refused: nothing more is read.
-    return body.page(response, text=text) if all(map(body.take, chunks)) else None
-
-
-async def _aread_page(
-    response: httpx.Response, url: str, timeout: float, *, text: bool
-) -> str | None:
-    """:func:`_read_page` on an event loop."""
-    if not _answered_200(response, url):
-        return None
-    body = _Body(url, timeout)
-    try:
-        whole = response.content
-    except httpx.ResponseNotRead:
-        chunks = cast(AsyncGenerator[bytes, None], response.aiter_raw())
-        # Closed here, not left for the loop to finalise when the page is refused.
-        async with contextlib.aclosing(chunks):
-            async for chunk in chunks:
-                if not body.take(chunk):
-                    return None
-    else:
-        if not body.take(whole):
-            return None
-    return body.page(response, text=text)
 
 
 def _root(endpoint: WatchedEndpoint) -> str:
