@@ -258,14 +258,24 @@ class AsyncChatStream(StreamBase):
         """
         if not self._core.stop("cancelled", now()):
             return
+        self._pending.clear()
+        if self._buffer is not None:
+            self._buffer.items.clear()
+        self._cut()
+
+    def _client_closed(self) -> None:
+        """The client is closing: the stream fails with ClientClosed, at once."""
+        if self._core.client_closed(now()):
+            self._cut()
+
+    def _cut(self) -> None:
+        """Cut the request in flight and end the reading, once the call was stopped."""
         if self._send_scope is not None:
             self._send_scope.cancel()
         if self._response is not None:
             self._response.abort()
-        self._pending.clear()
         if self._buffer is not None:
-            self._buffer.items.clear()
-            self._buffer.end()
+            self._buffer.end(self._core.error)
         if self._pump_scope is not None:
             self._pump_scope.cancel()
         self._wake_all()
@@ -339,6 +349,8 @@ class AsyncChatStream(StreamBase):
     async def _open(self) -> None:
         """Plan the call, then send requests until one streams (or the call ends)."""
         core = self._core
+        if core.ended:
+            return  # its client was closed before it opened: iteration raises that
         try:
             await self._plan()
             while self._reader is None and core.stopped is None:

@@ -43,6 +43,7 @@ from ._deadlines import DeadlineKind, Timeouts, next_deadline
 from ._errors import (
     BudgetExceeded,
     BufferOverflow,
+    ClientClosed,
     FirstTokenTimeout,
     IdleTimeout,
     LLMStreamError,
@@ -1033,6 +1034,27 @@ class CallCore:
             self._emit_end(now, self.error)
         elif self.has_result:
             self._emit_end(now, None)
+        return True
+
+    def client_closed(self, now: float) -> bool:
+        """The client was closed under the call: it fails with ClientClosed, and stops.
+
+        Nothing more is sent or read (the shell cuts the connection); the consumer gets
+        what was handed over, then the error. False when the call had ended already.
+        """
+        if self.ended:
+            return False
+        error = ClientClosed(
+            "The client was closed while this stream was in flight, so its request was "
+            "cancelled. exc.partial holds what arrived. Close the client only after its "
+            "streams end.",
+            partial=StreamResult(status="aborted", retries=max(self._attempts - 1, 0)),
+        )
+        if self.session is not None:
+            self._abort(error, now)
+        else:
+            self.fail(error, now)
+        self.stopped = "cancelled"
         return True
 
     def settle(self) -> None:

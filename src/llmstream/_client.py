@@ -10,9 +10,10 @@ import contextlib
 import dataclasses
 import json
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import anyio
 import httpx
@@ -125,6 +126,10 @@ def _header_map(params: Mapping[str, object], name: str) -> dict[str, str]:
     return checked
 
 
+class _ClosableStream(Protocol):
+    def _client_closed(self) -> None: ...
+
+
 class _BaseClient:
     """Configuration and request building shared by both clients (no I/O)."""
 
@@ -163,6 +168,9 @@ class _BaseClient:
             }
         )
         self.budget = budget
+        # Its streams that may still be open, so that closing the client ends them.
+        self._streams: weakref.WeakSet[_ClosableStream] = weakref.WeakSet()
+        self._streams_lock = threading.Lock()  # sync streams start on many threads
         self.hooks = check_hooks(hooks, sync=self._sync_hooks)
         """The hooks every call of this client tells its events to (see ``hooks=``)."""
         # Context lengths (vLLM's max_model_len) from GET /models, by model id.
@@ -253,6 +261,18 @@ class _BaseClient:
         """
         if self._watcher is not None:
             self._watcher.send_with(http)
+
+    def _track(self, stream: _ClosableStream) -> None:
+        """Count ``stream`` among the client's own, to end it if the client closes first."""
+        with self._streams_lock:
+            self._streams.add(stream)
+
+    def _close_streams(self) -> None:
+        """End the client's streams still in flight: each fails with ClientClosed."""
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream._client_closed()
 
     def _close_fleet(self) -> None:
         if self._watcher is not None:
@@ -534,7 +554,12 @@ class AsyncClient(_BaseClient):
                 ...
             finally:
                 await client.aclose()
+
+        Streams of the client still in flight end first: their connections are cut
+        (vLLM aborts their requests) and their consumers get
+        :class:`~llmstream.ClientClosed`.
         """
+        self._close_streams()
         self._close_fleet()
         await self._transport.aclose()
 
@@ -751,7 +776,12 @@ class Client(_BaseClient):
                 ...
             finally:
                 client.close()
+
+        Streams of the client still in flight, on any thread, end first: their
+        connections are cut (vLLM aborts their requests) and their consumers get
+        :class:`~llmstream.ClientClosed`.
         """
+        self._close_streams()
         self._close_fleet()
         self._transport.close()
 

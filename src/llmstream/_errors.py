@@ -46,6 +46,7 @@ __all__ = [
     "BudgetExceeded",
     "BudgetLimit",
     "BufferOverflow",
+    "ClientClosed",
     "ConnectTimeout",
     "FirstTokenTimeout",
     "IdleTimeout",
@@ -358,7 +359,7 @@ class ServerStreamError(StreamInterrupted):
 
 
 class StreamAborted(LLMStreamError):
-    """The client stopped the stream because a limit set on it was reached.
+    """The client stopped the stream: a limit set on it was reached, or it was closed.
 
     The connection is closed (so vLLM aborts the request) and ``partial``
     holds what arrived before, with ``status == "aborted"``.
@@ -385,6 +386,23 @@ class BufferOverflow(StreamAborted):
 
         async with client.stream("Hi", buffer=16, on_full="error") as stream:
             ...  # a consumer that stalls gets BufferOverflow instead of backpressure
+    """
+
+
+class ClientClosed(StreamAborted):
+    """The client was closed while the stream was in flight.
+
+    ``Client.close()`` / ``AsyncClient.aclose()`` end every stream of the client that is
+    still open: each one's connection is cut (vLLM aborts the request) and its consumer
+    gets what was handed over before, then this error.
+
+    Example::
+
+        try:
+            async for text in stream:
+                ...
+        except llmstream.ClientClosed as exc:
+            print("shutting down after", len(exc.partial.text), "characters")
     """
 
 

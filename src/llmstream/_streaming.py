@@ -94,6 +94,7 @@ class StreamBase:
             endpoint=client._endpoint,
             route=route,
         )
+        client._track(self)
         self._owns_client = owns_client
         self._entered = False
         self._closed = False  # the shell released what it held
@@ -125,6 +126,10 @@ class StreamBase:
                 "asking for .result (use .snapshot() for the result so far)."
             )
         return core.result
+
+    def _client_closed(self) -> None:
+        """The client is closing: the stream fails with ClientClosed, at once (each shell)."""
+        raise NotImplementedError
 
     def snapshot(self) -> StreamResult:
         """The result assembled so far, while the stream is still running.

@@ -201,11 +201,23 @@ class ChatStream(StreamBase):
             stopped = self._core.stop("cancelled", now())
         if not stopped:
             return
+        if self._buffer is not None:
+            self._buffer.items.clear()
+        self._cut()
+
+    def _client_closed(self) -> None:
+        """The client is closing: the stream fails with ClientClosed, at once."""
+        with self._lock:
+            closed = self._core.client_closed(now())
+        if closed:
+            self._cut()
+
+    def _cut(self) -> None:
+        """Cut the request in flight and end the reading, once the call was stopped."""
         self._tell_hooks()
         self._cut_connection()
         if self._buffer is not None:
-            self._buffer.items.clear()
-            self._buffer.end()
+            self._buffer.end(self._core.error)
         self._wake_all()
 
     def close(self) -> None:
@@ -243,6 +255,8 @@ class ChatStream(StreamBase):
         if self._thread is not None or self._closed:
             return
         core = self._core
+        if core.ended:
+            return  # its client was closed before it opened: iteration raises that
         try:
             self._plan()
             while self._reader is None and core.stopped is None:
