@@ -9,6 +9,7 @@ users' clones and CI have no such server. The async client runs on httpx and on 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import anyio
@@ -17,7 +18,7 @@ import pytest
 
 import llmstream
 
-from .drivers import SOCKET_MODES, collect
+from .drivers import SOCKET_MODES, async_client_kwargs, collect
 
 PLAIN = os.environ.get("LLMSTREAM_PEER_VLLM_URL")
 PARSERS = os.environ.get("LLMSTREAM_PEER_VLLM_PARSERS_URL")
@@ -38,6 +39,17 @@ def _non_streamed(base_url: str, body: dict[str, object]) -> dict[str, object]:
     response.raise_for_status()
     data: dict[str, object] = response.json()
     return data
+
+
+async def _first_abort(root: str) -> float:
+    """When vLLM saw the first client go (``time.time()``), from its own log."""
+    aborts: list[dict[str, object]] = []
+    with anyio.fail_after(5):
+        while not aborts:
+            aborts = httpx.get(f"{root}/_aborts").json()["aborts"]
+            if not aborts:
+                await anyio.sleep(0.02)  # polling the server's log; the timing comes from it
+    return float(aborts[0]["time"])  # type: ignore[arg-type]
 
 
 @needs_plain
@@ -104,14 +116,83 @@ async def test_break_aborts_the_request_in_vllm_within_100ms(mode: str, buffer: 
         buffer=buffer,
     )
     assert outcome.final.status == "cancelled"
-    aborts: list[dict[str, object]] = []
-    with anyio.fail_after(5):
-        while not aborts:
-            aborts = httpx.get(f"{root}/_aborts").json()["aborts"]
-            if not aborts:
-                await anyio.sleep(0.02)  # polling the server's log; the timing comes from it
-    seen = float(aborts[0]["time"])  # type: ignore[arg-type]
+    seen = await _first_abort(root)
     assert seen - stop_after_first.t0 < 0.100  # type: ignore[attr-defined]
+
+
+@needs_plain
+@pytest.mark.parametrize("mode", SOCKET_MODES)
+async def test_the_total_deadline_aborts_a_request_held_back_by_a_slow_consumer(mode: str) -> None:
+    # The consumer is busy for 3 s after its first piece; the reader fills its buffer of 4
+    # and waits. The total deadline (1 s) must still abort the request in vLLM at 1 s.
+    assert PLAIN
+    root = _root(PLAIN)
+    httpx.post(f"{root}/_reset")
+    started = time.time()
+    outcome = await collect(
+        mode,
+        base_url=PLAIN,
+        max_tokens=200,
+        extra_body={"x_delay_ms": 20},
+        timeout=llmstream.Timeouts(total=1.0),
+        buffer=4,
+        busy=3.0,
+    )
+    assert isinstance(outcome.error, llmstream.TotalTimeout)
+    assert outcome.error.partial is not None and outcome.error.partial.text == outcome.text
+    assert 0.95 <= await _first_abort(root) - started < 1.0 + 0.1
+
+
+@needs_plain
+@pytest.mark.parametrize("mode", SOCKET_MODES)
+async def test_closing_the_client_aborts_its_requests_in_vllm_within_100ms(mode: str) -> None:
+    assert PLAIN
+    root = _root(PLAIN)
+    httpx.post(f"{root}/_reset")
+    body = {"max_tokens": 50, "extra_body": {"x_delay_ms": 500}}
+    closed_at = 0.0
+    error: BaseException | None = None
+    if mode != "sync":
+        client = llmstream.AsyncClient(PLAIN, **async_client_kwargs(mode))
+        got = anyio.Event()
+
+        async def consume() -> None:
+            nonlocal error
+            try:
+                async with client.stream("Hi", **body) as stream:  # type: ignore[arg-type]
+                    async for _ in stream:
+                        got.set()
+            except llmstream.LLMStreamError as exc:
+                error = exc
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as group:
+                group.start_soon(consume)
+                await got.wait()
+                closed_at = time.time()
+                await client.aclose()
+    else:
+        sync_client = llmstream.Client(PLAIN)
+        got_sync = threading.Event()
+
+        def consume_sync() -> None:
+            nonlocal error
+            try:
+                with sync_client.stream("Hi", **body) as stream:  # type: ignore[arg-type]
+                    for _ in stream:
+                        got_sync.set()
+            except llmstream.LLMStreamError as exc:
+                error = exc
+
+        thread = threading.Thread(target=consume_sync)
+        thread.start()
+        assert got_sync.wait(5)
+        closed_at = time.time()
+        sync_client.close()
+        thread.join(5)
+        assert not thread.is_alive()
+    assert isinstance(error, llmstream.ClientClosed)
+    assert await _first_abort(root) - closed_at < 0.100
 
 
 @needs_parsers
