@@ -251,6 +251,7 @@ PUBLIC_NAMES = [
     "BadRequestError",
     "BudgetExceeded",
     "BufferOverflow",
+    "ClientClosed",
     "CallBudget",
     "CallEvent",
     "CallFailed",
