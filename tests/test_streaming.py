@@ -91,7 +91,11 @@ async def test_reasoning_is_kept_apart_from_text(mode: str) -> None:
 @pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_tool_calls_are_assembled(mode: str) -> None:
     fake = FakeVLLM(tool_calls=[{"name": "get_weather", "arguments": {"city": "東京"}}])
-    outcome = await collect(mode, transport=fake.transport(), tools=[])
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": {"type": "object"}},
+    }
+    outcome = await collect(mode, transport=fake.transport(), tools=[tool])
     assert outcome.error is None
     result = outcome.final
     assert result.finish_reason == "tool_calls"
