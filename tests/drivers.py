@@ -219,3 +219,73 @@ class WatchedVLLM(FakeVLLM):
                     f"the server wrote {self.events_written} events and "
                     f"{self.answers_written} answers, not {what}, within {timeout} s"
                 )
+
+
+async def close_client_mid_stream(
+    mode: str,
+    base_url: str,
+    *,
+    clock: Callable[[], float],
+    within: float,
+    at_first_token: bool = False,
+    **stream_kwargs: Any,
+) -> tuple[Outcome, float]:
+    """Close the client from another task (or thread) while one of its streams runs.
+
+    The close comes once the consumer has its first piece, or, with ``at_first_token``,
+    once the request was sent and waits for it. The consumer must be done ``within``
+    seconds of the close. Returns what it saw and when the close began (``clock()``).
+
+    Example::
+
+        outcome, closed_at = await close_client_mid_stream("sync", url, clock=time.time,
+                                                           within=1.0)
+    """
+    outcome = Outcome()
+    closed_at = 0.0
+    if mode != "sync":
+        client = llmstream.AsyncClient(base_url, **async_client_kwargs(mode))
+        ready = anyio.Event()
+
+        async def consume() -> None:
+            try:
+                async with client.stream("Hi", **stream_kwargs) as stream:
+                    if at_first_token:
+                        ready.set()
+                    async for piece in stream:
+                        outcome.pieces.append(piece)
+                        ready.set()
+            except llmstream.LLMStreamError as exc:
+                outcome.error = exc
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(consume)
+            await ready.wait()
+            closed_at = clock()
+            await client.aclose()
+            group.cancel_scope.deadline = anyio.current_time() + within
+        assert not group.cancel_scope.cancelled_caught, f"not done {within} s after the close"
+        return outcome, closed_at
+    sync_client = llmstream.Client(base_url)
+    ready_sync = threading.Event()
+
+    def consume_sync() -> None:
+        try:
+            with sync_client.stream("Hi", **stream_kwargs) as stream:
+                iterator = iter(stream)
+                if at_first_token:
+                    ready_sync.set()
+                for piece in iterator:
+                    outcome.pieces.append(piece)
+                    ready_sync.set()
+        except llmstream.LLMStreamError as exc:
+            outcome.error = exc
+
+    thread = threading.Thread(target=consume_sync)
+    thread.start()
+    assert ready_sync.wait(5)
+    closed_at = clock()
+    sync_client.close()
+    thread.join(within)
+    assert not thread.is_alive(), f"the consumer was not done {within} s after the close"
+    return outcome, closed_at

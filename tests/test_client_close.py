@@ -8,16 +8,14 @@ on a dead pool nor see a quiet, truncated end.
 
 from __future__ import annotations
 
-import threading
 import time
 
-import anyio
 import pytest
 
 import llmstream
 from llmstream.testing import FakeVLLM
 
-from .drivers import SOCKET_MODES, async_client_kwargs
+from .drivers import SOCKET_MODES, close_client_mid_stream
 
 pytestmark = pytest.mark.anyio
 
@@ -50,59 +48,18 @@ def _check(
 @pytest.mark.parametrize("mode", SOCKET_MODES)
 async def test_closing_the_client_ends_its_streams_in_flight(mode: str, where: str) -> None:
     fake = _fake(where)
-    pieces: list[str] = []
-    error: BaseException | None = None
     with fake.serve() as server:
-        if mode != "sync":
-            client = llmstream.AsyncClient(server.base_url, **async_client_kwargs(mode))
-            sending = anyio.Event()
-
-            async def consume() -> None:
-                nonlocal error
-                try:
-                    async with client.stream("Hi") as stream:
-                        if where == "first token":
-                            sending.set()
-                        async for piece in stream:
-                            pieces.append(piece)
-                            sending.set()
-                except llmstream.LLMStreamError as exc:
-                    error = exc
-
-            # The consumer must be done soon after the close: the next token is 2 s away.
-            with anyio.fail_after(1.5):
-                async with anyio.create_task_group() as group:
-                    group.start_soon(consume)
-                    await sending.wait()
-                    closed_at = time.perf_counter()
-                    await client.aclose()
-        else:
-            sync_client = llmstream.Client(server.base_url)
-            started = threading.Event()
-
-            def consume_sync() -> None:
-                nonlocal error
-                try:
-                    with sync_client.stream("Hi") as stream:
-                        iterator = iter(stream)
-                        if where == "first token":
-                            started.set()
-                        for piece in iterator:
-                            pieces.append(piece)
-                            started.set()
-                except llmstream.LLMStreamError as exc:
-                    error = exc
-
-            thread = threading.Thread(target=consume_sync)
-            thread.start()
-            assert started.wait(5)
-            closed_at = time.perf_counter()
-            sync_client.close()
-            thread.join(1)  # the next token is 2 s away
-            assert not thread.is_alive()
-        _check(error, pieces, closed_at, fake)
+        # The next token is 2 s away: the consumer must be done long before.
+        outcome, closed_at = await close_client_mid_stream(
+            mode,
+            server.base_url,
+            clock=time.perf_counter,
+            within=1.0,
+            at_first_token=where == "first token",
+        )
+        _check(outcome.error, outcome.pieces, closed_at, fake)
     if where == "mid-answer":
-        assert pieces == ["x "]
+        assert outcome.pieces == ["x "]
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])

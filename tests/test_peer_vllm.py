@@ -9,7 +9,6 @@ users' clones and CI have no such server. The async client runs on httpx and on 
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import anyio
@@ -18,7 +17,7 @@ import pytest
 
 import llmstream
 
-from .drivers import SOCKET_MODES, async_client_kwargs, collect
+from .drivers import SOCKET_MODES, close_client_mid_stream, collect
 
 PLAIN = os.environ.get("LLMSTREAM_PEER_VLLM_URL")
 PARSERS = os.environ.get("LLMSTREAM_PEER_VLLM_PARSERS_URL")
@@ -149,48 +148,10 @@ async def test_closing_the_client_aborts_its_requests_in_vllm_within_100ms(mode:
     assert PLAIN
     root = _root(PLAIN)
     httpx.post(f"{root}/_reset")
-    body = {"max_tokens": 50, "extra_body": {"x_delay_ms": 500}}
-    closed_at = 0.0
-    error: BaseException | None = None
-    if mode != "sync":
-        client = llmstream.AsyncClient(PLAIN, **async_client_kwargs(mode))
-        got = anyio.Event()
-
-        async def consume() -> None:
-            nonlocal error
-            try:
-                async with client.stream("Hi", **body) as stream:  # type: ignore[arg-type]
-                    async for _ in stream:
-                        got.set()
-            except llmstream.LLMStreamError as exc:
-                error = exc
-
-        with anyio.fail_after(5):
-            async with anyio.create_task_group() as group:
-                group.start_soon(consume)
-                await got.wait()
-                closed_at = time.time()
-                await client.aclose()
-    else:
-        sync_client = llmstream.Client(PLAIN)
-        got_sync = threading.Event()
-
-        def consume_sync() -> None:
-            nonlocal error
-            try:
-                with sync_client.stream("Hi", **body) as stream:  # type: ignore[arg-type]
-                    for _ in stream:
-                        got_sync.set()
-            except llmstream.LLMStreamError as exc:
-                error = exc
-
-        thread = threading.Thread(target=consume_sync)
-        thread.start()
-        assert got_sync.wait(5)
-        closed_at = time.time()
-        sync_client.close()
-        thread.join(5)
-        assert not thread.is_alive()
+    outcome, closed_at = await close_client_mid_stream(
+        mode, PLAIN, clock=time.time, within=1.0, max_tokens=50, extra_body={"x_delay_ms": 500}
+    )
+    error = outcome.error
     assert isinstance(error, llmstream.ClientClosed)
     assert await _first_abort(root) - closed_at < 0.100
 
