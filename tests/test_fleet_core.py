@@ -978,6 +978,26 @@ def test_requests_held_by_an_endpoint_that_turned_slow_are_hedged_with_its_oldes
     assert state.hedge_at(younger, 0.1, 0.11) == 0.11
 
 
+def test_an_older_request_rescued_before_the_younger_asks_still_shows_the_slow_endpoint() -> None:
+    # The oldest request's hedge wins and cuts it before the younger one's shell wakes to
+    # ask (a thread scheduled late): it is gone from the endpoint, yet it was overdue
+    # while the younger was there, so the younger is due at once, not at its own delay.
+    state, slow, fast = _two_with_hedging()
+    oldest = state.started(Pick(slow, False), 0.0)
+    younger = state.started(Pick(slow, False), 0.03)
+    _answered(state, fast, 0.1, 0.101)  # the oldest's hedge, answered
+    oldest.lost(0.102)
+    oldest.release()
+    assert state.hedge_at(younger, 0.1, 0.11) == 0.11
+    # A request sent after the rescue goes by the requests still there (the younger,
+    # overdue at 0.13), not by the rescue.
+    later = state.started(Pick(slow, False), 0.105)
+    assert state.hedge_at(later, 0.1, 0.11) == pytest.approx(0.13)
+    # Nor has one whose endpoint answered a request sent after the rescued one.
+    _answered(state, slow, 0.04, 0.12)
+    assert state.hedge_at(younger, 0.1, 0.12) == pytest.approx(0.13)
+
+
 def test_an_endpoint_that_turns_slow_while_it_answers_is_seen_by_its_stuck_request() -> None:
     # The oldest request here was answered quickly, then the replica turned slow: the
     # first request stuck after the change is what shows it.

@@ -107,7 +107,10 @@ async def test_a_request_held_by_a_slow_replica_is_hedged_with_the_oldest_one_th
             group.start_soon(lambda: call(client, into=first, session=slow))
             await wait_for(lambda: fleet.chat_requests[0] == 1, what="the first call sent")
             between = await call(client, session=fast)
-            await anyio.sleep(0.5)  # spacing in time, which the test is about
+            # Half a second after the first was sent (the clock of the events), which
+            # the test is about: well inside its delay, whatever the call between took.
+            first_at = next(e.at for e in sent.events if e.endpoint == fleet[0].base_url)
+            await anyio.sleep(first_at + 0.5 - time.perf_counter())
             group.start_soon(lambda: call(client, into=second, session=slow))
     assert between.result is not None and between.result.endpoint == fleet[1].base_url
     for outcome in (first, second):
@@ -120,6 +123,7 @@ async def test_a_request_held_by_a_slow_replica_is_hedged_with_the_oldest_one_th
         for h in (False, True)
     )
     assert second_sent - first_sent >= 0.5
+    assert second_sent < first_hedge - 0.2, "the machine held the second call too long"
     assert first_hedge - first_sent >= delay
     # The second went with the first (about 0.45 s after it was sent), not at its own
     # delay: the margin is for a loaded machine's late timers, not a tolerance of the rule.

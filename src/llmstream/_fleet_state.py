@@ -46,6 +46,8 @@ _TTFT_MEMORY = 30.0
 _HEDGE_BURST = 3.0
 # An endpoint's own first-token percentile counts toward the hedge delay from this many.
 _MIN_ENDPOINT_SAMPLES = 5
+# Rescues (requests lost to a hedge before a first token) an endpoint remembers.
+_RESCUES_KEPT = 8
 # The shortest wait choose() suggests, so that a caller polling it does not spin.
 _MIN_WAIT = 0.05
 
@@ -130,6 +132,8 @@ class EndpointState:
         """When the latest-sent attempt that got a first token here was sent."""
         self.answered_at: float | None = None
         """When a first token last arrived from here."""
+        self.rescued: deque[tuple[float, float]] = deque(maxlen=_RESCUES_KEPT)
+        """(sent, lost at) of the latest attempts here that lost a hedge race untouched."""
 
     def recovered(self) -> None:
         """Its circuit closed again: what it was like before it went down is forgotten.
@@ -278,6 +282,8 @@ class AttemptTicket:
         """
         with self._state._lock:
             self.endpoint.unanswered.discard(self)
+            if self._first_token_at is None:
+                self.endpoint.rescued.append((self.started_at, now))
             if self._first_token_at is None and not self._decided:
                 self._decided = True
                 answered = self.endpoint.answered_start
@@ -747,6 +753,10 @@ class FleetState:
         and the requests it holds would each wait out their own delay before being
         rescued. Before that time it is not known: ask again then.
 
+        An older request here that lost a hedge race while this one was in flight
+        counts as overdue, though it is gone: the hedge that rescued it may win and
+        cut it before this request's shell asks (a thread woken a little late).
+
         Example::
 
             wake_at = state.hedge_at(attempt.ticket, delay, now)
@@ -756,6 +766,9 @@ class FleetState:
         endpoint = ticket.endpoint
         with self._lock:
             here = endpoint.answered_start
+            for sent, lost_at in endpoint.rescued:
+                if sent < own < lost_at and (here is None or here <= sent):
+                    return now
             elsewhere: float | None = None
             for other in endpoint.unanswered:
                 sent = other.started_at
