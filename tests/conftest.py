@@ -3,6 +3,7 @@ async client, the recorded vLLM vectors."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -219,4 +220,24 @@ def endless() -> Iterator[EndlessServer]:
     yield server
     stop.set()
     thread.join(5)
+    listener.close()
+
+
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A port whose listener never accepts, its backlog full: a connect waits there."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = int(listener.getsockname()[1])
+    fillers = []
+    for _ in range(8):  # what the kernel queues beyond listen(0) before it drops SYNs
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    yield port
+    for filler in fillers:
+        filler.close()
     listener.close()

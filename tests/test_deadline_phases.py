@@ -7,11 +7,9 @@ client. (A fleet's wait for room: ``test_call_core``.)
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,26 +23,6 @@ pytestmark = pytest.mark.anyio
 TOTAL = 0.5
 # Far above what a loaded machine adds to a deadline, far below the limits it stands for.
 LATE = 3.0
-
-
-@pytest.fixture
-def unanswered_port() -> Iterator[int]:
-    """A port whose listener never accepts, its backlog full: a connect waits there."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = int(listener.getsockname()[1])
-    fillers = []
-    for _ in range(8):  # what the kernel queues beyond listen(0) before it drops SYNs
-        filler = socket.socket()
-        filler.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            filler.connect(("127.0.0.1", port))
-        fillers.append(filler)
-    yield port
-    for filler in fillers:
-        filler.close()
-    listener.close()
 
 
 @pytest.mark.parametrize("mode", SOCKET_MODES)

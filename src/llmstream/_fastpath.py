@@ -35,6 +35,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -54,6 +55,7 @@ __all__ = [
     "disable",
     "enabled",
     "raw_receive",
+    "sync_stream",
     "take_over_chunked",
     "watch_backends",
 ]
@@ -188,6 +190,7 @@ class _Internals(NamedTuple):
     chunked_reader: type
     http_transport: type
     connection_pool: type
+    sync_stream: Callable[[socket.socket], object]  # httpcore's blocking stream on a socket
     pool_backend: str = "_network_backend"  # where a httpcore pool keeps its backend
 
 
@@ -217,6 +220,7 @@ def _import_internals() -> _Internals:
     from httpcore._async.http11 import AsyncHTTP11Connection
     from httpcore._async.http11 import HTTP11ConnectionByteStream as AsyncH11Stream
     from httpcore._backends.anyio import AnyIOStream
+    from httpcore._backends.sync import SyncStream
     from httpcore._sync.connection_pool import PoolByteStream as SyncPoolStream
     from httpcore._sync.http11 import HTTP11Connection
     from httpcore._sync.http11 import HTTP11ConnectionByteStream as SyncH11Stream
@@ -243,6 +247,7 @@ def _import_internals() -> _Internals:
         chunked_reader=ChunkedReader,
         http_transport=httpx.HTTPTransport,
         connection_pool=httpcore.ConnectionPool,
+        sync_stream=SyncStream,
     )
 
 
@@ -384,6 +389,20 @@ def raw_receive(network: object) -> Callable[[int], Awaitable[bytes]] | None:
 
 
 # -- the sync client's connection pools ---------------------------------------------------
+
+
+def sync_stream(sock: socket.socket) -> object | None:
+    """httpcore's blocking network stream on a connected ``sock``; None when the path is off.
+
+    What httpcore's own ``SyncBackend.connect_tcp`` returns, for a socket connected by
+    :mod:`llmstream._header_wait` so that another thread can cut its connect.
+
+    Example::
+
+        stream = sync_stream(sock)  # its read(), write(), start_tls(), close()
+    """
+    internals = _loaded()
+    return None if internals is None else internals.sync_stream(sock)
 
 
 def watch_backends(http: httpx.Client, wrap: Callable[[object], object], wrapped: type) -> bool:

@@ -11,13 +11,20 @@ written to it, and its :meth:`~HeaderWait.cut` shuts that socket down from any t
 The blocked ``recv()`` returns at once, and the server sees the connection close (vLLM
 then aborts the request and frees its KV cache).
 
+A new connection that the request waits for is cut the same way: its socket is opened
+here, not by ``socket.create_connection()``, so that the wait can reach it while the
+connect is under way (a ``shutdown()`` aborts a connect in progress). A server that
+never answers the connect then costs a cancelled or closed call nothing, not its connect
+timeout.
+
 Only the pools llmstream makes for itself are watched this way (:func:`watch_pool`); a
-``http_client`` or ``transport`` of the caller's own is left as it is. A connection still
-being opened is not cut: the connect timeout bounds that wait. httpx builds its pools
-itself and has no public way to give them a network backend, so :func:`watch_pool`
-replaces a private attribute: that is part of the fast path (:mod:`llmstream._fastpath`),
-and with the fast path off a request waiting for its headers ends at its first-token
-deadline. Everything else here uses httpcore's public network stream interface.
+``http_client`` or ``transport`` of the caller's own is left as it is. httpx builds its
+pools itself and has no public way to give them a network backend, so :func:`watch_pool`
+replaces a private attribute, and the connected socket is wrapped in httpcore's own
+private stream class: that is part of the fast path (:mod:`llmstream._fastpath`). With
+the fast path off, a request waiting for its headers ends at its first-token deadline and
+a connect at its connect timeout. Everything else here uses httpcore's public network
+stream interface.
 
 Example::
 
@@ -29,9 +36,13 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import select
+import selectors
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import httpx
@@ -65,15 +76,27 @@ class HeaderWait:
         wait.cut()  # before the request was written: it is cut as soon as it is
     """
 
-    __slots__ = ("_cut", "_lock", "_stream", "over")
+    __slots__ = ("_cut", "_lock", "_socket", "_stream", "over")
 
     def __init__(self) -> None:
         # Reentrant: a signal handler may call cut() on the thread that is in attach().
         self._lock = threading.RLock()
         self._stream: _Stream | None = None
+        self._socket: socket.socket | None = None
         self._cut = False
         self.over = False
         """Set once the wait ended (headers, or a failure): a timed cut then does nothing."""
+
+    @property
+    def was_cut(self) -> bool:
+        """Whether :meth:`cut` was called."""
+        return self._cut
+
+    def connecting(self, sock: socket.socket) -> bool:
+        """A connection for the request is being opened on ``sock``; False: cut already."""
+        with self._lock:
+            self._socket = sock
+            return not self._cut
 
     def attach(self, stream: _Stream) -> None:
         """The request is being written to ``stream``."""
@@ -91,9 +114,12 @@ class HeaderWait:
         """Shut the request's socket down now, or as soon as the request is written."""
         with self._lock:
             self._cut = True
-            stream = self._stream
+            stream, sock = self._stream, self._socket
         if stream is not None:
             shut_down(stream)
+        elif sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # a connect in progress fails at once
 
 
 def cut_after(wait: HeaderWait, seconds: float) -> None:
@@ -177,14 +203,123 @@ class _WatchedBackend:
     def __init__(self, backend: Any) -> None:
         self._backend = backend
 
-    def connect_tcp(self, *args: Any, **kwargs: Any) -> _WatchedStream:
-        return _WatchedStream(self._backend.connect_tcp(*args, **kwargs))
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> _WatchedStream:
+        wait = getattr(_current, "wait", None)
+        if wait is not None and _is_sync_backend(self._backend):
+            sock = _connect(wait, host, port, timeout, local_address, socket_options)
+            stream = _fastpath.sync_stream(sock)
+            if stream is not None:
+                return _WatchedStream(stream)  # type: ignore[arg-type]
+            sock.close()  # the fast path went off meanwhile: the public way
+        return _WatchedStream(
+            self._backend.connect_tcp(
+                host,
+                port,
+                timeout=timeout,
+                local_address=local_address,
+                socket_options=socket_options,
+            )
+        )
 
     def connect_unix_socket(self, *args: Any, **kwargs: Any) -> _WatchedStream:
         return _WatchedStream(self._backend.connect_unix_socket(*args, **kwargs))
 
     def sleep(self, seconds: float) -> None:
         self._backend.sleep(seconds)
+
+
+def _is_sync_backend(backend: object) -> bool:
+    import httpcore
+
+    return type(backend) is httpcore.SyncBackend
+
+
+def _connect(
+    wait: HeaderWait,
+    host: str,
+    port: int,
+    timeout: float | None,
+    local_address: str | None,
+    socket_options: Iterable[Any] | None,
+) -> socket.socket:
+    """A socket connected to ``host:port`` as httpcore's ``SyncBackend`` connects, cuttable.
+
+    Each address in turn, ``timeout`` for each, as ``socket.create_connection()``; errors
+    are httpcore's, as its backend raises them.
+    """
+    import httpcore
+
+    try:
+        addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc)) from exc
+    error: OSError | None = None
+    for family, kind, proto, _, address in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:
+            _connect_socket(wait, sock, address, timeout, local_address)
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            if wait.was_cut:
+                break
+            continue
+        return sock
+    if wait.was_cut:
+        raise httpcore.ConnectError("the request was stopped while its connection was opened")
+    if isinstance(error, TimeoutError):
+        raise httpcore.ConnectTimeout(str(error)) from error
+    raise httpcore.ConnectError(str(error or f"no address found for {host}")) from error
+
+
+def _connect_socket(
+    wait: HeaderWait,
+    sock: socket.socket,
+    address: Any,
+    timeout: float | None,
+    local_address: str | None,
+) -> None:
+    if local_address is not None:
+        sock.bind((local_address, 0))
+    sock.setblocking(False)
+    try:
+        sock.connect(address)
+        pending = False
+    except (BlockingIOError, InterruptedError):
+        pending = True
+    # Told only now that the connect is under way: a shutdown() before it would not stop
+    # the connect that follows, one after it aborts the connect.
+    if not wait.connecting(sock):
+        raise ConnectionAbortedError(errno.ECONNABORTED, "stopped")
+    if pending and not _writable(sock, timeout):
+        raise TimeoutError("timed out")
+    if wait.was_cut:
+        raise ConnectionAbortedError(errno.ECONNABORTED, "stopped")
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code:
+        raise OSError(code, os.strerror(code))
+    sock.settimeout(timeout)  # as create_connection() leaves it; reads set their own
+
+
+def _writable(sock: socket.socket, timeout: float | None) -> bool:
+    """Wait until ``sock``'s connect is done (or failed); False when ``timeout`` passed first."""
+    if hasattr(select, "poll"):  # no descriptor of its own to make: cheaper than a selector
+        poll = select.poll()
+        poll.register(sock, select.POLLOUT)
+        return bool(poll.poll(None if timeout is None else max(timeout, 0.0) * 1000))
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_WRITE)
+        return bool(selector.select(timeout))
 
 
 def watch_pool(http: httpx.Client) -> bool:
