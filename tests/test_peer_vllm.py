@@ -33,6 +33,15 @@ def _root(base_url: str) -> str:
     return base_url.removesuffix("/v1")
 
 
+@pytest.fixture
+def root() -> str:
+    """The plain peer's root URL, its abort log (``/_aborts``) emptied first."""
+    assert PLAIN
+    root = _root(PLAIN)
+    httpx.post(f"{root}/_reset")
+    return root
+
+
 def _non_streamed(base_url: str, body: dict[str, object]) -> dict[str, object]:
     response = httpx.post(f"{base_url}/chat/completions", json={**body, "stream": False})
     response.raise_for_status()
@@ -97,10 +106,10 @@ async def test_unknown_model_and_validation_errors(mode: str) -> None:
 @needs_plain
 @pytest.mark.parametrize("mode", SOCKET_MODES)
 @pytest.mark.parametrize("buffer", [64, 0], ids=["read-ahead", "pull"])
-async def test_break_aborts_the_request_in_vllm_within_100ms(mode: str, buffer: int) -> None:
+async def test_break_aborts_the_request_in_vllm_within_100ms(
+    mode: str, buffer: int, root: str
+) -> None:
     assert PLAIN
-    root = _root(PLAIN)
-    httpx.post(f"{root}/_reset")
 
     def stop_after_first(snapshot: llmstream.StreamResult) -> bool:
         stop_after_first.t0 = time.time()  # type: ignore[attr-defined]
@@ -121,12 +130,12 @@ async def test_break_aborts_the_request_in_vllm_within_100ms(mode: str, buffer: 
 
 @needs_plain
 @pytest.mark.parametrize("mode", SOCKET_MODES)
-async def test_the_total_deadline_aborts_a_request_held_back_by_a_slow_consumer(mode: str) -> None:
+async def test_the_total_deadline_aborts_a_request_held_back_by_a_slow_consumer(
+    mode: str, root: str
+) -> None:
     # The consumer is busy for 3 s after its first piece; the reader fills its buffer of 4
     # and waits. The total deadline (1 s) must still abort the request in vLLM at 1 s.
     assert PLAIN
-    root = _root(PLAIN)
-    httpx.post(f"{root}/_reset")
     started = time.time()
     outcome = await collect(
         mode,
@@ -144,10 +153,10 @@ async def test_the_total_deadline_aborts_a_request_held_back_by_a_slow_consumer(
 
 @needs_plain
 @pytest.mark.parametrize("mode", SOCKET_MODES)
-async def test_closing_the_client_aborts_its_requests_in_vllm_within_100ms(mode: str) -> None:
+async def test_closing_the_client_aborts_its_requests_in_vllm_within_100ms(
+    mode: str, root: str
+) -> None:
     assert PLAIN
-    root = _root(PLAIN)
-    httpx.post(f"{root}/_reset")
     outcome, closed_at = await close_client_mid_stream(
         mode, PLAIN, clock=time.time, within=1.0, max_tokens=50, extra_body={"x_delay_ms": 500}
     )
