@@ -193,6 +193,7 @@ def _async_pool_size(client: llmstream.AsyncClient) -> int:
     return _pool_size(transport.http)
 
 
+@requires_fastpath  # without it the sync pool keeps no idle connection: test_fastpath.py
 def test_connection_is_reused_after_a_complete_stream() -> None:
     fake = FakeVLLM("short answer")
     with fake.serve() as server, llmstream.Client(server.base_url) as client:
@@ -270,7 +271,6 @@ def test_sync_cancel_while_headers_are_awaited_sends_no_other_request() -> None:
         assert client._requests_in_flight == 0
 
 
-@requires_fastpath  # without it the wait ends at the first-token deadline: test_fastpath.py
 @pytest.mark.parametrize("how", ["close", "cancel"])
 def test_sync_stop_from_another_thread_cuts_the_header_wait(
     how: str, withheld_headers: WithheldHeaders

@@ -14,7 +14,6 @@ import time
 import pytest
 
 import llmstream
-from llmstream import _fastpath
 
 from .drivers import SOCKET_MODES, collect
 
@@ -95,11 +94,6 @@ async def test_a_server_that_never_completes_its_head_is_cut_at_the_deadline(
 ) -> None:
     # Every few milliseconds a byte: a transport's read timeout never fires, the call's
     # deadline does, and the connection is closed (vLLM then aborts the request).
-    if mode == "sync" and not _fastpath.enabled():
-        pytest.skip(
-            "with the fast path off the sync client's pools are httpx's own, whose sockets "
-            "a header wait cannot reach: only the read timeout ends the wait"
-        )
     server = _Trickler(start, piece)
     try:
         started = time.monotonic()

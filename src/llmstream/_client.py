@@ -43,11 +43,15 @@ from ._fleet_config import Fleet
 from ._fleet_state import EndpointLoad, EndpointState, FleetState
 from ._fleet_watch import DISCOVER_WAIT, FleetWatcher
 from ._flow import DEFAULT_BUFFER, DEFAULT_MAX_PAUSE, OnFull, StreamOptions
-from ._header_wait import watch_pool
 from ._hooks import Hook, check_hooks
 from ._http_backend import async_transport, check_sync_transport
 from ._http_errors import not_an_openai_answer, not_json_error, status_error
-from ._httpx_transport import HttpxAsyncTransport, HttpxSyncTransport, own_sync_client
+from ._httpx_transport import (
+    HttpxAsyncTransport,
+    HttpxSyncTransport,
+    own_cuttable_sync_client,
+    own_sync_client,
+)
 from ._params import (
     BODY_PARAMS,
     StreamParams,
@@ -745,12 +749,16 @@ class Client(_BaseClient):
         )
         check_sync_transport(transport)
         self._owns_http = http_client is None
-        self._http = http_client or own_sync_client(transport)
+        traced = False
         if http_client is None and transport is None:
-            # So that cancel() from another thread reaches a request still waiting for
-            # its headers (see _header_wait).
-            watch_pool(self._http)
-        self._transport = HttpxSyncTransport(self._http, owns_client=self._owns_http)
+            # So that cancel() from another thread, or a deadline, reaches a request still
+            # waiting for its headers (see _header_wait).
+            self._http, traced = own_cuttable_sync_client()
+        else:
+            self._http = http_client or own_sync_client(transport)
+        self._transport = HttpxSyncTransport(
+            self._http, owns_client=self._owns_http, trace_connects=traced
+        )
         if http_client is not None or transport is not None:
             self._watch_through(self._http)
         self._model_lock = threading.Lock()

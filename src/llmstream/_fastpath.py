@@ -117,8 +117,9 @@ def _first_decision() -> str | None:
 def _log_off(reason: str) -> None:
     logger.debug(
         "llmstream fast path off (%s): response bodies are read through httpx's public "
-        "API, and a blocking request that waits for its response headers is not cut by "
-        "cancel() or close() from another thread: it ends at its first-token deadline.",
+        "API, and the blocking client's own pool keeps no idle connection (each stream "
+        "opens its own, which cancel(), close() and deadlines can cut while it waits for "
+        "its headers); a connect under way is not cut: it ends at its connect timeout.",
         reason,
     )
 

@@ -22,9 +22,10 @@ Only the pools llmstream makes for itself are watched this way (:func:`watch_poo
 pools itself and has no public way to give them a network backend, so :func:`watch_pool`
 replaces a private attribute, and the connected socket is wrapped in httpcore's own
 private stream class: that is part of the fast path (:mod:`llmstream._fastpath`). With
-the fast path off, a request waiting for its headers ends at its first-token deadline and
-a connect at its connect timeout. Everything else here uses httpcore's public network
-stream interface.
+the fast path off, the sync client's own pool keeps no idle connection, and each request
+tells its wait of the connection it opens through httpx's public ``trace`` extension
+(:func:`connect_tracer`); a connect under way then ends at its connect timeout.
+Everything else here uses httpcore's public network stream interface.
 
 Example::
 
@@ -42,7 +43,7 @@ import select
 import selectors
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import httpx
@@ -50,7 +51,14 @@ import httpx
 from . import _fastpath
 from ._timer_thread import fire_after
 
-__all__ = ["HeaderWait", "cut_after", "shut_down", "waiting_for_headers", "watch_pool"]
+__all__ = [
+    "HeaderWait",
+    "connect_tracer",
+    "cut_after",
+    "shut_down",
+    "waiting_for_headers",
+    "watch_pool",
+]
 
 
 class _Stream(Protocol):
@@ -233,6 +241,31 @@ class _WatchedBackend:
 
     def sleep(self, seconds: float) -> None:
         self._backend.sleep(seconds)
+
+
+# httpcore's trace events that hand over a new connection's network stream.
+_CONNECTED = frozenset({"connection.connect_tcp.complete", "connection.start_tls.complete"})
+
+
+def connect_tracer(wait: HeaderWait) -> Callable[[str, dict[str, Any]], None]:
+    """A ``trace`` request extension that tells ``wait`` of the connection the request opens.
+
+    httpx's public way (its ``trace`` extension, passed on to httpcore) to learn a
+    request's socket without the fast path. Only a connection the request opens is
+    seen, so it serves a pool that keeps no idle connection to reuse.
+
+    Example::
+
+        request.extensions["trace"] = connect_tracer(wait)
+    """
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event in _CONNECTED:
+            stream = info.get("return_value")
+            if stream is not None:
+                wait.attach(stream)
+
+    return trace
 
 
 def _is_sync_backend(backend: object) -> bool:

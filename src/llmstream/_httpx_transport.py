@@ -27,11 +27,12 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
+from . import _fastpath
 from ._body import aiter_body, iter_body
 from ._call import ReadFailure
 from ._config import DEFAULT_LIMITS, EnvProxy, env_proxy, missing_socks_error
 from ._errors import InvalidRequestError
-from ._header_wait import HeaderWait, shut_down, waiting_for_headers
+from ._header_wait import HeaderWait, connect_tracer, shut_down, waiting_for_headers, watch_pool
 from ._http_errors import connection_error
 from ._transport import (
     HeaderTimeout,
@@ -48,6 +49,7 @@ __all__ = [
     "closed_error",
     "own_async_client",
     "own_async_transport",
+    "own_cuttable_sync_client",
     "own_sync_client",
 ]
 
@@ -88,17 +90,49 @@ def own_async_transport(
     )
 
 
-def own_sync_client(transport: httpx.BaseTransport | None) -> httpx.Client:
+def own_sync_client(
+    transport: httpx.BaseTransport | None, *, keep_alive: bool = True
+) -> httpx.Client:
     """The httpx client a :class:`~llmstream.Client` makes for itself (as :func:`own_async_client`).
+
+    ``keep_alive=False``: no connection is kept idle, each request opens its own.
 
     Example::
 
         http = own_sync_client(None)
     """
+    limits = DEFAULT_LIMITS if keep_alive else _NO_KEEP_ALIVE
     try:
-        return httpx.Client(follow_redirects=False, transport=transport, limits=DEFAULT_LIMITS)
+        return httpx.Client(follow_redirects=False, transport=transport, limits=limits)
     except ImportError as exc:
         raise missing_socks_error(exc) from exc
+
+
+_NO_KEEP_ALIVE = httpx.Limits(
+    max_connections=DEFAULT_LIMITS.max_connections, max_keepalive_connections=0
+)
+
+
+def own_cuttable_sync_client() -> tuple[httpx.Client, bool]:
+    """The sync client's own httpx client, whose requests can be cut while they wait.
+
+    With the fast path on, its pools hand out sockets a :class:`HeaderWait` can reach
+    (:func:`~llmstream._header_wait.watch_pool`): ``(client, False)``. Off, nothing below
+    httpx's public API is touched: the client keeps no idle connection, so every request
+    opens one of its own, which httpx's ``trace`` request extension hands to the wait
+    (:func:`~llmstream._header_wait.connect_tracer`): ``(client, True)``, and each request
+    must carry that extension. The cost is a new connection per stream.
+
+    Example::
+
+        http, traced = own_cuttable_sync_client()
+    """
+    if _fastpath.enabled():
+        http = own_sync_client(None)
+        if watch_pool(http):
+            return http, False
+        http.close()  # the gate closed while it looked: the public way
+    return own_sync_client(None, keep_alive=False), True
 
 
 # Sending a chat request's body: small, so a long wait means a dead peer.
@@ -473,9 +507,14 @@ class HttpxSyncTransport:
         transport = HttpxSyncTransport(httpx.Client(), owns_client=True)
     """
 
-    def __init__(self, http: httpx.Client, *, owns_client: bool) -> None:
+    def __init__(
+        self, http: httpx.Client, *, owns_client: bool, trace_connects: bool = False
+    ) -> None:
         self.http = http
         self._owns_client = owns_client
+        # A header wait learns of each request's connection through httpx's public trace
+        # extension (see own_cuttable_sync_client): only a pool that keeps none idle.
+        self._trace_connects = trace_connects
         self._in_flight = InFlight()
 
     @property
@@ -488,6 +527,8 @@ class HttpxSyncTransport:
         if self.http.is_closed:
             raise closed_error("with")
         built = _build(self.http, request, self._in_flight)
+        if header_wait is not None and self._trace_connects:
+            built.extensions["trace"] = connect_tracer(header_wait)
         counted = self._in_flight if request.stream else None
         if counted is not None:
             counted.add(1)
