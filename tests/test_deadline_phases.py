@@ -15,7 +15,7 @@ import pytest
 
 import llmstream
 
-from .drivers import SOCKET_MODES, collect
+from .drivers import SOCKET_MODES, Outcome, collect
 
 pytestmark = pytest.mark.anyio
 
@@ -70,10 +70,19 @@ class _Trickler:
         with conn:
             conn.recv(65536)  # the request
             conn.sendall(self._start)
-            # A byte (or an interim response) at a time, well inside any read timeout.
-            while not self._stop.wait(0.05):
+            # A byte (or an interim response) at a time, well inside any read timeout; or,
+            # with nothing to send, nothing until the client hangs up.
+            conn.settimeout(0.05)
+            # Ended well after LATE: a client that waits it out fails, it does not hang.
+            give_up = time.monotonic() + 2 * LATE
+            while not self._stop.is_set() and time.monotonic() < give_up:
                 try:
-                    conn.sendall(self._piece)
+                    if self._piece:
+                        conn.sendall(self._piece)
+                    if conn.recv(1) == b"":
+                        break
+                except TimeoutError:
+                    continue
                 except OSError:
                     break
         self.closed.set()
@@ -96,15 +105,49 @@ async def test_a_server_that_never_completes_its_head_is_cut_at_the_deadline(
     # deadline does, and the connection is closed (vLLM then aborts the request).
     server = _Trickler(start, piece)
     try:
-        started = time.monotonic()
-        outcome = await collect(
-            mode,
-            base_url=f"http://127.0.0.1:{server.port}/v1",
-            client_kwargs={"model": "m", "retry": 0, "timeout": llmstream.Timeouts(total=TOTAL)},
-        )
-        took = time.monotonic() - started
+        outcome, took = await _timed_call(mode, server, llmstream.Timeouts(total=TOTAL))
         assert isinstance(outcome.error, llmstream.TotalTimeout), outcome.error
         assert took < LATE
+        assert server.closed.wait(LATE)
+    finally:
+        server.close()
+
+
+async def _timed_call(
+    mode: str, server: _Trickler, timeouts: llmstream.Timeouts
+) -> tuple[Outcome, float]:
+    """One call (no retry) to ``server``: its outcome, and how long it took."""
+    started = time.monotonic()
+    outcome = await collect(
+        mode,
+        base_url=f"http://127.0.0.1:{server.port}/v1",
+        client_kwargs={"model": "m", "retry": 0, "timeout": timeouts},
+    )
+    return outcome, time.monotonic() - started
+
+
+_ERROR_HEAD = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100000\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("piece", "limit"),
+    [(b" ", "total"), (b"", "total"), (b" ", "error body wait")],
+    ids=["trickled-within-total", "stalled-within-total", "trickled-without-total"],
+)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
+async def test_an_error_body_that_never_ends_is_cut(
+    mode: str, piece: bytes, limit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Error headers, then a body a byte at a time (or nothing at all): the status is the
+    # error, reported at the total deadline or, without one, after the error body wait.
+    monkeypatch.setattr("llmstream._call.ERROR_BODY_WAIT", TOTAL)
+    timeouts = llmstream.Timeouts(total=TOTAL if limit == "total" else None)
+    server = _Trickler(_ERROR_HEAD, piece)
+    try:
+        outcome, took = await _timed_call(mode, server, timeouts)
+        assert isinstance(outcome.error, llmstream.InternalServerError), outcome.error
+        assert outcome.error.status_code == 503
+        assert TOTAL - 0.05 <= took < LATE
         assert server.closed.wait(LATE)
     finally:
         server.close()

@@ -457,8 +457,10 @@ class AsyncChatStream(StreamBase):
         self, attempt: Attempt, response: AsyncResponse, request: HTTPRequest
     ) -> Step:
         """A response of 300 and up: read its (capped) body, then ask the core."""
+        body = b""
         try:
-            body = await response.read(MAX_ERROR_BODY_BYTES)
+            with anyio.move_on_after(self._core.error_body_wait(now())):
+                body = await response.read(MAX_ERROR_BODY_BYTES)
         finally:
             await response.aclose()
         return self._core.refused(attempt, response, body, request, now())

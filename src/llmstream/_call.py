@@ -100,6 +100,9 @@ __all__ = [
 TRAILER_WAIT = 2.0
 # A socket's timeout may end a few milliseconds before the deadline it was set from.
 _TIMER_SLACK = 0.005
+# An error response's body (capped at 64 KiB) comes at once from any server: a longer
+# wait is a stalled or trickling peer, whose status alone is the error.
+ERROR_BODY_WAIT = 10.0
 
 _TEMPLATE_FIELDS = (
     "tools",
@@ -767,6 +770,24 @@ class CallCore:
             max_chunks=options.max_chunks,
             max_bytes=options.max_bytes,
         )
+
+    def error_body_wait(self, now: float) -> float:
+        """Seconds a shell may spend reading an error response's body (status 300 and up).
+
+        The total deadline bounds it, and :data:`ERROR_BODY_WAIT` when there is none: a
+        server that sends error headers, then trickles (or withholds) the body, would
+        hold the call for as long as it likes, as a transport's read timeout restarts
+        with each byte. Cut at this time, the body read so far is the body.
+
+        Example::
+
+            body = await response.read(MAX_ERROR_BODY_BYTES)  # within error_body_wait(now)
+        """
+        wait = ERROR_BODY_WAIT
+        total = self.timeouts.total
+        if total is not None:
+            wait = min(wait, self._started + total - now)
+        return max(wait, 0.0)
 
     def refused(
         self,

@@ -386,9 +386,12 @@ class ChatStream(StreamBase):
 
     def _refused(self, attempt: Attempt, response: SyncResponse, request: HTTPRequest) -> Step:
         """A response of 300 and up: read its (capped) body, then ask the core."""
+        cut = _AbortAfter(response)
+        fire_after(cut, self._core.error_body_wait(now()))
         try:
-            body = response.read(MAX_ERROR_BODY_BYTES)
+            body = response.read(MAX_ERROR_BODY_BYTES)  # what arrived, once aborted
         finally:
+            cut.over = True
             response.close()
         with self._lock:
             return self._core.refused(attempt, response, body, request, now())
@@ -795,6 +798,20 @@ class _ThreadRace:
             racers = [r for a, (r, _) in self.running.items() if a is not keep]
         for response in racers:
             response.abort()
+
+
+class _AbortAfter:
+    """Aborts a response from the shared timer thread once its time is up (a blocked read
+    returns), unless it is :attr:`over` by then."""
+
+    __slots__ = ("_response", "over")
+
+    def __init__(self, response: SyncResponse) -> None:
+        self._response = response
+        self.over = False
+
+    def fire(self) -> None:
+        self._response.abort()
 
 
 class _TotalWatch:
