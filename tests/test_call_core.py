@@ -180,6 +180,31 @@ def test_a_body_that_is_not_an_event_stream_is_a_protocol_error() -> None:
     assert isinstance(step, Fail) and isinstance(step.error, llmstream.ProtocolError)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [_chunk("\udcff").replace(b"\\udcff", b"\xff"), b"data: " + b"a" * 2000],
+    ids=["invalid-utf-8", "a-line-over-max_line_bytes"],
+)
+def test_bad_bytes_in_the_last_read_of_a_body_are_a_protocol_error_not_a_cut(bad: bytes) -> None:
+    # The good events before them in the same read are delivered; the end of the body
+    # that follows must not pass for a connection cut (StreamInterrupted, retried).
+    core = CallCore(
+        {"model": "m", "messages": [], "stream": True},
+        StreamOptions(),
+        llmstream.Timeouts(),
+        NO_JITTER,
+        None,
+        max_line_bytes=1000,
+    )
+    attempt = _streaming(core)
+    items = core.feed(attempt, _chunk("Hi") + bad, 0.1)
+    assert [text for _, text in items] == ["Hi"]
+    step = core.body_ended(attempt, 0.2)
+    assert isinstance(step, Fail) and isinstance(step.error, llmstream.ProtocolError)
+    partial = step.error.partial
+    assert partial is not None and partial.status == "error" and partial.text == "Hi"
+
+
 def test_headers_that_never_come_are_a_first_token_timeout_retried_before_output() -> None:
     core = _core(timeouts=llmstream.Timeouts(first_token=5.0, idle=2.0))
     attempt = core.begin_attempt(10.0)

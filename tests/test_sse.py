@@ -82,6 +82,16 @@ def test_invalid_utf8_is_a_protocol_error() -> None:
         SSEDecoder().feed(b"data: \xff\xfe\n\n")
 
 
+def test_bad_bytes_after_good_events_in_one_read_are_raised_by_the_next_call_and_close() -> None:
+    decoder = SSEDecoder()
+    events = decoder.feed(b"data: good\n\ndata: \xff\n\n")
+    assert [e.data for e in events] == ["good"]  # delivered first
+    with pytest.raises(ProtocolError, match="invalid UTF-8"):
+        decoder.close()  # the body ended on them: not a clean end
+    with pytest.raises(ProtocolError, match="invalid UTF-8"):
+        decoder.feed(b"data: more\n\n")
+
+
 def test_endless_comments_keep_no_memory() -> None:
     decoder = SSEDecoder(max_line_bytes=64)
     for _ in range(10_000):

@@ -5,6 +5,10 @@ The async client runs on aiohttp too, on loopback only (conftest deselects the r
 
 from __future__ import annotations
 
+import contextlib
+import re
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -322,3 +326,67 @@ def test_result_after_an_error_before_streaming_raises_that_error() -> None:
                 pass
         with pytest.raises(llmstream.NotFoundError):
             _ = stream.result
+
+
+class _OneWriteServer:
+    """Loopback: answers every request with ``response`` in one write, then hangs up."""
+
+    def __init__(self, response: bytes) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
+        self.requests = 0
+        self._response = response
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self._listener.accept()
+                with conn:
+                    _read_request(conn)  # all of it: closing on unread bytes resets
+                    self.requests += 1
+                    conn.sendall(self._response)
+                    conn.shutdown(socket.SHUT_WR)
+                    while conn.recv(65536):  # until the client hangs up
+                        pass
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _read_request(conn: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = conn.recv(65536)
+        if not piece:
+            return
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)content-length: *(\d+)", head)
+    left = int(length[1]) - len(body) if length else 0
+    while left > 0 and (piece := conn.recv(65536)):
+        left -= len(piece)
+
+
+def _sse_chunk(content: bytes) -> bytes:
+    return (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":"' + content + b'"},"finish_reason":null}]}\n\n'
+    )
+
+
+@pytest.mark.parametrize("mode", SOCKET_MODES)
+async def test_invalid_utf8_in_the_last_read_is_a_protocol_error_and_not_retried(
+    mode: str,
+) -> None:
+    # The whole body in one read: a good token, an event that is not UTF-8, the end.
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+    server = _OneWriteServer(head + _sse_chunk(b"Hi") + _sse_chunk(b"\xff"))
+    try:
+        outcome = await collect(mode, base_url=server.base_url, client_kwargs={"model": "m"})
+    finally:
+        server.close()
+    assert isinstance(outcome.error, llmstream.ProtocolError), outcome.error
+    assert "invalid UTF-8" in str(outcome.error)
+    assert outcome.text == "Hi" and outcome.final.status == "error"
+    assert server.requests == 1  # the server's fault, not a cut: not retried

@@ -288,7 +288,11 @@ class StreamSession:
         """:meth:`end_of_body` without assembling the result (:meth:`result` does, later)."""
         if self.error is not None:
             raise self.error
-        self._decoder.close()
+        try:
+            self._decoder.close()
+        except ProtocolError as exc:  # the last read's bad bytes, after its good events
+            self.error = self.fail(exc, now)
+            raise self.error from None
         if self._assembler.all_finished:
             self._status = "complete"
             return

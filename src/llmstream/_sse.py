@@ -223,7 +223,14 @@ class SSEDecoder:
         return events
 
     def close(self) -> bool:
-        """End of body: drop any unfinished event; returns True if one was dropped."""
+        """End of body: drop any unfinished event; returns True if one was dropped.
+
+        Raises the :class:`~llmstream.ProtocolError` held back from the last read (bad
+        bytes after events that read still delivered): the body ended on it, and an end
+        must not pass for a clean one.
+        """
+        if self._failed is not None:
+            raise self._failed
         dropped = self.pending
         self._buffer = b""
         self._data = []
