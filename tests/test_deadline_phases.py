@@ -14,6 +14,7 @@ import time
 import pytest
 
 import llmstream
+from llmstream.testing import FakeVLLM
 
 from .drivers import SOCKET_MODES, Outcome, collect
 
@@ -151,3 +152,21 @@ async def test_an_error_body_that_never_ends_is_cut(
         assert server.closed.wait(LATE)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [1e10, llmstream.Timeouts(connect=1e10), llmstream.Timeouts(first_token=1e10, idle=1e300)],
+    ids=["every-phase", "connect", "first-token-and-idle"],
+)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
+async def test_a_timeout_of_centuries_is_no_limit_not_an_overflow(
+    mode: str, timeout: float | llmstream.Timeouts
+) -> None:
+    # Past ~292 years a socket's or a lock's timeout overflows: such a wait has no limit.
+    fake = FakeVLLM("Hello there.", model="m")
+    with fake.serve() as server:
+        outcome = await collect(
+            mode, base_url=server.base_url, client_kwargs={"model": "m", "timeout": timeout}
+        )
+    assert outcome.error is None and outcome.text == "Hello there."

@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import ssl
 import sys
@@ -88,21 +87,23 @@ class HTTPRequest:
 
     def __post_init__(self) -> None:
         check_headers(self.url, self.headers)
-        # inf means no limit; socket.settimeout() and aiohttp's timers refuse it.
-        if self.connect_timeout is not None and math.isinf(self.connect_timeout):
-            object.__setattr__(self, "connect_timeout", None)
-        if self.read_timeout is not None and math.isinf(self.read_timeout):
-            object.__setattr__(self, "read_timeout", None)
+        # inf (or centuries) means no limit; socket.settimeout() and aiohttp's timers
+        # refuse it.
+        object.__setattr__(self, "connect_timeout", no_limit(self.connect_timeout))
+        object.__setattr__(self, "read_timeout", no_limit(self.read_timeout))
 
 
 def no_limit(timeout: float | None) -> float | None:
-    """``timeout`` as an HTTP library takes it: infinity (no limit) is None.
+    """``timeout`` as an HTTP library takes it: infinity, or centuries (no limit), is None.
 
     Example::
 
         no_limit(float("inf"))  # None
     """
-    return None if timeout is not None and math.isinf(timeout) else timeout
+    if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+        # Beyond what a socket or a lock can wait (~292 years): OverflowError, not a wait.
+        return None
+    return timeout
 
 
 # RFC 9110 5.1: a field name is a token; 5.5: a value is visible ASCII, spaces and tabs
