@@ -294,3 +294,57 @@ def test_other_tls_failures_get_no_plain_http_hint() -> None:
     said = "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"
     exc = connection_error(httpx.ConnectError(said), "https://h:8000/v1/models")
     assert "plain HTTP" not in str(exc)
+
+
+# JSON nested past Python's recursion limit: a broken or hostile server's answer must fail
+# as malformed JSON does (an LLMStreamError), never as a RecursionError.
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _deep_answers() -> None:
+    respx.get(f"{URL}/models").mock(
+        return_value=httpx.Response(200, text=_DEEP, headers={"content-type": "application/json"})
+    )
+    respx.post(f"{URL}/chat/completions").mock(
+        return_value=httpx.Response(400, text=_DEEP, headers={"content-type": "application/json"})
+    )
+
+
+@respx.mock
+def test_json_nested_too_deeply_is_an_error_of_the_answer_sync() -> None:
+    _deep_answers()
+    with llmstream.Client(URL, retry=0) as client:
+        with pytest.raises(llmstream.ProtocolError, match="does not speak the OpenAI API"):
+            client.models()
+        with pytest.raises(llmstream.BadRequestError, match=r"HTTP 400 Bad Request: \[\[\["):
+            with client.stream("Hi", model="m") as stream:
+                list(stream)
+
+
+@pytest.mark.anyio
+async def test_json_nested_too_deeply_is_an_error_of_the_answer_async() -> None:
+    with respx.mock:
+        _deep_answers()
+        async with llmstream.AsyncClient(URL, retry=0) as client:
+            with pytest.raises(llmstream.ProtocolError, match="does not speak the OpenAI API"):
+                await client.models()
+            with pytest.raises(llmstream.BadRequestError, match=r"HTTP 400 Bad Request: \[\[\["):
+                await client.stream("Hi", model="m").final_result()
+
+
+def test_an_error_event_nested_too_deeply_is_a_server_stream_error() -> None:
+    body = f"event: error\ndata: {_DEEP}\n\n".encode()
+    with respx.mock:
+        respx.post(f"{URL}/chat/completions").mock(
+            return_value=httpx.Response(
+                200, content=body, headers={"content-type": "text/event-stream"}
+            )
+        )
+        with pytest.raises(llmstream.ServerStreamError):
+            _run_sync()
+
+
+def test_tool_arguments_nested_too_deeply_are_a_tool_arguments_error() -> None:
+    call = llmstream.ToolCall(id="c", function=llmstream.FunctionCall(name="f", arguments=_DEEP))
+    with pytest.raises(llmstream.ToolArgumentsError, match="not valid JSON"):
+        call.function.parsed()

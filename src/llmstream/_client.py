@@ -52,6 +52,7 @@ from ._httpx_transport import (
     own_cuttable_sync_client,
     own_sync_client,
 )
+from ._json import loads as loads_json
 from ._params import (
     BODY_PARAMS,
     StreamParams,
@@ -918,7 +919,7 @@ def _json_of(
             url=url,
         )
     try:
-        data: object = json.loads(content)
+        data: object = loads_json(content)
     except ValueError:
         content_type = response.headers.get("content-type", "")
         raise not_json_error(method, url, response.status_code, content_type, content) from None

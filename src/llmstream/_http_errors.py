@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from typing import Literal
@@ -25,6 +24,7 @@ from ._errors import (
     RateLimitError,
     UnprocessableEntityError,
 )
+from ._json import loads as loads_json
 from ._result import StreamResult
 
 __all__ = [
@@ -345,7 +345,7 @@ def _server_message(text: str, content_type: str) -> tuple[str, str | None, int 
     stripped = text.strip()
     if stripped[:1] in ("{", "["):
         try:
-            data = json.loads(stripped)
+            data = loads_json(stripped)
         except ValueError:
             pass
         else:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from ._chunks import Usage
 from ._errors import ToolArgumentsError
+from ._json import loads as loads_json
 from ._request import AssistantMessage, MessageToolCall
 from ._structured import ModelT, parse_output
 
@@ -73,7 +73,7 @@ class FunctionCall(_Frozen):
         if not self.arguments:
             return {}
         try:
-            value = json.loads(self.arguments)
+            value = loads_json(self.arguments)
         except ValueError as exc:
             raise ToolArgumentsError(
                 f"The arguments of tool call {self.name!r} are not valid JSON ({exc}): "

@@ -8,7 +8,6 @@ and :meth:`StreamSession.end_of_body`; every protocol decision is made here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -26,6 +25,7 @@ from ._errors import (
     StreamInterrupted,
     StreamLimitExceeded,
 )
+from ._json import loads as loads_json
 from ._metrics import MetricsRecorder
 from ._result import StreamResult, StreamStatus, TokenReport
 from ._sse import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_LINE_BYTES, SSEDecoder
@@ -416,7 +416,7 @@ def _add_usage(before: Usage | None, current: Usage | None) -> Usage | None:
 
 def _error_body(payload: str) -> object:
     try:
-        body = json.loads(payload)
+        body = loads_json(payload)
     except ValueError:
         return payload
     if isinstance(body, dict) and isinstance(body.get("error"), dict | str):

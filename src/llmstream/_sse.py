@@ -22,10 +22,10 @@ and a line or an event larger than the configured limit is a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from ._errors import ProtocolError
+from ._json import loads as loads_json
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "DEFAULT_MAX_LINE_BYTES", "SSEDecoder", "ServerSentEvent"]
 
@@ -59,8 +59,8 @@ class ServerSentEvent:
     retry: int | None = None
 
     def json(self) -> object:
-        """``data`` parsed as JSON (``json.JSONDecodeError`` if it is not JSON)."""
-        return json.loads(self.data)
+        """``data`` parsed as JSON (``ValueError`` if it is not JSON, or nested too deeply)."""
+        return loads_json(self.data)
 
 
 class SSEDecoder:

@@ -6,10 +6,10 @@ Only argparse here, so that building the command line costs nothing more.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 from .._argtypes import at_least, finite_seconds, fraction, positive
+from .._json import loads as loads_json
 
 __all__ = ["add_arguments"]
 
@@ -19,8 +19,8 @@ _NATURAL = at_least(0)
 
 def _json_object(text: str) -> dict[str, object]:
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):  # nested too deeply: RecursionError
+        value = loads_json(text)
+    except ValueError:  # nested too deeply too
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text[:80]!r}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")

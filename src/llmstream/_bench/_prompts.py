@@ -18,12 +18,12 @@ The dataset names and their options are vLLM's (``vllm/benchmarks/datasets``):
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._json import loads as loads_json
 from ._errors import BenchUsageError
 
 __all__ = ["BenchPrompt", "custom_prompts", "estimate_tokens", "random_prompts", "sharegpt_prompts"]
@@ -146,7 +146,7 @@ def custom_prompts(
             continue
         where = f"--dataset-path {path}, line {number}"
         try:
-            row = json.loads(line)
+            row = loads_json(line)
         except ValueError:
             raise BenchUsageError(f'{where} is not JSON: expected {{"prompt": ...}}.') from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
@@ -190,7 +190,7 @@ def sharegpt_prompts(
         sharegpt_prompts(Path("ShareGPT_V3.json"), 1000, output_len=None, rng=random.Random(0))
     """
     try:
-        data = json.loads(_read(path))
+        data = loads_json(_read(path))
     except ValueError:
         raise BenchUsageError(f"--dataset-path {path} is not a JSON file.") from None
     if not isinstance(data, list):
