@@ -12,13 +12,14 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 
 import llmstream
 from llmstream.testing import FakeVLLM, Fault
 from llmstream.testing._tokenize import split_text
 
-from .drivers import SOCKET_MODES, collect, no_raw_httpx
+from .drivers import MODES, SOCKET_MODES, collect, no_raw_httpx
 
 pytestmark = pytest.mark.anyio
 
@@ -285,6 +286,21 @@ def test_sync_chunks_and_final_result() -> None:
             result = stream.final_result()
     assert first.choices[0].delta.role == "assistant"
     assert result.text == "a b c" and result.complete
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_final_result_without_with_opens_reads_and_closes(mode: str) -> None:
+    # As iterating does: the stream is opened, read to the end and closed.
+    fake = FakeVLLM("x y z")
+    if mode == "async":
+        async with llmstream.AsyncClient("http://f.test/v1", transport=fake.transport()) as aclient:
+            result = await aclient.stream("Hi").final_result()
+    else:
+        with llmstream.Client("http://f.test/v1", transport=fake.transport()) as client:
+            stream = client.stream("Hi")
+            result = await anyio.to_thread.run_sync(stream.final_result)
+            assert client._requests_in_flight == 0  # closed: nothing held
+    assert result.complete and result.text == "x y z"
 
 
 async def test_iterating_without_with_opens_and_closes() -> None:

@@ -148,7 +148,7 @@ class ChatStream(StreamBase):
             with client.stream("Hi") as stream:
                 result = stream.final_result()
         """
-        while self._next_item() is not None:
+        for _ in self._iterate(_none):  # opens the stream first if nothing read it yet
             pass
         return self.result
 
@@ -798,6 +798,10 @@ class _ThreadRace:
             racers = [r for a, (r, _) in self.running.items() if a is not keep]
         for response in racers:
             response.abort()
+
+
+def _none(item: StreamItem) -> None:
+    return None
 
 
 class _AbortAfter:
