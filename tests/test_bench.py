@@ -570,7 +570,7 @@ def test_ctrl_c_stops_the_run_quietly(workers: str) -> None:
         (["--extra-body", '{"messages": []}', "--workers", "2"], "messages cannot be passed"),
         (["--extra-body", "[" * 100_000], "expected a JSON object, got '[[["),
         (["--temperature", "nan"], "a value JSON cannot send"),
-        (["--timeout", "0"], "--timeout must be above 0 seconds, got 0."),
+        (["--timeout", "0"], "argument --timeout: must be above 0 seconds, got 0"),
         (["--json", "/nonexistent-dir/run.json"], "cannot write --json /nonexistent-dir/run.json"),
         (["--plot", "/nonexistent-dir/run.png"], "cannot write --plot /nonexistent-dir/run.png"),
     ],

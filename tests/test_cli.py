@@ -343,6 +343,10 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     [
         ["chat", "--max-tokens", "0", "Hi"],
         ["chat", "--timeout", "-1", "Hi"],
+        ["chat", "--timeout", "0", "Hi"],  # a deadline that could never be met
+        ["chat", "--temperature", "nan", "Hi"],
+        ["chat", "--temperature", "-0.5", "Hi"],
+        ["chat", "--temperature", "inf", "Hi"],
         ["chat", "--fake", "--base-url", "http://localhost:8000/v1", "Hi"],
         ["chat", "Hi", "extra"],
         ["serve"],

@@ -15,7 +15,15 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["at_least", "finite_seconds", "fraction", "positive", "seconds"]
+__all__ = [
+    "at_least",
+    "finite_seconds",
+    "fraction",
+    "non_negative",
+    "positive",
+    "positive_seconds",
+    "seconds",
+]
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -45,6 +53,14 @@ def _number(text: str, expected: str) -> float:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
 
 
+def _checked(text: str, expected: str, ok: Callable[[float], bool], must: str) -> float:
+    """``text`` as a number that ``ok`` accepts (comparisons refuse nan, as they should)."""
+    value = _number(text, expected)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {must}, got {text}")
+    return value
+
+
 def seconds(text: str) -> float:
     """Seconds, 0 or more (``inf`` allowed: no limit).
 
@@ -52,10 +68,27 @@ def seconds(text: str) -> float:
 
         seconds("2.5")  # 2.5
     """
-    value = _number(text, "seconds")
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _checked(text, "seconds", lambda v: v >= 0, "0 or more")
+
+
+def positive_seconds(text: str) -> float:
+    """Seconds, above 0 (``inf`` allowed: no limit); a deadline of 0 could never be met.
+
+    Example::
+
+        positive_seconds("30")  # 30.0
+    """
+    return _checked(text, "seconds", lambda v: v > 0, "above 0 seconds")
+
+
+def non_negative(text: str) -> float:
+    """A finite number, 0 or more (a temperature).
+
+    Example::
+
+        non_negative("0.7")  # 0.7
+    """
+    return _checked(text, "a number", lambda v: 0 <= v < math.inf, "a finite number, 0 or more")
 
 
 def finite_seconds(text: str) -> float:
@@ -65,10 +98,7 @@ def finite_seconds(text: str) -> float:
 
         finite_seconds("0")  # 0.0
     """
-    value = seconds(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text}")
-    return value
+    return _checked(text, "seconds", lambda v: 0 <= v < math.inf, "finite seconds, 0 or more")
 
 
 def positive(text: str) -> float:
@@ -78,10 +108,7 @@ def positive(text: str) -> float:
 
         positive("0.5")  # 0.5
     """
-    value = _number(text, "a number")
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
+    return _checked(text, "a number", lambda v: v > 0, "above 0")
 
 
 def fraction(text: str) -> float:
@@ -91,7 +118,4 @@ def fraction(text: str) -> float:
 
         fraction("0.2")  # 0.2
     """
-    value = _number(text, "a number from 0 to 1")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return value
+    return _checked(text, "a number from 0 to 1", lambda v: 0 <= v <= 1, "from 0 to 1")

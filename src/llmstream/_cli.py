@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import _bench
-from ._argtypes import at_least, seconds
+from ._argtypes import at_least, non_negative, positive_seconds, seconds
 from ._client import Client
 from ._errors import LLMStreamError, StreamInterrupted
 from ._result import StreamResult
@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     chat.add_argument(
         "--temperature",
-        type=float,
+        type=non_negative,
         metavar="T",
         help="sampling temperature (default: the server's)",
     )
@@ -200,7 +200,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=seconds,
+        type=positive_seconds,
         default=None,
         metavar="SECONDS",
         help="the connect, first-token and idle deadlines (default: 10, 300 and 60 s)",
