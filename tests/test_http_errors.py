@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -348,3 +349,46 @@ def test_tool_arguments_nested_too_deeply_are_a_tool_arguments_error() -> None:
     call = llmstream.ToolCall(id="c", function=llmstream.FunctionCall(name="f", arguments=_DEEP))
     with pytest.raises(llmstream.ToolArgumentsError, match="not valid JSON"):
         call.function.parsed()
+
+
+_CHAT = "http://gw.test/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("location", "says"),
+    [
+        (
+            "https://gpu-1.test/v1/chat/completions?token=s3cret#x",
+            "redirects to https://gpu-1.test/v1/chat/completions; redirects are not followed "
+            "(the request's body and API key would go on to it): "
+            "try base_url='https://gpu-1.test/v1'.",
+        ),
+        ("/v1/chat/completions/", "the same base URL, so point base_url at the server behind"),
+        ("https://user:pw@login.test/sso", "redirects to https://login.test/sso;"),
+        ("", "Redirects are not followed; check the base URL."),
+    ],
+    ids=["to-https", "trailing-slash", "to-a-login-page", "no-location"],
+)
+def test_a_redirect_says_where_it_points_and_which_base_url_to_use(
+    location: str, says: str
+) -> None:
+    headers = {"location": location} if location else {}
+    exc = status_error(301, "Moved Permanently", headers, b"", method="POST", url=_CHAT)
+    assert type(exc) is llmstream.APIStatusError and exc.status_code == 301
+    assert says in str(exc)
+    assert "s3cret" not in str(exc) and "pw" not in str(exc)  # a gateway's tokens stay out
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.anyio
+async def test_a_redirected_stream_names_the_new_base_url(mode: str) -> None:
+    moved = httpx.Response(308, headers={"location": "https://gpu-1.test/v1/chat/completions"})
+    with respx.mock:
+        respx.post(f"{URL}/chat/completions").mock(return_value=moved)
+        with pytest.raises(
+            llmstream.APIStatusError, match=re.escape("try base_url='https://gpu-1.test/v1'")
+        ):
+            if mode == "sync":
+                _run_sync()
+            else:
+                await _run_async()

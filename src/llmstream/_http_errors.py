@@ -98,6 +98,7 @@ def status_error(
     message = f"{what}: {said}" if said else f"{what} (empty body)"
     hint = (
         _url_hint(status_code, url)
+        or _redirect_hint(status_code, headers, url)
         or _HINTS.get(status_code)
         or ("The server failed; retry." if status_code >= 500 else "")
     )
@@ -160,6 +161,39 @@ def _url_hint(status_code: int, url: str | None) -> str | None:
         # Every OpenAI-compatible server lists its models: this is another service.
         return "No OpenAI-compatible server answers at this base URL: check its host and port."
     return "Check the model name (GET /models lists them) and the base URL."
+
+
+def _redirect_hint(status_code: int, headers: Mapping[str, str], url: str | None) -> str | None:
+    """Where a 3xx answer points, and the base URL to use instead.
+
+    Redirects are not followed: a POST's body may be dropped on the way, and the API key
+    would go on to whatever host the answer names. A gateway that redirects http to
+    https, or to another path, is answered by giving the client the URL it wants.
+    """
+    if not 300 <= status_code < 400:
+        return None
+    location = headers.get("location", "").strip()
+    if not location:
+        return "Redirects are not followed; check the base URL."
+    try:
+        target = httpx.URL(url).join(location) if url else httpx.URL(location)
+        # Never the query, fragment or credentials: they may hold a gateway's tokens.
+        target = target.copy_with(query=None, fragment=None, userinfo=b"")
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return "Redirects are not followed; check the base URL."
+    shown = str(target)
+    base = _base_of(shown.rstrip("/"))
+    if base is None:
+        advice = "check the base URL"
+    elif url is not None and base == _base_of(url):
+        # Only the path's ending changes (a trailing slash): a gateway's rule.
+        advice = "the same base URL, so point base_url at the server behind the gateway"
+    else:
+        advice = f"try base_url={base!r}"
+    return (
+        f"The server redirects to {shown}; redirects are not followed (the request's body "
+        f"and API key would go on to it): {advice}."
+    )
 
 
 def not_json_error(
