@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import anyio
 import httpx
 import pytest
 import uvicorn
@@ -124,3 +125,33 @@ def test_upstream_failure_becomes_an_error_event() -> None:
                 text = browser.get(url + "/chat").text
     assert "event: error" in text and "ServerStreamError" in text
     assert "[DONE]" not in text
+
+
+@pytest.mark.parametrize("fails_at", [0, 1, 3], ids=["response-start", "first-delta", "later"])
+@pytest.mark.anyio
+async def test_a_send_that_fails_is_a_disconnect_and_on_result_still_runs(fails_at: int) -> None:
+    # ASGI servers raise OSError from send() once the browser has gone: the relay ends
+    # quietly, the upstream request is closed, and the usage callback gets what arrived.
+    fake = FakeVLLM(tokens=["one", " two", " three", " four"], token_delay=0.05)
+    results: list[llmstream.StreamResult] = []
+    sent: list[object] = []
+
+    async def receive() -> dict[str, object]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, object]) -> None:
+        if len(sent) == fails_at:
+            raise OSError("the browser went away")
+        sent.append(message)
+
+    async with llmstream.AsyncClient("http://v.test/v1", transport=fake.transport()) as client:
+        relay = SSERelay(client.stream("Hi"), on_result=results.append)
+        await relay({"type": "http"}, receive, send)  # no exception, no ExceptionGroup
+    assert len(results) == 1 and results[0].status == "cancelled"
+    # What the stream had read when the send failed: the delta it was sending too.
+    assert results[0].text == ["", "one", "one two three"][[0, 1, 3].index(fails_at)]
+    if fails_at:
+        assert len(fake.disconnects) == 1  # the upstream request was closed
+    else:
+        assert fake.requests == []  # nothing was sent upstream

@@ -22,6 +22,7 @@ Example (FastAPI)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -106,26 +107,34 @@ class SSERelay:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one HTTP request (ASGI)."""
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(k.encode(), v.encode()) for k, v in self.headers.items()],
-            }
-        )
         self._final: StreamResult | None = None
-        async with anyio.create_task_group() as tg:
+        try:
+            try:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [(k.encode(), v.encode()) for k, v in self.headers.items()],
+                    }
+                )
+            except OSError:  # the browser left before the answer began
+                await self.stream.aclose()
+                return
+            async with anyio.create_task_group() as tg:
 
-            async def watch_for_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                tg.cancel_scope.cancel()  # the browser left: stop relaying, close upstream
+                async def watch_for_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()  # the browser left: stop relaying, close upstream
 
-            tg.start_soon(watch_for_disconnect)
-            await self._relay(send)
-            tg.cancel_scope.cancel()
-        if self.on_result is not None:
-            self.on_result(self._final or self._stopped())
+                tg.start_soon(watch_for_disconnect)
+                await self._relay(send)
+                tg.cancel_scope.cancel()
+        finally:
+            # However the relay ended (a disconnect, a failed send, the server's own
+            # cancellation): the usage of what was generated is reported.
+            if self.on_result is not None:
+                self.on_result(self._final or self._stopped())
 
     def _stopped(self) -> StreamResult:
         # The browser left: the result as the stream froze it, or an empty cancelled one.
@@ -135,6 +144,9 @@ class SSERelay:
             return exc.partial or StreamResult(status="cancelled")
 
     async def _relay(self, send: Send) -> None:
+        # ASGI servers raise OSError from send() once the browser has gone (a disconnect
+        # they saw before telling receive()): as a disconnect, the relay stops there, and
+        # leaving `async with stream` closes the upstream request.
         stream = self.stream
         try:
             async with stream:
@@ -151,7 +163,10 @@ class SSERelay:
         except LLMStreamError as exc:
             self._final = exc.partial or StreamResult(status="error")
             tail = _error_event(exc)
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except OSError:
+            return
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 def relay_response(
