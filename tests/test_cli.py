@@ -51,7 +51,8 @@ def _start(*argv: str, stdin: int = subprocess.DEVNULL) -> subprocess.Popen[str]
         stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_env(),
+        # Its threads' stacks on SIGABRT: what a command that did not stop was doing.
+        env=_env(PYTHONFAULTHANDLER="1"),
         text=True,
     )
 
@@ -405,7 +406,12 @@ def test_docs_and_help_list_the_same_options(command: str) -> None:
 
 
 def _assert_stopped(proc: subprocess.Popen[str]) -> str:
-    _, err = proc.communicate(timeout=20)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # the stacks go to its standard error, then it ends
+        _, err = proc.communicate(timeout=20)
+        pytest.fail(f"the command did not stop on Ctrl-C; it was at:\n{err}")
     assert proc.returncode == 130, err
     assert "stopped" in err and "Traceback" not in err
     return err
