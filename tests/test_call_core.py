@@ -656,15 +656,20 @@ def test_a_failing_first_attempt_hands_the_call_to_the_hedge_instead_of_retrying
     assert isinstance(done, Finish) and done.result.text == "ok"
 
 
-def test_a_hedge_is_due_early_when_the_endpoint_turned_slow() -> None:
-    # Two calls on endpoint a, one on b; b's answer, sent after a's first request, shows
-    # that a is slow: the second call on a is due its hedge with the first one's.
+def _hedged_pair() -> FleetState:
+    """Endpoints a and b, hedged after 0.1 s."""
     fleet = llmstream.Fleet(
         [llmstream.Endpoint("http://a:8000/v1"), llmstream.Endpoint("http://b:8000/v1")],
         model="big",
         hedging=llmstream.Hedging(delay=0.1),
     )
-    state = FleetState(fleet, rng=random.Random(0))
+    return FleetState(fleet, rng=random.Random(0))
+
+
+def test_a_hedge_is_due_early_when_the_endpoint_turned_slow() -> None:
+    # Two calls on endpoint a, one on b; b's answer, sent after a's first request, shows
+    # that a is slow: the second call on a is due its hedge with the first one's.
+    state = _hedged_pair()
     a, b = state.endpoints
 
     def call_on(endpoint: EndpointState, now: float) -> tuple[CallCore, Attempt]:
@@ -683,6 +688,33 @@ def test_a_hedge_is_due_early_when_the_endpoint_turned_slow() -> None:
     other.feed(on_b, _chunk("from b"), 0.07)
     assert second.hedge_due(0.1) == 0.0
     assert first.hedge_due(0.1) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("winner", ["hedge", "first"])
+def test_only_a_request_overtaken_by_its_hedge_counts_against_its_endpoint(winner: str) -> None:
+    # The first request is late: its endpoint takes no new calls meanwhile. If its hedge
+    # answers first, the cut first request keeps showing its endpoint slow; if the first
+    # answers, the cut hedge says nothing of the endpoint it was sent to.
+    state = _hedged_pair()
+    a, b = state.endpoints
+    core = _core()
+    core.route = CallRoute(state, session=None)
+    core._pick = Pick(a, False)
+    first = core.begin_attempt(0.0)
+    assert core.response(first, 200, SSE, 0.0) is None
+    assert core.hedge_due(0.1) == 0.0
+    hedge = core.begin_hedge(0.1)
+    assert hedge is not None and hedge.target is b
+    assert state._stalled(a)  # late: new calls go elsewhere
+    core.response(hedge, 200, SSE, 0.11)
+    answering = hedge if winner == "hedge" else first
+    core.feed(answering, _chunk("x"), 0.15)
+    loser = first if winner == "hedge" else hedge
+    assert loser.lost
+    if winner == "hedge":
+        assert list(a.rescued) == [(0.0, 0.15)] and not b.rescued
+    else:
+        assert not a.rescued and not b.rescued and not state._stalled(a)
 
 
 def test_no_hedge_once_output_arrived() -> None:

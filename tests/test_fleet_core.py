@@ -1010,6 +1010,103 @@ def test_an_endpoint_that_turns_slow_while_it_answers_is_seen_by_its_stuck_reque
     assert state.hedge_at(younger, 0.1, 0.11) == 0.11
 
 
+def _routed_with_hedging() -> FleetState:
+    """Two endpoints, hedged after 0.1 s, the lowest score always wins (no sampling)."""
+    return _state(
+        _fleet(2, routing=llmstream.Routing(choices=0), hedging=llmstream.Hedging(delay=0.1))
+    )
+
+
+def test_a_request_overtaken_by_its_hedge_keeps_its_endpoint_avoided_until_it_answers() -> None:
+    # The cut leaves the slow endpoint with no request in flight, and its wait (the hedge
+    # delay plus the hedge's first token) bounds its first-token time at only 1.5 times
+    # the median. It is still waiting there, as far as anyone knows: new calls go to the
+    # endpoint that answers, busier as it is, until the slow one answers a later request.
+    state = _routed_with_hedging()
+    slow, fast = state.endpoints
+    for endpoint in (slow, fast):
+        _answered(state, endpoint, 0.0, 0.05)
+    busy = [state.started(Pick(fast, False), 1.0) for _ in range(3)]
+    for ticket in busy:
+        ticket.first_token(1.05)
+    overtaken = state.started(Pick(slow, False), 1.0)
+    _answered(state, fast, 1.1, 1.15)  # its hedge answered first
+    overtaken.lost(1.15)
+    overtaken.release()
+    assert slow.in_flight == 0 and not slow.unanswered
+    assert _counts(state, 20, 1.2) == {fast.name: 20}
+    assert _counts(state, 20, 10.0) == {fast.name: 20}  # no news from it since
+    _answered(state, slow, 10.0, 10.05)  # it answers a request sent after the cut one
+    assert _counts(state, 20, 10.1) == {slow.name: 20}
+    for ticket in busy:
+        ticket.release()
+
+
+def test_an_overtaken_request_is_forgotten_without_news_and_when_its_endpoint_recovers() -> None:
+    state = _routed_with_hedging()
+    slow, fast = state.endpoints
+    for endpoint in (slow, fast):
+        _answered(state, endpoint, 0.0, 0.05)
+    with state.started(Pick(slow, False), 1.0) as overtaken:
+        overtaken.lost(1.15)
+    busy = state.started(Pick(fast, False), 1.0)
+    busy.first_token(1.05)
+    assert _counts(state, 20, 2.0) == {fast.name: 20}
+    # Fades out as first-token times do (over 30 s): avoided, then back in the rotation.
+    assert _counts(state, 20, 40.0) == {slow.name: 20}
+    # A replica back from an outage is a new process: its overtaken requests say nothing.
+    with state.started(Pick(slow, False), 41.0) as again:
+        again.lost(41.15)
+    assert slow.rescued
+    slow.recovered()
+    assert not slow.rescued
+    busy.release()
+
+
+def test_a_hedge_cut_because_its_request_answered_first_says_nothing_of_its_endpoint() -> None:
+    state, first, second = _two_with_hedging()
+    for endpoint in (first, second):
+        _answered(state, endpoint, 0.0, 0.05)
+    hedge = state.started(Pick(second, False), 1.1)
+    younger = state.started(Pick(second, False), 1.11)
+    hedge.lost(1.12, overtaken=False)  # the request it backed answered first
+    hedge.release()
+    assert not second.rescued and second.ttft_ewma == pytest.approx(0.05)
+    # The younger request waits its own delay: nothing here was overdue.
+    assert state.hedge_at(younger, 0.1, 1.13) == pytest.approx(1.21)
+
+
+def test_an_endpoint_holding_a_late_request_gets_no_new_calls_until_it_answers() -> None:
+    # Its hedge is due: the endpoint stalled as far as anyone can tell, whether or not the
+    # budget let the hedge go. New calls go elsewhere, though that endpoint is busier.
+    state = _routed_with_hedging()
+    stalled, other = state.endpoints
+    for endpoint in (stalled, other):
+        _answered(state, endpoint, 0.0, 0.05)
+    busy = [state.started(Pick(other, False), 1.0) for _ in range(3)]
+    late = state.started(Pick(stalled, False), 1.0)
+    assert _counts(state, 20, 1.1) == {stalled.name: 20}  # not late yet: the idler one
+    late.late()
+    assert _counts(state, 20, 1.1) == {other.name: 20}
+    _answered(state, stalled, 1.05, 1.12)  # a request sent after the late one answers
+    assert _counts(state, 20, 1.13) == {stalled.name: 20}
+    for ticket in [*busy, late]:
+        ticket.release()
+
+
+def test_a_late_straggler_of_an_endpoint_that_answers_later_requests_does_not_stall_it() -> None:
+    state = _routed_with_hedging()
+    healthy, other = state.endpoints
+    _answered(state, other, 0.0, 0.05)
+    busy = [state.started(Pick(other, False), 1.0) for _ in range(3)]
+    straggler = state.started(Pick(healthy, False), 1.0)
+    _answered(state, healthy, 1.01, 1.06)  # sent after it, answered: the endpoint works
+    straggler.late()
+    assert _counts(state, 20, 1.11) == {healthy.name: 20}
+    for ticket in [*busy, straggler]:
+        ticket.release()
+
+
 def test_a_whole_fleet_late_does_not_hedge_early() -> None:
     # No endpoint answered since the oldest request was sent: a stall of the client or
     # of every replica, which an early hedge would not beat.

@@ -586,6 +586,8 @@ class CallCore:
         current = self.current
         if route is None or current is None or self._racing or self._has_output():
             return None
+        if current.ticket is not None:
+            current.ticket.late()  # routing avoids its endpoint, hedge or no hedge
         pick = route.hedge(now, current.target)
         if pick is None:
             return None
@@ -658,16 +660,21 @@ class CallCore:
         session = self.session
         return session is not None and session.has_output
 
-    def _lose_racers(self, now: float) -> None:
+    def _lose_racers(self, now: float, winner: Attempt | None = None) -> None:
         for racer in self._racing:
-            self._lose(racer, now)
+            self._lose(racer, now, winner)
         self._racing.clear()
 
-    def _lose(self, attempt: Attempt, now: float) -> None:
-        """``attempt`` lost a race to another one of this call: it is cut, and charged."""
+    def _lose(self, attempt: Attempt, now: float, winner: Attempt | None) -> None:
+        """``attempt`` lost a race to another one of this call: it is cut, and charged.
+
+        Overtaken (``winner`` was sent after it and answered first) says its endpoint is
+        slow; a hedge cut because the request it backed answered says nothing.
+        """
         attempt.lost = True
         if attempt.ticket is not None:
-            attempt.ticket.lost(now)
+            overtaken = winner is not None and winner.started > attempt.started
+            attempt.ticket.lost(now, overtaken=overtaken)
         _release(attempt)
         if self.account is not None:
             # Its server read and prefilled the prompt before the cut.
@@ -691,9 +698,9 @@ class CallCore:
         """A racing attempt brought the call's first event: it becomes the call's attempt."""
         loser = self.current
         if loser is not None:
-            self._lose(loser, now)
+            self._lose(loser, now, winner)
         self._racing.remove(winner)
-        self._lose_racers(now)
+        self._lose_racers(now, winner)
         session = winner.session
         assert session is not None
         session.retries = self.session.retries if self.session is not None else 0
@@ -847,7 +854,7 @@ class CallCore:
         waiting_for_first = session.last_event_at is None
         items = session.feed(data, now)
         if waiting_for_first and session.last_event_at is not None:
-            self._lose_racers(now)  # the current attempt answered first
+            self._lose_racers(now, attempt)  # the current attempt answered first
             self._answered(attempt, now)
             if self._observer is not None:
                 self._emit(FirstToken(self.info, now, attempt.number))

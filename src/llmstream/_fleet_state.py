@@ -133,7 +133,7 @@ class EndpointState:
         self.answered_at: float | None = None
         """When a first token last arrived from here."""
         self.rescued: deque[tuple[float, float]] = deque(maxlen=_RESCUES_KEPT)
-        """(sent, lost at) of the latest attempts here that lost a hedge race untouched."""
+        """(sent, lost at) of the latest attempts here overtaken by their hedge, untouched."""
 
     def recovered(self) -> None:
         """Its circuit closed again: what it was like before it went down is forgotten.
@@ -143,6 +143,7 @@ class EndpointState:
         """
         self.ttft_ewma = None
         self.ttft_at = None
+        self.rescued.clear()
 
     @property
     def key(self) -> str:
@@ -188,6 +189,7 @@ class AttemptTicket:
     __slots__ = (
         "_decided",
         "_first_token_at",
+        "_late",
         "_released",
         "_state",
         "_trial",
@@ -204,10 +206,24 @@ class AttemptTicket:
         self._decided = False
         self._released = False
         self._first_token_at: float | None = None
+        self._late = False
         self.started_at = now
 
     started_at: float
     """When the attempt started (``FleetState.started``'s ``now``)."""
+
+    def late(self) -> None:
+        """Its hedge is due (see :meth:`FleetState.hedge_at`), sent or not: it is late.
+
+        Until its endpoint answers it or a request sent after it, routing takes the
+        endpoint for stalled and sends new calls elsewhere.
+
+        Example::
+
+            ticket.late()
+        """
+        with self._state._lock:
+            self._late = True
 
     @property
     def trial(self) -> bool:
@@ -268,12 +284,15 @@ class AttemptTicket:
         with self._state._lock:
             self._decide(now, success=True)
 
-    def lost(self, now: float) -> None:
+    def lost(self, now: float, *, overtaken: bool = True) -> None:
         """The attempt was cut by the call (another won a hedge race); no verdict on health.
 
-        Without a first token by ``now``, the endpoint's first-token time is at least
-        the time it was given: routing learns that it is slow even when hedges rescue
-        every call sent to it.
+        ``overtaken``: a request sent after it (its hedge) answered first. Without a
+        first token by ``now``, the endpoint's first-token time is then at least the
+        time it was given, and until the endpoint answers a request sent after this one,
+        routing counts this one as still waiting there: routing learns that it is slow
+        even when hedges rescue every call sent to it. A hedge cut because the request it
+        backed answered first (``overtaken=False``) says nothing of its endpoint.
 
         Example::
 
@@ -281,15 +300,19 @@ class AttemptTicket:
             ticket.release()
         """
         with self._state._lock:
-            self.endpoint.unanswered.discard(self)
-            if self._first_token_at is None:
-                self.endpoint.rescued.append((self.started_at, now))
-            if self._first_token_at is None and not self._decided:
-                self._decided = True
-                answered = self.endpoint.answered_start
+            endpoint = self.endpoint
+            endpoint.unanswered.discard(self)
+            if self._first_token_at is not None:
+                return
+            decided, self._decided = self._decided, True
+            if not overtaken:
+                return
+            endpoint.rescued.append((self.started_at, now))
+            if not decided:
+                answered = endpoint.answered_start
                 alone = answered is not None and answered > self.started_at
                 self._state._record_no_first_token(
-                    self.endpoint, now - self.started_at, now, whole=not alone
+                    endpoint, now - self.started_at, now, whole=not alone
                 )
 
     def release(self) -> None:
@@ -496,6 +519,10 @@ class FleetState:
         # replica that just turned slow is avoided before its first slow answer is in.
         waiting = now - min(t.started_at for t in e.unanswered) if e.unanswered else None
         pending = ttft_term(waiting, median)
+        if e.unanswered and self._stalled(e):
+            return 1.0
+        if e.rescued:
+            pending = max(pending, self._overtaken_term(e, now, median))
         if e.ttft_at is None:
             return pending
         # Fades without news: a replica avoided for being slow gets no new first-token
@@ -504,6 +531,33 @@ class FleetState:
         if fading <= 0.0:
             return pending
         return max(pending, fading * ttft_term(e.ttft_ewma, median))
+
+    @staticmethod
+    def _stalled(e: EndpointState) -> bool:
+        # A request here is late (its hedge was due) and nothing sent here after it has
+        # answered: the endpoint stalled, as far as anyone can tell, and each call sent
+        # there would wait out the hedge delay before being rescued, or longer once the
+        # hedge budget is spent. A late straggler of a busy, healthy endpoint does not
+        # count: the requests sent there after it have answered.
+        answered = e.answered_start
+        return any(t._late and (answered is None or answered <= t.started_at) for t in e.unanswered)
+
+    @staticmethod
+    def _overtaken_term(e: EndpointState, now: float, median: float | None) -> float:
+        # A request overtaken by its hedge was cut, not answered: for all anyone knows it
+        # is still waiting, until the endpoint answers a request sent after it. Without
+        # this, the cut empties `unanswered` and the bound its wait gave (the hedge delay
+        # plus the hedge's first token, twice the median or so) made a replica ten times
+        # slower than its peers look nearly as good as they do. Fades without news.
+        answered = e.answered_start
+        term = 0.0
+        for sent, lost_at in e.rescued:
+            if answered is not None and answered > sent:
+                continue
+            fading = 1.0 - (now - lost_at) / _TTFT_MEMORY
+            if fading > 0.0:
+                term = max(term, fading * ttft_term(now - sent, median))
+        return term
 
     def _ttft_medians(self, tier: int) -> dict[str, float]:
         by_model: dict[str, list[float]] = {}
