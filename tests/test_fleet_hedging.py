@@ -131,6 +131,40 @@ async def test_a_request_held_by_a_slow_replica_is_hedged_with_the_oldest_one_th
     assert second_hedge >= first_sent + delay - 0.01
 
 
+async def test_a_replica_holding_a_late_request_gets_no_new_call_though_it_looks_idler(
+    mode: str, fleet: FakeFleet
+) -> None:
+    # Replica 0 holds a call whose hedge is due (the budget sends none) and has answered
+    # nothing since: the next call goes to replica 1, though its figures look busier.
+    fleet[0].slow(0.6)
+    fleet[0].fake.set_metrics(kv_cache=0.0)
+    fleet[1].fake.set_metrics(kv_cache=0.5)
+    config = fleet_config(
+        fleet,
+        routing=llmstream.Routing(choices=0, affinity_weight=100.0, max_imbalance=100.0),
+        hedging=llmstream.Hedging(delay=0.1, budget=0.0),
+    )
+    async with open_client(mode, config) as client:
+        state = client.client._fleet_state
+        assert state is not None
+        async with anyio.create_task_group() as group:
+            held = TimedOutcome()
+            group.start_soon(lambda: call(client, into=held, session=_session_at(fleet, 0)))
+
+            def ready() -> bool:
+                loads = client.endpoint_loads()
+                figures = all(load.fresh for load in loads) and loads[1].kv_cache == 0.5
+                late = any(t._late for t in state.endpoints[0].unanswered)
+                return figures and late
+
+            await wait_for(ready, what="fresh figures and the held call late")
+            other = await call(client)
+    assert held.result is not None and held.result.endpoint == fleet[0].base_url
+    assert not held.result.hedged
+    assert other.result is not None and other.result.endpoint == fleet[1].base_url
+    assert fleet.chat_requests == [1, 1]
+
+
 async def test_no_hedge_when_the_first_token_comes_before_the_delay(mode: str) -> None:
     sent = SentRequests()
     with FakeFleet(2, text=TEXT) as fleet:
