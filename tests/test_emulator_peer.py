@@ -2,11 +2,14 @@
 
 Needs running peers (see ``shared/peers/vllm``), so it is skipped unless these are set:
 
-- ``LLMSTREAM_PEER_VLLM_URL``: a peer started with
-  ``--reasoning-parser qwen3 --tool-call-parser hermes``, e.g. ``http://127.0.0.1:8123/v1``;
+- ``LLMSTREAM_PEER_VLLM_PARSERS_URL``: a peer started with
+  ``--reasoning-parser qwen3 --tool-call-parser hermes``, e.g. ``http://127.0.0.1:8124/v1``;
   used for reasoning, tool calls, errors and ``/v1/models``.
-- ``LLMSTREAM_PEER_VLLM_PLAIN_URL``: a peer started without parsers (with the qwen3 parser
-  every answer is reasoning); used for the plain-content scenarios.
+- ``LLMSTREAM_PEER_VLLM_URL``: a peer started without parsers (with the qwen3 parser every
+  answer is reasoning), e.g. ``http://127.0.0.1:8123/v1``; used for the plain-content
+  scenarios.
+
+The same two variables as the client's own peer tests (``test_peer_vllm.py``).
 
 Each scenario sends the same request to the peer and to a :class:`FakeVLLM` configured to
 produce the same token sequence, then compares the responses event by event: keys, key
@@ -25,14 +28,16 @@ import pytest
 
 from llmstream.testing import FakeVLLM, Fault
 
-PEER = os.environ.get("LLMSTREAM_PEER_VLLM_URL")
-PLAIN = os.environ.get("LLMSTREAM_PEER_VLLM_PLAIN_URL")
+PEER = os.environ.get("LLMSTREAM_PEER_VLLM_PARSERS_URL")
+PLAIN = os.environ.get("LLMSTREAM_PEER_VLLM_URL")
 needs_peer = pytest.mark.skipif(
-    not PEER, reason="set LLMSTREAM_PEER_VLLM_URL to a running vLLM peer (shared/peers/vllm)"
+    not PEER,
+    reason="set LLMSTREAM_PEER_VLLM_PARSERS_URL to a vLLM peer started with parsers "
+    "(shared/peers/vllm)",
 )
 needs_plain = pytest.mark.skipif(
     not PLAIN,
-    reason="set LLMSTREAM_PEER_VLLM_PLAIN_URL to a vLLM peer started without parsers",
+    reason="set LLMSTREAM_PEER_VLLM_URL to a vLLM peer started without parsers",
 )
 
 # The peer's scripted engine cycles through these words.

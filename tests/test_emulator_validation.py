@@ -560,11 +560,13 @@ def test_a_refused_request_is_recorded_but_never_runs() -> None:
     assert fake.running == 0
 
 
-PEER = os.environ.get("LLMSTREAM_PEER_VLLM_URL")
+PEER = os.environ.get("LLMSTREAM_PEER_VLLM_PARSERS_URL")
 
 
 @pytest.mark.skipif(
-    not PEER, reason="set LLMSTREAM_PEER_VLLM_URL to a running vLLM peer (shared/peers/vllm)"
+    not PEER,
+    reason="set LLMSTREAM_PEER_VLLM_PARSERS_URL to a vLLM peer started with parsers "
+    "(shared/peers/vllm)",
 )
 @pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.stage == REQUEST))
 def test_request_model_refusals_match_the_peer(name: str) -> None:
