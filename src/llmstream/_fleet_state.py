@@ -519,8 +519,8 @@ class FleetState:
         # replica that just turned slow is avoided before its first slow answer is in.
         waiting = now - min(t.started_at for t in e.unanswered) if e.unanswered else None
         pending = ttft_term(waiting, median)
-        if e.unanswered and self._stalled(e):
-            return 1.0
+        if e.unanswered and self.fleet.hedging is not None and self._stalled(e):
+            return 1.0  # only hedging marks requests late
         if e.rescued:
             pending = max(pending, self._overtaken_term(e, now, median))
         if e.ttft_at is None:
