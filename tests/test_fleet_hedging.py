@@ -179,7 +179,9 @@ async def test_the_hedge_budget_caps_the_extra_requests(mode: str) -> None:
     sent = SentRequests()
     calls = 40
     with FakeFleet(2, text="Hi") as fleet:
-        fleet[0].slow(0.15)
+        # Slow enough that every hedge reaches its server before the request it backs
+        # answers, even on a machine that stalls: a hedge cut before it is sent reaches none.
+        fleet[0].slow(0.5)
         # The bucket's burst is budget * window, at least 3: 3 with the smallest window.
         config = _hedged(fleet, delay=0.01, budget=0.1, window=20)
         async with open_client(mode, config, hooks=[sent]) as client:
