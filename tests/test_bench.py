@@ -38,6 +38,8 @@ from llmstream._bench._stats import RequestSample, distribution, percentile, sum
 from llmstream._bench._workers import split
 from llmstream.testing import FakeVLLM, Fault
 
+from .processes import as_at_a_terminal
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -535,6 +537,7 @@ def test_ctrl_c_stops_the_run_quietly(workers: str) -> None:
         text=True,
         env=_cli_env(),
         start_new_session=True,
+        preexec_fn=as_at_a_terminal(),  # Ctrl-C works even if this run ignores SIGINT
     )
     try:
         assert process.stderr is not None

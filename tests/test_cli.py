@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import os
 import re
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ import llmstream
 from llmstream import _cli
 from llmstream._cli import main
 from llmstream.testing import FakeVLLM, Fault
+
+from .processes import as_at_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(ROOT / "src")
@@ -54,6 +57,7 @@ def _start(*argv: str, stdin: int = subprocess.DEVNULL) -> subprocess.Popen[str]
         # Its threads' stacks on SIGABRT: what a command that did not stop was doing.
         env=_env(PYTHONFAULTHANDLER="1"),
         text=True,
+        preexec_fn=as_at_a_terminal(),  # Ctrl-C works even if this run ignores SIGINT
     )
 
 
@@ -503,6 +507,31 @@ def test_ctrl_c_while_the_server_has_not_answered() -> None:
     proc = _start("chat", "--base-url", server.base_url, "-m", "m", "Hi")
     assert server.answered.wait(20), "the request never arrived"
     proc.send_signal(signal.SIGINT)
+    assert "| stopped]" in _assert_stopped(proc)
+    assert server.hung_up.wait(5)
+
+
+def _tgkill() -> Callable[[int, int, int], int] | None:
+    """Linux's tgkill: a signal to one thread of a process (None where there is none)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    return getattr(libc, "tgkill", None)
+
+
+@pytest.mark.skipif(_tgkill() is None, reason="needs Linux's tgkill to aim a signal at a thread")
+def test_ctrl_c_that_misses_the_blocked_read_still_stops_the_command() -> None:
+    # The kernel may hand a process's SIGINT to any thread, and one that lands just before
+    # the main thread blocks in a read is only noted: either way nothing wakes that read.
+    # Sending it to another thread of the command makes that happen every time.
+    tgkill = _tgkill()
+    assert tgkill is not None
+    server = _Server(None)
+    proc = _start("chat", "--base-url", server.base_url, "-m", "m", "Hi")
+    assert server.answered.wait(20), "the request never arrived"
+    others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+    assert others, "the command runs no thread besides its main one"
+    assert tgkill(proc.pid, others[0], signal.SIGINT) == 0
     assert "| stopped]" in _assert_stopped(proc)
     assert server.hung_up.wait(5)
 

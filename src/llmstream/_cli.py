@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from . import _bench
 from ._argtypes import at_least, non_negative, positive_seconds, seconds
 from ._client import Client
+from ._ctrl_c import CtrlCWatch
 from ._errors import LLMStreamError, StreamInterrupted
 from ._result import StreamResult
 from ._version import __version__
@@ -333,8 +334,8 @@ def _chat(args: argparse.Namespace, term: _Terminal) -> int:
     extra = _extra_parameters(args.option)
     prompt = _first_prompt(args, term.stdin)
     fake = _emulator(args, term) if args.fake else None
-    with _client(args, fake) as client:
-        chat = _Conversation(client, args, term, fake, extra)
+    with _client(args, fake) as client, CtrlCWatch() as ctrl_c:
+        chat = _Conversation(client, args, term, fake, extra, ctrl_c)
         if prompt is not None and not args.interactive:
             return chat.turn(prompt)
         return _converse(chat, term, prompt)
@@ -393,8 +394,10 @@ class _Conversation:
         term: _Terminal,
         fake: FakeVLLM | None,
         extra: dict[str, object],
+        ctrl_c: CtrlCWatch | None = None,
     ) -> None:
         self._client = client
+        self._ctrl_c = ctrl_c if ctrl_c is not None else CtrlCWatch()
         self._args = args
         self._term = term
         self._fake = fake
@@ -426,6 +429,8 @@ class _Conversation:
         read: list[str] = []
         started = time.perf_counter()  # the wall time: model lookup and retries included
         stream = self._client.stream(list(self.messages), **self._params)
+        # Ctrl-C reaches it even when the signal comes just before a blocking read.
+        self._ctrl_c.current = stream
         try:
             show_reasoning = not args.json and (
                 args.reasoning if args.reasoning is not None else term.out_is_terminal
@@ -448,6 +453,7 @@ class _Conversation:
                             term.out.write(event.text)
                             term.out.flush()
         except KeyboardInterrupt:
+            self._ctrl_c.current = None
             # Stopped while opening too: the with block then did not close it.
             stream.close()
             result = _result_of(stream)
@@ -460,6 +466,8 @@ class _Conversation:
                 term.out.write(exc.partial.model_dump_json() + "\n")
             term.error(exc)
             return "".join(read), EXIT_FAILED
+        finally:
+            self._ctrl_c.current = None
         result = stream.result
         self._report(result, started, result.finish_reason or result.status)
         return "".join(read), EXIT_OK
