@@ -14,6 +14,7 @@ import pytest
 
 import llmstream
 from llmstream._body import READ_SIZE
+from llmstream._flow import AsyncReadAhead
 from llmstream.testing import Disconnect, FakeServer, FakeVLLM
 
 from .drivers import MODES, SOCKET_MODES, WatchedVLLM, async_client_kwargs, collect
@@ -363,3 +364,51 @@ async def test_many_async_streams_on_one_loop() -> None:
 def test_flow_options_are_checked(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(llmstream.InvalidRequestError, match=match):
         llmstream.Client("http://x.test/v1", model="m").stream("Hi", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_the_read_ahead_wakes_a_waiting_consumer_and_a_cancel_scope_cuts_its_wait() -> None:
+    """The hand-off between the reader and a consumer waiting on it, on both backends.
+
+    On asyncio the wait is a bare future (cheaper than an anyio event per chunk): an anyio
+    deadline must still cut it, and the buffer must still hand over what comes after.
+    """
+    buffer = AsyncReadAhead[str](limit=2)
+    with anyio.move_on_after(0.05) as scope:
+        await buffer.get()  # nothing comes: the scope ends the wait
+    assert scope.cancelled_caught
+
+    buffer = AsyncReadAhead[str](limit=2)
+    got: list[str | None] = []
+    async with anyio.create_task_group() as group:
+
+        async def consume() -> None:
+            got.append(await buffer.get())
+            got.append(await buffer.get())
+
+        group.start_soon(consume)
+        await anyio.wait_all_tasks_blocked()  # the consumer waits on an empty buffer
+        assert buffer.wanted
+        buffer.put(["a"])
+        await _until(lambda: got == ["a"])
+        await anyio.wait_all_tasks_blocked()
+        buffer.end()
+    assert got == ["a", None]
+
+
+async def test_the_reader_waiting_for_room_is_woken_when_the_consumer_takes() -> None:
+    """A full buffer holds the reader back until the consumer takes an item."""
+    buffer = AsyncReadAhead[str](limit=1)
+    buffer.put(["a"])
+    woke = anyio.Event()
+    async with anyio.create_task_group() as group:
+
+        async def reader() -> None:
+            await buffer.wait_for_room()
+            woke.set()
+
+        group.start_soon(reader)
+        await anyio.wait_all_tasks_blocked()
+        assert not woke.is_set()
+        assert await buffer.get() == "a"
+        with anyio.fail_after(5):
+            await woke.wait()
