@@ -56,6 +56,7 @@ def test_bench_concurrency_quick() -> None:
     assert "llmstream-async" in out
     assert "!!" not in out  # every stream received every chunk
     assert "TTFT p99" in out and "targets at 8 streams" in out
+    assert "p99 once open" in out and "(once open: p99" in out
 
 
 def test_bench_concurrency_find_max() -> None:
