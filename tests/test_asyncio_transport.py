@@ -669,3 +669,44 @@ async def test_a_stream_not_read_stops_the_socket_being_read_so_the_server_is_he
     # reads up to 256 KiB at a time).
     assert 0 < held <= _HIGH_WATER + 256 * 1024
     assert sent < 20 * 1024 * 1024
+
+
+@pytest.mark.anyio
+@asyncio_only
+@pytest.mark.parametrize("consumer", ["waiting", "busy"])
+async def test_a_consumer_waiting_on_the_read_ahead_reads_in_the_reader_tasks_place(
+    consumer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With read-ahead, a chunk that finds the consumer waiting wakes the consumer alone.
+
+    The reader task sleeps in its read meanwhile (its read returns no chunk), so a chunk
+    costs one task switch, not two. A consumer busy with each chunk gets the next ones
+    read ahead by the reader task, as before.
+    """
+    reads_with_data = 0
+    read = asyncio_transport._Body.__anext__
+
+    async def counted(body: asyncio_transport._Body) -> bytes:
+        nonlocal reads_with_data
+        data = await read(body)
+        reads_with_data += bool(data)
+        return data
+
+    monkeypatch.setattr(asyncio_transport._Body, "__anext__", counted)
+    words = [f"w{i} " for i in range(30)]
+    fake = FakeVLLM("".join(words), token_delay=0.01)
+    with fake.serve() as server:
+        transport = llmstream.AsyncioTransport()
+        async with llmstream.AsyncClient(server.base_url, transport=transport) as client:
+            async with client.stream("Hi") as stream:
+                texts = []
+                async for text in stream:
+                    texts.append(text)
+                    if consumer == "busy":
+                        await anyio.sleep(0.03)  # three tokens come meanwhile
+    assert "".join(texts) == "".join(words)
+    if consumer == "waiting":
+        # At most the head's first read and the last one (the end of the body).
+        assert reads_with_data <= 3
+    else:
+        assert reads_with_data >= 10

@@ -19,7 +19,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
@@ -39,7 +39,7 @@ from ._retry import RetryPolicy
 from ._session import StreamItem
 from ._stream_events import StreamEvent, events_of
 from ._streaming import StreamBase, chunk_of, item_of, now, text_of, unexpected
-from ._transport import AsyncResponse, HeaderTimeout, HTTPRequest
+from ._transport import AsyncResponse, HeaderTimeout, HTTPRequest, LendableBody
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -115,6 +115,9 @@ class AsyncChatStream(StreamBase):
         # With the timer watching: one reusable cut for every read (Python 3.11+).
         self._read_cut: ReadCut | None = None
         self._resumed: anyio.Event | None = None  # wakes a paused reader
+        # Whether the current body lets a waiting consumer read in the reader's place.
+        self._lend_checked: AsyncIterator[bytes] | None = None
+        self._lends = False
         self._stopped: anyio.Event | None = None  # wakes a retry's backoff
 
     # -- the public surface ----------------------------------------------------------
@@ -619,8 +622,11 @@ class AsyncChatStream(StreamBase):
         pending = self._pending
         if pending:
             return pending.popleft()
-        if self._buffer is not None:
-            return await self._buffer.get()
+        buffer = self._buffer
+        if buffer is not None:
+            if not buffer.items and self._lender() is not None:
+                await self._read_in_place(buffer)
+            return await buffer.get()
         core = self._core
         # The consumer's own time since its last item is not the server's idleness; the
         # reads it now waits on (keep-alive comments bring no item) are.
@@ -632,6 +638,59 @@ class AsyncChatStream(StreamBase):
                 return None
             await self._pull()
         return pending.popleft()
+
+    def _lender(self) -> LendableBody | None:
+        """The body the reader task waits on, if this consumer may read it in its place.
+
+        Only a plain read: not while requests race, with hooks to tell in order, paused,
+        failing fast on a full buffer, or once the call has a step to follow.
+        """
+        reader, attempt, core = self._reader, self._attempt, self._core
+        if reader is None or attempt is None or not attempt.reading or self._hooks is not None:
+            return None
+        if reader is not self._lend_checked:
+            self._lend_checked = reader
+            self._lends = isinstance(reader, LendableBody)
+        if (
+            not self._lends
+            or core.step is not None
+            or core.stopped is not None
+            or core.error is not None
+            or core.pause_clock.paused
+            or not core.waits_for_room
+        ):
+            return None
+        return cast(LendableBody, reader)
+
+    async def _read_in_place(self, buffer: AsyncReadAhead[StreamItem]) -> None:
+        """Read for the reader task while it waits on the body, until an item comes.
+
+        The reader task sleeps through it: a chunk wakes this consumer alone, instead of
+        the reader and then the consumer, two task switches. What the core must act on
+        (the body's end, a failure, a step) is the reader's: it is woken for it, and
+        whenever this stops reading without an item.
+        """
+        core = self._core
+        attempt = self._attempt
+        body = self._lender()
+        assert attempt is not None and body is not None
+        while body is self._lender():
+            data = body.take_ready()
+            if data:
+                items = core.feed(attempt, data, now())
+                if items:
+                    buffer.put(items)
+                if core.step is not None:
+                    break
+                if items:
+                    if body.settled:
+                        body.wake_reader()  # the end came with them: the reader's to see
+                    return
+                continue
+            if body.settled:
+                break
+            await body.wait_instead()
+        body.wake_reader()
 
     async def _pull(self) -> None:
         """Without a reader task: read once because the consumer asked.

@@ -40,7 +40,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -135,6 +135,7 @@ class _Connection(asyncio.Protocol):
         "_buffered",
         "_parts",
         "_paused",
+        "_stand_in",
         "_waiter",
         "broken",
         "closed",
@@ -157,6 +158,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self._stand_in: asyncio.Future[None] | None = None  # see wait_in_place()
         self.broken: Exception | None = None
         """What ended the body before its end (a read raises it)."""
         self.closed = False
@@ -200,7 +202,7 @@ class _Connection(asyncio.Protocol):
         if held > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        self.wake()
 
     def eof_received(self) -> bool:
         self._ended_by_server()
@@ -230,7 +232,7 @@ class _Connection(asyncio.Protocol):
         for part in parts:
             self._parts.append(part)
             self._buffered += len(part)
-        self._wake()
+        self.wake()
 
     def fail(self, exc: Exception) -> None:
         """End the connection; the body being read (if any) ends with ``exc``."""
@@ -239,12 +241,24 @@ class _Connection(asyncio.Protocol):
         if self.broken is None and not whole:  # a body read whole stays whole
             self.broken = exc
         self.closed = True
-        self._wake()
+        self.wake()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.abort()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Wake the task waiting on this connection: the one waiting in place, if any."""
+        stand_in = self._stand_in
+        if stand_in is not None:
+            # The task in wait() sleeps on: whoever waits in its place reads for it.
+            self._stand_in = None
+            if not stand_in.done():
+                stand_in.set_result(None)
+            return
+        self.wake_waiter()
+
+    def wake_waiter(self) -> None:
+        """Wake the task in :meth:`wait`, even while another waits in its place."""
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -258,6 +272,18 @@ class _Connection(asyncio.Protocol):
             await waiter
         finally:
             self._waiter = None
+
+    async def wait_in_place(self) -> None:
+        """Until something arrives, in place of the task in :meth:`wait`, not woken meanwhile."""
+        stand_in = self._stand_in = self.loop.create_future()
+        try:
+            await stand_in
+        except BaseException:
+            if self._stand_in is stand_in:
+                self._stand_in = None
+            elif self._parts or self.broken is not None or (self.parser and self.parser.ended):
+                self.wake_waiter()  # it came as this wait was cut: the reader's to read
+            raise
 
     async def tunnel(self, connect: bytes) -> None:
         """Ask the proxy for a tunnel (``CONNECT``); raises unless it answers 2xx."""
@@ -347,12 +373,17 @@ class _Connection(asyncio.Protocol):
 
 
 class _Body:
-    """A response's body by network read."""
+    """A response's body by network read.
 
-    __slots__ = ("_connection", "ended")
+    Its pending read can be taken over by another task (a :class:`LendableBody`): the
+    bytes wait in the connection, whichever task takes them.
+    """
+
+    __slots__ = ("_connection", "_poked", "ended")
 
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
+        self._poked = False
         self.ended = False
 
     def __aiter__(self) -> _Body:
@@ -370,7 +401,28 @@ class _Body:
             if parser is not None and parser.ended:
                 self.ended = True
                 raise StopAsyncIteration
+            if self._poked:
+                self._poked = False
+                return b""  # woken by wake_reader() to look at its call again
             await connection.wait()
+
+    # -- LendableBody --------------------------------------------------------------
+
+    @property
+    def settled(self) -> bool:
+        connection = self._connection
+        parser = connection.parser
+        return connection.broken is not None or (parser is not None and parser.ended)
+
+    def take_ready(self) -> bytes:
+        return self._connection.take()
+
+    def wait_instead(self) -> Awaitable[None]:
+        return self._connection.wait_in_place()
+
+    def wake_reader(self) -> None:
+        self._poked = True
+        self._connection.wake_waiter()
 
 
 class _AsyncioResponse(CountedResponse):

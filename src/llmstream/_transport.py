@@ -28,9 +28,9 @@ import re
 import ssl
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from urllib.parse import SplitResult
 
 from ._call import ReadFailure
@@ -46,6 +46,7 @@ __all__ = [
     "HTTPRequest",
     "HeaderTimeout",
     "InFlight",
+    "LendableBody",
     "PooledTransport",
     "asyncio_loop",
     "json_body",
@@ -222,6 +223,41 @@ class AsyncResponse(Protocol):
         It must release the response even when the calling task is cancelled: where it
         awaits, it shields itself. The shell does not shield this call for it.
         """
+
+
+@runtime_checkable
+class LendableBody(Protocol):
+    """A body iterator whose pending read another task can take over (optional).
+
+    With read-ahead, a reader task awaits the body while the consumer awaits the reader:
+    every chunk wakes one, then the other. A body that can hand the read it is waiting
+    on to another task lets a consumer that is already waiting read for itself, woken
+    once, while the reader task stays asleep. :class:`~llmstream.AsyncioTransport`'s
+    body can (the bytes wait in its protocol whoever reads them); a body that loses
+    bytes when a read is given up cannot.
+
+    Example::
+
+        if isinstance(reader, LendableBody):
+            data = reader.take_ready() or b""
+    """
+
+    @property
+    def settled(self) -> bool:
+        """The body ended or broke: only the task awaiting ``__anext__`` should see it."""
+
+    def take_ready(self) -> bytes:
+        """The body bytes that arrived and were not read yet (``b""``: none); never waits."""
+
+    def wait_instead(self) -> Awaitable[None]:
+        """Wait for the next arrival in place of the task awaiting ``__anext__``.
+
+        That task is not woken by what arrives meanwhile; once this wait ends, it is
+        again (by what arrives next).
+        """
+
+    def wake_reader(self) -> None:
+        """Wake the task awaiting ``__anext__``: it returns ``b""`` if nothing arrived."""
 
 
 class AsyncTransport(Protocol):
